@@ -1,0 +1,155 @@
+"""The one extension point: a federated method is a `FedAlgorithm` (server side, pure) plus a
+`ClientAlgorithm` (client side), registered by name.
+
+Life of a client model, for every method:
+  setup(model, setup_payload)  once: attach adapters / shared frozen factors / seed set
+  sync(model, sync_payload)    bring the local model to the global version (load, merge or replay)
+  train(model, data, config)   start from the synced global model, train, return a ClientUpdate,
+                               and leave the model at the synced global state again (so it can be
+                               evaluated or trained for another client sharing the same base).
+
+The server never sees a model's weights: `aggregate` works on `ClientUpdate.tensors` only, is pure
+(no I/O, no globals) and deterministic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class Payload:
+    """Tensors plus JSON-able metadata: what travels server → client."""
+
+    tensors: TensorDict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back after local training."""
+
+    client_id: str
+    num_examples: int
+    tensors: TensorDict
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GlobalState:
+    """Global state of a run. `version` counts the aggregations applied so far."""
+
+    version: int = 0
+    tensors: TensorDict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Instruction:
+    """One client's task for one round."""
+
+    round: int
+    client_id: str
+    base_version: int  # the global version the client is at after applying `sync`
+    train: dict[str, Any]  # JSON-able training config (steps, lr, rank, seed, ...)
+    sync: Payload = field(default_factory=Payload)
+    setup: Payload | None = None  # only for a client that has not been set up yet
+
+
+@dataclass
+class TrainContext:
+    """What the local trainer needs besides the model: data and run-level settings."""
+
+    client_id: str
+    train_examples: Sequence[Any]
+    tokenizer: Any
+    seed: int
+
+
+class ClientAlgorithm(ABC):
+    """Client side of a method. One instance per local model copy."""
+
+    @abstractmethod
+    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+        """Prepare the base model once (e.g. wrap with peft); return the model to train."""
+
+    @abstractmethod
+    def sync(self, model: nn.Module, payload: Payload) -> None:
+        """Apply a sync payload so the local model equals the global model."""
+
+    @abstractmethod
+    def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
+        """Train from the synced global model; return the update; restore the global model."""
+
+    def export_factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Optional: the current global adapter as {module: (A (r×d_in), B (d_out×r))}, scale folded
+        into B. None if the method cannot export a LoRA adapter."""
+        return None
+
+
+class FedAlgorithm(ABC):
+    """Server side of a method. `aggregate` must be pure and deterministic."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @abstractmethod
+    def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
+        """Global state before round 1 (may read the model's shapes; must not keep it)."""
+
+    def setup_payload(self, state: GlobalState) -> Payload:
+        """What a client needs once before its first round (shared factors, seed set, ...)."""
+        return Payload(meta={"algorithm": self.name})
+
+    @abstractmethod
+    def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
+        """What a client at `from_version` needs to reach `state.version`."""
+
+    def configure_round(
+        self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Per-client training config for this round (default: the same for all)."""
+        return {cid: dict(base_train) for cid in client_ids}
+
+    @abstractmethod
+    def aggregate(
+        self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """New global state (version + 1) and aggregate metrics. PURE."""
+
+    @abstractmethod
+    def make_client(self) -> ClientAlgorithm:
+        """A client-side instance configured like this algorithm."""
+
+    # Capabilities the round engine / privacy layer may ask about.
+    supports_tensor_average: ClassVar[bool] = False  # aggregate is a weighted mean of update tensors
+
+
+def example_weights(updates: Sequence[ClientUpdate], *, uniform: bool = False) -> list[float]:
+    """p_k = n_k / Σ n_j (or 1/K when uniform). Raises on empty input or zero examples."""
+    if not updates:
+        raise ValueError("aggregate called with no client updates")
+    if uniform:
+        return [1.0 / len(updates)] * len(updates)
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("client updates report 0 training examples in total; cannot weight them")
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_k t_k accumulated in float64, returned in the inputs' dtype."""
+    out = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights, strict=True):
+        out.add_(t.to(torch.float64), alpha=w)
+    return out.to(tensors[0].dtype)
