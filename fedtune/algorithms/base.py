@@ -15,7 +15,7 @@ The server never sees a model's weights: `aggregate` works on `ClientUpdate.tens
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -66,12 +66,12 @@ class Instruction:
 
 @dataclass
 class TrainContext:
-    """What the local trainer needs besides the model: data and run-level settings."""
+    """What the local trainer needs besides the model and the round's config."""
 
     client_id: str
-    train_examples: Sequence[Any]
-    tokenizer: Any
-    seed: int
+    features: Sequence[dict[str, list[int]]]  # tokenized examples: {"input_ids", "labels"}
+    pad_id: int
+    on_step: Callable[[int, float], None] | None = None  # progress hook (step, loss)
 
 
 class ClientAlgorithm(ABC):
@@ -116,9 +116,11 @@ class FedAlgorithm(ABC):
         """What a client at `from_version` needs to reach `state.version`."""
 
     def configure_round(
-        self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any]
+        self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any],
+        roster: Sequence[str],
     ) -> dict[str, dict[str, Any]]:
-        """Per-client training config for this round (default: the same for all)."""
+        """Per-client training config for this round (default: the same for all). `roster` is the
+        full ordered list of the run's clients (for per-client settings such as FLoRA ranks)."""
         return {cid: dict(base_train) for cid in client_ids}
 
     @abstractmethod

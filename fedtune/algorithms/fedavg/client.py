@@ -1,0 +1,51 @@
+"""Client of FedAvg-LoRA: load the global A/B, train them, send them back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
+from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, set_lora_state
+from fedtune.training.local import LocalTrainConfig, train_local
+
+ADAPTER = "default"
+
+
+def run_local_training(model: nn.Module, ctx: TrainContext, config: dict[str, Any]):
+    """Seed, then the shared first-order loop (fedtune.training), honoring sample-level DP if configured."""
+    cfg = LocalTrainConfig.from_dict(config)
+    torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use
+    return train_local(model, ctx.features, cfg, pad_id=ctx.pad_id, on_step=ctx.on_step)
+
+
+class LoRAClient(ClientAlgorithm):
+    def __init__(self) -> None:
+        self.global_tensors: TensorDict | None = None
+
+    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+        m = payload.meta
+        model = attach_lora(model, adapter=ADAPTER, rank=m["rank"], alpha=m["alpha"],
+                            targets=m["target_modules"], dropout=m.get("dropout", 0.0))
+        activate(model, ADAPTER)
+        return model
+
+    def sync(self, model: nn.Module, payload: Payload) -> None:
+        if payload.tensors:
+            set_lora_state(model, ADAPTER, payload.tensors)
+            self.global_tensors = {k: v.clone() for k, v in payload.tensors.items()}
+
+    def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
+        if self.global_tensors is None:
+            raise RuntimeError("train() before the first sync: the client has no global adapter")
+        activate(model, ADAPTER)
+        res = run_local_training(model, ctx, config)
+        update = get_lora_state(model, ADAPTER)
+        set_lora_state(model, ADAPTER, self.global_tensors)  # leave the model at the global state
+        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss})
+
+    def export_factors(self, model: nn.Module):
+        st = get_lora_state(model, ADAPTER, fold_scale=True)
+        return {k[:-2]: (st[f"{k[:-2]}.A"], st[f"{k[:-2]}.B"]) for k in st if k.endswith(".A")}

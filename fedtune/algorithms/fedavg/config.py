@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings shared by LoRA-based methods ([lora] in a run config)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (> 0)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale s = alpha / r"})
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r} (e.g. rank = 8)")
+        if self.alpha <= 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r} (e.g. alpha = 2 * rank)")
+        if not self.target_modules:
+            raise ValueError("lora target_modules is empty; e.g. target_modules = [\"q_proj\", \"v_proj\"]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class FedAvgConfig(LoRAConfig):
+    uniform: bool = field(default=False, metadata={"help": "weight clients equally instead of by examples"})

