@@ -58,8 +58,11 @@ def _cached_gguf(path: Path):
     if (cache / "model.safetensors").is_file() and (cache / "config.json").is_file():
         return _load_dir(cache)
     model, tok = _load_gguf(path)
+    # the weights are dequantised fp32 already; drop the GGUF "quantizer" so save_pretrained accepts them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

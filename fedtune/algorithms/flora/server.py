@@ -32,7 +32,7 @@ class FLoRA(FedAlgorithm):
 
     def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
         """The stacked factors of rounds from_version+1 … state.version, to merge in order."""
-        versions = list(range(from_version + 1, state.version + 1))
+        versions = list(range(max(from_version, 0) + 1, state.version + 1))
         prefixes = tuple(round_key(v, "") for v in versions)
         tensors = {k: v for k, v in state.tensors.items() if k.startswith(prefixes)}
         return Payload(tensors=tensors, meta={"merge_versions": versions, "version": state.version})

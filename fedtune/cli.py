@@ -1,0 +1,78 @@
+"""`fedtune …` entry point. User errors (bad config, data, model) print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedtune.config import ConfigError
+    from fedtune.data import DataError
+    from fedtune.models import ModelError
+
+    return (ConfigError, DataError, ModelError)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedtune import config
+    from fedtune.simulation import output_paths, simulate
+
+    overrides = {
+        "run.algorithm": args.algorithm, "run.rounds": args.rounds, "federation.num_clients": args.clients,
+        "run.out": args.out, "model.name": args.model, "run.seed": args.seed, "train.local_steps": args.local_steps,
+    }
+    if args.data:
+        overrides |= {"data.source": "jsonl", "data.paths": args.data}
+    cfg = config.load(args.config, overrides)
+    summary = simulate(cfg, resume=args.resume, progress=not args.no_progress, save_merged=args.save_merged)
+    if summary.get("stopped_early"):
+        print(f"stopped early: {summary['stopped_early']}")
+    print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s; "
+          f"eval loss {summary['eval_loss_first']:.4f} → {summary['eval_loss_final']:.4f}")
+    for name, path in output_paths(summary):
+        print(f"  {name:8s} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("simulate", help="run a federation in-process on this machine")
+    s.add_argument("--config", help="run config (TOML); defaults when omitted")
+    s.add_argument("--algorithm", help="fedavg | flora | … (overrides run.algorithm)")
+    s.add_argument("--rounds", type=int)
+    s.add_argument("--clients", type=int, help="number of clients (federation.num_clients)")
+    s.add_argument("--out", help="output dir (default runs/<run.name>)")
+    s.add_argument("--model", help='"tiny" (random test model), "smollm2", an HF dir or a .gguf file')
+    s.add_argument("--seed", type=int)
+    s.add_argument("--local-steps", type=int)
+    s.add_argument("--data", nargs="+", help="JSONL file(s): one per client, or one to partition")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

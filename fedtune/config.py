@@ -1,0 +1,191 @@
+"""Run configuration: dataclasses loaded from TOML, CLI overrides, validation with clear messages.
+
+A run config has sections [run] [model] [data] [federation] [train] [lora] and one section per algorithm
+([fedavg], [flora], ...). [lora] keys apply to every LoRA-based algorithm's config; the algorithm's own
+section overrides them. Unknown keys are errors (typos must not pass silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the problem and the fix."""
+
+
+@dataclass
+class RunSection:
+    name: str = "demo"
+    seed: int = 0
+    rounds: int = 3
+    algorithm: str = "flora"
+    out: str = ""  # default runs/<name>
+    eval_batch_size: int = 16
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2"  # "tiny" | "smollm2" | HF model dir | .gguf file
+
+
+@dataclass
+class DataSection:
+    source: str = "chatterbot"  # "chatterbot" | "jsonl"
+    language: str = "english"
+    categories: list[str] = field(default_factory=list)  # empty = all
+    paths: list[str] = field(default_factory=list)  # jsonl: one file per client, or one file + partition
+    partition: str = "by_category"  # iid | dirichlet | by_category
+    dirichlet_alpha: float = 0.5
+    eval_fraction: float = 0.1
+    max_eval_per_client: int = 16
+    max_train_per_client: int = 0  # 0 = all
+    max_seq_len: int = 128
+
+
+@dataclass
+class FederationSection:
+    num_clients: int = 4
+    fraction: float = 1.0  # share of clients sampled per round
+    min_clients: int = 1  # fewer reporting updates → the round is aborted and retried
+    round_timeout_s: float = 600.0
+    max_round_retries: int = 3
+
+
+@dataclass
+class TrainSection:
+    local_steps: int = 8
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: dict[str, Any] = field(default_factory=dict)
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw [<algorithm>] sections
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # other known sections (privacy, server, ...)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out or f"runs/{self.run.name}")
+
+    def algorithm_config(self):
+        """The algorithm's config dataclass from [lora] + [<algorithm>], validated."""
+        from fedtune.algorithms import config_class
+
+        try:
+            cls = config_class(self.run.algorithm)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = self.algorithms.get(self.run.algorithm, {})
+        unknown = sorted(set(own) - names)
+        if unknown:
+            raise ConfigError(f"[{self.run.algorithm}] has unknown keys {unknown}; valid: {sorted(names)}")
+        kwargs = {k: v for k, v in self.lora.items() if k in names} | own
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[{self.run.algorithm}]/[lora]: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection,
+             "federation": FederationSection, "train": TrainSection}
+_OTHER = {"privacy", "server", "client", "flower"}  # sections read by other subsystems
+
+
+def _build(cls, raw: dict[str, Any], section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"[{section}] has unknown keys {unknown}; valid: {sorted(names)}")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise ConfigError(f"[{section}]: {e}") from None
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    from fedtune.algorithms import available
+
+    cfg = RunConfig()
+    for key, value in raw.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"top-level key {key!r} must be a [section]")
+        if key in _SECTIONS:
+            setattr(cfg, key, _build(_SECTIONS[key], value, key))
+        elif key == "lora":
+            cfg.lora = dict(value)
+        elif key in available():
+            cfg.algorithms[key] = dict(value)
+        elif key in _OTHER:
+            cfg.extra[key] = dict(value)
+        else:
+            raise ConfigError(
+                f"unknown section [{key}]; valid: {sorted([*_SECTIONS, 'lora', *_OTHER, *available()])}"
+            )
+    return cfg
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load TOML (or defaults when path is None), apply "section.key" overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML ({e})") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+    r, d, f, t = cfg.run, cfg.data, cfg.federation, cfg.train
+    _require(r.rounds >= 1, f"run.rounds must be ≥ 1, got {r.rounds}")
+    _require(f.num_clients >= 1, f"federation.num_clients must be ≥ 1, got {f.num_clients}")
+    _require(0 < f.fraction <= 1, f"federation.fraction must be in (0, 1], got {f.fraction}")
+    _require(1 <= f.min_clients <= f.num_clients,
+             f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
+    _require(t.local_steps >= 1, f"train.local_steps must be ≥ 1, got {t.local_steps}")
+    _require(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
+    _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(d.source in ("chatterbot", "jsonl"), f"data.source must be \"chatterbot\" or \"jsonl\", got {d.source!r}")
+    _require(d.partition in ("iid", "dirichlet", "by_category"),
+             f"data.partition must be iid, dirichlet or by_category, got {d.partition!r}")
+    _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    _require(d.max_seq_len >= 8, f"data.max_seq_len must be ≥ 8, got {d.max_seq_len}")
+    if d.source == "jsonl":
+        _require(bool(d.paths), "data.source = \"jsonl\" needs data.paths (one file per client, or one file to partition)")
+        _require(len(d.paths) in (1, f.num_clients),
+                 f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
+    cfg.algorithm_config()  # validates the algorithm name and its settings

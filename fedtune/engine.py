@@ -1,0 +1,180 @@
+"""The round engine, written once. A transport (in-process simulation, gRPC coordinator, Flower) moves
+instructions and updates; the algorithm aggregates; the engine samples, retries, checkpoints and logs.
+
+One round:  sample clients (seeded by run seed, round, attempt) → build instructions (setup once, sync to
+the current global version, per-client train config) → transport.run_round → if fewer than min_clients
+reported, abort (nothing written) and retry → algorithm.aggregate → evaluate the global model →
+atomic checkpoint → metrics row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtune import checkpoint
+from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, FedAlgorithm, GlobalState, Instruction
+from fedtune.metrics import MetricsWriter
+from fedtune.training.local import evaluate
+
+log = logging.getLogger("fedtune")
+
+
+class RoundAborted(RuntimeError):
+    pass
+
+
+@dataclass
+class RoundResult:
+    updates: list[ClientUpdate]
+    failed: list[str] = field(default_factory=list)
+    bytes_up: int = 0  # serialized, what crossed the transport
+    bytes_down: int = 0
+    payload_bytes_up: int = 0  # raw tensor bytes, Σ numel·itemsize
+    payload_bytes_down: int = 0
+
+
+class Transport(Protocol):
+    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult: ...
+
+
+class GlobalModel:
+    """A local model kept at the global version (for evaluation; in simulation also the shared base)."""
+
+    def __init__(self, model: nn.Module, client: ClientAlgorithm, *, algo: FedAlgorithm, state: GlobalState) -> None:
+        self.client = client
+        self.model = client.setup(model, algo.setup_payload(state))
+        self.version = -1
+        self.advance(algo, state)
+
+    def advance(self, algo: FedAlgorithm, state: GlobalState) -> None:
+        if self.version != state.version:
+            self.client.sync(self.model, algo.sync_payload(state, self.version))
+            self.version = state.version
+
+    def evaluate(self, features: Sequence[dict], *, pad_id: int, batch_size: int = 16) -> float:
+        return evaluate(self.model, features, pad_id=pad_id, batch_size=batch_size)
+
+
+def payload_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class EngineConfig:
+    rounds: int
+    seed: int
+    fraction: float = 1.0
+    min_clients: int = 1
+    round_timeout_s: float = 600.0
+    max_round_retries: int = 3
+    train: dict[str, Any] = field(default_factory=dict)  # base local-training config
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        *,
+        algo: FedAlgorithm,
+        transport: Transport,
+        roster: Sequence[str],
+        cfg: EngineConfig,
+        out_dir: Path,
+        evaluate_fn: Callable[[GlobalState], float] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        budget_check: Callable[[GlobalState], str | None] | None = None,
+    ) -> None:
+        self.algo, self.transport, self.cfg = algo, transport, cfg
+        self.roster = list(roster)
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.evaluate_fn = evaluate_fn
+        self.on_round = on_round
+        self.budget_check = budget_check
+        self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
+        self.stop_reason: str | None = None
+
+    # -- sampling and instructions ------------------------------------------------------------
+    def sample(self, rnd: int, attempt: int) -> list[str]:
+        n = len(self.roster)
+        m = min(n, max(self.cfg.min_clients, int(round(self.cfg.fraction * n))))
+        rng = np.random.default_rng([self.cfg.seed, rnd, attempt])
+        return sorted(self.roster[i] for i in rng.choice(n, size=m, replace=False))
+
+    def client_seed(self, rnd: int, cid: str) -> int:
+        return int(np.random.default_rng([self.cfg.seed, rnd, self.roster.index(cid), 7]).integers(2**31 - 1))
+
+    def instructions(self, rnd: int, state: GlobalState, sampled: list[str]) -> dict[str, Instruction]:
+        configs = self.algo.configure_round(rnd, state, sampled, self.cfg.train, self.roster)
+        out = {}
+        for cid in sampled:
+            v = self.client_versions.get(cid, -1)
+            out[cid] = Instruction(
+                round=rnd, client_id=cid, base_version=state.version,
+                train=dict(configs[cid], seed=self.client_seed(rnd, cid)),
+                sync=self.algo.sync_payload(state, v),
+                setup=self.algo.setup_payload(state) if v < 0 else None,
+            )
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter) -> GlobalState:
+        if start_round == 1 and self.evaluate_fn is not None and not writer.rows:
+            writer.append({"round": 0, "algorithm": self.algo.name, "eval_loss": self.evaluate_fn(state)})
+        for rnd in range(start_round, self.cfg.rounds + 1):
+            if self.budget_check is not None and (reason := self.budget_check(state)):
+                self.stop_reason = reason
+                log.warning("stopping before round %d: %s", rnd, reason)
+                break
+            state = self.run_round(rnd, state, writer)
+        return state
+
+    def run_round(self, rnd: int, state: GlobalState, writer: MetricsWriter) -> GlobalState:
+        t0 = time.perf_counter()
+        for attempt in range(self.cfg.max_round_retries + 1):
+            sampled = self.sample(rnd, attempt)
+            res = self.transport.run_round(rnd, self.instructions(rnd, state, sampled), self.cfg.round_timeout_s)
+            if len(res.updates) >= self.cfg.min_clients:
+                break
+            log.warning("round %d aborted: %d/%d clients reported (min %d); nothing written, retrying",
+                        rnd, len(res.updates), len(sampled), self.cfg.min_clients)
+        else:
+            raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} times: too few clients reported")
+        updates = sorted(res.updates, key=lambda u: u.client_id)  # aggregation order must not depend on timing
+        new_state, agg_metrics = self.algo.aggregate(rnd, state, updates)
+        for u in updates:
+            self.client_versions[u.client_id] = state.version
+        eval_loss = self.evaluate_fn(new_state) if self.evaluate_fn is not None else float("nan")
+        checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, {"client_versions": self.client_versions}))
+        n = sum(u.num_examples for u in updates)
+        row = {
+            "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
+            "clients_completed": len(updates), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+            "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
+            "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
+            "eval_loss": eval_loss,
+            "epsilon": agg_metrics.pop("epsilon", max((u.metrics.get("epsilon", float("nan")) for u in updates), default=None)),
+            "delta": agg_metrics.pop("delta", max((u.metrics.get("delta", float("nan")) for u in updates), default=None)),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            **agg_metrics,
+        }
+        writer.append(row)
+        if self.on_round is not None:
+            self.on_round(row)
+        return new_state
+
+    def resume(self) -> tuple[GlobalState, int] | None:
+        """(state, next round) from the newest complete checkpoint, or None."""
+        ck = checkpoint.latest(self.ckpt_dir)
+        if ck is None:
+            return None
+        self.client_versions.update(ck.engine.get("client_versions", {}))
+        return ck.state, ck.round + 1

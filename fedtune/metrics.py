@@ -1,0 +1,104 @@
+"""Run outputs: metrics.jsonl (one object per round), metrics.csv, summary.json, plots/loss.png, tb/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+ROUND_FIELDS = [
+    "round", "algorithm", "clients_sampled", "clients_completed", "bytes_up", "bytes_down",
+    "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "epsilon", "delta", "wall_s",
+]
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: Path, *, resume_round: int | None = None) -> None:
+        self.out = out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if resume_round is not None and self.path.exists():  # keep rows up to the checkpointed round
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r["round"] <= resume_round]
+        elif self.path.exists():
+            self.path.unlink()
+        self._rewrite()
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "round" and v is not None:
+                    self.tb.add_scalar(k, v, row["round"])
+            self.tb.flush()
+
+    def write_csv(self) -> Path:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        path = self.out / "metrics.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        return path
+
+    def plot(self) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        path = self.out / "plots" / "loss.png"
+        path.parent.mkdir(exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("train_loss", "eval_loss"):
+            pts = [(r["round"], r[key]) for r in self.rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=key)
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss")
+        algo = self.rows[-1].get("algorithm", "") if self.rows else ""
+        ax.set_title(f"fedtune {algo}: loss per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def summary(self, data: dict[str, Any]) -> Path:
+        path = self.out / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

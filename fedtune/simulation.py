@@ -1,0 +1,189 @@
+"""In-process multi-client simulation: one frozen base model in memory shared by every client.
+
+The base is never copied per client. Each client's round starts from the synced global model (its
+ClientAlgorithm loads the global adapter / fresh LoRA), trains, and hands back an update; the
+ClientAlgorithm restores the global state afterwards. Instructions and updates are serialized exactly as
+the gRPC transport would send them, so bytes_up/bytes_down are real wire sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fedtune import export, wire_size
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.base import ClientUpdate, GlobalState, Instruction, TrainContext
+from fedtune.config import RunConfig
+from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
+from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, payload_nbytes
+from fedtune.metrics import MetricsWriter
+from fedtune.models import fingerprint, load_model
+
+log = logging.getLogger("fedtune")
+
+
+@dataclass
+class ClientData:
+    train: list[dict]
+    eval: list[dict]
+    categories: list[str]
+
+
+def client_ids(n: int) -> list[str]:
+    return [f"client-{i}" for i in range(n)]
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[dict[str, ClientData], list[dict]]:
+    """Per-client (train, eval) features and the global eval set (union of client eval splits)."""
+    d, n = cfg.data, cfg.federation.num_clients
+    seed = cfg.run.seed
+    if d.source == "chatterbot":
+        shards = partition(load_chatterbot(d.language, d.categories or None), n, method=d.partition,
+                           seed=seed, alpha=d.dirichlet_alpha)
+    elif len(d.paths) == n:
+        shards = [load_jsonl(p) for p in d.paths]
+    else:
+        shards = partition(load_jsonl(d.paths[0]), n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha)
+    fmt = ChatFormatter(tokenizer, d.max_seq_len)
+    out: dict[str, ClientData] = {}
+    for k, (cid, shard) in enumerate(zip(client_ids(n), shards)):
+        if not shard:
+            raise DataError(f"{cid} has no examples; give it data or use fewer clients")
+        tr, ev = split_eval(shard, d.eval_fraction, seed + k, d.max_eval_per_client)
+        if d.max_train_per_client:
+            tr = tr[: d.max_train_per_client]
+        out[cid] = ClientData(fmt.many(tr), fmt.many(ev), sorted({e.category for e in shard}))
+        if not out[cid].train:
+            raise DataError(f"{cid}: no usable training examples after formatting (max_seq_len={d.max_seq_len} too small?)")
+    global_eval = [f for c in out.values() for f in c.eval]
+    return out, global_eval
+
+
+class InProcessTransport:
+    """Runs each sampled client in turn on the shared model; counts the bytes a network would carry."""
+
+    def __init__(self, gm: GlobalModel, data: dict[str, ClientData], pad_id: int, progress: bool = True) -> None:
+        self.gm, self.data, self.pad_id, self.progress = gm, data, pad_id, progress
+
+    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
+        res = RoundResult(updates=[])
+        bar = tqdm(instructions.items(), desc=f"round {rnd} clients", leave=False, disable=not self.progress, position=1)
+        for cid, ins in bar:
+            if self.gm.version != ins.base_version:
+                raise RuntimeError(f"shared model at version {self.gm.version}, instruction expects {ins.base_version}")
+            res.bytes_down += wire_size.instruction_bytes(ins)
+            res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
+            update = self._train(cid, ins)
+            res.bytes_up += wire_size.update_bytes(update)
+            res.payload_bytes_up += payload_nbytes(update.tensors)
+            res.updates.append(update)
+        return res
+
+    def _train(self, cid: str, ins: Instruction) -> ClientUpdate:
+        steps = tqdm(total=int(ins.train.get("steps", 0)), desc=f"{cid} steps", leave=False,
+                     disable=not self.progress, position=2)
+
+        def on_step(step: int, loss: float) -> None:
+            steps.update(1)
+            steps.set_postfix(loss=f"{loss:.3f}")
+
+        ctx = TrainContext(cid, self.data[cid].train, self.pad_id, on_step)
+        try:
+            return self.gm.client.train(self.gm.model, ctx, ins.train)
+        finally:
+            steps.close()
+
+
+def train_config(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.train
+    return {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr,
+            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
+
+
+def engine_config(cfg: RunConfig) -> EngineConfig:
+    f = cfg.federation
+    return EngineConfig(rounds=cfg.run.rounds, seed=cfg.run.seed, fraction=f.fraction, min_clients=f.min_clients,
+                        round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
+                        train=train_config(cfg))
+
+
+def format_row(row: dict[str, Any]) -> str:
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, int | float) else "-"
+
+    return (f"round {row['round']:>3} | clients {row.get('clients_completed', 0)}/{row.get('clients_sampled', 0)}"
+            f" | train {num(row.get('train_loss'), '.4f')} | eval {num(row.get('eval_loss'), '.4f')}"
+            f" | up {num(row.get('bytes_up'), ',')} B | down {num(row.get('bytes_down'), ',')} B"
+            f" | {num(row.get('wall_s'), '.1f')} s"
+            + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
+
+
+def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False) -> dict[str, Any]:
+    """Run a whole simulated federation; returns the summary (also written to summary.json)."""
+    t_start = time.perf_counter()
+    out = cfg.out_dir
+    model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
+    base_fp = fingerprint(model)
+    data, global_eval = prepare_data(cfg, tok)
+    algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
+    if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
+        algo.set_init_data(data[client_ids(1)[0]].train, tok.pad_token_id)
+    state = algo.initialize(model, seed=cfg.run.seed)
+    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg), out_dir=out)  # type: ignore[arg-type]
+    start = 1
+    if resume and (ck := engine.resume()) is not None:
+        state, start = ck
+        log.info("resuming from round %d", start - 1)
+    gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
+    engine.transport = InProcessTransport(gm, data, tok.pad_token_id, progress)
+    bs = cfg.run.eval_batch_size
+
+    def evaluate_fn(s: GlobalState) -> float:
+        gm.advance(algo, s)
+        return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
+
+    engine.evaluate_fn = evaluate_fn
+    writer = MetricsWriter(out, resume_round=start - 1 if start > 1 else None)
+    rounds_bar = tqdm(total=cfg.run.rounds, initial=start - 1, desc="rounds", disable=not progress, position=0)
+
+    def on_round(row: dict[str, Any]) -> None:
+        rounds_bar.update(1)
+        tqdm.write(format_row(row))
+
+    engine.on_round = on_round
+    try:
+        state = engine.run(state, start_round=start, writer=writer)
+    finally:
+        rounds_bar.close()
+    gm.advance(algo, state)
+    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
+    merged_dir = export.export_merged(gm, tok, out / "merged") if save_merged else None
+    writer.write_csv()
+    plot = writer.plot()
+    evals = [r.get("eval_loss") for r in writer.rows if r.get("eval_loss") is not None]
+    summary = {
+        "algorithm": algo.name, "rounds_completed": state.version, "stopped_early": engine.stop_reason,
+        "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
+        "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
+        "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
+        "base_model_fingerprint": base_fp, "global_model_fingerprint": fingerprint(gm.model),
+        "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
+                    for cid, d in data.items()},
+        "adapter": str(adapter_dir) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
+        "plot": str(plot) if plot else None, "metrics": str(writer.path),
+        "wall_s": round(time.perf_counter() - t_start, 2), "config": cfg.to_dict(),
+    }
+    writer.summary(summary)
+    writer.close()
+    return summary
+
+
+def output_paths(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k, summary[k]) for k in ("adapter", "merged", "metrics", "plot") if summary.get(k)] + [
+        ("summary", str(Path(summary["metrics"]).parent / "summary.json"))]

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from fedtune.data import ChatFormatter, load_chatterbot
+from fedtune.models import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny(tok):
+    """A fresh tiny random Llama (same weights every call)."""
+    return tiny_llama(len(tok), seed=0)
+
+
+@pytest.fixture(scope="session")
+def feats(tok):
+    return ChatFormatter(tok, 64).many(load_chatterbot()[:240])
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()

@@ -1,0 +1,72 @@
+"""Bad input gets one clear line on stderr and exit code 2 — no traceback."""
+
+import json
+
+import pytest
+
+from fedtune.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(["simulate", "--no-progress", *argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--config", "nope.toml"], "config file not found: nope.toml"),
+        (["--algorithm", "fedprox", "--model", "tiny"], "unknown algorithm 'fedprox'; choose one of: "),
+        (["--model", "tiny", "--clients", "5000"], "5000 clients but only"),
+        (["--model", "/no/such/model"], "model '/no/such/model' not found"),
+        (["--model", "tiny", "--rounds", "0"], "run.rounds must be ≥ 1, got 0"),
+    ],
+)
+def test_bad_cli_input(capsys, tmp_path, argv, needle):
+    code, err = _run(capsys, "--out", str(tmp_path / "o"), *argv)
+    assert code == 2
+    assert needle in err and "Traceback" not in err and err.startswith("error: ")
+
+
+def _toml(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_rank_zero(capsys, tmp_path):
+    code, err = _run(capsys, "--config", _toml(tmp_path, "[lora]\nrank = 0\n"), "--model", "tiny")
+    assert code == 2 and "lora rank must be a positive integer, got 0" in err
+
+
+def test_unknown_key_is_named(capsys, tmp_path):
+    code, err = _run(capsys, "--config", _toml(tmp_path, "[train]\nlocal_stepz = 3\n"), "--model", "tiny")
+    assert code == 2 and "[train] has unknown keys ['local_stepz']" in err
+
+
+def test_missing_data_file(capsys, tmp_path):
+    code, err = _run(capsys, "--model", "tiny", "--clients", "1", "--data", str(tmp_path / "x.jsonl"))
+    assert code == 2 and "data file not found" in err
+
+
+def test_malformed_jsonl_line(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{oops\n")
+    code, err = _run(capsys, "--model", "tiny", "--clients", "1", "--data", str(f))
+    assert code == 2 and f"{f}:2: not valid JSON" in err
+
+
+def test_jsonl_wrong_fields(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "a"}) + "\n")
+    code, err = _run(capsys, "--model", "tiny", "--clients", "1", "--data", str(f))
+    assert code == 2 and 'needs string fields "prompt" and "response", or "text"' in err
+
+
+def test_empty_client_file(capsys, tmp_path):
+    good, empty = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    good.write_text(json.dumps({"text": "hello there"}) + "\n")
+    empty.write_text("")
+    code, err = _run(capsys, "--model", "tiny", "--clients", "2", "--data", str(good), str(empty))
+    assert code == 2 and "no examples (the file is empty)" in err

@@ -1,0 +1,49 @@
+from collections import Counter
+
+import pytest
+
+from fedtune.data import DataError, Example, by_category, dirichlet, iid, load_chatterbot
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_chatterbot()
+
+
+def _ids(parts):
+    return Counter(id(x) for p in parts for x in p)
+
+
+@pytest.mark.parametrize("method", ["iid", "dirichlet", "by_category"])
+def test_every_example_in_exactly_one_client(corpus, method):
+    fn = {"iid": lambda: iid(corpus, 4, 0), "dirichlet": lambda: dirichlet(corpus, 4, 0, 0.5),
+          "by_category": lambda: by_category(corpus, 4, 0)}[method]
+    parts = fn()
+    counts = _ids(parts)
+    assert len(parts) == 4 and all(parts)
+    assert sum(len(p) for p in parts) == len(corpus) and set(counts.values()) == {1}
+
+
+def test_dirichlet_deterministic_and_seed_dependent(corpus):
+    a, b, c = dirichlet(corpus, 5, 7, 0.5), dirichlet(corpus, 5, 7, 0.5), dirichlet(corpus, 5, 8, 0.5)
+    assert [len(p) for p in a] == [len(p) for p in b] and a == b
+    assert a != c
+
+
+def test_by_category_puts_each_category_in_one_client(corpus):
+    parts = by_category(corpus, 4, 0)
+    owner = {}
+    for k, p in enumerate(parts):
+        for ex in p:
+            assert owner.setdefault(ex.category, k) == k
+    assert len(owner) == 21
+
+
+def test_more_clients_than_examples_is_a_clear_error():
+    with pytest.raises(DataError, match="5 clients but only 2 examples"):
+        iid([Example("a", "b"), Example("c", "d")], 5, 0)
+
+
+def test_by_category_needs_enough_categories():
+    with pytest.raises(DataError, match="at least as many categories as clients"):
+        by_category([Example("a", "b", "x"), Example("c", "d", "x")], 2, 0)

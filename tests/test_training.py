@@ -1,0 +1,48 @@
+import torch
+
+from fedtune.algorithms import TrainContext, get_algorithm
+from fedtune.algorithms.fedavg import FedAvgConfig
+from fedtune.models import fingerprint
+from fedtune.training import LocalTrainConfig, evaluate, train_local
+
+
+def test_local_training_changes_only_lora(tiny, feats, tok):
+    algo = get_algorithm("fedavg", FedAvgConfig(rank=4, alpha=8))
+    state = algo.initialize(tiny, seed=0)
+    client = algo.make_client()
+    model = client.setup(tiny, algo.setup_payload(state))
+    client.sync(model, algo.sync_payload(state, -1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fp = fingerprint(model)
+    res = train_local(model, feats[:40], LocalTrainConfig(steps=3, batch_size=4, lr=1e-2), pad_id=tok.pad_token_id)
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all(".lora_" in n for n in changed)
+    assert any(".lora_B." in n for n in changed) and any(".lora_A." in n for n in changed)
+    assert fingerprint(model) == fp
+    assert res.steps == 3 and res.examples_seen == 12
+
+
+def test_client_train_restores_global_adapter(tiny, feats, tok):
+    algo = get_algorithm("fedavg", FedAvgConfig(rank=4, alpha=8))
+    state = algo.initialize(tiny, seed=0)
+    client = algo.make_client()
+    model = client.setup(tiny, algo.setup_payload(state))
+    client.sync(model, algo.sync_payload(state, -1))
+    loss0 = evaluate(model, feats[:16], pad_id=tok.pad_token_id)
+    upd = client.train(model, TrainContext("c0", feats[:40], tok.pad_token_id), {"steps": 3, "lr": 1e-2, "batch_size": 4, "seed": 1})
+    assert evaluate(model, feats[:16], pad_id=tok.pad_token_id) == loss0
+    assert not torch.equal(upd.tensors[sorted(upd.tensors)[1]], state.tensors[sorted(upd.tensors)[1]])
+    assert upd.num_examples == 40
+
+
+def test_same_seed_same_update(tiny, feats, tok):
+    algo = get_algorithm("fedavg", FedAvgConfig(rank=2, alpha=4))
+    state = algo.initialize(tiny, seed=0)
+    client = algo.make_client()
+    model = client.setup(tiny, algo.setup_payload(state))
+    client.sync(model, algo.sync_payload(state, -1))
+    cfg = {"steps": 2, "lr": 1e-2, "batch_size": 4, "seed": 3}
+    u1 = client.train(model, TrainContext("c", feats[:30], tok.pad_token_id), cfg)
+    u2 = client.train(model, TrainContext("c", feats[:30], tok.pad_token_id), cfg)
+    assert all(torch.equal(u1.tensors[k], u2.tensors[k]) for k in u1.tensors)
