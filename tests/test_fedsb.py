@@ -90,7 +90,8 @@ def test_unknown_target_and_too_large_rank(tiny):
 def test_r_averaging_is_exact_random():
     g = torch.Generator().manual_seed(0)
     d_out, d_in, r, K = 24, 40, 6, 5
-    B, A = torch.randn(d_out, r, generator=g, dtype=torch.float64), torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, d_in, generator=g, dtype=torch.float64)
     Rs = [torch.randn(r, r, generator=g, dtype=torch.float64) for _ in range(K)]
     p = torch.rand(K, generator=g, dtype=torch.float64)
     p = p / p.sum()
@@ -242,3 +243,21 @@ def test_export_is_a_peft_lora_adapter(one_round, tiny):
         plain = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (ref - plain).abs().max() > 1e-4  # the adapter does something
     assert (ref - out).abs().max() <= 1e-5
+
+
+def test_opacus_per_sample_grads_of_R(one_round, tiny):
+    pytest.importorskip("opacus")
+    from opacus import GradSampleModule
+
+    algo, _, _, st1, _, _, _ = one_round
+    base, tok, feats = tiny
+    cl = algo.make_client()
+    model = cl.setup(copy.deepcopy(base), algo.setup_payload(st1))
+    cl.sync(model, algo.sync_payload(st1, -1))
+    gsm = GradSampleModule(model)
+    gsm(**collate(feats[:3], tok.pad_token_id)).loss.backward()
+    trained = [(n, p) for n, p in gsm.named_parameters() if p.requires_grad]
+    assert len(trained) == 4 and all(n.endswith(".sb_R.weight") for n, _ in trained)
+    for _, p in trained:  # per-sample gradients of R exist and average to the batch gradient
+        assert p.grad_sample.shape == (3, RANK, RANK)
+        assert (p.grad_sample.mean(0) - p.grad).abs().max() <= 1e-6

@@ -9,11 +9,11 @@ INIT_MODES = ("sign", "grad")
 class FedSBConfig:
     """Fed-SB settings ([fedsb] in a run config). The LoRA scale is fixed to 1 (lora_alpha = rank)."""
 
-    rank: int = field(default=8, metadata={"help": "r: A is r×d_in, R is r×r, B is d_out×r (upload r² per module)"})
+    rank: int = field(default=8, metadata={"help": "r: A r×d_in, R r×r, B d_out×r (upload r² per module)"})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     init_batches: int = field(default=4, metadata={"help": "batches of init data whose ∇W is summed"})
     init_batch_size: int = field(default=8, metadata={"help": "batch size for the init gradients"})
-    init_seed: int | None = field(default=None, metadata={"help": "seed of the init (batch order, SVD); None = run seed"})
+    init_seed: int | None = field(default=None, metadata={"help": "init seed (batches, SVD); None = run seed"})
     init_mode: str = field(default="sign", metadata={"help": "\"sign\": SVD of −sign(Σ∇W) (reference); \"grad\": of −Σ∇W"})
     svd_niter: int = field(default=10, metadata={"help": "power iterations of torch.svd_lowrank"})
     uniform: bool = field(default=False, metadata={"help": "weight clients equally instead of by examples"})
@@ -22,8 +22,9 @@ class FedSBConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"fedsb rank must be a positive integer, got {self.rank!r} (e.g. rank = 8)")
         if isinstance(self.target_modules, str):
-            raise ValueError(f"fedsb target_modules must be a list, got the string {self.target_modules!r}; "
-                             f"e.g. target_modules = [\"q_proj\", \"v_proj\"]")
+            raise ValueError(  # noqa: TRY004 (config errors are ValueErrors throughout, as in LoRAConfig)
+                f"fedsb target_modules must be a list, got the string {self.target_modules!r}; "
+                f"e.g. target_modules = [\"q_proj\", \"v_proj\"]")
         if not self.target_modules:
             raise ValueError("fedsb target_modules is empty; e.g. target_modules = [\"q_proj\", \"v_proj\"]")
         bad = [t for t in self.target_modules if not isinstance(t, str) or not t or "." in t]

@@ -28,7 +28,7 @@ def full_weight_grads(
     model: nn.Module, linears: dict[str, nn.Linear], features: Sequence[dict], pad_id: int, *,
     n_batches: int, batch_size: int, seed: int,
 ) -> dict[str, torch.Tensor]:
-    """{module: Σ_b ∇W L_b} (d_out×d_in, float32, CPU). Requires-grad flags, .grad and train mode are restored."""
+    """{module: Σ_b ∇W L_b} (d_out×d_in, float32, CPU). requires_grad flags, .grad and train mode are restored."""
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
     was_training = model.training

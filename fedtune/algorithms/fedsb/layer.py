@@ -48,7 +48,7 @@ def attach_sb(model: nn.Module, factors: Factors) -> nn.Module:
         mod = model.get_submodule(name)
         if not isinstance(mod, SBLinear):
             if not isinstance(mod, nn.Linear):
-                raise ValueError(f"fedsb target {name} is {type(mod).__name__}, not nn.Linear")
+                raise ValueError(f"fedsb target {name} is {type(mod).__name__}, not nn.Linear")  # noqa: TRY004
             parent_name, _, child = name.rpartition(".")
             mod = SBLinear(mod, a.shape[0])
             setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
