@@ -27,6 +27,7 @@ def register(name: str, target: str) -> None:
 
 register("fedavg", "fedtune.algorithms.fedavg:FedAvg:FedAvgConfig")
 register("flora", "fedtune.algorithms.flora:FLoRA:FLoRAConfig")
+register("fedsb", "fedtune.algorithms.fedsb:FedSB:FedSBConfig")
 
 
 def available() -> list[str]:

@@ -1,0 +1,44 @@
+"""Fed-SB client: wrap the targets with the shared A, B once; load the global R; train R only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
+from fedtune.algorithms.fedavg.client import run_local_training
+from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
+
+
+class FedSBClient(ClientAlgorithm):
+    def __init__(self) -> None:
+        self.global_R: TensorDict | None = None
+
+    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+        t = payload.tensors
+        mods = sorted(k[:-2] for k in t if k.endswith(".A"))
+        if not mods:
+            raise ValueError("fedsb setup payload carries no A/B factors")
+        return attach_sb(model, {m: (t[f"{m}.A"], t[f"{m}.B"]) for m in mods})
+
+    def sync(self, model: nn.Module, payload: Payload) -> None:
+        if payload.tensors:
+            set_R(model, payload.tensors)
+            self.global_R = {k: v.detach().clone() for k, v in payload.tensors.items()}
+
+    def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
+        if self.global_R is None:
+            raise RuntimeError("train() before the first sync: the client has no global R")
+        freeze_all_but_r(model)
+        res = run_local_training(model, ctx, config)
+        update = get_R(model)  # {"<m>.R": r×r}: the whole upload
+        set_R(model, self.global_R)  # leave the model at the global state
+        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss})
+
+    @torch.no_grad()
+    def export_factors(self, model: nn.Module):
+        """{module: (A r×d_in, B·R d_out×r)}: a standard LoRA adapter with scale 1 (lora_alpha = r)."""
+        return {n: (m.sb_A.weight.detach().clone(), m.sb_B.weight @ m.sb_R.weight)
+                for n, m in sb_layers(model).items()}

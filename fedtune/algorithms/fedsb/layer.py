@@ -1,0 +1,85 @@
+"""The LoRA-SB layer: y = base_layer(x) + sb_B(sb_R(sb_A(x))), i.e. W_eff = W + B·R·A (scale 1).
+
+All three factors are plain `nn.Linear(bias=False)` so opacus computes per-sample gradients of R with its
+built-in Linear support. Submodule names matter: `base_layer` makes `target_linears` and the model
+fingerprint see the wrapped base weight under its original name; `sb_A`/`sb_R`/`sb_B` are skipped by the
+fingerprint as adapter weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import skip_init
+
+from fedtune.algorithms.base import TensorDict
+from fedtune.algorithms.lora_common import PEFT_PREFIX
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A r×d_in, B d_out×r)}
+
+
+class SBLinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        self.base_layer = base
+        # skip_init: no default init, so wrapping consumes no global RNG; attach_sb fills the weights
+        self.sb_A = skip_init(nn.Linear, base.in_features, rank, **kw)  # weight: r×d_in, frozen
+        self.sb_R = skip_init(nn.Linear, rank, rank, **kw)  # weight: r×r, the only trained tensor
+        self.sb_B = skip_init(nn.Linear, rank, base.out_features, **kw)  # weight: d_out×r, frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) → (..., d_out)
+        return self.base_layer(x) + self.sb_B(self.sb_R(self.sb_A(x)))
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = B·R·A (d_out×d_in)."""
+        return self.sb_B.weight @ self.sb_R.weight @ self.sb_A.weight
+
+
+def sb_layers(model: nn.Module) -> dict[str, SBLinear]:
+    """{module name in the unwrapped base model: SBLinear}."""
+    return {n.removeprefix(PEFT_PREFIX): m for n, m in model.named_modules() if isinstance(m, SBLinear)}
+
+
+@torch.no_grad()
+def attach_sb(model: nn.Module, factors: Factors) -> nn.Module:
+    """Wrap each named nn.Linear with an SBLinear holding (A, B) and R = 0; idempotent. Returns `model`."""
+    for name, (a, b) in sorted(factors.items()):
+        mod = model.get_submodule(name)
+        if not isinstance(mod, SBLinear):
+            if not isinstance(mod, nn.Linear):
+                raise ValueError(f"fedsb target {name} is {type(mod).__name__}, not nn.Linear")  # noqa: TRY004
+            parent_name, _, child = name.rpartition(".")
+            mod = SBLinear(mod, a.shape[0])
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
+        base = mod.base_layer
+        if a.shape != (a.shape[0], base.in_features) or b.shape != (base.out_features, a.shape[0]):
+            raise ValueError(f"fedsb factors for {name} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                             f"expected A r×{base.in_features}, B {base.out_features}×r")
+        mod.sb_A.weight.copy_(a)
+        mod.sb_B.weight.copy_(b)
+        mod.sb_R.weight.zero_()
+    freeze_all_but_r(model)
+    return model
+
+
+def freeze_all_but_r(model: nn.Module) -> None:
+    """Only the R matrices train; base weights, A and B are frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".sb_R.weight"))
+
+
+def get_R(model: nn.Module) -> TensorDict:
+    """{"<module>.R": r×r} copies."""
+    return {f"{n}.R": m.sb_R.weight.detach().clone() for n, m in sb_layers(model).items()}
+
+
+@torch.no_grad()
+def set_R(model: nn.Module, tensors: TensorDict) -> None:
+    layers = sb_layers(model)
+    expected = {f"{n}.R" for n in layers}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(f"fedsb R tensors do not match the model (missing {missing}, unexpected {extra})")
+    for n, m in layers.items():
+        m.sb_R.weight.copy_(tensors[f"{n}.R"])

@@ -1,0 +1,108 @@
+"""Fed-SB server: computes the shared A, B once, averages R (see package docstring)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights, weighted_mean
+from fedtune.algorithms.fedsb.config import FedSBConfig
+from fedtune.algorithms.fedsb.init import full_weight_grads, random_factors, svd_factors
+from fedtune.algorithms.lora_common import target_linears
+
+log = logging.getLogger(__name__)
+
+
+def modules_of(state: GlobalState) -> list[str]:
+    return sorted(k[:-2] for k in state.tensors if k.endswith(".R"))
+
+
+class FedSB(FedAlgorithm):
+    name = "fedsb"
+    supports_tensor_average = True
+    config: FedSBConfig
+
+    def __init__(self, config: FedSBConfig) -> None:
+        super().__init__(config)
+        self._init_data: tuple[list[dict], int] | None = None
+
+    def set_init_data(self, features: Sequence[dict[str, list[int]]], pad_id: int) -> None:
+        """Tokenized examples for the data-driven init; call before `initialize`. Under DP these must be
+        public/proxy data (the init is not privatised) or their use must be counted in the budget."""
+        if not features:
+            raise ValueError("fedsb set_init_data got no examples; pass a few tokenized (public) examples")
+        self._init_data = (list(features), int(pad_id))
+
+    def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
+        """State: "<m>.A" (r×d_in), "<m>.B" (d_out×r) frozen and never aggregated; "<m>.R" (r×r) = 0."""
+        c = self.config
+        linears = target_linears(model, c.target_modules)
+        found = {n.rsplit(".", 1)[-1] for n in linears}
+        if missing := [t for t in c.target_modules if t not in found]:
+            raise ValueError(f"fedsb target_modules {missing} match no nn.Linear in the model "
+                             f"(found: {sorted(found)}); check [fedsb] target_modules")
+        shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
+        if too_small := {n: s for n, s in shapes.items() if min(s) < c.rank}:
+            n, s = next(iter(sorted(too_small.items())))
+            raise ValueError(f"fedsb rank {c.rank} exceeds min(d_out, d_in) = {min(s)} of {n} {s}; lower [fedsb] rank")
+        init_seed = seed if c.init_seed is None else c.init_seed
+        if self._init_data is None:
+            log.warning("fedsb: no init data (FedSB.set_init_data was not called); using seeded random "
+                        "orthonormal A, B instead of the LoRA-SB gradient init")
+            factors, how = random_factors(shapes, c.rank, init_seed), "random"
+        else:
+            feats, pad_id = self._init_data
+            grads = full_weight_grads(model, linears, feats, pad_id, n_batches=c.init_batches,
+                                      batch_size=c.init_batch_size, seed=init_seed)
+            factors = svd_factors(grads, c.rank, mode=c.init_mode, seed=init_seed, niter=c.svd_niter)
+            how = f"data-{c.init_mode}"
+        tensors = {}
+        for name, (a, b) in sorted(factors.items()):
+            dtype = linears[name].weight.dtype
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = a.to(dtype), b.to(dtype)
+            tensors[f"{name}.R"] = torch.zeros(c.rank, c.rank, dtype=dtype)
+        return GlobalState(version=0, tensors=tensors, meta={"init": how, "init_seed": init_seed})
+
+    def setup_payload(self, state: GlobalState) -> Payload:
+        """A and B of every module: sent once per client."""
+        ab = {k: v for k, v in state.tensors.items() if k.endswith((".A", ".B"))}
+        return Payload(tensors=ab, meta={"algorithm": self.name, "rank": self.config.rank,
+                                         "target_modules": list(self.config.target_modules)})
+
+    def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
+        """The global R of every module (it replaces the local one, so one step catches up from any version)."""
+        if from_version == state.version:
+            return Payload(meta={"version": state.version})
+        return Payload(tensors={f"{m}.R": state.tensors[f"{m}.R"] for m in modules_of(state)},
+                       meta={"version": state.version})
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
+        """R_g = Σ p_k R_k (exact: B R_g A = Σ p_k B R_k A). A, B carried over unchanged."""
+        p = example_weights(updates, uniform=self.config.uniform)
+        mods = modules_of(state)
+        keys = [f"{m}.R" for m in mods]
+        for u in updates:
+            if set(u.tensors) != set(keys):
+                raise ValueError(f"update from {u.client_id} has keys that differ from the global R matrices "
+                                 f"(expected {len(keys)} keys like {keys[0]!r})")
+            if bad := [k for k in keys if u.tensors[k].shape != state.tensors[k].shape]:
+                raise ValueError(f"update from {u.client_id}: {bad[0]} has shape {tuple(u.tensors[bad[0]].shape)}, "
+                                 f"expected {tuple(state.tensors[bad[0]].shape)}")
+        tensors = dict(state.tensors)
+        tensors.update({k: weighted_mean([u.tensors[k] for u in updates], p) for k in keys})
+        sb = lora = 0
+        for m in mods:
+            r, d_in = state.tensors[f"{m}.A"].shape
+            d_out = state.tensors[f"{m}.B"].shape[0]
+            sb, lora = sb + r * r, lora + r * (d_in + d_out)
+        up = [sum(t.numel() * t.element_size() for t in u.tensors.values()) for u in updates]
+        metrics = {"fedsb_upload_bytes": float(sum(up) / len(up)), "fedsb_vs_lora_upload_ratio": sb / lora}
+        return GlobalState(version=state.version + 1, tensors=tensors, meta=dict(state.meta)), metrics
+
+    def make_client(self):
+        from fedtune.algorithms.fedsb.client import FedSBClient
+
+        return FedSBClient()
