@@ -9,6 +9,7 @@ the gRPC transport would send them, so bytes_up/bytes_down are real wire sizes.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,7 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
     def on_round(row: dict[str, Any]) -> None:
         rounds_bar.update(1)
         tqdm.write(format_row(row))
+        sys.stdout.flush()  # one line per round, visible at once even when stdout is a file
 
     engine.on_round = on_round
     try:
