@@ -100,6 +100,15 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[{self.run.algorithm}]/[lora]: {e}") from None
 
+    def privacy_config(self):
+        """[privacy] as a validated PrivacyConfig (mode "none" when the section is absent)."""
+        from fedtune.privacy.config import PrivacyConfig
+
+        try:
+            return PrivacyConfig.from_dict(self.extra.get("privacy", {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[privacy]: {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -189,3 +198,4 @@ def validate(cfg: RunConfig) -> None:
         _require(len(d.paths) in (1, f.num_clients),
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
+    cfg.privacy_config()

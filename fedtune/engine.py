@@ -32,6 +32,14 @@ class RoundAborted(RuntimeError):
     pass
 
 
+class BudgetExhausted(RuntimeError):
+    """Too few clients have privacy budget left for another round: the run ends cleanly."""
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, int | float) and v == v]
+
+
 @dataclass
 class RoundResult:
     updates: list[ClientUpdate]
@@ -40,6 +48,7 @@ class RoundResult:
     bytes_down: int = 0
     payload_bytes_up: int = 0  # raw tensor bytes, Σ numel·itemsize
     payload_bytes_down: int = 0
+    budget_exhausted: list[str] = field(default_factory=list)  # clients whose DP budget is spent
 
 
 class Transport(Protocol):
@@ -101,11 +110,13 @@ class RoundEngine:
         self.budget_check = budget_check
         self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
         self.stop_reason: str | None = None
+        self.epsilon_max: float | None = None  # sample-level DP: max ε over clients so far
+        self.extra_state: Callable[[], dict[str, Any]] | None = None  # more state for checkpoints
 
     # -- sampling and instructions ------------------------------------------------------------
     def sample(self, rnd: int, attempt: int) -> list[str]:
         n = len(self.roster)
-        m = min(n, max(self.cfg.min_clients, int(round(self.cfg.fraction * n))))
+        m = min(n, max(self.cfg.min_clients, int(round(self.cfg.fraction * n))))  # = simulation.clients_per_round
         rng = np.random.default_rng([self.cfg.seed, rnd, attempt])
         return sorted(self.roster[i] for i in rng.choice(n, size=m, replace=False))
 
@@ -134,7 +145,12 @@ class RoundEngine:
                 self.stop_reason = reason
                 log.warning("stopping before round %d: %s", rnd, reason)
                 break
-            state = self.run_round(rnd, state, writer)
+            try:
+                state = self.run_round(rnd, state, writer)
+            except BudgetExhausted as e:
+                self.stop_reason = str(e)
+                log.warning("stopping before round %d: %s", rnd, e)
+                break
         return state
 
     def run_round(self, rnd: int, state: GlobalState, writer: MetricsWriter) -> GlobalState:
@@ -144,6 +160,9 @@ class RoundEngine:
             res = self.transport.run_round(rnd, self.instructions(rnd, state, sampled), self.cfg.round_timeout_s)
             if len(res.updates) >= self.cfg.min_clients:
                 break
+            if res.budget_exhausted and len(sampled) - len(res.budget_exhausted) < self.cfg.min_clients:
+                raise BudgetExhausted(f"privacy budget spent by {', '.join(res.budget_exhausted)}: fewer than "
+                                      f"min_clients={self.cfg.min_clients} clients may train another round")
             log.warning("round %d aborted: %d/%d clients reported (min %d); nothing written, retrying",
                         rnd, len(res.updates), len(sampled), self.cfg.min_clients)
         else:
@@ -153,7 +172,11 @@ class RoundEngine:
         for u in updates:
             self.client_versions[u.client_id] = state.version
         eval_loss = self.evaluate_fn(new_state) if self.evaluate_fn is not None else float("nan")
-        checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, {"client_versions": self.client_versions}))
+        eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
+        if eps_now:
+            self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
+        deltas = _finite([agg_metrics.pop("delta", None), *(u.metrics.get("delta") for u in updates)])
+        checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, self.engine_state()))
         n = sum(u.num_examples for u in updates)
         row = {
             "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
@@ -161,8 +184,7 @@ class RoundEngine:
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
             "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
             "eval_loss": eval_loss,
-            "epsilon": agg_metrics.pop("epsilon", max((u.metrics.get("epsilon", float("nan")) for u in updates), default=None)),
-            "delta": agg_metrics.pop("delta", max((u.metrics.get("delta", float("nan")) for u in updates), default=None)),
+            "epsilon": self.epsilon_max, "delta": max(deltas) if deltas else None,
             "wall_s": round(time.perf_counter() - t0, 3),
             **agg_metrics,
         }
@@ -171,10 +193,15 @@ class RoundEngine:
             self.on_round(row)
         return new_state
 
-    def resume(self) -> tuple[GlobalState, int] | None:
-        """(state, next round) from the newest complete checkpoint, or None."""
+    def engine_state(self) -> dict[str, Any]:
+        extra = self.extra_state() if self.extra_state is not None else {}
+        return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max, **extra}
+
+    def resume(self) -> tuple[GlobalState, int, dict[str, Any]] | None:
+        """(state, next round, engine state) from the newest complete checkpoint, or None."""
         ck = checkpoint.latest(self.ckpt_dir)
         if ck is None:
             return None
         self.client_versions.update(ck.engine.get("client_versions", {}))
-        return ck.state, ck.round + 1
+        self.epsilon_max = ck.engine.get("epsilon_max")
+        return ck.state, ck.round + 1, ck.engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from tqdm.auto import tqdm
 
 from fedtune import export, wire_size
 from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.base import ClientUpdate, GlobalState, Instruction, TrainContext
-from fedtune.config import RunConfig
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext
+from fedtune.config import ConfigError, RunConfig
+from fedtune.privacy import ClientLevelDP
+from fedtune.privacy.sample import PrivacyBudgetExhausted
 from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, payload_nbytes
 from fedtune.metrics import MetricsWriter
@@ -80,7 +83,13 @@ class InProcessTransport:
                 raise RuntimeError(f"shared model at version {self.gm.version}, instruction expects {ins.base_version}")
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
-            update = self._train(cid, ins)
+            try:
+                update = self._train(cid, ins)
+            except PrivacyBudgetExhausted as e:
+                log.warning("%s", e)
+                res.failed.append(cid)
+                res.budget_exhausted.append(cid)
+                continue
             res.bytes_up += wire_size.update_bytes(update)
             res.payload_bytes_up += payload_nbytes(update.tensors)
             res.updates.append(update)
@@ -103,8 +112,39 @@ class InProcessTransport:
 
 def train_config(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.train
-    return {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr,
-            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
+    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr,
+           "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
+    pc = cfg.privacy_config()
+    if pc.mode == "sample":  # DP-SGD inside each client; σ calibrated over the planned rounds
+        out["privacy"] = dict(pc.to_dict(), rounds=cfg.run.rounds)
+    return out
+
+
+def clients_per_round(cfg: RunConfig) -> int:
+    f = cfg.federation
+    return min(f.num_clients, max(f.min_clients, int(round(f.fraction * f.num_clients))))
+
+
+def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
+    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client", and the
+    engine's budget check (stop before a round that would exceed target_epsilon)."""
+    algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
+    pc = cfg.privacy_config()
+    if pc.mode != "client":
+        return algo, None
+    try:
+        algo = ClientLevelDP(algo, pc, clients_per_round=clients_per_round(cfg),
+                             num_clients=cfg.federation.num_clients, rounds=cfg.run.rounds)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    def budget_check(state: GlobalState) -> str | None:
+        if algo.would_exceed_budget(state):
+            return (f"the next round would exceed target_epsilon={pc.target_epsilon} "
+                    f"(ε spent {algo.epsilon(state):.4f} at δ={algo.delta:g})")
+        return None
+
+    return algo, budget_check
 
 
 def engine_config(cfg: RunConfig) -> EngineConfig:
@@ -132,16 +172,20 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
     data, global_eval = prepare_data(cfg, tok)
-    algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
+    algo, budget_check = build_algorithm(cfg)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
         algo.set_init_data(data[client_ids(1)[0]].train, tok.pad_token_id)
     state = algo.initialize(model, seed=cfg.run.seed)
-    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg), out_dir=out)  # type: ignore[arg-type]
-    start = 1
+    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg), out_dir=out,  # type: ignore[arg-type]
+                         budget_check=budget_check)
+    start, client_state = 1, {}
     if resume and (ck := engine.resume()) is not None:
-        state, start = ck
+        state, start, engine_state = ck
+        client_state = engine_state.get("client_state", {})
         log.info("resuming from round %d", start - 1)
     gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
+    gm.client.load_state_dict(client_state)  # e.g. the clients' DP accountants
+    engine.extra_state = lambda: {"client_state": gm.client.state_dict()}
     engine.transport = InProcessTransport(gm, data, tok.pad_token_id, progress)
     bs = cfg.run.eval_batch_size
 
@@ -171,6 +215,8 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
     evals = [r.get("eval_loss") for r in writer.rows if r.get("eval_loss") is not None]
     summary = {
         "algorithm": algo.name, "rounds_completed": state.version, "stopped_early": engine.stop_reason,
+        "epsilon": engine.epsilon_max, "delta": next((r["delta"] for r in reversed(writer.rows) if r.get("delta")), None),
+        "privacy": cfg.privacy_config().to_dict(),
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),

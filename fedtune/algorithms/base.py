@@ -77,6 +77,18 @@ class TrainContext:
 class ClientAlgorithm(ABC):
     """Client side of a method. One instance per local model copy."""
 
+    def __init__(self) -> None:
+        from fedtune.privacy.sample import SampleLevelDP
+
+        self.dp = SampleLevelDP()  # per-client sample-level DP accountants (used when training under DP)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Client-side state that must survive a restart (DP accountants)."""
+        return {"dp": self.dp.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dp.load_state_dict(state.get("dp", {}))
+
     @abstractmethod
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
         """Prepare the base model once (e.g. wrap with peft); return the model to train."""

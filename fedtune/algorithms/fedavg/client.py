@@ -9,20 +9,28 @@ from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
 from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, set_lora_state
-from fedtune.training.local import LocalTrainConfig, train_local
+from fedtune.privacy.sample import SampleLevelDP
+from fedtune.training.local import LocalTrainConfig, TrainResult, train_local
 
 ADAPTER = "default"
 
 
-def run_local_training(model: nn.Module, ctx: TrainContext, config: dict[str, Any]):
-    """Seed, then the shared first-order loop (fedtune.training), honoring sample-level DP if configured."""
+def run_local_training(
+    model: nn.Module, ctx: TrainContext, config: dict[str, Any], dp: SampleLevelDP
+) -> tuple[TrainResult, dict[str, float]]:
+    """Seed, then the shared first-order loop (fedtune.training), or DP-SGD when config["privacy"] says
+    mode = "sample". Returns (result, privacy metrics: epsilon, delta, ... or {})."""
     cfg = LocalTrainConfig.from_dict(config)
     torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use
-    return train_local(model, ctx.features, cfg, pad_id=ctx.pad_id, on_step=ctx.on_step)
+    priv = config.get("privacy")
+    if priv and priv.get("mode") == "sample":
+        return dp.train(model, ctx.client_id, ctx.features, cfg, priv, pad_id=ctx.pad_id, on_step=ctx.on_step)
+    return train_local(model, ctx.features, cfg, pad_id=ctx.pad_id, on_step=ctx.on_step), {}
 
 
 class LoRAClient(ClientAlgorithm):
     def __init__(self) -> None:
+        super().__init__()
         self.global_tensors: TensorDict | None = None
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
@@ -41,10 +49,10 @@ class LoRAClient(ClientAlgorithm):
         if self.global_tensors is None:
             raise RuntimeError("train() before the first sync: the client has no global adapter")
         activate(model, ADAPTER)
-        res = run_local_training(model, ctx, config)
+        res, privacy = run_local_training(model, ctx, config, self.dp)
         update = get_lora_state(model, ADAPTER)
         set_lora_state(model, ADAPTER, self.global_tensors)  # leave the model at the global state
-        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss})
+        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
 
     def export_factors(self, model: nn.Module):
         st = get_lora_state(model, ADAPTER, fold_scale=True)

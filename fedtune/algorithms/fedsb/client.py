@@ -14,6 +14,7 @@ from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, s
 
 class FedSBClient(ClientAlgorithm):
     def __init__(self) -> None:
+        super().__init__()
         self.global_R: TensorDict | None = None
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
@@ -32,10 +33,10 @@ class FedSBClient(ClientAlgorithm):
         if self.global_R is None:
             raise RuntimeError("train() before the first sync: the client has no global R")
         freeze_all_but_r(model)
-        res = run_local_training(model, ctx, config)
+        res, privacy = run_local_training(model, ctx, config, self.dp)
         update = get_R(model)  # {"<m>.R": r×r}: the whole upload
         set_R(model, self.global_R)  # leave the model at the global state
-        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss})
+        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
 
     @torch.no_grad()
     def export_factors(self, model: nn.Module):

@@ -17,6 +17,7 @@ from fedtune.algorithms.lora_common import (
 
 class FLoRAClient(ClientAlgorithm):
     def __init__(self) -> None:
+        super().__init__()
         self.targets: list[str] = []
         self.dropout = 0.0
         self.merged: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # for export: (version, A_stack, B_stack)
@@ -50,11 +51,11 @@ class FLoRAClient(ClientAlgorithm):
         activate(model, adapter)
         shapes = {n: (lin.out_features, lin.in_features) for n, lin in target_linears(model, self.targets).items()}
         set_lora_state(model, adapter, init_lora_factors(shapes, rank, seed=int(config["seed"])))  # fresh LoRA
-        res = run_local_training(model, ctx, config)
+        res, privacy = run_local_training(model, ctx, config, self.dp)
         update = get_lora_state(model, adapter, fold_scale=True)  # B carries s_k
         for layer in lora_layers(model, adapter).values():  # B = 0: the adapter adds nothing until next round
             layer.lora_B[adapter].weight.data.zero_()
-        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss})
+        return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
 
     def export_factors(self, model: nn.Module):
         """All merged rounds stacked: exact ΔW_total = Σ_v B_v A_v, scale 1."""
