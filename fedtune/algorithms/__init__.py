@@ -27,6 +27,7 @@ def register(name: str, target: str) -> None:
 
 register("fedavg", "fedtune.algorithms.fedavg:FedAvg:FedAvgConfig")
 register("flora", "fedtune.algorithms.flora:FLoRA:FLoRAConfig")
+register("fedkseed", "fedtune.algorithms.fedkseed:FedKSeed:FedKSeedConfig")
 
 
 def available() -> list[str]:
