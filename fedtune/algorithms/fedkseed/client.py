@@ -10,7 +10,14 @@ from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
 from fedtune.algorithms.fedkseed.server import PROBS, SEEDS, round_key
-from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, init_lora_factors, lora_shapes, set_lora_state
+from fedtune.algorithms.lora_common import (
+    activate,
+    attach_lora,
+    get_lora_state,
+    init_lora_factors,
+    lora_shapes,
+    set_lora_state,
+)
 from fedtune.training.local import batches
 from fedtune.training.zo import apply_update, spsa_step, zo_parameters
 
@@ -54,8 +61,10 @@ class FedKSeedClient(ClientAlgorithm):
             model.requires_grad_(True)
         bad = [n for n, p in zo_parameters(model) if p.dtype != torch.float32]
         if bad:
-            raise ValueError(f"FedKSeed needs float32 trainable parameters (ε-perturbations vanish in half "
-                             f"precision); {bad[0]} is not: load the model in float32")
+            raise ValueError(
+                f"FedKSeed needs float32 trainable parameters (ε-perturbations vanish in half "
+                f"precision); {bad[0]} is not: load the model in float32"
+            )
         return model
 
     @torch.no_grad()
@@ -115,8 +124,12 @@ class FedKSeedClient(ClientAlgorithm):
                     p.copy_(b)
             model.train(was_training)
         tensors = {"seed_idx": idx.to(torch.int32), "grad": torch.tensor(grads, dtype=torch.float32)}  # [τ], [τ]
-        metrics = {"train_loss": sum(losses) / max(len(losses), 1), "zo_clipped_frac": clipped / max(steps, 1),
-                   "zo_skipped_steps": float(skipped), "zo_grad_abs_mean": sum(map(abs, grads)) / max(steps, 1)}
+        metrics = {
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "zo_clipped_frac": clipped / max(steps, 1),
+            "zo_skipped_steps": float(skipped),
+            "zo_grad_abs_mean": sum(map(abs, grads)) / max(steps, 1),
+        }
         return ClientUpdate(ctx.client_id, len(ctx.features), tensors, metrics)
 
     def export_factors(self, model: nn.Module):

@@ -29,7 +29,7 @@ def candidate_seeds(num_seeds: int, run_seed: int) -> torch.Tensor:
 
 
 def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """"pro" sampling: softmax(minmax(mean |clip(g)| per seed)); unseen seeds have mean 0. float32 [K]."""
+    """Probabilities of "pro" sampling: softmax(minmax(mean |clip(g)| per seed)); unseen seeds: mean 0. f32 [K]."""
     mean = torch.where(count > 0, abs_sum / count.clamp(min=1), torch.zeros_like(abs_sum))  # float64 [K]
     span = mean.max() - mean.min()
     norm = (mean - mean.min()) / span if span > 0 else torch.zeros_like(mean)
@@ -90,14 +90,20 @@ class FedKSeed(FedAlgorithm):
         up = [sum(t.numel() * t.element_size() for t in u.tensors.values()) for u in updates]
         down = nz.numel() * 8 + (c.num_seeds * 4 if c.seed_sampling == "pro" else 0)
         grads = torch.cat([u.tensors["grad"].double() for u in updates])
-        metrics = {"fedkseed_bytes_up_per_client": sum(up) / len(up), "fedkseed_bytes_down_per_client": float(down),
-                   "fedkseed_unique_seeds": float(nz.numel()), "fedkseed_grad_abs_mean": float(grads.abs().mean())}
+        metrics = {
+            "fedkseed_bytes_up_per_client": sum(up) / len(up),
+            "fedkseed_bytes_down_per_client": float(down),
+            "fedkseed_unique_seeds": float(nz.numel()),
+            "fedkseed_grad_abs_mean": float(grads.abs().mean()),
+        }
         return GlobalState(version=v, tensors=tensors, meta=dict(state.meta)), metrics
 
     def _check(self, u: ClientUpdate) -> tuple[torch.Tensor, torch.Tensor]:
         """(seed indices int64 [τ], grads float64 [τ]) of a validated update."""
         if set(u.tensors) != {"seed_idx", "grad"}:
-            raise ValueError(f"update from {u.client_id} must hold exactly 'seed_idx' and 'grad', got {sorted(u.tensors)}")
+            raise ValueError(
+                f"update from {u.client_id} must hold exactly 'seed_idx' and 'grad', got {sorted(u.tensors)}"
+            )
         idx, g = u.tensors["seed_idx"].long().reshape(-1), u.tensors["grad"].double().reshape(-1)
         if idx.numel() != g.numel():
             raise ValueError(f"update from {u.client_id}: {idx.numel()} seed indices but {g.numel()} grads")
@@ -112,7 +118,9 @@ class FedKSeed(FedAlgorithm):
         abs_sum, count = tensors[ABS_SUM].clone(), tensors[COUNT].clone()
         for u in updates:
             idx = u.tensors["seed_idx"].long().reshape(-1)
-            abs_sum.index_add_(0, idx, u.tensors["grad"].double().reshape(-1).clamp(-self.config.pro_clip, self.config.pro_clip).abs())
+            abs_sum.index_add_(
+                0, idx, u.tensors["grad"].double().reshape(-1).clamp(-self.config.pro_clip, self.config.pro_clip).abs()
+            )
             count.index_add_(0, idx, torch.ones_like(idx))
         tensors[ABS_SUM], tensors[COUNT] = abs_sum, count
         tensors[PROBS] = seed_probabilities(abs_sum, count)
