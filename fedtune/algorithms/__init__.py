@@ -28,6 +28,7 @@ def register(name: str, target: str) -> None:
 register("fedavg", "fedtune.algorithms.fedavg:FedAvg:FedAvgConfig")
 register("flora", "fedtune.algorithms.flora:FLoRA:FLoRAConfig")
 register("fedsb", "fedtune.algorithms.fedsb:FedSB:FedSBConfig")
+register("fedkseed", "fedtune.algorithms.fedkseed:FedKSeed:FedKSeedConfig")
 
 
 def available() -> list[str]:

@@ -1,0 +1,40 @@
+"""FedKSeed — federated zeroth-order full-parameter tuning with a finite seed set (Qin et al., 2024,
+"Federated Full-Parameter Tuning of Billion-Sized Language Models with Communication Cost under 18 Kilobytes").
+
+K candidate seeds {s_1 … s_K} are drawn once from the run seed. z(s) ~ N(0, I) over all trainable weights is
+regenerated from s on demand (fedtune.training.zo: CPU generator, sorted parameter order). Client k does
+τ local SPSA steps from the global θ, each on a batch with a seed s_kt from the set:
+
+    g_kt = (L(θ + ε z(s_kt)) − L(θ − ε z(s_kt))) / 2ε,   clamped to ±grad_clip
+    θ ← θ − η · g_kt · z(s_kt)
+
+and uploads only (s_kt index int32, g_kt float32) for t = 1..τ: τ·8 bytes. The server accumulates per seed
+
+    H[s] = Σ_k p_k Σ_{t: s_kt = s} g_kt          (float64, p_k = n_k / Σ_j n_j or 1/K)
+
+and keeps every round's pairs (s, η·H[s]). Every client replays θ ← θ − Σ_s η·H[s]·z(s), round by round in
+order, so all copies of θ stay bit-identical and no weights ever travel; a client that missed rounds
+replays the pairs it lacks. Replay is linear in g, so it equals applying each client's steps weighted by p_k
+(with weight decay 0). The client's local steps move its own θ between steps; only (s, g) leaves it, and
+its model is restored bit-exactly from a backup copy afterwards.
+
+Choices (see FedKSeedConfig):
+- η: the paper's 3e-7 is for billion-scale full tuning; stable ZO step sizes shrink roughly like 1/d, so the
+  default is 1e-6 for full tuning of ~135M models (SmolLM2), 5e-5 for "lora". The tiny 0.1M-parameter test
+  model tolerates ~1e-3. The round's generic `lr` is overridden with this η.
+- grad_clip = 100: a clamp on g against loss spikes and blow-ups only (|g| ≈ 1 on the tiny model, ~‖∇L‖ in
+  general); 0 disables. Non-finite g (a diverged forward) is recorded as 0 and counted.
+- trainable = "lora": ZO over a peft LoRA's A/B only (A seeded from the run seed, B = 0). With B = 0 the loss
+  does not depend on A at first, so the A-part of z only adds variance until B moves; z on B carries all the
+  early signal. MeZO used a larger ε (1e-2) for LoRA; tune ε if g is dominated by fp32 loss rounding.
+- seed_sampling = "pro": p(s) = softmax(minmax(mean |clip(g, ±1000)| over every step that used s)); the server
+  computes it from the uploaded g and ships it (float32 [K]) in the sync payload.
+- Download per client-round: the round's pairs, ≤ min(K, Σ τ)·8 bytes (+ K·4 with "pro").
+- Replay cost: one z regeneration per (round, seed) pair, i.e. O(pairs × #params) per sync.
+"""
+
+from fedtune.algorithms.fedkseed.client import FedKSeedClient
+from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+from fedtune.algorithms.fedkseed.server import FedKSeed
+
+__all__ = ["FedKSeed", "FedKSeedClient", "FedKSeedConfig"]

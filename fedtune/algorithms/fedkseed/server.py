@@ -1,0 +1,131 @@
+"""FedKSeed server side: per-seed accumulation of the clients' scalar gradients (see package docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights
+from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+from fedtune.algorithms.lora_common import lora_shapes
+
+SEEDS, ABS_SUM, COUNT, PROBS = "seeds", "pro/abs_sum", "pro/count", "seed_probs"
+
+
+def round_key(version: int, name: str) -> str:
+    return f"v{version:05d}/{name}"
+
+
+def candidate_seeds(num_seeds: int, run_seed: int) -> torch.Tensor:
+    """K distinct seeds drawn once from the run seed. int64 [K]."""
+    g = torch.Generator().manual_seed(run_seed)
+    seeds = torch.randint(0, 2**62, (num_seeds,), generator=g, dtype=torch.int64)
+    if seeds.unique().numel() != num_seeds:  # ~K²/2^63 chance; fail loudly rather than bias sampling
+        raise RuntimeError(f"duplicate candidate seeds for run seed {run_seed}; use another seed")
+    return seeds
+
+
+def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Probabilities of "pro" sampling: softmax(minmax(mean |clip(g)| per seed)); unseen seeds: mean 0. f32 [K]."""
+    mean = torch.where(count > 0, abs_sum / count.clamp(min=1), torch.zeros_like(abs_sum))  # float64 [K]
+    span = mean.max() - mean.min()
+    norm = (mean - mean.min()) / span if span > 0 else torch.zeros_like(mean)
+    return torch.softmax(norm, 0).float()
+
+
+class FedKSeed(FedAlgorithm):
+    name = "fedkseed"
+    config: FedKSeedConfig
+
+    def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
+        c = self.config
+        if c.trainable == "lora":
+            lora_shapes(model, c.target_modules)  # fail early on bad targets
+        tensors = {SEEDS: candidate_seeds(c.num_seeds, seed)}
+        if c.seed_sampling == "pro":
+            tensors[ABS_SUM] = torch.zeros(c.num_seeds, dtype=torch.float64)
+            tensors[COUNT] = torch.zeros(c.num_seeds, dtype=torch.int64)
+            tensors[PROBS] = torch.full((c.num_seeds,), 1.0 / c.num_seeds)
+        return GlobalState(version=0, tensors=tensors, meta={"lora_seed": seed, "lr": c.lr})
+
+    def setup_payload(self, state: GlobalState) -> Payload:
+        c = self.config
+        meta = {"algorithm": self.name, "trainable": c.trainable, "lora_seed": state.meta["lora_seed"]}
+        if c.trainable == "lora":
+            meta.update(rank=c.rank, alpha=c.alpha, target_modules=list(c.target_modules))
+        return Payload(tensors={SEEDS: state.tensors[SEEDS]}, meta=meta)
+
+    def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
+        """The (seed_idx, coeff) pairs of rounds from_version+1 … state.version, to replay in order."""
+        versions = list(range(max(from_version + 1, 1), state.version + 1))
+        tensors = {round_key(v, k): state.tensors[round_key(v, k)] for v in versions for k in ("seed_idx", "coeff")}
+        if PROBS in state.tensors:
+            tensors[PROBS] = state.tensors[PROBS]
+        return Payload(tensors=tensors, meta={"replay_versions": versions, "version": state.version})
+
+    def configure_round(self, rnd, state, client_ids, base_train, roster) -> dict[str, dict[str, Any]]:
+        c = self.config  # η is the method's own: the run's generic (AdamW-sized) lr does not apply to ZO
+        zo = {"lr": c.lr, "eps": c.eps, "grad_clip": c.grad_clip, "seed_sampling": c.seed_sampling}
+        return {cid: dict(base_train, **zo) for cid in client_ids}
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
+        c = self.config
+        p = example_weights(updates, uniform=c.uniform)
+        acc = torch.zeros(c.num_seeds, dtype=torch.float64)  # H[s] = Σ_k p_k Σ_{t: s_kt = s} g_kt
+        used = torch.zeros(c.num_seeds, dtype=torch.bool)
+        for pk, u in zip(p, updates):
+            idx, g = self._check(u)
+            acc.index_add_(0, idx, g * pk)
+            used[idx] = True
+        nz = used.nonzero().squeeze(1)  # sorted seed indices used this round
+        v = state.version + 1
+        tensors = dict(state.tensors)
+        tensors[round_key(v, "seed_idx")] = nz.to(torch.int32)  # [n]
+        tensors[round_key(v, "coeff")] = (c.lr * acc[nz]).float()  # η·H[s], [n]
+        if c.seed_sampling == "pro":
+            self._update_pro(tensors, updates)
+        up = [sum(t.numel() * t.element_size() for t in u.tensors.values()) for u in updates]
+        down = nz.numel() * 8 + (c.num_seeds * 4 if c.seed_sampling == "pro" else 0)
+        grads = torch.cat([u.tensors["grad"].double() for u in updates])
+        metrics = {
+            "fedkseed_bytes_up_per_client": sum(up) / len(up),
+            "fedkseed_bytes_down_per_client": float(down),
+            "fedkseed_unique_seeds": float(nz.numel()),
+            "fedkseed_grad_abs_mean": float(grads.abs().mean()),
+        }
+        return GlobalState(version=v, tensors=tensors, meta=dict(state.meta)), metrics
+
+    def _check(self, u: ClientUpdate) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seed indices int64 [τ], grads float64 [τ]) of a validated update."""
+        if set(u.tensors) != {"seed_idx", "grad"}:
+            raise ValueError(
+                f"update from {u.client_id} must hold exactly 'seed_idx' and 'grad', got {sorted(u.tensors)}"
+            )
+        idx, g = u.tensors["seed_idx"].long().reshape(-1), u.tensors["grad"].double().reshape(-1)
+        if idx.numel() != g.numel():
+            raise ValueError(f"update from {u.client_id}: {idx.numel()} seed indices but {g.numel()} grads")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.num_seeds):
+            raise ValueError(f"update from {u.client_id} has seed indices outside [0, {self.config.num_seeds})")
+        if not torch.isfinite(g).all():
+            raise ValueError(f"update from {u.client_id} has non-finite projected gradients")
+        return idx, g
+
+    def _update_pro(self, tensors: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> None:
+        """Accumulate |clip(g, ±pro_clip)| per seed over every client step so far; new probabilities."""
+        abs_sum, count = tensors[ABS_SUM].clone(), tensors[COUNT].clone()
+        for u in updates:
+            idx = u.tensors["seed_idx"].long().reshape(-1)
+            abs_sum.index_add_(
+                0, idx, u.tensors["grad"].double().reshape(-1).clamp(-self.config.pro_clip, self.config.pro_clip).abs()
+            )
+            count.index_add_(0, idx, torch.ones_like(idx))
+        tensors[ABS_SUM], tensors[COUNT] = abs_sum, count
+        tensors[PROBS] = seed_probabilities(abs_sum, count)
+
+    def make_client(self):
+        from fedtune.algorithms.fedkseed.client import FedKSeedClient
+
+        return FedKSeedClient()

@@ -1,0 +1,85 @@
+"""Zeroth-order (SPSA / MeZO-style) primitives with seed-regenerated noise.
+
+z(seed) is one standard-normal draw per trainable tensor, in sorted-name order, from a CPU
+`torch.Generator().manual_seed(seed)` (CPU and CUDA normal streams differ, so the CPU stream is the
+definition and z is moved to the parameter's device and dtype afterwards). Large tensors are drawn in fixed
+chunks of `CHUNK` elements (part of the definition), so at most one chunk of z exists at a time: a ZO step
+needs about the memory of inference. z is never stored: every use regenerates it from the seed.
+
+    g = (L(θ + εz) − L(θ − εz)) / 2ε        (projected gradient, a scalar)
+    θ ← θ − η·g·z                            (apply_update with coeff = η·g)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+CHUNK = 1 << 20  # elements of z drawn at once (4 MiB fp32); changing it changes z(seed)
+
+NamedParams = Sequence[tuple[str, torch.Tensor]]
+
+
+def zo_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters in the fixed z order (sorted names; tied weights appear once)."""
+    params = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda x: x[0])
+    if not params:
+        raise ValueError("the model has no trainable parameters for zeroth-order training")
+    return params
+
+
+def noise(params: NamedParams, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (flat view of a param chunk, z chunk on the param's device/dtype), one chunk at a time."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    for _, p in params:
+        flat = p.view(-1)  # params are contiguous; view shares storage so in-place updates hit p
+        for start in range(0, flat.numel(), CHUNK):
+            part = flat[start : start + CHUNK]
+            z = torch.randn(part.numel(), generator=gen, dtype=torch.float32)  # CPU, device-independent
+            yield part, z.to(p.device, p.dtype)
+
+
+@torch.no_grad()
+def perturb(params: NamedParams, seed: int, scale: float) -> None:
+    """θ ← θ + scale·z(seed), in place."""
+    for part, z in noise(params, seed):
+        part.add_(z, alpha=scale)
+
+
+@torch.no_grad()
+def apply_update(params: NamedParams, seed: int, coeff: float) -> None:
+    """θ ← θ − coeff·z(seed) (coeff = η·g for one step, η·H[s] for a replayed aggregate)."""
+    perturb(params, seed, -coeff)
+
+
+@torch.no_grad()
+def materialize(params: NamedParams, seed: int) -> list[torch.Tensor]:
+    """z(seed) as full tensors shaped like the params — for tests and debugging only (whole-model memory)."""
+    chunks = [z for _, z in noise(params, seed)]
+    out, i = [], 0
+    for _, p in params:
+        n = -(-p.numel() // CHUNK)  # chunks of this tensor
+        out.append(torch.cat(chunks[i : i + n]).view_as(p))
+        i += n
+    return out
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Mean token loss of a batch (HF causal-LM loss over labels != -100)."""
+    return float(model(**batch).loss)
+
+
+@torch.no_grad()
+def spsa_step(
+    model: nn.Module, params: NamedParams, batch: dict[str, torch.Tensor], seed: int, eps: float
+) -> tuple[float, float, float]:
+    """(g, L(θ+εz), L(θ−εz)). Perturbs +εz, −2εz, +εz: θ is restored up to fp32 rounding (not bit-exact)."""
+    perturb(params, seed, eps)
+    loss_plus = batch_loss(model, batch)
+    perturb(params, seed, -2.0 * eps)
+    loss_minus = batch_loss(model, batch)
+    perturb(params, seed, eps)
+    return (loss_plus - loss_minus) / (2.0 * eps), loss_plus, loss_minus

@@ -1,0 +1,317 @@
+"""FedKSeed: seed-regenerated z, SPSA, exact replay, catch-up, bytes, "pro" sampling, memory ≈ inference."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.algorithms import ClientUpdate, GlobalState, TrainContext, get_algorithm
+from fedtune.algorithms.fedkseed import FedKSeedConfig
+from fedtune.algorithms.fedkseed.server import round_key, seed_probabilities
+from fedtune.data import ChatFormatter, load_chatterbot
+from fedtune.models import tiny_llama, tiny_tokenizer
+from fedtune.training import zo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ktok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def kfeats(ktok):
+    return ChatFormatter(ktok, 32).many(load_chatterbot()[:120])
+
+
+def fresh(ktok):
+    return tiny_llama(len(ktok), seed=0)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def start(cfg: FedKSeedConfig, ktok):
+    """(algo, state, client, model) synced to version 0 — the engine's opening moves."""
+    algo = get_algorithm("fedkseed", cfg)
+    state = algo.initialize(fresh(ktok), seed=0)
+    client = algo.make_client()
+    model = client.setup(fresh(ktok), algo.setup_payload(state))
+    client.sync(model, algo.sync_payload(state, -1))
+    return algo, state, client, model
+
+
+def run_round(algo, state, client, model, rnd, parts, ktok, steps=3):
+    """Train every client on `model` (shared), aggregate; returns (state, metrics, updates)."""
+    ids = [f"c{i}" for i in range(len(parts))]
+    base = {"steps": steps, "lr": 123.0, "batch_size": 2, "seed": 0}
+    conf = algo.configure_round(rnd, state, ids, base, ids)
+    ups = []
+    for i, cid in enumerate(ids):
+        cfg = dict(conf[cid], seed=1000 * rnd + i)
+        ups.append(client.train(model, TrainContext(cid, parts[i], ktok.pad_token_id), cfg))
+    state, metrics = algo.aggregate(rnd, state, ups)
+    return state, metrics, ups
+
+
+# --- z and SPSA primitives -------------------------------------------------------------------------------
+
+
+def test_z_is_deterministic_per_seed_and_generated_on_cpu(ktok):
+    params = zo.zo_parameters(fresh(ktok))
+    z1, z2, z3 = zo.materialize(params, 7), zo.materialize(params, 7), zo.materialize(params, 8)
+    assert all(torch.equal(a, b) for a, b in zip(z1, z2))
+    assert all(not torch.equal(a, c) for a, c in zip(z1, z3))
+    assert [n for n, _ in params] == sorted(n for n, _ in params)  # fixed order: sorted names
+    # definition: one CPU-generator stream over the sorted tensors, then moved to the param's device/dtype
+    g = torch.Generator().manual_seed(7)
+    ref = [torch.randn(p.numel(), generator=g).view_as(p) for _, p in params]
+    assert all(torch.equal(a, r) for a, r in zip(z1, ref))
+    meta = [(n, torch.empty(p.shape, device="meta")) for n, p in params]
+    chunks = list(zo.noise(meta, 7))
+    assert all(z.device.type == "meta" for _, z in chunks) and len(chunks) == len(params)
+
+
+def test_perturb_round_trip_and_spsa_matches_directional_derivative(ktok, kfeats):
+    model = fresh(ktok)
+    params = zo.zo_parameters(model)
+    before = [p.detach().clone() for _, p in params]
+    batch = next(zo_batches(kfeats, ktok))
+    g, lp, lm = zo.spsa_step(model, params, batch, 11, 1e-3)
+    assert max(max_abs(p, b) for (_, p), b in zip(params, before)) <= 3e-6  # +εz, −2εz, +εz
+    model.zero_grad()
+    model(**batch).loss.backward()
+    directional = sum(
+        float((p.grad.double() * z.double()).sum()) for (_, p), z in zip(params, zo.materialize(params, 11))
+    )
+    assert abs(g - directional) <= 0.05 * abs(directional) + 1e-2  # g ≈ ∇L·z (sign included)
+    assert lp != lm
+
+
+def zo_batches(feats, ktok):
+    from fedtune.training.local import batches
+
+    return batches(feats, 2, 0, ktok.pad_token_id)
+
+
+# --- client ----------------------------------------------------------------------------------------------
+
+
+def test_train_restores_model_bit_exactly_and_uploads_tau_times_8_bytes(ktok, kfeats):
+    algo, state, client, model = start(FedKSeedConfig(num_seeds=64, lr=1e-3), ktok)
+    before = params_of(model)
+    cfg = algo.configure_round(1, state, ["a"], {"steps": 4, "lr": 5.0, "batch_size": 2, "seed": 3}, ["a"])["a"]
+    assert cfg["lr"] == 1e-3 and cfg["eps"] == 5e-4  # the method's η replaces the run's generic lr
+    upd = client.train(model, TrainContext("a", kfeats[:20], ktok.pad_token_id), cfg)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert upd.tensors["seed_idx"].dtype == torch.int32 and upd.tensors["grad"].dtype == torch.float32
+    assert upd.tensors["seed_idx"].shape == upd.tensors["grad"].shape == (4,)
+    assert sum(t.numel() * t.element_size() for t in upd.tensors.values()) == 4 * (4 + 4)
+    assert upd.num_examples == 20 and upd.tensors["grad"].abs().sum() > 0
+    again = client.train(model, TrainContext("a", kfeats[:20], ktok.pad_token_id), cfg)
+    assert all(torch.equal(upd.tensors[k], again.tensors[k]) for k in upd.tensors)  # seeded
+
+
+def test_dp_hook_clips_and_adds_seeded_noise(ktok, kfeats):
+    algo, state, client, model = start(FedKSeedConfig(num_seeds=8, lr=1e-3), ktok)
+    ctx = TrainContext("a", kfeats[:8], ktok.pad_token_id)
+    cfg = algo.configure_round(1, state, ["a"], {"steps": 2, "batch_size": 2, "seed": 0}, ["a"])["a"]
+    plain = client.train(model, ctx, cfg).tensors["grad"]
+    noisy = [client.train(model, ctx, dict(cfg, dp_clip=1e-3, dp_noise_multiplier=1.0)).tensors["grad"] for _ in "ab"]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], plain)  # seeded, and noise was added
+    with pytest.raises(ValueError, match="dp_clip"):
+        client.train(model, ctx, dict(cfg, dp_noise_multiplier=1.0))
+
+
+def test_replay_of_aggregate_equals_weighted_client_steps(ktok, kfeats):
+    cfg = FedKSeedConfig(num_seeds=6, lr=1e-3)  # few seeds: clients collide on seeds, H must accumulate
+    algo, state, client, model = start(cfg, ktok)
+    theta0 = params_of(model)
+    parts = [kfeats[:10], kfeats[10:40], kfeats[40:50]]  # n_k = 10, 30, 10 → p = .2, .6, .2
+    state, _, ups = run_round(algo, state, client, model, 1, parts, ktok, steps=4)
+    assert state.tensors[round_key(1, "seed_idx")].numel() <= 6
+    client.sync(model, algo.sync_payload(state, 0))  # replay the aggregated pairs
+    # direct: from θ_global apply every client's steps with weight p_k
+    direct = fresh(ktok)
+    params = zo.zo_parameters(direct)
+    seeds = state.tensors["seeds"].tolist()
+    for pk, u in zip([0.2, 0.6, 0.2], ups):
+        for i, g in zip(u.tensors["seed_idx"].tolist(), u.tensors["grad"].tolist()):
+            zo.apply_update(params, seeds[i], cfg.lr * pk * g)
+    replayed, direct_p = params_of(model), params_of(direct)
+    assert max(max_abs(replayed[n], direct_p[n]) for n in replayed) <= 1e-6
+    assert max(max_abs(replayed[n], theta0[n]) for n in replayed) > 1e-4  # the update is not trivially small
+
+
+def test_skipped_client_catches_up_bit_exactly(ktok, kfeats):
+    algo, state, client, model = start(FedKSeedConfig(num_seeds=32, lr=1e-3), ktok)
+    late = algo.make_client()  # a second edge client with its own model; syncs at v1, misses v2 and v3
+    late_model = late.setup(fresh(ktok), algo.setup_payload(algo.initialize(fresh(ktok), seed=0)))
+    late.sync(late_model, algo.sync_payload(state, -1))
+    parts, ver = [kfeats[:20], kfeats[20:50]], 0
+    for rnd in (1, 2, 3):
+        state, _, _ = run_round(algo, state, client, model, rnd, parts, ktok, steps=2)
+        client.sync(model, algo.sync_payload(state, ver))
+        ver = state.version
+        if rnd == 1:
+            late.sync(late_model, algo.sync_payload(state, -1))
+    payload = algo.sync_payload(state, 1)
+    assert payload.meta["replay_versions"] == [2, 3]
+    late.sync(late_model, payload)
+    a, b = params_of(model), params_of(late_model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], p) for n, p in params_of(fresh(ktok)).items())
+
+
+# --- server ----------------------------------------------------------------------------------------------
+
+
+def upd(cid: str, n: int, idx: list[int], g: list[float]) -> ClientUpdate:
+    return ClientUpdate(cid, n, {"seed_idx": torch.tensor(idx, dtype=torch.int32), "grad": torch.tensor(g)})
+
+
+def test_aggregate_hand_computed_and_bytes():
+    algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=8, lr=0.5))
+    state = GlobalState(tensors={"seeds": torch.arange(8)}, meta={"lora_seed": 0})
+    ups = [upd("a", 1, [3, 1, 3], [1.0, 2.0, 4.0]), upd("b", 3, [1, 6], [-2.0, 8.0])]  # p = .25, .75
+    new, m = algo.aggregate(1, state, ups)
+    assert new.version == 1 and list(state.tensors) == ["seeds"]  # pure: input untouched
+    assert new.tensors[round_key(1, "seed_idx")].tolist() == [1, 3, 6]
+    # H[1] = .25·2 − .75·2 = −1; H[3] = .25·(1 + 4) = 1.25; H[6] = .75·8 = 6; coeff = η·H
+    assert torch.allclose(new.tensors[round_key(1, "coeff")], torch.tensor([-0.5, 0.625, 3.0]), atol=1e-7)
+    assert m["fedkseed_bytes_up_per_client"] == (3 * 8 + 2 * 8) / 2
+    assert m["fedkseed_bytes_down_per_client"] == 3 * 8 <= min(8, 5) * 8
+    sync = algo.sync_payload(new, 0)
+    assert sum(t.numel() * t.element_size() for t in sync.tensors.values()) == 3 * 8
+    assert algo.sync_payload(new, 1).tensors == {}
+    with pytest.raises(ValueError, match="outside"):
+        algo.aggregate(2, new, [upd("c", 1, [8], [1.0])])
+
+
+def test_pro_probabilities_hand_computed_and_shipped():
+    algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=4, lr=0.1, seed_sampling="pro", uniform=True))
+    state = algo.initialize(torch.nn.Linear(2, 2), seed=1)
+    assert torch.allclose(algo.sync_payload(state, -1).tensors["seed_probs"], torch.full((4,), 0.25))
+    new, m = algo.aggregate(1, state, [upd("a", 5, [0, 0], [2.0, -4.0]), upd("b", 1, [1], [3000.0])])
+    # mean |clip(g, ±1000)|: seed0 = 3, seed1 = 1000, seeds 2, 3 unseen = 0 → minmax → softmax
+    norm = torch.tensor([3 / 1000, 1.0, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(new.tensors["seed_probs"], torch.softmax(norm, 0).float(), atol=1e-7)
+    assert torch.equal(algo.sync_payload(new, 1).tensors["seed_probs"], new.tensors["seed_probs"])
+    assert m["fedkseed_bytes_down_per_client"] == 2 * 8 + 4 * 4
+    assert torch.allclose(
+        seed_probabilities(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)),
+        torch.full((3,), 1 / 3),
+    )
+
+
+def test_pro_sampling_client_follows_probabilities(ktok, kfeats):
+    algo, state, client, model = start(FedKSeedConfig(num_seeds=4, lr=1e-3, seed_sampling="pro"), ktok)
+    client.probs = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    cfg = algo.configure_round(1, state, ["a"], {"steps": 3, "batch_size": 2, "seed": 0}, ["a"])["a"]
+    assert client.train(model, TrainContext("a", kfeats[:8], ktok.pad_token_id), cfg).tensors["seed_idx"].tolist() == [
+        2,
+        2,
+        2,
+    ]
+
+
+def test_lora_mode_trains_only_adapter(ktok, kfeats):
+    algo, state, client, model = start(FedKSeedConfig(num_seeds=16, trainable="lora", rank=2, alpha=4, lr=1e-2), ktok)
+    names = [n for n, _ in zo.zo_parameters(model)]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    before = params_of(model)
+    state, _, _ = run_round(algo, state, client, model, 1, [kfeats[:20]], ktok, steps=2)
+    client.sync(model, algo.sync_payload(state, 0))
+    changed = {n for n, p in params_of(model).items() if not torch.equal(before[n], p)}
+    assert changed and all(".lora_" in n for n in changed) and any(".lora_B." in n for n in changed)
+    factors = client.export_factors(model)
+    assert factors and all(a.shape[0] == 2 and b.shape[1] == 2 for a, b in factors.values())
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="trainable"):
+        FedKSeedConfig(trainable="half")
+    with pytest.raises(ValueError, match="eps"):
+        FedKSeedConfig(eps=0)
+    with pytest.raises(ValueError, match="seed_sampling"):
+        FedKSeedConfig(seed_sampling="greedy")
+    with pytest.raises(ValueError, match="num_seeds"):
+        FedKSeedConfig(num_seeds=0)
+    assert FedKSeedConfig().lr == 1e-6 and FedKSeedConfig(trainable="lora").lr == 5e-5
+
+
+def test_setup_rejects_half_precision(ktok):
+    algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=4))
+    state = algo.initialize(fresh(ktok), seed=0)
+    with pytest.raises(ValueError, match="float32"):
+        algo.make_client().setup(fresh(ktok).to(torch.bfloat16), algo.setup_payload(state))
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, torch
+    from fedtune.models.tiny import tiny_llama
+    from fedtune.training import zo
+    torch.set_num_threads(1)
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    def extra_peak(fn):  # bytes above the RSS at call time; min of 3 (noise only adds)
+        out = []
+        for _ in range(3):
+            open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+            base = status("VmRSS"); fn(); out.append(status("VmHWM") - base)
+        return min(out)
+
+    model = tiny_llama(512, hidden=256, layers=4, heads=4)
+    params = zo.zo_parameters(model)
+    ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def forward():
+        with torch.no_grad():
+            model(**batch).loss.item()
+
+    def zo_step():
+        g, _, _ = zo.spsa_step(model, params, batch, 5, 5e-4)
+        zo.apply_update(params, 5, 1e-6 * g)
+
+    def first_order():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    forward(); zo_step(); first_order()  # warm-up: lazy init, allocator pools
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"weights": weights, "forward": extra_peak(forward), "zo": extra_peak(zo_step),
+                      "first_order": extra_peak(first_order)}))
+""")
+
+
+def test_zo_step_peak_memory_close_to_inference():
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    inference = r["weights"] + r["forward"]
+    ratio = (r["weights"] + r["zo"]) / inference
+    assert ratio <= 1.15, r
+    assert (r["weights"] + r["first_order"]) / inference > 1.3, r  # the probe does see extra memory
