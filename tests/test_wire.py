@@ -29,11 +29,13 @@ def bits_equal(a: dict, b: dict) -> bool:
     """Same keys, dtypes, shapes and bytes (NaN-safe)."""
     if list(a) != list(b):
         return False
-    for k in a:
-        x, y = a[k], b[k]
+    for k, x in a.items():
+        y = b[k]
         if x.dtype != y.dtype or x.shape != y.shape:
             return False
-        if x.numel() and not torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)):
+        if x.numel() and not torch.equal(
+            x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)
+        ):
             return False
     return True
 
@@ -63,7 +65,10 @@ def make_instruction(nbytes: int, setup: bool = True) -> Instruction:
     g = torch.Generator().manual_seed(1)
     a = torch.randn(nbytes // 4, generator=g)
     return Instruction(
-        round=7, client_id="org-a", base_version=6, train={"lr": 1e-3, "steps": 4, "modules": ["q", "v"]},
+        round=7,
+        client_id="org-a",
+        base_version=6,
+        train={"lr": 1e-3, "steps": 4, "modules": ["q", "v"]},
         sync=Payload({"lora_A": a, "lora_B": torch.ones(2, 2, dtype=torch.bfloat16)}, {"version": 6, "x": [1, 2]}),
         setup=Payload({"seeds": torch.arange(5)}, {"algorithm": "fedkseed"}) if setup else None,
     )
@@ -117,7 +122,13 @@ def test_blob_errors_are_wire_errors():
     bad_meta = pack_payload(Payload(meta={"k": 1})).replace(b'{\\"k\\":1}', b'{\\"k\\":1,')
     with pytest.raises(WireError, match="not valid JSON"):
         unpack_payload(bad_meta)
-    for junk in [b"", b"\x01", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00[]", b"\x08" + b"\x00" * 7 + b"{}"]:
+    for junk in [
+        b"",
+        b"\x01",
+        b"\xff" * 8 + b"{}",
+        b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
+        b"\x08" + b"\x00" * 7 + b"{}",
+    ]:
         with pytest.raises(WireError):
             unpack(junk)
     with pytest.raises(WireError, match="dense"):
@@ -142,7 +153,9 @@ def test_task_chunking_3_5_mib():
     assert bits_equal(got.sync.tensors, instr.sync.tensors) and bits_equal(got.setup.tensors, instr.setup.tensors)
     # also from serialized bytes, and without a setup payload
     plain = make_instruction(1000, setup=False)
-    got = serde.chunks_to_instruction([c.SerializeToString() for c in serde.instruction_to_chunks(plain, "t")], max_bytes=MiB)
+    got = serde.chunks_to_instruction(
+        [c.SerializeToString() for c in serde.instruction_to_chunks(plain, "t")], max_bytes=MiB
+    )
     assert got.setup is None and bits_equal(got.sync.tensors, plain.sync.tensors)
 
 
@@ -150,7 +163,9 @@ def test_update_chunking_round_trip():
     u = ClientUpdate("org-a", 40, {"a": torch.randn(int(3.5 * MiB) // 4), "b": torch.zeros(0)}, {"loss": 1.25})
     chunks = list(serde.update_to_chunks(u, "task-9"))
     assert len(chunks) == 4 and all(len(c.data) <= MiB for c in chunks)
-    task_id, v = serde.read_update(chunks, max_bytes=4 * MiB, expected_task_id={"task-9", "x"}, expected_client_id="org-a")
+    task_id, v = serde.read_update(
+        chunks, max_bytes=4 * MiB, expected_task_id={"task-9", "x"}, expected_client_id="org-a"
+    )
     assert task_id == "task-9" and (v.client_id, v.num_examples, v.metrics) == ("org-a", 40, {"loss": 1.25})
     assert bits_equal(v.tensors, u.tensors)
     empty = ClientUpdate("org-a", 0, {}, {})
@@ -166,7 +181,9 @@ def test_wire_overhead_33mb():
     down = serde.wire_bytes(serde.instruction_to_chunks(Instruction(1, "c", 0, {}, Payload(tensors)), "task"))
     assert up / raw <= 1.01 and down / raw <= 1.01
     counter = serde.ByteCounter()
-    assert sum(1 for _ in counter.wrap(serde.update_to_chunks(ClientUpdate("c", 1, tensors, {"loss": 1.0}), "task"))) == 32
+    assert (
+        sum(1 for _ in counter.wrap(serde.update_to_chunks(ClientUpdate("c", 1, tensors, {"loss": 1.0}), "task"))) == 32
+    )
     assert counter.bytes == up and counter.messages == 32
 
 
@@ -183,8 +200,14 @@ def stream(first, rest=None):
 def test_declared_10gb_rejected_before_allocation():
     huge = 10 * 10**9
     up = serde.pb2.UpdateChunk(task_id="t", index=0, total=10_000, total_bytes=huge, sha256=b"\0" * 32, data=b"x")
-    down = serde.pb2.TaskChunk(kind=serde.pb2.TaskChunk.TASK, task_id="t", index=0, total=10_000, data=b"x",
-                               header=serde.pb2.TaskHeader(total_bytes=huge, sha256=b"\0" * 32))
+    down = serde.pb2.TaskChunk(
+        kind=serde.pb2.TaskChunk.TASK,
+        task_id="t",
+        index=0,
+        total=10_000,
+        data=b"x",
+        header=serde.pb2.TaskHeader(total_bytes=huge, sha256=b"\0" * 32),
+    )
     tracemalloc.start()
     try:
         with pytest.raises(WireLimitError, match="exceeds limit"):
@@ -256,7 +279,9 @@ def test_inconsistent_chunks():
 def test_permission_checks_on_first_chunk():
     u = ClientUpdate("org-a", 1, {"a": torch.randn(20)}, {})
     with pytest.raises(serde.WirePermissionError):
-        serde.read_update(stream(next(serde.update_to_chunks(u, "t1")), map(_never, [0])), max_bytes=MiB, expected_task_id="t2")
+        serde.read_update(
+            stream(next(serde.update_to_chunks(u, "t1")), map(_never, [0])), max_bytes=MiB, expected_task_id="t2"
+        )
     with pytest.raises(serde.WirePermissionError):
         serde.read_update(serde.update_to_chunks(u, "t1"), max_bytes=MiB, expected_client_id="org-b")
     assert serde.status_code(serde.WirePermissionError()) == serde.grpc.StatusCode.PERMISSION_DENIED
@@ -331,10 +356,17 @@ def mutate(rng: random.Random, msgs: list[bytes]) -> list[bytes]:
 
 def test_fuzz_streams_raise_only_wire_errors():
     rng = random.Random(1234)
-    task = [c.SerializeToString() for c in serde.instruction_to_chunks(make_instruction(600), "task-1", chunk_bytes=256)]
-    upd = [c.SerializeToString() for c in serde.update_to_chunks(
-        ClientUpdate("org-a", 3, {"a": torch.randn(100), "b": torch.ones(3, dtype=torch.bfloat16)}, {"loss": 1.0}),
-        "task-1", chunk_bytes=256)]
+    task = [
+        c.SerializeToString() for c in serde.instruction_to_chunks(make_instruction(600), "task-1", chunk_bytes=256)
+    ]
+    upd = [
+        c.SerializeToString()
+        for c in serde.update_to_chunks(
+            ClientUpdate("org-a", 3, {"a": torch.randn(100), "b": torch.ones(3, dtype=torch.bfloat16)}, {"loss": 1.0}),
+            "task-1",
+            chunk_bytes=256,
+        )
+    ]
     outcomes = {"ok": 0, "error": 0}
     for case in range(2000):
         try:
@@ -366,7 +398,7 @@ def test_fuzz_blobs_raise_only_wire_errors():
             pass
         u = ClientUpdate("c", 1, {}, {})
         chunks = list(serde.update_to_chunks(u, "t"))
-        chunks[0].data, chunks[0].total_bytes, chunks[0].sha256 = bytes(m), len(m), hashlib.sha256(m).digest()
+        chunks[0].data, chunks[0].total_bytes, chunks[0].sha256 = (bytes(m), len(m), hashlib.sha256(m).digest())
         try:
             serde.read_update(chunks, max_bytes=MiB)
         except WireError:

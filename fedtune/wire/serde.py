@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import grpc
@@ -63,10 +63,7 @@ def add_servicer(server: grpc.Server, servicer: CoordinatorServicer) -> None:
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """gRPC options for both server and channel: explicit send/receive message limits."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 def status_code(exc: WireError) -> grpc.StatusCode:
@@ -167,60 +164,45 @@ class PushReply:
     reason: str = ""
 
 
-def _limits_pb(x: Limits) -> pb2.ServerLimits:
-    return pb2.ServerLimits(
-        max_chunk_bytes=x.max_chunk_bytes, max_upload_bytes=x.max_upload_bytes, max_message_bytes=x.max_message_bytes
-    )
-
-
-_TO: dict[type, Callable[[Any], Message]] = {
-    JoinRequest: lambda x: pb2.JoinRequest(
-        client_id=x.client_id, base_fingerprint=x.base_fingerprint,
-        capabilities=x.capabilities, client_version=x.client_version,
-    ),
-    JoinReply: lambda x: pb2.JoinReply(
-        accepted=x.accepted, reason=x.reason, expected_fingerprint=x.expected_fingerprint,
-        run_name=x.run_name, algorithm=x.algorithm, heartbeat_interval_s=x.heartbeat_interval_s,
-        limits=_limits_pb(x.limits),
-    ),
-    TaskRequest: lambda x: pb2.TaskRequest(client_id=x.client_id, base_version=x.base_version),
-    HeartbeatRequest: lambda x: pb2.HeartbeatRequest(client_id=x.client_id, task_id=x.task_id),
-    HeartbeatReply: lambda x: pb2.HeartbeatReply(
-        known=x.known, heartbeat_interval_s=x.heartbeat_interval_s,
-        run_finished=x.run_finished, cancel_task=x.cancel_task,
-    ),
-    PushReply: lambda x: pb2.PushReply(accepted=x.accepted, reason=x.reason),
+# Dataclass ⇄ message pairs; field names are identical on both sides.
+_PAIRS: dict[type, type[Message]] = {
+    Limits: pb2.ServerLimits,
+    JoinRequest: pb2.JoinRequest,
+    JoinReply: pb2.JoinReply,
+    TaskRequest: pb2.TaskRequest,
+    HeartbeatRequest: pb2.HeartbeatRequest,
+    HeartbeatReply: pb2.HeartbeatReply,
+    PushReply: pb2.PushReply,
 }
-
-_FROM: dict[type, Callable[[Any], Any]] = {
-    pb2.JoinRequest: lambda m: JoinRequest(m.client_id, m.base_fingerprint, dict(m.capabilities), m.client_version),
-    pb2.JoinReply: lambda m: JoinReply(
-        m.accepted, m.reason, m.expected_fingerprint, m.run_name, m.algorithm, m.heartbeat_interval_s,
-        Limits(m.limits.max_chunk_bytes, m.limits.max_upload_bytes, m.limits.max_message_bytes),
-    ),
-    pb2.TaskRequest: lambda m: TaskRequest(m.client_id, m.base_version if m.HasField("base_version") else None),
-    pb2.HeartbeatRequest: lambda m: HeartbeatRequest(m.client_id, m.task_id),
-    pb2.HeartbeatReply: lambda m: HeartbeatReply(m.known, m.heartbeat_interval_s, m.run_finished, m.cancel_task),
-    pb2.PushReply: lambda m: PushReply(m.accepted, m.reason),
-}
+_DATACLASS = {m: d for d, m in _PAIRS.items()}
 
 Unary = JoinRequest | JoinReply | TaskRequest | HeartbeatRequest | HeartbeatReply | PushReply
 
 
 def to_proto(obj: Unary) -> Message:
     """Dataclass → protobuf message (for stubs' requests and servicers' replies)."""
-    try:
-        return _TO[type(obj)](obj)
-    except KeyError:
-        raise TypeError(f"no protobuf mapping for {type(obj).__name__}") from None
+    if type(obj) not in _PAIRS:
+        raise TypeError(f"no protobuf mapping for {type(obj).__name__}")
+    kw = {f.name: getattr(obj, f.name) for f in fields(obj) if getattr(obj, f.name) is not None}
+    kw = {k: to_proto(v) if type(v) in _PAIRS else v for k, v in kw.items()}
+    return _PAIRS[type(obj)](**kw)
 
 
 def from_proto(msg: Message) -> Unary:
-    """Protobuf message (request or reply of a unary RPC) → dataclass."""
-    try:
-        return _FROM[type(msg)](msg)
-    except KeyError:
-        raise TypeError(f"no dataclass mapping for {type(msg).__name__}") from None
+    """Protobuf message (request or reply of a unary RPC) → dataclass. Unset optional fields
+    (TaskRequest.base_version, JoinReply.limits) take the dataclass default."""
+    if type(msg) not in _DATACLASS:
+        raise TypeError(f"no dataclass mapping for {type(msg).__name__}")
+    kw: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            kw[fd.name] = dict(value)
+        elif fd.has_presence and not msg.HasField(fd.name):
+            continue
+        else:
+            kw[fd.name] = from_proto(value) if isinstance(value, Message) else value
+    return _DATACLASS[type(msg)](**kw)
 
 
 # --- chunking -------------------------------------------------------------------------------
@@ -346,12 +328,13 @@ def instruction_to_chunks(instr: Instruction, task_id: str, chunk_bytes: int = C
         sha256=hashlib.sha256(blob).digest(),
     )
     if header.ByteSize() > MAX_HEADER_BYTES:
-        raise WireLimitError(f"task header is {header.ByteSize()} bytes; limit {MAX_HEADER_BYTES} (move meta into tensors)")
+        raise WireLimitError(
+            f"task header is {header.ByteSize()} bytes; limit {MAX_HEADER_BYTES} (move meta into tensors)"
+        )
     total, parts = _split(blob, chunk_bytes)
     for i, data in enumerate(parts):
         yield pb2.TaskChunk(
-            kind=pb2.TaskChunk.TASK, task_id=task_id, index=i, total=total,
-            header=header if i == 0 else None, data=data,
+            kind=pb2.TaskChunk.TASK, task_id=task_id, index=i, total=total, header=header if i == 0 else None, data=data
         )
 
 
@@ -452,7 +435,9 @@ def read_update(
         if not ok:
             raise WirePermissionError(f"PushUpdate: task {task_id!r} is not an open task of this client")
     if expected_client_id is not None and first.client_id != expected_client_id:
-        raise WirePermissionError(f"PushUpdate: update names client {first.client_id!r}, caller is {expected_client_id!r}")
+        raise WirePermissionError(
+            f"PushUpdate: update names client {first.client_id!r}, caller is {expected_client_id!r}"
+        )
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
     asm = _Assembler("update", task_id, first.total, first.total_bytes, first.sha256, max_bytes)

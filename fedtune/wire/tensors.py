@@ -78,7 +78,9 @@ def dumps_json(obj: Any, what: str) -> str:
     except (TypeError, ValueError) as e:
         raise WireError(f"{what} must be JSON-serializable: {e}") from e
     if len(s.encode()) > MAX_JSON_BYTES:
-        raise WireLimitError(f"{what} is {len(s.encode())} bytes of JSON; limit {MAX_JSON_BYTES} (send tensors instead)")
+        raise WireLimitError(
+            f"{what} is {len(s.encode())} bytes of JSON; limit {MAX_JSON_BYTES} (send tensors instead)"
+        )
     return s
 
 
@@ -118,7 +120,7 @@ def _load(data: bytes) -> TensorDict:
         raise WireError(f"malformed safetensors blob: {e}") from e
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:  # noqa: BLE001 - a Rust panic surfaces as a BaseException
+    except BaseException as e:  # a Rust panic (pyo3 PanicException) is a BaseException
         raise WireError(f"malformed safetensors blob: {type(e).__name__}: {e}") from e
     return dict(sorted(tensors.items()))
 
@@ -157,7 +159,7 @@ def unpack_update(data: bytes) -> ClientUpdate:
     if UPDATE_KEY not in meta:
         raise WireError(f"not an update blob: header metadata lacks {UPDATE_KEY!r}")
     info = loads_json_object(meta[UPDATE_KEY], "ClientUpdate fields")
-    cid, n, metrics = info.get("client_id"), info.get("num_examples"), info.get("metrics")
+    cid, n, metrics = (info.get("client_id"), info.get("num_examples"), info.get("metrics"))
     if not isinstance(cid, str) or type(n) is not int or n < 0 or not isinstance(metrics, dict):
         raise WireError("update blob: need client_id (str), num_examples (int >= 0), metrics (object)")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
