@@ -6,8 +6,6 @@ import argparse
 import logging
 import sys
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.config import ConfigError
@@ -56,10 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_simulate)
+    sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["certs"]:  # its own argument parser (fedtune.certs)
+        from fedtune.certs import certs_main
+
+        return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "peft"):

@@ -10,6 +10,7 @@ atomic checkpoint → metrics row.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedtune import checkpoint
@@ -37,7 +37,7 @@ class BudgetExhausted(RuntimeError):
 
 
 def _finite(values) -> list[float]:
-    return [v for v in values if isinstance(v, int | float) and v == v]
+    return [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
 
 
 @dataclass
@@ -73,8 +73,9 @@ class GlobalModel:
         return evaluate(self.model, features, pad_id=pad_id, batch_size=batch_size)
 
 
-def payload_nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> int:
+    """How many clients a round samples: round(fraction·N), at least min_clients, at most N."""
+    return min(num_clients, max(min_clients, round(fraction * num_clients)))
 
 
 @dataclass
@@ -116,7 +117,7 @@ class RoundEngine:
     # -- sampling and instructions ------------------------------------------------------------
     def sample(self, rnd: int, attempt: int) -> list[str]:
         n = len(self.roster)
-        m = min(n, max(self.cfg.min_clients, int(round(self.cfg.fraction * n))))  # = simulation.clients_per_round
+        m = clients_per_round(n, self.cfg.fraction, self.cfg.min_clients)
         rng = np.random.default_rng([self.cfg.seed, rnd, attempt])
         return sorted(self.roster[i] for i in rng.choice(n, size=m, replace=False))
 

@@ -18,16 +18,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedtune import export, wire_size
+from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext
 from fedtune.config import ConfigError, RunConfig
-from fedtune.privacy import ClientLevelDP
-from fedtune.privacy.sample import PrivacyBudgetExhausted
 from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
-from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, payload_nbytes
+from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
+from fedtune.privacy import ClientLevelDP
+from fedtune.privacy.sample import PrivacyBudgetExhausted
+from fedtune.wire import sizes as wire_size
+from fedtune.wire.tensors import payload_nbytes
 
 log = logging.getLogger("fedtune")
 
@@ -120,11 +122,6 @@ def train_config(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def clients_per_round(cfg: RunConfig) -> int:
-    f = cfg.federation
-    return min(f.num_clients, max(f.min_clients, int(round(f.fraction * f.num_clients))))
-
-
 def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
     """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client", and the
     engine's budget check (stop before a round that would exceed target_epsilon)."""
@@ -133,7 +130,8 @@ def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState
     if pc.mode != "client":
         return algo, None
     try:
-        algo = ClientLevelDP(algo, pc, clients_per_round=clients_per_round(cfg),
+        f = cfg.federation
+        algo = ClientLevelDP(algo, pc, clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
                              num_clients=cfg.federation.num_clients, rounds=cfg.run.rounds)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -1,14 +1,13 @@
 """Hand-computed aggregates for FedAvg and FLoRA."""
 
 import torch
+from conftest import max_abs
 
 from fedtune.algorithms import ClientUpdate, GlobalState, get_algorithm
 from fedtune.algorithms.fedavg import FedAvgConfig
 from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.algorithms.flora.server import round_key
 from fedtune.models import fingerprint
-
-from conftest import max_abs
 
 
 def _upd(cid, n, a, b):

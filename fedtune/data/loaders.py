@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ def load_chatterbot(language: str = "english", categories: list[str] | None = No
         doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations") or []:
             turns = [str(t).strip() for t in conv if isinstance(t, str | int | float) and str(t).strip()]
-            out.extend(Example(a, b, f.stem, language) for a, b in zip(turns, turns[1:]))
+            out.extend(Example(a, b, f.stem, language) for a, b in itertools.pairwise(turns))
     return out
 
 

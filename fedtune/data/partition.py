@@ -87,7 +87,7 @@ def partition(items: Sequence[Example], num_clients: int, *, method: str, seed: 
 def split_eval(items: Sequence[T], fraction: float, seed: int, max_eval: int | None = None) -> tuple[list[T], list[T]]:
     """(train, eval): a held-out share of one client's data; train keeps at least one example."""
     n = len(items)
-    n_eval = min(int(round(n * fraction)), n - 1)
+    n_eval = min(round(n * fraction), n - 1)
     if max_eval is not None:
         n_eval = min(n_eval, max_eval)
     order = np.random.default_rng(seed).permutation(n)

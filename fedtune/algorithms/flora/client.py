@@ -11,7 +11,13 @@ from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, Trai
 from fedtune.algorithms.fedavg.client import run_local_training
 from fedtune.algorithms.flora.server import round_key
 from fedtune.algorithms.lora_common import (
-    activate, attach_lora, get_lora_state, init_lora_factors, lora_layers, set_lora_state, target_linears,
+    activate,
+    attach_lora,
+    get_lora_state,
+    init_lora_factors,
+    lora_layers,
+    set_lora_state,
+    target_linears,
 )
 
 
