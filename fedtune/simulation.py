@@ -45,9 +45,13 @@ def client_ids(n: int) -> list[str]:
     return [f"client-{i}" for i in range(n)]
 
 
-def prepare_data(cfg: RunConfig, tokenizer) -> tuple[dict[str, ClientData], list[dict]]:
-    """Per-client (train, eval) features and the global eval set (union of client eval splits)."""
+def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None) -> tuple[dict[str, ClientData], list[dict]]:
+    """Per-client (train, eval) features and the global eval set (union of client eval splits).
+    Client i of `ids` (default client-0 … client-N-1) gets partition i."""
     d, n = cfg.data, cfg.federation.num_clients
+    ids = ids or client_ids(n)
+    if len(ids) != n:
+        raise ConfigError(f"{len(ids)} client ids for federation.num_clients = {n}; make them agree")
     seed = cfg.run.seed
     if d.source == "chatterbot":
         shards = partition(load_chatterbot(d.language, d.categories or None), n, method=d.partition,
@@ -58,7 +62,7 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[dict[str, ClientData], list
         shards = partition(load_jsonl(d.paths[0]), n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha)
     fmt = ChatFormatter(tokenizer, d.max_seq_len)
     out: dict[str, ClientData] = {}
-    for k, (cid, shard) in enumerate(zip(client_ids(n), shards)):
+    for k, (cid, shard) in enumerate(zip(ids, shards, strict=True)):
         if not shard:
             raise DataError(f"{cid} has no examples; give it data or use fewer clients")
         tr, ev = split_eval(shard, d.eval_fraction, seed + k, d.max_eval_per_client)
@@ -163,28 +167,45 @@ def format_row(row: dict[str, Any]) -> str:
             + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
 
 
-def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False) -> dict[str, Any]:
-    """Run a whole simulated federation; returns the summary (also written to summary.json)."""
+@dataclass
+class Run:
+    """Everything a run needs, built once by `prepare_run` and shared by every transport."""
+
+    cfg: RunConfig
+    tokenizer: Any
+    base_fingerprint: str
+    data: dict[str, ClientData]
+    global_eval: list[dict]
+    algo: FedAlgorithm
+    engine: RoundEngine
+    gm: GlobalModel
+    writer: MetricsWriter
+    state: GlobalState
+    start_round: int
+    t_start: float
+
+
+def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None) -> Run:
+    """Load the base model and data, build the algorithm, the engine (resumed from the newest checkpoint
+    when asked) and the global model used for evaluation (and, in simulation, shared by the clients)."""
     t_start = time.perf_counter()
-    out = cfg.out_dir
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
-    data, global_eval = prepare_data(cfg, tok)
+    data, global_eval = prepare_data(cfg, tok, roster)
     algo, budget_check = build_algorithm(cfg)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
-        algo.set_init_data(data[client_ids(1)[0]].train, tok.pad_token_id)
+        algo.set_init_data(next(iter(data.values())).train, tok.pad_token_id)
     state = algo.initialize(model, seed=cfg.run.seed)
-    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg), out_dir=out,  # type: ignore[arg-type]
-                         budget_check=budget_check)
+    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg),  # type: ignore[arg-type]
+                         out_dir=cfg.out_dir, budget_check=budget_check)
     start, client_state = 1, {}
     if resume and (ck := engine.resume()) is not None:
         state, start, engine_state = ck
         client_state = engine_state.get("client_state", {})
-        log.info("resuming from round %d", start - 1)
+        log.info("resuming from the checkpoint of round %d", start - 1)
     gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
-    gm.client.load_state_dict(client_state)  # e.g. the clients' DP accountants
+    gm.client.load_state_dict(client_state)  # e.g. the simulated clients' DP accountants
     engine.extra_state = lambda: {"client_state": gm.client.state_dict()}
-    engine.transport = InProcessTransport(gm, data, tok.pad_token_id, progress)
     bs = cfg.run.eval_batch_size
 
     def evaluate_fn(s: GlobalState) -> float:
@@ -192,42 +213,62 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
         return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
 
     engine.evaluate_fn = evaluate_fn
-    writer = MetricsWriter(out, resume_round=start - 1 if start > 1 else None)
-    rounds_bar = tqdm(total=cfg.run.rounds, initial=start - 1, desc="rounds", disable=not progress, position=0)
+    writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
+    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start)
+
+
+def execute(run: Run, *, progress: bool = True) -> GlobalState:
+    """Drive the engine from run.start_round to the end, with a rounds bar and one line per round."""
+    bar = tqdm(total=run.cfg.run.rounds, initial=run.start_round - 1, desc="rounds", disable=not progress, position=0)
 
     def on_round(row: dict[str, Any]) -> None:
-        rounds_bar.update(1)
+        bar.update(1)
         tqdm.write(format_row(row))
         sys.stdout.flush()  # one line per round, visible at once even when stdout is a file
 
-    engine.on_round = on_round
+    run.engine.on_round = on_round
     try:
-        state = engine.run(state, start_round=start, writer=writer)
+        run.state = run.engine.run(run.state, start_round=run.start_round, writer=run.writer)
     finally:
-        rounds_bar.close()
-    gm.advance(algo, state)
+        bar.close()
+    return run.state
+
+
+def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
+    """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
+    cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
+    gm.advance(run.algo, state)
     adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
-    merged_dir = export.export_merged(gm, tok, out / "merged") if save_merged else None
+    merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged else None
     writer.write_csv()
     plot = writer.plot()
     evals = [r.get("eval_loss") for r in writer.rows if r.get("eval_loss") is not None]
     summary = {
-        "algorithm": algo.name, "rounds_completed": state.version, "stopped_early": engine.stop_reason,
-        "epsilon": engine.epsilon_max, "delta": next((r["delta"] for r in reversed(writer.rows) if r.get("delta")), None),
+        "algorithm": run.algo.name, "rounds_completed": state.version, "stopped_early": run.engine.stop_reason,
+        "epsilon": run.engine.epsilon_max,
+        "delta": next((r["delta"] for r in reversed(writer.rows) if r.get("delta")), None),
         "privacy": cfg.privacy_config().to_dict(),
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
-        "base_model_fingerprint": base_fp, "global_model_fingerprint": fingerprint(gm.model),
+        "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
-                    for cid, d in data.items()},
+                    for cid, d in run.data.items()},
         "adapter": str(adapter_dir) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
         "plot": str(plot) if plot else None, "metrics": str(writer.path),
-        "wall_s": round(time.perf_counter() - t_start, 2), "config": cfg.to_dict(),
+        "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
     }
     writer.summary(summary)
     writer.close()
     return summary
+
+
+def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False) -> dict[str, Any]:
+    """Run a whole simulated federation; returns the summary (also written to summary.json)."""
+    run = prepare_run(cfg, resume=resume)
+    run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress)
+    execute(run, progress=progress)
+    return finalize_run(run, save_merged=save_merged)
 
 
 def output_paths(summary: dict[str, Any]) -> list[tuple[str, str]]:
