@@ -36,6 +36,42 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from fedtune import config
+    from fedtune.server.coordinator import Interrupted, serve
+    from fedtune.simulation import output_paths
+
+    overrides = {"run.out": args.out, "run.rounds": args.rounds}
+    if args.address:
+        overrides["server.address"] = args.address
+    cfg = config.load(args.config, overrides)
+    try:
+        summary = serve(cfg, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as e:
+        print(f"{e}: the round in progress was abandoned, nothing written for it; "
+              "restart with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 0
+    print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s")
+    for name, path in output_paths(summary):
+        print(f"  {name:8s} {path}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from fedtune import config
+    from fedtune.client.agent import Agent, Refused
+    from fedtune.config import ClientSection
+
+    overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
+                 "client.token": args.token}
+    cfg = config.load(args.config, overrides)
+    try:
+        return Agent(cfg, cfg.section("client", ClientSection)).run()
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -54,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_simulate)
+    sv = sub.add_parser("server", help="run the gRPC coordinator")
+    sv.add_argument("--config", required=True, help="run config with a [server] section")
+    sv.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    sv.add_argument("--address", help="listen address, e.g. 0.0.0.0:50051 (overrides [server] address)")
+    sv.add_argument("--out")
+    sv.add_argument("--rounds", type=int)
+    sv.add_argument("--no-progress", action="store_true")
+    sv.set_defaults(func=_server)
+    cl = sub.add_parser("client", help="run an edge client that dials out to a coordinator")
+    cl.add_argument("--config", required=True, help="client config: [model] [data] [federation] [client]")
+    cl.add_argument("--server", help="HOST:PORT of the coordinator")
+    cl.add_argument("--client-id")
+    cl.add_argument("--partition", type=int, help="which [data] partition this client holds")
+    cl.add_argument("--token", help="this client's token (prefer [client] token_file)")
+    cl.set_defaults(func=_client)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 

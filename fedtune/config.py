@@ -67,6 +67,42 @@ class TrainSection:
 
 
 @dataclass
+class ServerSection:
+    """[server] of `fedtune server`."""
+
+    address: str = "0.0.0.0:50051"
+    tokens_file: str = ""  # TOML {client_id = "token"}; required
+    clients: list[str] = field(default_factory=list)  # roster order (partition i ↔ clients[i]); default: sorted tokens
+    tls_cert: str = ""  # empty: plaintext (only for tests on loopback)
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set for mTLS
+    heartbeat_interval_s: float = 5.0
+    lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
+    poll_interval_s: float = 1.0  # how soon an idle client asks again
+    max_upload_mb: float = 512.0
+    evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
+    finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
+
+
+@dataclass
+class ClientSection:
+    """[client] of `fedtune client`."""
+
+    server: str = "localhost:50051"
+    client_id: str = ""
+    partition: int = -1  # which [data] partition this client holds (demo data); -1 with [data] paths = own files
+    token: str = ""
+    token_file: str = ""  # TOML {client_id = "token"}: the token of client_id is used
+    tls_ca: str = ""  # empty: plaintext
+    tls_cert: str = ""  # mTLS identity
+    tls_key: str = ""
+    state_dir: str = ""  # client-side state (DP accountants); default runs/client-<id>
+    rpc_timeout_s: float = 60.0
+    max_backoff_s: float = 30.0
+    max_download_mb: float = 2048.0
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -99,6 +135,10 @@ class RunConfig:
             return cls(**kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[{self.run.algorithm}]/[lora]: {e}") from None
+
+    def section(self, name: str, cls):
+        """An optional section ([server], [client], ...) as its dataclass."""
+        return _build(cls, self.extra.get(name, {}), name)
 
     def privacy_config(self):
         """[privacy] as a validated PrivacyConfig (mode "none" when the section is absent)."""
@@ -199,3 +239,5 @@ def validate(cfg: RunConfig) -> None:
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
+    cfg.section("server", ServerSection)
+    cfg.section("client", ClientSection)

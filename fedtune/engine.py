@@ -126,16 +126,21 @@ class RoundEngine:
 
     def instructions(self, rnd: int, state: GlobalState, sampled: list[str]) -> dict[str, Instruction]:
         configs = self.algo.configure_round(rnd, state, sampled, self.cfg.train, self.roster)
-        out = {}
-        for cid in sampled:
-            v = self.client_versions.get(cid, -1)
-            out[cid] = Instruction(
-                round=rnd, client_id=cid, base_version=state.version,
-                train=dict(configs[cid], seed=self.client_seed(rnd, cid)),
-                sync=self.algo.sync_payload(state, v),
-                setup=self.algo.setup_payload(state) if v < 0 else None,
-            )
-        return out
+        self._current = (rnd, state, configs)
+        return {cid: self.instruction_for(cid, self.client_versions.get(cid, -1)) for cid in sampled}
+
+    def instruction_for(self, cid: str, version: int) -> Instruction:
+        """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).
+        Transports whose clients report their own version (gRPC) rebuild with it."""
+        rnd, state, configs = self._current
+        if version > state.version:
+            raise ValueError(f"{cid} reports global version {version}, newer than the server's {state.version}")
+        return Instruction(
+            round=rnd, client_id=cid, base_version=state.version,
+            train=dict(configs[cid], seed=self.client_seed(rnd, cid)),
+            sync=self.algo.sync_payload(state, version),
+            setup=self.algo.setup_payload(state) if version < 0 else None,
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter) -> GlobalState:

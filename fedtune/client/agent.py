@@ -1,0 +1,198 @@
+"""Edge client: dial out to the coordinator, join, pull a task, train locally, push the update; repeat.
+
+Survives coordinator restarts: on UNAVAILABLE / DEADLINE_EXCEEDED it backs off (exponential, full jitter,
+capped) and joins again; it reports the global version it holds, so the server syncs it from there. A
+heartbeat thread keeps the lease while it trains. DP accountants persist in `state_dir` after each round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import grpc
+
+from fedtune import __version__
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.base import ClientAlgorithm, TrainContext
+from fedtune.config import ClientSection, ConfigError, RunConfig
+from fedtune.models import fingerprint, load_model
+from fedtune.server.security import auth_metadata, channel_credentials
+from fedtune.wire import serde
+
+log = logging.getLogger("fedtune.client")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DATA_LOSS}
+
+
+class Refused(RuntimeError):
+    """The server will not take this client (bad token, wrong model, not in the run): do not retry."""
+
+
+def resolve_token(c: ClientSection) -> str:
+    if c.token:
+        return c.token
+    if not c.token_file:
+        raise ConfigError("[client] needs token or token_file (the tokens.toml made by `fedtune certs`)")
+    p = Path(c.token_file)
+    if not p.is_file():
+        raise ConfigError(f"[client] token_file not found: {p}")
+    tokens = tomllib.loads(p.read_text())
+    tokens = tokens.get("tokens", tokens)
+    if c.client_id not in tokens:
+        raise ConfigError(f"{p} has no token for client {c.client_id!r}")
+    return tokens[c.client_id]
+
+
+def make_channel(c: ClientSection) -> grpc.Channel:
+    opts = serde.channel_options()
+    if c.tls_ca:
+        creds = channel_credentials(c.tls_ca, c.tls_cert or None, c.tls_key or None)
+        return grpc.secure_channel(c.server, creds, options=opts)
+    return grpc.insecure_channel(c.server, options=opts)
+
+
+def local_data(cfg: RunConfig, c: ClientSection, tokenizer):
+    """This client's (train, eval) features: partition `c.partition` of [data] (the same split the server
+    and other clients compute), or, with partition = -1, all of [data] paths as its own data."""
+    from fedtune.simulation import ClientData, prepare_data
+
+    if c.partition >= 0:
+        if c.partition >= cfg.federation.num_clients:
+            raise ConfigError(f"[client] partition {c.partition} ≥ federation.num_clients {cfg.federation.num_clients}")
+        data, _ = prepare_data(cfg, tokenizer)
+        return list(data.values())[c.partition]
+    if cfg.data.source != "jsonl":
+        raise ConfigError("[client] partition = -1 needs [data] source = \"jsonl\" with this client's own paths")
+    one = RunConfig(run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train)
+    one.federation.num_clients = 1
+    one.data.paths = cfg.data.paths[:1] if len(cfg.data.paths) == 1 else cfg.data.paths
+    data, _ = prepare_data(one, tokenizer)
+    d = next(iter(data.values()))
+    return ClientData(d.train, d.eval, d.categories)
+
+
+class Agent:
+    def __init__(self, cfg: RunConfig, c: ClientSection) -> None:
+        if not c.client_id:
+            raise ConfigError("[client] client_id is required (or --client-id)")
+        self.cfg, self.c = cfg, c
+        self.token = resolve_token(c)
+        self.meta = auth_metadata(self.token)
+        self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
+        self.fp = fingerprint(self.base)
+        self.data = local_data(cfg, c, self.tok)
+        self.model = None
+        self.client: ClientAlgorithm | None = None
+        self.version: int | None = None  # global version held; None = not set up
+        self.state_dir = Path(c.state_dir or f"runs/client-{c.client_id}")
+        self.task_id = ""
+        self.heartbeat_s = 5.0
+        self.max_download = int(c.max_download_mb * (1 << 20))
+        self.stop = threading.Event()
+
+    # -- one exchange ----------------------------------------------------------------------------
+    def join(self, stub) -> None:
+        reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+            self.c.client_id, self.fp, {"device": "cpu"}, __version__)), metadata=self.meta, timeout=self.c.rpc_timeout_s))
+        if not reply.accepted:
+            raise Refused(f"join refused: {reply.reason}")
+        self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
+        self.algorithm = reply.algorithm.split("+")[0]
+        log.info("%s joined run %r (%s)", self.c.client_id, reply.run_name, reply.algorithm)
+
+    def step(self, stub) -> bool:
+        """Pull one task and do it. False when the run is finished."""
+        req = serde.to_proto(serde.TaskRequest(self.c.client_id, self.version))
+        res = serde.read_task(stub.PullTask(req, metadata=self.meta, timeout=self.c.rpc_timeout_s),
+                              max_bytes=self.max_download)
+        if isinstance(res, serde.Finished):
+            return False
+        if isinstance(res, serde.Wait):
+            self.stop.wait(res.retry_after_s)
+            return True
+        ins = res.instruction
+        if ins.setup is not None:
+            self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
+            self.model = self.client.setup(self.base, ins.setup)
+            self._load_state()
+        elif self.client is None:
+            raise RuntimeError("server sent a task without setup to a client that is not set up")
+        self.client.sync(self.model, ins.sync)
+        self.version = ins.base_version
+        self.task_id = res.task_id
+        ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
+        t0 = time.perf_counter()
+        update = self.client.train(self.model, ctx, ins.train)
+        reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, res.task_id), metadata=self.meta,
+                                                 timeout=self.c.rpc_timeout_s))
+        self.task_id = ""
+        self._save_state()
+        log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,
+                 update.metrics.get("train_loss", float("nan")), "accepted" if reply.accepted else f"refused: {reply.reason}")
+        return True
+
+    # -- state that must survive a restart ---------------------------------------------------------
+    def _state_file(self) -> Path:
+        return self.state_dir / "client_state.json"
+
+    def _save_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.client.state_dict()))
+        os.replace(tmp, self._state_file())
+
+    def _load_state(self) -> None:
+        if self._state_file().is_file():
+            self.client.load_state_dict(json.loads(self._state_file().read_text()))
+
+    # -- loops -----------------------------------------------------------------------------------
+    def _heartbeat(self, stub) -> None:
+        while not self.stop.wait(self.heartbeat_s):
+            try:
+                stub.Heartbeat(serde.to_proto(serde.HeartbeatRequest(self.c.client_id, self.task_id)),
+                               metadata=self.meta, timeout=min(self.c.rpc_timeout_s, 10))
+            except grpc.RpcError:
+                pass  # the main loop notices outages and reconnects
+
+    def run(self) -> int:
+        attempt = 0
+        channel = make_channel(self.c)
+        stub = serde.CoordinatorStub(channel)
+        hb = threading.Thread(target=self._heartbeat, args=(stub,), daemon=True)
+        hb.start()
+        joined = False
+        try:
+            while not self.stop.is_set():
+                try:
+                    if not joined:
+                        self.join(stub)
+                        joined, attempt = True, 0
+                    if not self.step(stub):
+                        log.info("%s: run finished", self.c.client_id)
+                        return 0
+                except grpc.RpcError as e:
+                    code = e.code()
+                    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        raise Refused(f"{code.name}: {e.details()}") from None
+                    if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    if code == grpc.StatusCode.FAILED_PRECONDITION:  # ahead of the server: start over
+                        log.warning("%s: %s; reloading the base model", self.c.client_id, e.details())
+                        self.base, _ = load_model(self.cfg.model.name, seed=self.cfg.run.seed)
+                        self.version, self.client, self.model = None, None, None
+                    joined = False
+                    delay = random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt))  # full jitter
+                    attempt += 1
+                    log.warning("%s: %s (%s); retrying in %.1f s", self.c.client_id, code.name, e.details(), delay)
+                    self.stop.wait(delay)
+            return 0
+        finally:
+            self.stop.set()
+            channel.close()
