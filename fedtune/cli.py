@@ -38,6 +38,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> int:
     from fedtune import config
+    from fedtune.engine import RoundAborted
     from fedtune.server.coordinator import Interrupted, serve
     from fedtune.simulation import output_paths
 
@@ -47,6 +48,10 @@ def _server(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides)
     try:
         summary = serve(cfg, resume=args.resume, progress=not args.no_progress)
+    except RoundAborted as e:
+        print(f"error: {e}; the last complete round is checkpointed: fix the clients and rerun with --resume",
+              file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"{e}: the round in progress was abandoned, nothing written for it; "
               "restart with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -195,4 +195,5 @@ class Agent:
             return 0
         finally:
             self.stop.set()
+            hb.join(timeout=15)  # no RPC may be in flight when the channel closes (grpc aborts otherwise)
             channel.close()

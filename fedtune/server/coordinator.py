@@ -186,7 +186,7 @@ class GrpcTransport(serde.CoordinatorServicer):
 
         def counted():
             for msg in request_iterator:
-                counter.bytes += msg.ByteSize()
+                counter.bytes += len(msg)  # raw chunk bytes, parsed by read_update
                 yield msg
 
         with serde.abort_on_wire_error(context):

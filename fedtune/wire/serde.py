@@ -57,8 +57,40 @@ class WirePermissionError(WireError):
 
 
 def add_servicer(server: grpc.Server, servicer: CoordinatorServicer) -> None:
-    """Register a Coordinator servicer on a grpc.Server."""
-    pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    """Register a Coordinator servicer on a grpc.Server.
+
+    Requests arrive as raw bytes and are parsed here, not by grpc: a malformed unary request becomes
+    INVALID_ARGUMENT from our own code. (grpcio's own "Exception deserializing request" path was measured
+    to leak ~14 KB per malformed unary request; 10,000 hostile requests grew the server by ~130 MB.)
+    PushUpdate's chunks are parsed lazily by `read_update`, which accepts bytes."""
+
+    def unary(method, cls):
+        def handler(raw: bytes, context: grpc.ServicerContext):
+            with abort_on_wire_error(context):
+                request = _parse(cls, raw)
+            return method(request, context)
+
+        return handler
+
+    def unary_stream(method, cls):
+        def handler(raw: bytes, context: grpc.ServicerContext):
+            with abort_on_wire_error(context):
+                request = _parse(cls, raw)
+            yield from method(request, context)
+
+        return handler
+
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.Join, pb2.JoinRequest), response_serializer=pb2.JoinReply.SerializeToString),
+        "PullTask": grpc.unary_stream_rpc_method_handler(
+            unary_stream(servicer.PullTask, pb2.TaskRequest), response_serializer=pb2.TaskChunk.SerializeToString),
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate, response_serializer=pb2.PushReply.SerializeToString),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.Heartbeat, pb2.HeartbeatRequest), response_serializer=pb2.HeartbeatReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
