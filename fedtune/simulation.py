@@ -131,6 +131,9 @@ def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState
     engine's budget check (stop before a round that would exceed target_epsilon)."""
     algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
     pc = cfg.privacy_config()
+    if pc.mode == "sample" and not algo.supports_sample_dp:
+        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r} yet (its zeroth-order "
+                          "steps need per-example clipping of the projected gradient); use fedavg, flora or fedsb")
     if pc.mode != "client":
         return algo, None
     try:
@@ -239,7 +242,8 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
     gm.advance(run.algo, state)
     adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
-    merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged else None
+    # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
+    merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
     plot = writer.plot()
     evals = [r.get("eval_loss") for r in writer.rows if r.get("eval_loss") is not None]

@@ -147,6 +147,7 @@ class FedAlgorithm(ABC):
 
     # Capabilities the round engine / privacy layer may ask about.
     supports_tensor_average: ClassVar[bool] = False  # aggregate is a weighted mean of update tensors
+    supports_sample_dp: ClassVar[bool] = True  # its clients train first-order through run_local_training
 
 
 def example_weights(updates: Sequence[ClientUpdate], *, uniform: bool = False) -> list[float]:

@@ -38,11 +38,12 @@ class PrivacyConfig:
             raise ValueError(f"privacy delta must be in (0, 1), got {self.delta!r} (e.g. delta = 1e-5)")
         if self.mode == "none":
             return
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+        # σ only: fixed noise, ε reported. target_epsilon only: σ calibrated so the planned rounds spend
+        # exactly the budget. Both: fixed σ, and training stops before the round that would exceed the budget.
+        if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError(
-                f"privacy mode {self.mode!r} needs exactly one of noise_multiplier (σ, e.g. 1.0) or "
-                f"target_epsilon (ε budget, e.g. 8.0); got noise_multiplier={self.noise_multiplier!r}, "
-                f"target_epsilon={self.target_epsilon!r}")
+                f"privacy mode {self.mode!r} needs noise_multiplier (σ, e.g. 1.0), target_epsilon (ε budget, "
+                "e.g. 8.0) or both (fixed σ, stop before the budget is exceeded)")
         if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
             raise ValueError(f"privacy noise_multiplier must be ≥ 0, got {self.noise_multiplier!r}")
         if self.target_epsilon is not None and not self.target_epsilon > 0:

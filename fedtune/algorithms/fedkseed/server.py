@@ -37,6 +37,9 @@ def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tens
 
 
 class FedKSeed(FedAlgorithm):
+    # Zeroth-order steps release one scalar per step; sample-level DP would need per-example clipping of
+    # that scalar and its own accounting, which is not built yet: refuse rather than train without noise.
+    supports_sample_dp = False
     name = "fedkseed"
     config: FedKSeedConfig
 
