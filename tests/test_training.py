@@ -6,12 +6,18 @@ from fedtune.models import fingerprint
 from fedtune.training import LocalTrainConfig, evaluate, train_local
 
 
-def test_local_training_changes_only_lora(tiny, feats, tok):
-    algo = get_algorithm("fedavg", FedAvgConfig(rank=4, alpha=8))
+def synced_fedavg(tiny, *, rank: int):
+    """(initial global state, a FedAvg client, the tiny model wrapped and synced to that state)."""
+    algo = get_algorithm("fedavg", FedAvgConfig(rank=rank, alpha=2 * rank))
     state = algo.initialize(tiny, seed=0)
     client = algo.make_client()
     model = client.setup(tiny, algo.setup_payload(state))
     client.sync(model, algo.sync_payload(state, -1))
+    return state, client, model
+
+
+def test_local_training_changes_only_lora(tiny, feats, tok):
+    _state, _client, model = synced_fedavg(tiny, rank=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fp = fingerprint(model)
     res = train_local(model, feats[:40], LocalTrainConfig(steps=3, batch_size=4, lr=1e-2), pad_id=tok.pad_token_id)
@@ -24,11 +30,7 @@ def test_local_training_changes_only_lora(tiny, feats, tok):
 
 
 def test_client_train_restores_global_adapter(tiny, feats, tok):
-    algo = get_algorithm("fedavg", FedAvgConfig(rank=4, alpha=8))
-    state = algo.initialize(tiny, seed=0)
-    client = algo.make_client()
-    model = client.setup(tiny, algo.setup_payload(state))
-    client.sync(model, algo.sync_payload(state, -1))
+    state, client, model = synced_fedavg(tiny, rank=4)
     loss0 = evaluate(model, feats[:16], pad_id=tok.pad_token_id)
     upd = client.train(model, TrainContext("c0", feats[:40], tok.pad_token_id), {"steps": 3, "lr": 1e-2, "batch_size": 4, "seed": 1})
     assert evaluate(model, feats[:16], pad_id=tok.pad_token_id) == loss0
@@ -37,11 +39,7 @@ def test_client_train_restores_global_adapter(tiny, feats, tok):
 
 
 def test_same_seed_same_update(tiny, feats, tok):
-    algo = get_algorithm("fedavg", FedAvgConfig(rank=2, alpha=4))
-    state = algo.initialize(tiny, seed=0)
-    client = algo.make_client()
-    model = client.setup(tiny, algo.setup_payload(state))
-    client.sync(model, algo.sync_payload(state, -1))
+    _state, client, model = synced_fedavg(tiny, rank=2)
     cfg = {"steps": 2, "lr": 1e-2, "batch_size": 4, "seed": 3}
     u1 = client.train(model, TrainContext("c", feats[:30], tok.pad_token_id), cfg)
     u2 = client.train(model, TrainContext("c", feats[:30], tok.pad_token_id), cfg)
