@@ -50,12 +50,13 @@ import tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 print("\n".join(deps))
 PYEOF
+# Touch nothing when unchanged: podman's build cache keys COPY layers on file metadata (mtime) too.
+if cmp -s wheels/requirements.txt.new wheels/requirements.txt; then rm wheels/requirements.txt.new
+else mv wheels/requirements.txt.new wheels/requirements.txt; fi
 stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
-if [ -f wheels/.stamp ] && [ "$(cat wheels/.stamp)" = "$stamp" ] && cmp -s wheels/requirements.txt.new wheels/requirements.txt; then
-  rm wheels/requirements.txt.new
+if [ -f wheels/.stamp ] && [ "$(cat wheels/.stamp)" = "$stamp" ]; then
   echo "wheels up to date ($(find wheels -name '*.whl' | wc -l) wheels, $(du -sh wheels | cut -f1))" >&2
 else
-  mv wheels/requirements.txt.new wheels/requirements.txt
   here wheels wheels -c constraints.txt -r wheels/requirements.txt "setuptools>=68"
   here wheels wheels --no-deps chatterbot-corpus==1.3.3
   echo "$stamp" >wheels/.stamp
