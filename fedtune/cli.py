@@ -55,7 +55,7 @@ def _server(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"{e}: the round in progress was abandoned, nothing written for it; "
               "restart with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 0
+        return 143  # like a process ended by SIGTERM: orchestrators see an unfinished run
     print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s")
     for name, path in output_paths(summary):
         print(f"  {name:8s} {path}")
