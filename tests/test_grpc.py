@@ -417,3 +417,23 @@ def test_plaintext_client_cannot_talk_to_tls_server(tmp_path):
     finally:
         srv.stop.set()
         srv.join(30)
+
+
+def test_sigterm_abandons_the_round_cleanly(tmp_path):
+    cfg_path = write_run(tmp_path, rounds=2)
+    port = _free_port()
+    text = cfg_path.read_text().replace('address = "127.0.0.1:0"', f'address = "127.0.0.1:{port}"')
+    cfg_path.write_text(text.replace("lease_timeout_s = 2.0", "lease_timeout_s = 900.0"))
+    srv = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "server", "--config", str(cfg_path), "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=60)
+    t0 = time.monotonic()
+    while not (tmp_path / "out/metrics.jsonl").exists() or not (tmp_path / "out/metrics.jsonl").read_text():
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)  # round 0 evaluated: round 1 is waiting for clients
+    srv.send_signal(signal.SIGTERM)
+    out, _ = srv.communicate(timeout=60)
+    assert srv.returncode == 143, out
+    assert "stopped during round 1" in out and "--resume" in out
+    assert not list((tmp_path / "out/checkpoints").glob("round-*"))
