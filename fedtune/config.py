@@ -54,6 +54,7 @@ class FederationSection:
     min_clients: int = 1  # fewer reporting updates → the round is aborted and retried
     round_timeout_s: float = 600.0
     max_round_retries: int = 3
+    batch_clients: bool = True  # simulation: train a round's clients in one batched loop where the method allows
 
 
 @dataclass

@@ -78,28 +78,43 @@ def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None) -> tup
 class InProcessTransport:
     """Runs each sampled client in turn on the shared model; counts the bytes a network would carry."""
 
-    def __init__(self, gm: GlobalModel, data: dict[str, ClientData], pad_id: int, progress: bool = True) -> None:
+    def __init__(self, gm: GlobalModel, data: dict[str, ClientData], pad_id: int, progress: bool = True,
+                 batch_clients: bool = True) -> None:
         self.gm, self.data, self.pad_id, self.progress = gm, data, pad_id, progress
+        self.batch_clients = batch_clients
 
     def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
         res = RoundResult(updates=[])
-        bar = tqdm(instructions.items(), desc=f"round {rnd} clients", leave=False, disable=not self.progress, position=1)
-        for cid, ins in bar:
+        for ins in instructions.values():
             if self.gm.version != ins.base_version:
                 raise RuntimeError(f"shared model at version {self.gm.version}, instruction expects {ins.base_version}")
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
-            try:
-                update = self._train(cid, ins)
-            except PrivacyBudgetExhausted as e:
-                log.warning("%s", e)
-                res.failed.append(cid)
-                res.budget_exhausted.append(cid)
-                continue
+        updates = self._train_batched(instructions) if self.batch_clients else None
+        if updates is None:
+            updates = []
+            bar = tqdm(instructions.items(), desc=f"round {rnd} clients", leave=False, disable=not self.progress,
+                       position=1)
+            for cid, ins in bar:
+                try:
+                    updates.append(self._train(cid, ins))
+                except PrivacyBudgetExhausted as e:
+                    log.warning("%s", e)
+                    res.failed.append(cid)
+                    res.budget_exhausted.append(cid)
+        for update in updates:
             res.bytes_up += wire_size.update_bytes(update)
             res.payload_bytes_up += payload_nbytes(update.tensors)
             res.updates.append(update)
         return res
+
+    def _train_batched(self, instructions: dict[str, Instruction]) -> list[ClientUpdate] | None:
+        """All clients in one batched loop when the method supports it (fedtune.training.batched), else None."""
+        train_many = getattr(self.gm.client, "train_many", None)
+        if train_many is None or len(instructions) < 2:
+            return None
+        ctxs = [TrainContext(cid, self.data[cid].train, self.pad_id) for cid in instructions]
+        return train_many(self.gm.model, ctxs, [ins.train for ins in instructions.values()])
 
     def _train(self, cid: str, ins: Instruction) -> ClientUpdate:
         steps = tqdm(total=int(ins.train.get("steps", 0)), desc=f"{cid} steps", leave=False,
@@ -270,7 +285,8 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
 def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False) -> dict[str, Any]:
     """Run a whole simulated federation; returns the summary (also written to summary.json)."""
     run = prepare_run(cfg, resume=resume)
-    run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress)
+    run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
+                                              batch_clients=cfg.federation.batch_clients)
     execute(run, progress=progress)
     return finalize_run(run, save_merged=save_merged)
 

@@ -54,6 +54,7 @@ name = "tiny"
 num_clients = 3
 min_clients = 2
 max_round_retries = 0
+batch_clients = false  # the simulation's clients one by one, exactly as the gRPC clients compute
 [train]
 local_steps = 3
 lr = 5e-3

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
-from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, set_lora_state
+from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, lora_layers, set_lora_state
 from fedtune.privacy.sample import SampleLevelDP
+from fedtune.training.batched import can_batch, train_lora_clients
 from fedtune.training.local import LocalTrainConfig, TrainResult, train_local
 
 ADAPTER = "default"
@@ -53,6 +54,20 @@ class LoRAClient(ClientAlgorithm):
         update = get_lora_state(model, ADAPTER)
         set_lora_state(model, ADAPTER, self.global_tensors)  # leave the model at the global state
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
+
+    def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]]):
+        """All of a round's clients in one batched loop (simulation), or None when they cannot share one
+        (different schedules or batch sizes, DP): the caller then trains them one by one."""
+        cfgs = [LocalTrainConfig.from_dict(c) for c in configs]
+        if self.global_tensors is None or any(c.get("privacy") for c in configs) or not can_batch(
+            cfgs, [len(c.features) for c in ctxs]
+        ):
+            return None
+        activate(model, ADAPTER)
+        results = train_lora_clients(lora_layers(model, ADAPTER), ADAPTER, model, [self.global_tensors] * len(ctxs),
+                                     [c.features for c in ctxs], cfgs, pad_id=ctxs[0].pad_id)
+        return [ClientUpdate(c.client_id, len(c.features), t, {"train_loss": r.loss})
+                for c, (t, r) in zip(ctxs, results, strict=True)]
 
     def export_factors(self, model: nn.Module):
         st = get_lora_state(model, ADAPTER, fold_scale=True)
