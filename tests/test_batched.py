@@ -42,3 +42,22 @@ def test_batched_falls_back_when_clients_cannot_share_a_loop(tiny, feats, tok):
     assert client.train_many(model, ctxs, [dict(base, privacy={"mode": "sample"})] * 2) is None  # DP: per client
     small = [ctxs[0], TrainContext("tiny", feats[:3], tok.pad_token_id)]
     assert client.train_many(model, small, [base, base]) is None  # a client with fewer examples than the batch
+
+
+def test_batched_flora_heterogeneous_ranks_equal_sequential(tiny, feats, tok):
+    from fedtune.algorithms.flora import FLoRAConfig
+
+    algo = get_algorithm("flora", FLoRAConfig(rank=4, alpha=8, ranks=[4, 2, 1]))
+    state = algo.initialize(tiny, seed=0)
+    client = algo.make_client()
+    model = client.setup(tiny, algo.setup_payload(state))
+    roster = ["c0", "c1", "c2"]
+    confs = algo.configure_round(1, state, roster, {"steps": 3, "batch_size": 4, "lr": 5e-3}, roster)
+    ctxs = [TrainContext(c, feats[i * 60:(i + 1) * 60], tok.pad_token_id) for i, c in enumerate(roster)]
+    cfgs = [dict(confs[c], seed=i) for i, c in enumerate(roster)]
+    seq = [client.train(model, c, g) for c, g in zip(ctxs, cfgs)]
+    bat = client.train_many(model, ctxs, cfgs)
+    for a, b, r in zip(seq, bat, [4, 2, 1]):
+        assert all(b.tensors[k].shape == a.tensors[k].shape for k in a.tensors)
+        assert min(b.tensors).endswith(".A") and b.tensors[min(b.tensors)].shape[0] == r
+        assert max(max_abs(a.tensors[k], b.tensors[k]) for k in a.tensors) <= 1e-4

@@ -19,6 +19,8 @@ from fedtune.algorithms.lora_common import (
     set_lora_state,
     target_linears,
 )
+from fedtune.training.batched import can_batch, train_lora_clients
+from fedtune.training.local import LocalTrainConfig
 
 
 class FLoRAClient(ClientAlgorithm):
@@ -62,6 +64,39 @@ class FLoRAClient(ClientAlgorithm):
         for layer in lora_layers(model, adapter).values():  # B = 0: the adapter adds nothing until next round
             layer.lora_B[adapter].weight.data.zero_()
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
+
+    def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]]):
+        """A round's clients in one batched loop (simulation). Heterogeneous ranks share the largest rank R:
+        client k's factors are zero-padded to R (A rows, B columns); padded entries get exactly zero gradient
+        (∂L/∂A_pad = B_padᵀ(…) = 0 and ∂L/∂B_pad = (…)(A_pad x)ᵀ = 0), so they stay 0 and slicing them off
+        gives the rank-r_k result. Needs one scale s = α_k/r_k for all (FLoRAConfig keeps it). None: fall back."""
+        cfgs = [LocalTrainConfig.from_dict(c) for c in configs]
+        scales = {float(c["alpha"]) / int(c["rank"]) for c in configs}
+        if len(scales) != 1 or any(c.get("privacy") for c in configs) or not can_batch(
+            cfgs, [len(c.features) for c in ctxs]
+        ):
+            return None
+        ranks = [int(c["rank"]) for c in configs]
+        big = max(ranks)
+        adapter = f"r{big}"
+        model = attach_lora(model, adapter=adapter, rank=big, alpha=big * scales.pop(), targets=self.targets,
+                            dropout=self.dropout)
+        activate(model, adapter)
+        shapes = {n: (lin.out_features, lin.in_features) for n, lin in target_linears(model, self.targets).items()}
+        starts = []
+        for r, c in zip(ranks, configs, strict=True):
+            init = init_lora_factors(shapes, r, seed=int(c["seed"]))  # the same fresh LoRA as train() draws
+            starts.append({k: (nn.functional.pad(v, (0, 0, 0, big - r)) if k.endswith(".A")
+                               else nn.functional.pad(v, (0, big - r))) for k, v in init.items()})
+        layers = lora_layers(model, adapter)
+        results = train_lora_clients(layers, adapter, model, starts, [c.features for c in ctxs], cfgs,
+                                     pad_id=ctxs[0].pad_id)
+        s = next(iter(layers.values())).scaling[adapter]
+        out = []
+        for ctx, r, (t, res) in zip(ctxs, ranks, results, strict=True):
+            update = {k: (v[:r].clone() if k.endswith(".A") else v[:, :r] * s) for k, v in t.items()}
+            out.append(ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss}))
+        return out
 
     def export_factors(self, model: nn.Module):
         """All merged rounds stacked: exact ΔW_total = Σ_v B_v A_v, scale 1."""
