@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,13 @@ def format_row(row: dict[str, Any]) -> str:
             + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
 
 
-def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False) -> dict[str, Any]:
-    """Run a whole simulated federation; returns the summary (also written to summary.json)."""
+def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False,
+             transport_factory: Callable[[RoundEngine, GlobalModel, dict[str, ClientData], int], Any] | None = None,
+             ) -> dict[str, Any]:
+    """Run a whole simulated federation; returns the summary (also written to summary.json).
+
+    `transport_factory(engine, global_model, data, pad_id)` replaces the in-process transport (the Flower
+    engine passes one that sends each round over a Flower Grid); everything else is shared."""
     t_start = time.perf_counter()
     out = cfg.out_dir
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
@@ -142,7 +148,10 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
         state, start = ck
         log.info("resuming from round %d", start - 1)
     gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
-    engine.transport = InProcessTransport(gm, data, tok.pad_token_id, progress)
+    if transport_factory is None:
+        engine.transport = InProcessTransport(gm, data, tok.pad_token_id, progress)
+    else:
+        engine.transport = transport_factory(engine, gm, data, tok.pad_token_id)
     bs = cfg.run.eval_batch_size
 
     def evaluate_fn(s: GlobalState) -> float:
