@@ -146,14 +146,15 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
     shutil.copytree(ROOT / "simulations/flower_app", app, ignore=shutil.ignore_patterns(".flwr", "__pycache__"))
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text((ROOT / "simulations/flower_app/flower-config.toml").read_text())
     env = dict(os.environ, FLWR_HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # flower-superlink
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
     out = tmp_path / "out"
     flwr = Path(sys.executable).with_name("flwr")
     try:
         proc = subprocess.run(
             [str(flwr), "run", str(app), "local", "--stream",
+             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2",
              "--run-config", f'fedtune.run.out="{out}" fedtune.run.rounds=1'],
             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
