@@ -50,6 +50,7 @@ def run_flower_simulation(cfg: RunConfig, *, resume: bool = False, progress: boo
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     if root not in sys.path:
         sys.path.insert(0, root)
+    logging.getLogger("flwr").propagate = False  # flwr logs through its own handler; no duplicate lines
     result: dict[str, Any] = {}
     server = make_server_app(cfg, result=result, resume=resume, progress=progress, save_merged=save_merged)
     with warnings.catch_warnings():
