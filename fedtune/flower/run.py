@@ -34,7 +34,7 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     cpus = float(o["cpus_per_actor"])
     # Ray sizes the actor pool as (cluster CPUs / CPUs per client): num_actors × cpus_per_actor CPUs.
     return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": int(round(cpus * int(o["num_actors"]))), "num_gpus": 0}}
+            "init_args": {"num_cpus": round(cpus * int(o["num_actors"])), "num_gpus": 0}}
 
 
 def run_flower_simulation(cfg: RunConfig, *, resume: bool = False, progress: bool = False,

@@ -92,8 +92,7 @@ def measure(engine: str, rounds: int, actors: int) -> dict:
     def sample() -> None:
         while not stop.is_set():
             rss, n = tree_rss(proc.pid)
-            if rss > peak["rss"]:
-                peak["rss"] = rss
+            peak["rss"] = max(peak["rss"], rss)
             peak["procs"] = max(peak["procs"], n)
             if not first_round and metrics.exists() and '"round": 1' in metrics.read_text():
                 first_round.append(time.perf_counter() - t0)
