@@ -26,7 +26,13 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
     cfg = config.load(args.config, overrides)
-    summary = simulate(cfg, resume=args.resume, progress=not args.no_progress, save_merged=args.save_merged)
+    if args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
+        from fedtune.flower import run_flower_simulation
+
+        summary = run_flower_simulation(cfg, resume=args.resume, progress=not args.no_progress,
+                                        save_merged=args.save_merged)
+    else:
+        summary = simulate(cfg, resume=args.resume, progress=not args.no_progress, save_merged=args.save_merged)
     if summary.get("stopped_early"):
         print(f"stopped early: {summary['stopped_early']}")
     print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s; "
@@ -94,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--engine", choices=["native", "flower"], default="native",
+                   help="native: fedtune's in-process simulation; flower: Flower's simulation engine (Ray), "
+                        "same outputs")
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")

@@ -282,11 +282,19 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     return summary
 
 
-def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False) -> dict[str, Any]:
-    """Run a whole simulated federation; returns the summary (also written to summary.json)."""
+def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False,
+             transport_factory: Callable[[RoundEngine, GlobalModel, dict[str, ClientData], int], Any] | None = None,
+             ) -> dict[str, Any]:
+    """Run a whole simulated federation; returns the summary (also written to summary.json).
+
+    `transport_factory(engine, global_model, data, pad_id)` replaces the in-process transport (the Flower
+    engine passes one that sends each round over a Flower Grid); everything else is shared."""
     run = prepare_run(cfg, resume=resume)
-    run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
-                                              batch_clients=cfg.federation.batch_clients)
+    if transport_factory is None:
+        run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
+                                                  batch_clients=cfg.federation.batch_clients)
+    else:
+        run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
     execute(run, progress=progress)
     return finalize_run(run, save_merged=save_merged)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -76,11 +77,14 @@ def _cached_gguf(path: Path):
 
 def load_model(spec: str, *, seed: int = 0):
     """(model in eval mode, fp32, on CPU; tokenizer with a pad token)."""
-    if spec == "tiny":
+    if spec == "tiny" or re.fullmatch(r"tiny-\d+x\d+", spec):  # "tiny-<hidden>x<layers>", e.g. tiny-256x4
         from fedtune.models.tiny import tiny_llama, tiny_tokenizer
 
         tok = tiny_tokenizer()
-        return tiny_llama(len(tok), seed=seed), tok
+        if spec == "tiny":
+            return tiny_llama(len(tok), seed=seed), tok
+        hidden, layers = map(int, spec[len("tiny-"):].split("x"))
+        return tiny_llama(len(tok), seed=seed, hidden=hidden, layers=layers), tok
     if spec == "smollm2":
         model, tok = _cached_gguf(smollm2_gguf())
     else:

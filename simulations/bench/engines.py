@@ -1,0 +1,152 @@
+"""fedtune's in-process simulation vs Flower's simulation engine (Ray) on the same federated-LoRA workload.
+
+Workload: random Llama (hidden 256, 4 layers: model "tiny-256x4"), FedAvg-LoRA q,v r=8, 8 clients (iid
+chatterbot shards), 10 local steps of batch 8 × max_seq_len 32 per client per round. Each engine runs in
+its own child process; the parent samples the RSS of that whole process tree (child + every descendant:
+Ray's GCS, raylet, workers, actors) every 0.2 s.
+
+Reported per engine: time to first round (process start → round-1 metrics row written: imports, model and
+data, Ray start-up, round 1), wall per round (engine-measured `wall_s`, round 1 and mean of later rounds),
+total process wall, peak tree RSS (Σ RSS over processes: shared pages count once per process, so it
+overstates; it is what `top` would add up), bytes up/down per round.
+
+Engines: native (torch's default intra-op threads, = CPUs), native-1t (torch.set_num_threads(1), what each
+1-CPU Ray actor gets), flower (run_simulation, Ray, --actors actors × 1 CPU; clients train in parallel).
+
+    python simulations/bench/engines.py --rounds 3 [--engines native native-1t flower] [--actors 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = ["native", "native-1t", "flower"]
+
+
+def workload(rounds: int, out: str, actors: int) -> dict:
+    return {
+        "run.name": "bench-engines", "run.seed": 0, "run.rounds": rounds, "run.algorithm": "fedavg", "run.out": out,
+        "model.name": "tiny-256x4", "federation.num_clients": 8, "data.partition": "iid",
+        "data.max_train_per_client": 80, "data.max_eval_per_client": 8, "data.max_seq_len": 32,
+        "train.local_steps": 10, "train.batch_size": 8, "train.lr": 1e-3,
+        "fedavg.rank": 8, "fedavg.alpha": 16, "fedavg.target_modules": ["q_proj", "v_proj"],
+        "flower.num_actors": actors, "flower.cpus_per_actor": 1,
+    }
+
+
+def worker(engine: str, rounds: int, out: str, actors: int) -> None:
+    from fedtune import config
+
+    cfg = config.load(None, workload(rounds, out, actors))
+    if engine == "native-1t":  # Ray gives each 1-CPU actor OMP_NUM_THREADS=1; this is native on equal terms
+        import torch
+
+        torch.set_num_threads(1)
+    if engine.startswith("native"):
+        from fedtune.simulation import simulate
+
+        simulate(cfg, progress=False)
+    else:
+        from fedtune.flower import run_flower_simulation
+
+        run_flower_simulation(cfg)
+
+
+def tree_rss(pid: int) -> tuple[int, int]:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total, len(procs)
+
+
+def measure(engine: str, rounds: int, actors: int) -> dict:
+    out = tempfile.mkdtemp(prefix=f"bench-{engine}-")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", engine, "--rounds", str(rounds), "--out", out,
+                             "--actors", str(actors)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"rss": 0, "procs": 0}
+    first_round: list[float] = []
+    metrics = Path(out) / "metrics.jsonl"
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss, n = tree_rss(proc.pid)
+            peak["rss"] = max(peak["rss"], rss)
+            peak["procs"] = max(peak["procs"], n)
+            if not first_round and metrics.exists() and '"round": 1' in metrics.read_text():
+                first_round.append(time.perf_counter() - t0)
+            stop.wait(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    log = proc.communicate()[0]
+    total = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} run failed:\n{log[-4000:]}")
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()][1:]
+    walls = [r["wall_s"] for r in rows]
+    return {
+        "engine": engine, "rounds": len(rows), "time_to_first_round_s": round(first_round[0], 2) if first_round else None,
+        "round1_wall_s": walls[0], "later_round_wall_s_mean": round(sum(walls[1:]) / max(len(walls) - 1, 1), 3),
+        "round_wall_s": walls, "process_wall_s": round(total, 2), "peak_tree_rss_mb": round(peak["rss"] / 2**20, 1),
+        "max_processes": peak["procs"], "bytes_up_per_round": rows[-1]["bytes_up"],
+        "bytes_down_per_round": [r["bytes_down"] for r in rows], "final_eval_loss": rows[-1]["eval_loss"],
+        "out": out,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    ap.add_argument("--actors", type=int, default=2, help="Ray actors (1 CPU each) for the flower engine")
+    ap.add_argument("--json", default=str(ROOT / "simulations/bench/results/engines.json"))
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, a.rounds, a.out, a.actors)
+        return
+    import torch
+
+    res = [measure(e, a.rounds, a.actors) for e in a.engines]
+    cols = [("engine", "engine", "{}"), ("first round s", "time_to_first_round_s", "{}"),
+            ("round 1 s", "round1_wall_s", "{:.2f}"), ("later rounds s", "later_round_wall_s_mean", "{:.2f}"),
+            ("total s", "process_wall_s", "{:.1f}"), ("peak RSS MB", "peak_tree_rss_mb", "{:.0f}"),
+            ("procs", "max_processes", "{}"), ("eval loss", "final_eval_loss", "{:.4f}")]
+    print(" | ".join(c[0] for c in cols))
+    for r in res:
+        print(" | ".join(f.format(r[k]) for _, k, f in cols))
+    doc = {"workload": "fedavg LoRA q,v r=8, tiny-256x4 Llama, 8 clients x 10 steps x batch 8x32",
+           "rounds": a.rounds, "flower_actors": a.actors, "cpus": os.cpu_count(), "torch": torch.__version__,
+           "native_torch_threads": torch.get_num_threads(), "results": res}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
