@@ -26,6 +26,7 @@ class RunSection:
     algorithm: str = "flora"
     out: str = ""  # default runs/<name>
     eval_batch_size: int = 16
+    threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is often faster for small models or on a busy machine
 
 
 @dataclass

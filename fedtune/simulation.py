@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fedtune import export
@@ -207,6 +208,8 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
     """Load the base model and data, build the algorithm, the engine (resumed from the newest checkpoint
     when asked) and the global model used for evaluation (and, in simulation, shared by the clients)."""
     t_start = time.perf_counter()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
     data, global_eval = prepare_data(cfg, tok, roster)
