@@ -369,6 +369,15 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
                                  "--server", f"127.0.0.1:{port}", "--client-id", IDS[i], "--partition", str(i),
                                  "--token", TOKENS[IDS[i]]], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for i in range(3)]
+    try:
+        _kill_and_resume(tmp_path, cfg_path, srv, clients, server_cmd, env)
+    finally:  # never leave clients retrying forever when an assertion fails
+        for p in [srv, *clients]:
+            if p.poll() is None:
+                p.kill()
+
+
+def _kill_and_resume(tmp_path, cfg_path, srv, clients, server_cmd, env):
     ck1 = tmp_path / "out/checkpoints/round-0001"
     t0 = time.monotonic()
     while not ck1.exists():
@@ -380,7 +389,11 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     assert not (tmp_path / "out/checkpoints/round-0004").exists()
     t_restart = time.monotonic()
     srv2 = subprocess.Popen([*server_cmd, "--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = srv2.communicate(timeout=180)
+    try:
+        out, _ = srv2.communicate(timeout=180)
+    finally:
+        if srv2.poll() is None:
+            srv2.kill()
     assert srv2.returncode == 0, out
     for c in clients:
         c.wait(timeout=60)
