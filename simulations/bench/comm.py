@@ -1,0 +1,141 @@
+"""Communication vs quality: FedAvg-LoRA, FLoRA and Fed-SB on the chatterbot demo, same settings.
+
+All three use the same targets (q_proj, v_proj), the same rank r (FLoRA with equal ranks on every client,
+alpha = 2r like LoRA; Fed-SB's scale is fixed to 1 by the method), the same seed, clients, rounds, local
+steps, batch, lr and data. Per method: bytes up / down per client-round (serialized = protobuf chunk
+messages exactly as the gRPC transport sends them; payload = raw tensor bytes), the Fed-SB / LoRA upload
+ratio, eval loss per round (round 0 = base model) and wall time. Methods run one after another in this
+process (never concurrently).
+
+Fed-SB trains only r² parameters per module, so with the LoRA lr it may barely move in a few steps;
+`--fedsb-tuned-lr X` adds a "fedsb@lr=X" line (a single extra run, not a sweep).
+
+    python simulations/bench/comm.py [--model smollm2|tiny] [--rounds 2] [--local-steps 4] [--clients 4]
+        [--rank 8] [--lr 1e-3] [--seq 64] [--eval-per-client 16] [--fedsb-tuned-lr 1e-2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune import config
+from fedtune.simulation import simulate
+
+DEMO = "simulations/demo.toml"
+
+
+def base_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """The shared workload of every bench script (chatterbot demo, shrunk to CLI sizes)."""
+    return {
+        "model.name": a.model, "run.seed": a.seed, "run.rounds": a.rounds, "federation.num_clients": a.clients,
+        "federation.min_clients": 1, "train.local_steps": a.local_steps, "train.batch_size": a.batch,
+        "train.lr": a.lr, "data.max_seq_len": a.seq, "data.max_eval_per_client": a.eval_per_client,
+        "lora.rank": a.rank, "lora.alpha": 2 * a.rank, "lora.target_modules": ["q_proj", "v_proj"],
+        # FLoRA: equal ranks everywhere, same scale alpha/r = 2 as LoRA
+        "flora.ranks": [], "flora.rank": a.rank, "flora.alpha": 2 * a.rank,
+    }
+
+
+def add_workload_args(ap: argparse.ArgumentParser, **defaults: Any) -> None:
+    d = dict(model="smollm2", seed=0, rounds=2, clients=4, local_steps=4, batch=8, lr=1e-3, seq=64,
+             eval_per_client=16, rank=8) | defaults
+    ap.add_argument("--model", default=d["model"], help='"smollm2" (real) or "tiny" (random, seconds)')
+    ap.add_argument("--seed", type=int, default=d["seed"])
+    ap.add_argument("--rounds", type=int, default=d["rounds"])
+    ap.add_argument("--clients", type=int, default=d["clients"])
+    ap.add_argument("--local-steps", type=int, default=d["local_steps"])
+    ap.add_argument("--batch", type=int, default=d["batch"])
+    ap.add_argument("--lr", type=float, default=d["lr"])
+    ap.add_argument("--seq", type=int, default=d["seq"], help="data.max_seq_len")
+    ap.add_argument("--eval-per-client", type=int, default=d["eval_per_client"])
+    ap.add_argument("--rank", type=int, default=d["rank"])
+    ap.add_argument("--work", default="runs/bench", help="scratch dir for run outputs (deleted per run)")
+
+
+def run_method(algorithm: str, overrides: dict[str, Any], work: str, tag: str) -> dict[str, Any]:
+    """One simulated run; returns the summary's key figures plus the per-round metrics rows."""
+    out = Path(work) / tag
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = config.load(DEMO, dict(overrides, **{"run.algorithm": algorithm, "run.out": str(out), "run.name": tag}))
+    t = time.perf_counter()
+    summary = simulate(cfg, progress=False)
+    wall = time.perf_counter() - t
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"algorithm": algorithm, "tag": tag, "wall_s": wall, "summary": {
+        k: summary.get(k) for k in ("rounds_completed", "stopped_early", "epsilon", "delta", "eval_loss_first",
+                                    "eval_loss_final", "bytes_up_total", "bytes_down_total")}, "rows": rows}
+
+
+def per_client_round(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean over training rounds of row[key] / clients_completed."""
+    vals = [r[key] / r["clients_completed"] for r in rows if r["round"] > 0 and r.get("clients_completed")]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def comm_row(res: dict[str, Any]) -> dict[str, Any]:
+    rows = res["rows"]
+    last = rows[-1]
+    return {
+        "method": res["tag"],
+        "payload_up": per_client_round(rows, "payload_bytes_up"), "bytes_up": per_client_round(rows, "bytes_up"),
+        "payload_down": per_client_round(rows, "payload_bytes_down"),
+        "bytes_down": per_client_round(rows, "bytes_down"),
+        "bytes_down_by_round": [r["bytes_down"] / r["clients_completed"] for r in rows
+                                if r["round"] > 0 and r.get("clients_completed")],  # round 1 includes setup
+        "eval_loss": [r.get("eval_loss") for r in rows],
+        "train_loss": [r.get("train_loss") for r in rows if r["round"] > 0],
+        "fedsb_vs_lora_upload_ratio": last.get("fedsb_vs_lora_upload_ratio"),
+        "round_wall_s": [r.get("wall_s") for r in rows if r["round"] > 0],
+        "wall_s": res["wall_s"],
+    }
+
+
+def print_table(table: list[dict[str, Any]], ref: str = "fedavg") -> None:
+    ref_up = next((t["payload_up"] for t in table if t["method"] == ref), None)
+    print(f"{'method':>16} | {'up payload B':>12} | {'up wire B':>11} | {'down wire B':>11} | "
+          f"{'down r1/last':>17} | {'up ÷ ' + ref:>12} | {'eval loss per round (0 = base)':<34} | {'wall s':>7}")
+    for t in table:
+        ratio = t["payload_up"] / ref_up if ref_up else float("nan")
+        ev = " ".join(f"{v:.4f}" for v in t["eval_loss"])
+        print(f"{t['method']:>16} | {t['payload_up']:>12,.0f} | {t['bytes_up']:>11,.0f} | {t['bytes_down']:>11,.0f} | "
+              f"{t['bytes_down_by_round'][0]:>8,.0f}/{t['bytes_down_by_round'][-1]:<8,.0f} | {ratio:>12.4f} | {ev:<34} | {t['wall_s']:>7.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_workload_args(ap)
+    ap.add_argument("--methods", nargs="+", default=["fedavg", "flora", "fedsb"])
+    ap.add_argument("--fedsb-tuned-lr", type=float, default=0.0, help="also run Fed-SB with this lr (0 = skip)")
+    ap.add_argument("--out", default="simulations/bench/results/comm.json")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ov = base_overrides(a)
+    runs = [(m, m, ov) for m in a.methods]
+    if a.fedsb_tuned_lr:
+        runs.append(("fedsb", f"fedsb@lr={a.fedsb_tuned_lr:g}", dict(ov, **{"train.lr": a.fedsb_tuned_lr})))
+    t0 = time.perf_counter()
+    results = []
+    for algo, tag, o in runs:
+        results.append(run_method(algo, o, a.work, tag))
+        print(f"done {tag}: {results[-1]['wall_s']:.1f} s, eval {results[-1]['summary']['eval_loss_final']:.4f}",
+              flush=True)
+    table = [comm_row(r) for r in results]
+    print(f"\n{a.model}, {a.clients} clients × {a.rounds} rounds × {a.local_steps} steps, batch {a.batch}×{a.seq}, "
+          f"r={a.rank}, q,v, lr {a.lr:g} (bytes per client-round)")
+    print_table(table)
+    sb = next((t for t in table if t["method"] == "fedsb"), None)
+    if sb and sb["fedsb_vs_lora_upload_ratio"] is not None:
+        print(f"Fed-SB reported fedsb_vs_lora_upload_ratio = {sb['fedsb_vs_lora_upload_ratio']:.4f}")
+    res = {"workload": vars(a), "table": table, "runs": results, "total_wall_s": time.perf_counter() - t0}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

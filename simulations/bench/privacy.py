@@ -1,0 +1,183 @@
+"""Sample-level DP: utility vs ε for Fed-SB and FedAvg-LoRA, and the cost of a DP local step.
+
+(a) grid: eval loss after the same rounds at ε ∈ --eps (default 1 3 8 inf) for each method. Finite ε:
+    [privacy] mode = "sample", target_epsilon = ε, δ default (min(1/N_k, 1e-5)), C = max_grad_norm = 1,
+    RDP accountant; σ is calibrated per client over the planned rounds × local steps (printed). ε = inf is
+    the non-private run (mode = "none", AdamW with the usual clipping of the batch gradient). Runs go one
+    after another. The default workload is smaller than comm.py's (2 clients, 2 rounds, 3 local steps) so the
+    8-run grid fits in minutes on 2 CPUs; every size is a flag. `--model tiny` is a quick smoke mode.
+(b) step cost: seconds per local step, DP vs non-DP, on the SAME fixed batches (batch × seq), LoRA q,v r=8:
+    - nondp: fedtune's `train_local` loop (AdamW, batch-gradient clipping)
+    - dp: fedtune's `dp_training` (opacus GradSampleModule + DPOptimizer over AdamW, per-example clipping,
+      noise σ = 1) with the same batches, sum of per-example losses backpropagated
+    Runs alternate nondp/dp; median of --repeats; ratio dp / nondp. Each timed block includes building the
+    optimiser (and, for dp, attaching/detaching opacus), as one local round does.
+
+    python simulations/bench/privacy.py [--model smollm2|tiny] [--eps 1 3 8 inf] [--methods fedsb fedavg]
+        [--clients 2] [--rounds 2] [--local-steps 3] [--fedsb-lr X] [--skip-grid] [--skip-step]
+        [--step-steps 3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comm import add_workload_args, base_overrides, run_method  # noqa: E402
+
+from fedtune.privacy.accounting import noise_for_target  # noqa: E402
+
+
+def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
+    ov = base_overrides(a)
+    out = []
+    for method in a.methods:
+        for eps in a.eps:
+            o = dict(ov)
+            if method == "fedsb" and a.fedsb_lr:
+                o["train.lr"] = a.fedsb_lr
+            if math.isfinite(eps):
+                o.update({"privacy.mode": "sample", "privacy.target_epsilon": eps, "privacy.noise_seed": a.seed})
+            tag = f"{method}_eps{eps:g}"
+            res = run_method(method, o, a.work, tag)
+            rows = res["rows"]
+            row = {"method": method, "target_epsilon": eps, "lr": o["train.lr"],
+                   "eval_loss": [r.get("eval_loss") for r in rows],
+                   "eval_loss_final": res["summary"]["eval_loss_final"],
+                   "epsilon_spent": res["summary"]["epsilon"], "delta": res["summary"]["delta"],
+                   "rounds_completed": res["summary"]["rounds_completed"],
+                   "stopped_early": res["summary"]["stopped_early"], "wall_s": res["wall_s"]}
+            out.append(row)
+            print(f"done {tag}: eval {row['eval_loss_final']:.4f}, ε spent {row['epsilon_spent']}, "
+                  f"{res['wall_s']:.1f} s", flush=True)
+    return out
+
+
+def sigmas(a: argparse.Namespace) -> dict[str, Any]:
+    """σ each client gets for each finite ε (same calibration as SampleLevelDP), from the clients' train sizes."""
+    from fedtune import config
+    from fedtune.models import load_model
+    from fedtune.simulation import prepare_data
+
+    cfg = config.load("simulations/demo.toml", base_overrides(a))
+    _, tok = load_model(a.model)
+    data, _ = prepare_data(cfg, tok)
+    out = {}
+    for eps in [e for e in a.eps if math.isfinite(e)]:
+        per = {}
+        for cid, d in data.items():
+            n = len(d.train)
+            q = min(a.batch, n) / n
+            per[cid] = {"n": n, "q": q, "delta": min(1 / n, 1e-5),
+                        "sigma": noise_for_target(eps, min(1 / n, 1e-5), q, a.local_steps * a.rounds, "rdp")}
+        out[f"{eps:g}"] = per
+    return out
+
+
+def step_cost(a: argparse.Namespace) -> dict[str, Any]:
+    from fedtune.algorithms.lora_common import activate, attach_lora
+    from fedtune.data import ChatFormatter, collate, load_chatterbot
+    from fedtune.models import load_model
+    from fedtune.privacy.sample import dp_training, per_example_loss
+    from fedtune.training.local import LocalTrainConfig, train_local
+
+    torch.manual_seed(0)
+    model, tok = load_model(a.model)
+    model = attach_lora(model, adapter="default", rank=8, alpha=16, targets=["q_proj", "v_proj"])
+    activate(model, "default")
+    pad = tok.pad_token_id
+    feats = [f for f in ChatFormatter(tok, a.seq).many(load_chatterbot()[:800]) if len(f["input_ids"]) >= a.seq]
+    feats = (feats or ChatFormatter(tok, a.seq).many(load_chatterbot()[:64]))[: a.batch * a.step_steps]
+    fixed = [collate(feats[i * a.batch:(i + 1) * a.batch], pad) for i in range(a.step_steps)]
+    cfg = LocalTrainConfig(steps=a.step_steps, batch_size=a.batch, lr=1e-4)
+
+    def nondp():
+        # train_local over exactly these features in order: with batch_size = len/steps and a fixed seed the
+        # shuffled stream covers each example once; the cost per step does not depend on which batch it is
+        train_local(model, feats, cfg, pad_id=pad)
+
+    def dp():
+        model.train()
+        with dp_training(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=a.batch,
+                         lr=cfg.lr) as (gsm, opt):
+            for batch in fixed:
+                per_example_loss(gsm, batch).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        model.eval()
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    nondp()
+    dp()  # warm-up
+    times: dict[str, list[float]] = {"nondp": [], "dp": []}
+    for _ in range(a.repeats):
+        for name, fn in (("nondp", nondp), ("dp", dp)):
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) / a.step_steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": a.model, "batch": [a.batch, int(fixed[0]["input_ids"].shape[1])], "steps": a.step_steps,
+            "repeats": a.repeats, "threads": torch.get_num_threads(), "s_per_step": med,
+            "ratio_dp_over_nondp": med["dp"] / med["nondp"], "samples": times}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_workload_args(ap, clients=2, rounds=2, local_steps=3)
+    ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf])
+    ap.add_argument("--methods", nargs="+", default=["fedsb", "fedavg"])
+    ap.add_argument("--fedsb-lr", type=float, default=0.0, help="Fed-SB lr (0 = the shared --lr)")
+    ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--step-steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="simulations/bench/results/privacy.json")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"workload": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
+                                        for k, v in vars(a).items() if k != "eps"},
+                           "eps": [e if math.isfinite(e) else "inf" for e in a.eps]}
+    if not a.skip_grid:
+        res["sigma"] = sigmas(a)
+        res["grid"] = g = grid(a)
+        print(f"\n{a.model}, {a.clients} clients × {a.rounds} rounds × {a.local_steps} steps, batch {a.batch}×{a.seq}, "
+              f"r={a.rank}, q,v; sample-level DP, C=1, δ=min(1/N_k,1e-5), RDP")
+        for eps, per in res["sigma"].items():
+            print(f"  ε={eps}: σ per client " + ", ".join(f"{c}:{v['sigma']:.3f} (q={v['q']:.4f})" for c, v in per.items()))
+        print(f"{'method':>8} | {'lr':>7} | " + " | ".join(f"{'ε=' + format(e, 'g'):>8}" for e in a.eps)
+              + " | (final eval loss; base = round 0)")
+        for m in a.methods:
+            cells = [r for r in g if r["method"] == m]
+            print(f"{m:>8} | {cells[0]['lr']:>7g} | " + " | ".join(f"{r['eval_loss_final']:>8.4f}" for r in cells)
+                  + f" | base {cells[0]['eval_loss'][0]:.4f}")
+        bad = [r for r in g if r["stopped_early"] or r["rounds_completed"] != a.rounds]
+        for r in bad:
+            print(f"WARNING {r['method']} ε={r['target_epsilon']}: {r['rounds_completed']} rounds, {r['stopped_early']}")
+    if not a.skip_step:
+        res["step"] = s = step_cost(a)
+        print(f"\nDP step cost ({a.model}, LoRA q,v r=8, batch {s['batch'][0]}×{s['batch'][1]}): "
+              f"non-DP {s['s_per_step']['nondp']:.3f} s/step | DP {s['s_per_step']['dp']:.3f} s/step | "
+              f"ratio {s['ratio_dp_over_nondp']:.3f}")
+    res["total_wall_s"] = time.perf_counter() - t0
+    for r in res.get("grid", []):
+        if not math.isfinite(r["target_epsilon"]):
+            r["target_epsilon"] = "inf"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
