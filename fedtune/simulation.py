@@ -215,7 +215,11 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
     data, global_eval = prepare_data(cfg, tok, roster)
     algo, budget_check = build_algorithm(cfg)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
-        algo.set_init_data(next(iter(data.values())).train, tok.pad_token_id)
+        if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
+            log.warning("privacy is on: %s starts from a data-independent (seeded random) init instead of "
+                        "reading a client's data", algo.name)
+        else:
+            algo.set_init_data(next(iter(data.values())).train, tok.pad_token_id)
     state = algo.initialize(model, seed=cfg.run.seed)
     engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg),  # type: ignore[arg-type]
                          out_dir=cfg.out_dir, budget_check=budget_check)
