@@ -43,8 +43,8 @@ def base_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_workload_args(ap: argparse.ArgumentParser, **defaults: Any) -> None:
-    d = dict(model="smollm2", seed=0, rounds=2, clients=4, local_steps=4, batch=8, lr=1e-3, seq=64,
-             eval_per_client=16, rank=8) | defaults
+    d = {"model": "smollm2", "seed": 0, "rounds": 2, "clients": 4, "local_steps": 4, "batch": 8, "lr": 1e-3,
+         "seq": 64, "eval_per_client": 16, "rank": 8} | defaults
     ap.add_argument("--model", default=d["model"], help='"smollm2" (real) or "tiny" (random, seconds)')
     ap.add_argument("--seed", type=int, default=d["seed"])
     ap.add_argument("--rounds", type=int, default=d["rounds"])

@@ -10,8 +10,10 @@ data, Ray start-up, round 1), wall per round (engine-measured `wall_s`, round 1 
 total process wall, peak tree RSS (Σ RSS over processes: shared pages count once per process, so it
 overstates; it is what `top` would add up), bytes up/down per round.
 
-Engines: native (torch's default intra-op threads, = CPUs), native-1t (torch.set_num_threads(1), what each
-1-CPU Ray actor gets), flower (run_simulation, Ray, --actors actors × 1 CPU; clients train in parallel).
+Engines: native (clients one by one, torch's default intra-op threads, = CPUs), native-1t
+(torch.set_num_threads(1), what each 1-CPU Ray actor gets), native-batched / native-batched-1t (a round's
+clients in one batched forward/backward: [federation] batch_clients = true), flower (run_simulation, Ray,
+--actors actors × 1 CPU; clients train in parallel).
 
     python simulations/bench/engines.py --rounds 3 [--engines native native-1t flower] [--actors 2]
 """
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINES = ["native", "native-1t", "flower"]
+ENGINES = ["native", "native-1t", "native-batched", "native-batched-1t", "flower"]
 
 
 def workload(rounds: int, out: str, actors: int) -> dict:
@@ -46,8 +48,10 @@ def workload(rounds: int, out: str, actors: int) -> dict:
 def worker(engine: str, rounds: int, out: str, actors: int) -> None:
     from fedtune import config
 
-    cfg = config.load(None, workload(rounds, out, actors))
-    if engine == "native-1t":  # Ray gives each 1-CPU actor OMP_NUM_THREADS=1; this is native on equal terms
+    over = workload(rounds, out, actors)
+    over["federation.batch_clients"] = "batched" in engine  # one batched forward/backward per step for all clients
+    cfg = config.load(None, over)
+    if engine.endswith("-1t"):  # Ray gives each 1-CPU actor OMP_NUM_THREADS=1; this is native on equal terms
         import torch
 
         torch.set_num_threads(1)

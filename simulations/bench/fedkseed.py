@@ -38,10 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comm import add_workload_args, base_overrides, run_method  # noqa: E402
+from comm import add_workload_args, base_overrides, run_method
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comm import add_workload_args, base_overrides, run_method  # noqa: E402
+from comm import add_workload_args, base_overrides, run_method
 
-from fedtune.privacy.accounting import noise_for_target  # noqa: E402
+from fedtune.privacy.accounting import noise_for_target
 
 
 def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
