@@ -265,18 +265,7 @@ MEMORY_PROBE = textwrap.dedent("""
     from fedtune.models.tiny import tiny_llama
     from fedtune.training import zo
     torch.set_num_threads(1)
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
-    def extra_peak(fn):  # bytes above the RSS at call time; min of 3 (noise only adds)
-        out = []
-        for _ in range(3):
-            open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-            base = status("VmRSS"); fn(); out.append(status("VmHWM") - base)
-        return min(out)
+    from fedtune.peakmem import extra_peak
 
     model = tiny_llama(512, hidden=256, layers=4, heads=4)
     params = zo.zo_parameters(model)

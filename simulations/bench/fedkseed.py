@@ -136,18 +136,7 @@ import json, sys, torch
 from fedtune.models import load_model
 from fedtune.training import zo
 what, model_name, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-def extra_peak(fn):  # bytes above the RSS at call time; min of 3 (noise only adds)
-    out = []
-    for _ in range(3):
-        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-        base = status("VmRSS"); fn(); out.append(status("VmHWM") - base)
-    return min(out)
+from fedtune.peakmem import extra_peak, status
 
 model, tok = load_model(model_name)
 model.eval()
