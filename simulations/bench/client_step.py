@@ -65,10 +65,13 @@ def main() -> None:
                 plain_peft_loop(model, feats, cfg, pad)
             times[name].append((time.perf_counter() - t) / a.steps)
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}  # noise from other processes only adds time
     res = {"model": a.model, "batch": [8, a.seq], "threads": torch.get_num_threads(), "s_per_step": med,
-           "ratio_fedtune_over_plain": med["fedtune"] / med["plain_peft"], "samples": times}
+           "s_per_step_min": best, "ratio_fedtune_over_plain": med["fedtune"] / med["plain_peft"],
+           "ratio_min": best["fedtune"] / best["plain_peft"], "samples": times}
     print(f"{a.model}: fedtune {med['fedtune']:.3f} s/step | plain peft {med['plain_peft']:.3f} s/step | "
-          f"ratio {res['ratio_fedtune_over_plain']:.3f} (goal ≤ 1.05)")
+          f"ratio {res['ratio_fedtune_over_plain']:.3f} (median), {res['ratio_min']:.3f} (best of {a.repeats}) "
+          "(goal ≤ 1.05)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
 
