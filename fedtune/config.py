@@ -55,8 +55,8 @@ class FederationSection:
     min_clients: int = 1  # fewer reporting updates → the round is aborted and retried
     round_timeout_s: float = 600.0
     max_round_retries: int = 3
-    # simulation: train a round's clients in one batched loop (FedAvg, FLoRA). Much faster for small models, but
-    # K× the activation memory (SmolLM2 demo: 12 GB peak instead of ~3.8 GB), so opt-in.
+    # simulation: train a round's clients in one batched loop (FedAvg, FLoRA). Faster for small models, but K×
+    # the activation memory (SmolLM2 demo: 12 GB peak and 2.2× the wall time on a CPU), so opt-in.
     batch_clients: bool = False
 
 
