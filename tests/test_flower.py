@@ -174,3 +174,44 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
                     os.kill(p.info["pid"], signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+
+def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path):
+    """Round 2: client-1's worker lost its model (a fresh Ray worker). It answers "stale"; the transport
+    resends the engine's own instruction_for(client-1, -1) (setup + every missed FLoRA merge) and the run
+    still equals the native simulation."""
+    from fedtune.flower import client as flower_client
+    from fedtune.flower.transport import FlowerTransport
+    from fedtune.simulation import simulate
+
+    over = {**FAST, "run.algorithm": "flora", "federation.batch_clients": False}
+    cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
+
+    class LocalGrid:  # delivers each message to the client-side handler in this process
+        calls = 0
+
+        def send_and_receive(self, messages, timeout):
+            if LocalGrid.calls == 1:  # before round 2
+                flower_client._CACHE.nodes.pop(1, None)
+            LocalGrid.calls += 1
+            return [flower_client.handle_train(m, cfg) for m in messages]
+
+    made = []
+
+    def factory(engine, gm, data, pad_id):
+        made.append(FlowerTransport(LocalGrid(), {f"client-{i}": 101 + i for i in range(3)}, engine.algo).attach(engine))
+        return made[0]
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as in a ServerApp; Message() needs them
+    try:
+        simulate(cfg, progress=False, transport_factory=factory)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
+    assert made[0].resyncs == 1 and LocalGrid.calls == 3
+    a = load_file(str(tmp_path / "native/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6

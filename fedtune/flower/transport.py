@@ -5,9 +5,8 @@ timeout) → replies → ClientUpdates. Failed/missing replies are reported as `
 (min_clients, retries) exactly as with the in-process transport.
 
 A client whose cached model is not at the version the server assumed answers "stale" (see client.py); it
-gets a second message built from the version it has (setup + full sync when it has nothing). This needs
-the round's GlobalState, which the Transport protocol does not pass: `attach(engine)` wraps
-`engine.instructions` to remember it (and the client versions the engine assumed).
+gets a second message built from the version it has (setup + full sync when it has nothing) by the
+engine's own `instruction_for(cid, version)` — the same rebuild the gRPC coordinator uses.
 
 Bytes: bytes_*/payload_bytes_* are counted with fedtune.wire.sizes exactly like InProcessTransport (so the
 engines compare), including resent messages. Flower's own serialized message sizes are kept in
@@ -23,7 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction
 from fedtune.engine import RoundEngine, RoundResult
 from fedtune.flower import serde
 from fedtune.wire import sizes as wire_size
@@ -64,20 +63,13 @@ def discover(grid: Grid, num_clients: int, *, timeout_s: float = 120.0) -> dict[
 class FlowerTransport:
     def __init__(self, grid: Grid, node_of: dict[str, int], algo: FedAlgorithm) -> None:
         self.grid, self.node_of, self.algo = grid, dict(node_of), algo
-        self.state: GlobalState | None = None
-        self.assumed: dict[str, int] = {}
+        self.engine: RoundEngine | None = None
         self.flower_rounds: list[dict[str, Any]] = []
         self.resyncs = 0
 
     def attach(self, engine: RoundEngine) -> FlowerTransport:
-        inner = engine.instructions
-
-        def instructions(rnd: int, state: GlobalState, sampled: list[str]) -> dict[str, Instruction]:
-            self.state = state
-            self.assumed = {c: engine.client_versions.get(c, -1) for c in sampled}
-            return inner(rnd, state, sampled)
-
-        engine.instructions = instructions  # type: ignore[method-assign]
+        """Become `engine`'s transport (resends are rebuilt with engine.instruction_for)."""
+        self.engine = engine
         engine.transport = self
         return self
 
@@ -97,12 +89,13 @@ class FlowerTransport:
         return replies
 
     def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
-        if self.state is None or self.state.version != next(iter(instructions.values())).base_version:
-            raise RuntimeError("FlowerTransport.attach(engine) was not called (no round state)")
+        if self.engine is None:
+            raise RuntimeError("FlowerTransport.attach(engine) was not called")
         deadline = time.monotonic() + timeout_s
         res = RoundResult(updates=[])
         fl = {"round": rnd, "down": 0, "up": 0, "resyncs": 0}
-        batch = {cid: (ins, self.assumed.get(cid, -1)) for cid, ins in instructions.items()}
+        # the versions the engine built these instructions from (it updates them only after aggregation)
+        batch = {cid: (ins, self.engine.client_versions.get(cid, -1)) for cid, ins in instructions.items()}
         for attempt in range(2):
             replies = self._send(rnd, batch, res, fl, deadline - time.monotonic())
             retry: dict[str, tuple[Instruction, int]] = {}
@@ -119,7 +112,8 @@ class FlowerTransport:
                 fl["up"] += serde.message_nbytes(reply.content)
                 head = reply.content.config_records["fedtune"]
                 if head["status"] == "stale" and attempt == 0:
-                    retry[cid] = (self._resync(batch[cid][0], int(head["have_version"])), int(head["have_version"]))
+                    have = int(head["have_version"])
+                    retry[cid] = (self.engine.instruction_for(cid, have), have)
                     continue
                 if head["status"] != "ok":
                     res.failed.append(cid)
@@ -135,9 +129,3 @@ class FlowerTransport:
             batch = retry
         self.flower_rounds.append(fl)
         return res
-
-    def _resync(self, ins: Instruction, have: int) -> Instruction:
-        assert self.state is not None
-        return Instruction(round=ins.round, client_id=ins.client_id, base_version=ins.base_version, train=ins.train,
-                           sync=self.algo.sync_payload(self.state, have),
-                           setup=self.algo.setup_payload(self.state) if have < 0 else None)
