@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fedtune import export
 from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
 from fedtune.config import ConfigError, RunConfig
 from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
@@ -30,7 +30,6 @@ from fedtune.models import fingerprint, load_model
 from fedtune.privacy import ClientLevelDP
 from fedtune.privacy.sample import PrivacyBudgetExhausted
 from fedtune.wire import sizes as wire_size
-from fedtune.wire.tensors import payload_nbytes
 
 log = logging.getLogger("fedtune")
 

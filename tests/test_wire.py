@@ -7,7 +7,7 @@ import tracemalloc
 import pytest
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, payload_nbytes
 from fedtune.wire import serde
 from fedtune.wire.tensors import (
     WireError,
@@ -16,7 +16,6 @@ from fedtune.wire.tensors import (
     pack,
     pack_payload,
     pack_update,
-    payload_nbytes,
     unpack,
     unpack_payload,
     unpack_update,

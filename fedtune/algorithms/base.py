@@ -162,6 +162,11 @@ def example_weights(updates: Sequence[ClientUpdate], *, uniform: bool = False) -
     return [u.num_examples / total for u in updates]
 
 
+def payload_nbytes(tensors: TensorDict) -> int:
+    """Raw tensor bytes: Σ numel · itemsize (no headers)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ w_k t_k accumulated in float64, returned in the inputs' dtype."""
     out = torch.zeros_like(tensors[0], dtype=torch.float64)

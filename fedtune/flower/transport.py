@@ -22,11 +22,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction, payload_nbytes
 from fedtune.engine import RoundEngine, RoundResult
 from fedtune.flower import serde
 from fedtune.wire import sizes as wire_size
-from fedtune.wire.tensors import payload_nbytes
 
 log = logging.getLogger("fedtune")
 

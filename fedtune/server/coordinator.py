@@ -22,12 +22,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedtune.algorithms.base import ClientUpdate, Instruction
+from fedtune.algorithms.base import ClientUpdate, Instruction, payload_nbytes
 from fedtune.config import ConfigError, RunConfig, ServerSection
 from fedtune.engine import RoundResult
 from fedtune.server.security import TokenAuthInterceptor, server_credentials
 from fedtune.wire import serde
-from fedtune.wire.tensors import payload_nbytes
 
 log = logging.getLogger("fedtune.server")
 

@@ -36,11 +36,6 @@ class WireIntegrityError(WireError):
     """Data does not match its declared sha256 / size (gRPC: DATA_LOSS)."""
 
 
-def payload_nbytes(tensors: TensorDict) -> int:
-    """Raw tensor bytes: Σ numel · itemsize (no headers)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def _prepare(tensors: TensorDict) -> TensorDict:
     """Sorted, detached, contiguous CPU tensors that own their storage (safetensors refuses
     views and shared storage)."""

@@ -32,9 +32,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, payload_nbytes
 from fedtune.wire import serde
-from fedtune.wire.tensors import pack, payload_nbytes, unpack
+from fedtune.wire.tensors import pack, unpack
 
 HIDDEN, INTER, LAYERS = 576, 1536, 30  # SmolLM2-135M shapes
 MODULES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, 192), "v_proj": (HIDDEN, 192), "o_proj": (HIDDEN, HIDDEN),

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights, payload_nbytes
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.lora_common import lora_shapes
 
@@ -90,7 +90,7 @@ class FedKSeed(FedAlgorithm):
         tensors[round_key(v, "coeff")] = (c.lr * acc[nz]).float()  # η·H[s], [n]
         if c.seed_sampling == "pro":
             self._update_pro(tensors, updates)
-        up = [sum(t.numel() * t.element_size() for t in u.tensors.values()) for u in updates]
+        up = [payload_nbytes(u.tensors) for u in updates]
         down = nz.numel() * 8 + (c.num_seeds * 4 if c.seed_sampling == "pro" else 0)
         grads = torch.cat([u.tensors["grad"].double() for u in updates])
         metrics = {

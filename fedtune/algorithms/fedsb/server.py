@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights, weighted_mean
+from fedtune.algorithms.base import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    example_weights,
+    payload_nbytes,
+    weighted_mean,
+)
 from fedtune.algorithms.fedsb.config import FedSBConfig
 from fedtune.algorithms.fedsb.init import full_weight_grads, random_factors, svd_factors
 from fedtune.algorithms.lora_common import target_linears
@@ -98,7 +106,7 @@ class FedSB(FedAlgorithm):
             r, d_in = state.tensors[f"{m}.A"].shape
             d_out = state.tensors[f"{m}.B"].shape[0]
             sb, lora = sb + r * r, lora + r * (d_in + d_out)
-        up = [sum(t.numel() * t.element_size() for t in u.tensors.values()) for u in updates]
+        up = [payload_nbytes(u.tensors) for u in updates]
         metrics = {"fedsb_upload_bytes": float(sum(up) / len(up)), "fedsb_vs_lora_upload_ratio": sb / lora}
         return GlobalState(version=state.version + 1, tensors=tensors, meta=dict(state.meta)), metrics
 
