@@ -15,6 +15,7 @@ Shapes: x (K·b, T, d_in) → view (K, b·T, d_in) → bmm W_kᵀ → (K, b·T, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,13 +54,17 @@ def per_client_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch
     return tok.sum(1) / count.clamp(min=1)
 
 
-def can_batch(cfgs: Sequence[LocalTrainConfig], sizes: Sequence[int]) -> bool:
-    """Batched training needs one shared schedule and equal batch sizes (every client has ≥ batch_size)."""
+def batchable(configs: Sequence[dict[str, Any]], sizes: Sequence[int]) -> list[LocalTrainConfig] | None:
+    """The clients' parsed configs if they can train in one batched loop, else None: it needs one shared
+    schedule, equal batch sizes (every client has ≥ batch_size examples) and no DP (per-client accounting)."""
+    if len(configs) < 2 or any(c.get("privacy") for c in configs):
+        return None
+    cfgs = [LocalTrainConfig.from_dict(c) for c in configs]
     first = cfgs[0]
     same = all((c.steps, c.batch_size, c.grad_accum, c.lr, c.weight_decay, c.max_grad_norm)
                == (first.steps, first.batch_size, first.grad_accum, first.lr, first.weight_decay, first.max_grad_norm)
                for c in cfgs)
-    return len(cfgs) > 1 and same and min(sizes) >= first.batch_size
+    return cfgs if same and min(sizes) >= first.batch_size else None
 
 
 def train_lora_clients(

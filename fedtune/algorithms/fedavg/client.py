@@ -10,7 +10,7 @@ from torch import nn
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
 from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, lora_layers, set_lora_state
 from fedtune.privacy.sample import SampleLevelDP
-from fedtune.training.batched import can_batch, train_lora_clients
+from fedtune.training.batched import batchable, train_lora_clients
 from fedtune.training.local import LocalTrainConfig, TrainResult, train_local
 
 ADAPTER = "default"
@@ -58,10 +58,8 @@ class LoRAClient(ClientAlgorithm):
     def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]]):
         """All of a round's clients in one batched loop (simulation), or None when they cannot share one
         (different schedules or batch sizes, DP): the caller then trains them one by one."""
-        cfgs = [LocalTrainConfig.from_dict(c) for c in configs]
-        if self.global_tensors is None or any(c.get("privacy") for c in configs) or not can_batch(
-            cfgs, [len(c.features) for c in ctxs]
-        ):
+        cfgs = batchable(configs, [len(c.features) for c in ctxs])
+        if self.global_tensors is None or cfgs is None:
             return None
         activate(model, ADAPTER)
         results = train_lora_clients(lora_layers(model, ADAPTER), ADAPTER, model, [self.global_tensors] * len(ctxs),

@@ -19,8 +19,7 @@ from fedtune.algorithms.lora_common import (
     set_lora_state,
     target_linears,
 )
-from fedtune.training.batched import can_batch, train_lora_clients
-from fedtune.training.local import LocalTrainConfig
+from fedtune.training.batched import batchable, train_lora_clients
 
 
 class FLoRAClient(ClientAlgorithm):
@@ -70,11 +69,9 @@ class FLoRAClient(ClientAlgorithm):
         client k's factors are zero-padded to R (A rows, B columns); padded entries get exactly zero gradient
         (∂L/∂A_pad = B_padᵀ(…) = 0 and ∂L/∂B_pad = (…)(A_pad x)ᵀ = 0), so they stay 0 and slicing them off
         gives the rank-r_k result. Needs one scale s = α_k/r_k for all (FLoRAConfig keeps it). None: fall back."""
-        cfgs = [LocalTrainConfig.from_dict(c) for c in configs]
+        cfgs = batchable(configs, [len(c.features) for c in ctxs])
         scales = {float(c["alpha"]) / int(c["rank"]) for c in configs}
-        if len(scales) != 1 or any(c.get("privacy") for c in configs) or not can_batch(
-            cfgs, [len(c.features) for c in ctxs]
-        ):
+        if cfgs is None or len(scales) != 1:
             return None
         ranks = [int(c["rank"]) for c in configs]
         big = max(ranks)
