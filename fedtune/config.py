@@ -162,6 +162,23 @@ _SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection,
 _OTHER = {"privacy", "server", "client", "flower"}  # sections read by other subsystems
 
 
+def load_tokens(path: str, key: str) -> dict[str, str]:
+    """{client_id: token} from a tokens TOML (as written by `fedtune certs`); `key` names the setting."""
+    if not path:
+        raise ConfigError(f"{key} is required (make one with: fedtune certs --out certs --clients a,b)")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key} not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML ({e})") from None
+    tokens = raw.get("tokens", raw)
+    if not tokens or not all(isinstance(v, str) and v for v in tokens.values()):
+        raise ConfigError(f"{p}: expected client_id = \"token\" lines (non-empty strings)")
+    return dict(tokens)
+
+
 def _build(cls, raw: dict[str, Any], section: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

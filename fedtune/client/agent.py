@@ -13,7 +13,6 @@ import os
 import random
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ import grpc
 from fedtune import __version__
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientAlgorithm, TrainContext
-from fedtune.config import ClientSection, ConfigError, RunConfig
+from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
 from fedtune.models import fingerprint, load_model
 from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import serde
@@ -40,13 +39,9 @@ def resolve_token(c: ClientSection) -> str:
         return c.token
     if not c.token_file:
         raise ConfigError("[client] needs token or token_file (the tokens.toml made by `fedtune certs`)")
-    p = Path(c.token_file)
-    if not p.is_file():
-        raise ConfigError(f"[client] token_file not found: {p}")
-    tokens = tomllib.loads(p.read_text())
-    tokens = tokens.get("tokens", tokens)
+    tokens = load_tokens(c.token_file, "[client] token_file")
     if c.client_id not in tokens:
-        raise ConfigError(f"{p} has no token for client {c.client_id!r}")
+        raise ConfigError(f"{c.token_file} has no token for client {c.client_id!r}")
     return tokens[c.client_id]
 
 

@@ -12,18 +12,16 @@ import logging
 import signal
 import threading
 import time
-import tomllib
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.algorithms.base import ClientUpdate, Instruction, payload_nbytes
-from fedtune.config import ConfigError, RunConfig, ServerSection
+from fedtune.config import ConfigError, RunConfig, ServerSection, load_tokens
 from fedtune.engine import RoundResult
 from fedtune.server.security import TokenAuthInterceptor, server_credentials
 from fedtune.wire import serde
@@ -54,22 +52,6 @@ class _RoundBook:
     bytes_down: int = 0
     payload_up: int = 0
     payload_down: int = 0
-
-
-def load_tokens(path: str) -> dict[str, str]:
-    if not path:
-        raise ConfigError("[server] tokens_file is required (make one with: fedtune certs --out certs --clients a,b)")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"[server] tokens_file not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML ({e})") from None
-    tokens = raw.get("tokens", raw)
-    if not tokens or not all(isinstance(v, str) and v for v in tokens.values()):
-        raise ConfigError(f"{p}: expected client_id = \"token\" lines (non-empty strings)")
-    return dict(tokens)
 
 
 class GrpcTransport(serde.CoordinatorServicer):
@@ -238,7 +220,7 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     from fedtune.simulation import execute, finalize_run, prepare_run
 
     scfg: ServerSection = cfg.section("server", ServerSection)
-    tokens = load_tokens(scfg.tokens_file)
+    tokens = load_tokens(scfg.tokens_file, "[server] tokens_file")
     roster = list(scfg.clients) or sorted(tokens)
     unknown = sorted(set(roster) - set(tokens))
     if unknown:
