@@ -44,6 +44,10 @@ class DataSection:
     dirichlet_alpha: float = 0.5
     eval_fraction: float = 0.1
     max_eval_per_client: int = 16
+    # global test set: drawn once by run.seed from the whole corpus before partitioning (same for any partitioner
+    # or client count) and removed from the clients' data; max_test_examples caps it (0 = no cap)
+    test_fraction: float = 0.1
+    max_test_examples: int = 128
     max_train_per_client: int = 0  # 0 = all
     max_seq_len: int = 128
 
@@ -253,6 +257,8 @@ def validate(cfg: RunConfig) -> None:
     _require(d.partition in ("iid", "dirichlet", "by_category"),
              f"data.partition must be iid, dirichlet or by_category, got {d.partition!r}")
     _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    _require(0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}")
+    _require(d.max_test_examples >= 0, f"data.max_test_examples must be ≥ 0 (0 = no cap), got {d.max_test_examples}")
     _require(d.max_seq_len >= 8, f"data.max_seq_len must be ≥ 8, got {d.max_seq_len}")
     if d.source == "jsonl":
         _require(bool(d.paths), "data.source = \"jsonl\" needs data.paths (one file per client, or one file to partition)")

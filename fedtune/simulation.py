@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
 from fedtune.config import ConfigError, RunConfig
-from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
+from fedtune.data.prepare import ClientData, Prepared, client_ids, prepare_data  # noqa: F401 (re-exported)
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
@@ -32,47 +32,6 @@ from fedtune.privacy.sample import PrivacyBudgetExhausted
 from fedtune.wire import sizes as wire_size
 
 log = logging.getLogger("fedtune")
-
-
-@dataclass
-class ClientData:
-    train: list[dict]
-    eval: list[dict]
-    categories: list[str]
-
-
-def client_ids(n: int) -> list[str]:
-    return [f"client-{i}" for i in range(n)]
-
-
-def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None) -> tuple[dict[str, ClientData], list[dict]]:
-    """Per-client (train, eval) features and the global eval set (union of client eval splits).
-    Client i of `ids` (default client-0 … client-N-1) gets partition i."""
-    d, n = cfg.data, cfg.federation.num_clients
-    ids = ids or client_ids(n)
-    if len(ids) != n:
-        raise ConfigError(f"{len(ids)} client ids for federation.num_clients = {n}; make them agree")
-    seed = cfg.run.seed
-    if d.source == "chatterbot":
-        shards = partition(load_chatterbot(d.language, d.categories or None), n, method=d.partition,
-                           seed=seed, alpha=d.dirichlet_alpha)
-    elif len(d.paths) == n:
-        shards = [load_jsonl(p) for p in d.paths]
-    else:
-        shards = partition(load_jsonl(d.paths[0]), n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha)
-    fmt = ChatFormatter(tokenizer, d.max_seq_len)
-    out: dict[str, ClientData] = {}
-    for k, (cid, shard) in enumerate(zip(ids, shards, strict=True)):
-        if not shard:
-            raise DataError(f"{cid} has no examples; give it data or use fewer clients")
-        tr, ev = split_eval(shard, d.eval_fraction, seed + k, d.max_eval_per_client)
-        if d.max_train_per_client:
-            tr = tr[: d.max_train_per_client]
-        out[cid] = ClientData(fmt.many(tr), fmt.many(ev), sorted({e.category for e in shard}))
-        if not out[cid].train:
-            raise DataError(f"{cid}: no usable training examples after formatting (max_seq_len={d.max_seq_len} too small?)")
-    global_eval = [f for c in out.values() for f in c.eval]
-    return out, global_eval
 
 
 class InProcessTransport:
@@ -201,6 +160,9 @@ class Run:
     state: GlobalState
     start_round: int
     t_start: float
+    test: list[dict] = field(default_factory=list)  # tokenized global test set (drawn before partitioning)
+    test_examples: list = field(default_factory=list)  # the same, raw Example objects
+    data_report: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None) -> Run:
@@ -211,7 +173,8 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
         torch.set_num_threads(cfg.run.threads)
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
-    data, global_eval = prepare_data(cfg, tok, roster)
+    prep = prepare_data(cfg, tok, roster)
+    data, global_eval = prep.clients, prep.global_eval
     algo, budget_check = build_algorithm(cfg)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
         if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
@@ -238,7 +201,8 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
 
     engine.evaluate_fn = evaluate_fn
     writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
-    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start)
+    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start,
+               test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
 
 
 def execute(run: Run, *, progress: bool = True) -> GlobalState:

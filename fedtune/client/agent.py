@@ -56,21 +56,17 @@ def make_channel(c: ClientSection) -> grpc.Channel:
 def local_data(cfg: RunConfig, c: ClientSection, tokenizer):
     """This client's (train, eval) features: partition `c.partition` of [data] (the same split the server
     and other clients compute), or, with partition = -1, all of [data] paths as its own data."""
-    from fedtune.simulation import ClientData, prepare_data
+    from fedtune.data.prepare import prepare_data
 
     if c.partition >= 0:
         if c.partition >= cfg.federation.num_clients:
             raise ConfigError(f"[client] partition {c.partition} ≥ federation.num_clients {cfg.federation.num_clients}")
-        data, _ = prepare_data(cfg, tokenizer)
-        return list(data.values())[c.partition]
+        return list(prepare_data(cfg, tokenizer).clients.values())[c.partition]
     if cfg.data.source != "jsonl":
         raise ConfigError("[client] partition = -1 needs [data] source = \"jsonl\" with this client's own paths")
     one = RunConfig(run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train)
     one.federation.num_clients = 1
-    one.data.paths = cfg.data.paths[:1] if len(cfg.data.paths) == 1 else cfg.data.paths
-    data, _ = prepare_data(one, tokenizer)
-    d = next(iter(data.values()))
-    return ClientData(d.train, d.eval, d.categories)
+    return next(iter(prepare_data(one, tokenizer).clients.values()))  # all its files form one client
 
 
 class Agent:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
@@ -32,6 +33,11 @@ def chatterbot_dir() -> Path:
 
 def load_chatterbot(language: str = "english", categories: list[str] | None = None) -> list[Example]:
     """Consecutive utterance pairs (u_i, u_{i+1}) of every conversation, category = file name."""
+    return list(_chatterbot(language, tuple(categories or ())))
+
+
+@functools.lru_cache(maxsize=4)  # parsing the YAML takes ~1 s; the corpus is read-only
+def _chatterbot(language: str, categories: tuple[str, ...]) -> tuple[Example, ...]:
     lang_dir = chatterbot_dir() / language
     if not lang_dir.is_dir():
         langs = sorted(p.name for p in chatterbot_dir().iterdir() if p.is_dir())
@@ -49,7 +55,7 @@ def load_chatterbot(language: str = "english", categories: list[str] | None = No
         for conv in doc.get("conversations") or []:
             turns = [str(t).strip() for t in conv if isinstance(t, str | int | float) and str(t).strip()]
             out.extend(Example(a, b, f.stem, language) for a, b in itertools.pairwise(turns))
-    return out
+    return tuple(out)
 
 
 def load_jsonl(path: str | Path, category: str | None = None) -> list[Example]:

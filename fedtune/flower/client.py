@@ -61,13 +61,13 @@ class _ProcessCache:
     def ensure(self, cfg: RunConfig) -> None:
         import json
 
+        from fedtune.data.prepare import prepare_data
         from fedtune.models import load_model
-        from fedtune.simulation import prepare_data
 
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         if key != self.key:  # new run / config in this process: drop everything
             self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
-            self.data, _ = prepare_data(cfg, self.tok)
+            self.data = prepare_data(cfg, self.tok).clients
             self.nodes.clear()
             self.key = key
 
