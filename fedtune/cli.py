@@ -35,8 +35,12 @@ def _simulate(args: argparse.Namespace) -> int:
         summary = simulate(cfg, resume=args.resume, progress=not args.no_progress, save_merged=args.save_merged)
     if summary.get("stopped_early"):
         print(f"stopped early: {summary['stopped_early']}")
+    def loss(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
     print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s; "
-          f"eval loss {summary['eval_loss_first']:.4f} → {summary['eval_loss_final']:.4f}")
+          f"eval loss {loss(summary['eval_loss_first'])} → {loss(summary['eval_loss_final'])}"
+          + (f" (eval skipped: {summary['eval_skipped']})" if summary.get("eval_skipped") else ""))
     for name, path in output_paths(summary):
         print(f"  {name:8s} {path}")
     return 0

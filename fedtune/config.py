@@ -36,10 +36,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "chatterbot"  # "chatterbot" | "jsonl"
+    source: str = "chatterbot"  # "chatterbot" | "jsonl" (your own files: JSONL/JSON/CSV/Parquet/save_to_disk dirs)
     language: str = "english"
-    categories: list[str] = field(default_factory=list)  # empty = all
-    paths: list[str] = field(default_factory=list)  # jsonl: one file per client, or one file + partition
+    categories: list[str] = field(default_factory=list)  # keep only these categories; empty = all
+    paths: list[str] = field(default_factory=list)  # one file (or dir) per client, or one or more to partition
     partition: str = "by_category"  # iid | dirichlet | by_category
     dirichlet_alpha: float = 0.5
     eval_fraction: float = 0.1
@@ -49,7 +49,9 @@ class DataSection:
     test_fraction: float = 0.1
     max_test_examples: int = 128
     max_train_per_client: int = 0  # 0 = all
-    max_seq_len: int = 128
+    # 0 = auto: 128 for chatterbot; for your own data the smallest length keeping ≥ 99 % of responses whole
+    max_seq_len: int = 0
+    max_drop_fraction: float = 0.01  # stop if more than this share of a client's examples cannot be kept
 
 
 @dataclass
@@ -259,7 +261,8 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     _require(0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}")
     _require(d.max_test_examples >= 0, f"data.max_test_examples must be ≥ 0 (0 = no cap), got {d.max_test_examples}")
-    _require(d.max_seq_len >= 8, f"data.max_seq_len must be ≥ 8, got {d.max_seq_len}")
+    _require(d.max_seq_len == 0 or d.max_seq_len >= 8, f"data.max_seq_len must be 0 (auto) or ≥ 8, got {d.max_seq_len}")
+    _require(0 <= d.max_drop_fraction <= 1, f"data.max_drop_fraction must be in [0, 1], got {d.max_drop_fraction}")
     if d.source == "jsonl":
         _require(bool(d.paths), "data.source = \"jsonl\" needs data.paths (one file per client, or one file to partition)")
         _require(len(d.paths) in (1, f.num_clients),

@@ -23,7 +23,7 @@ from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
 from fedtune.config import ConfigError, RunConfig
-from fedtune.data.prepare import ClientData, Prepared, client_ids, prepare_data  # noqa: F401 (re-exported)
+from fedtune.data.prepare import ClientData, Prepared, client_ids, context_length, format_report, prepare_data  # noqa: F401 (re-exported)
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
@@ -173,8 +173,9 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
         torch.set_num_threads(cfg.run.threads)
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
-    prep = prepare_data(cfg, tok, roster)
+    prep = prepare_data(cfg, tok, roster, context_len=context_length(model))
     data, global_eval = prep.clients, prep.global_eval
+    log.info("%s", format_report(prep.report))
     algo, budget_check = build_algorithm(cfg)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
         if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
@@ -199,7 +200,10 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
         gm.advance(algo, s)
         return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
 
-    engine.evaluate_fn = evaluate_fn
+    engine.evaluate_fn = evaluate_fn if global_eval else None
+    if not global_eval:
+        log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",
+                    cfg.data.eval_fraction)
     writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
     return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start,
                test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
@@ -231,18 +235,20 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
     plot = writer.plot()
-    evals = [r.get("eval_loss") for r in writer.rows if r.get("eval_loss") is not None]
+    evals = [r["eval_loss"] for r in writer.rows if isinstance(r.get("eval_loss"), float) and r["eval_loss"] == r["eval_loss"]]
     summary = {
         "algorithm": run.algo.name, "rounds_completed": state.version, "stopped_early": run.engine.stop_reason,
         "epsilon": run.engine.epsilon_max,
         "delta": next((r["delta"] for r in reversed(writer.rows) if r.get("delta")), None),
         "privacy": cfg.privacy_config().to_dict(),
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
+        "eval_skipped": None if run.global_eval else "no eval examples ([data] eval_fraction = 0 or too little data)",
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},
+        "data": run.data_report,
         "adapter": str(adapter_dir) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
         "plot": str(plot) if plot else None, "metrics": str(writer.path),
         "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),

@@ -21,6 +21,7 @@ from fedtune import __version__
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientAlgorithm, TrainContext
 from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
+from fedtune.data.prepare import context_length
 from fedtune.models import fingerprint, load_model
 from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import serde
@@ -53,7 +54,7 @@ def make_channel(c: ClientSection) -> grpc.Channel:
     return grpc.insecure_channel(c.server, options=opts)
 
 
-def local_data(cfg: RunConfig, c: ClientSection, tokenizer):
+def local_data(cfg: RunConfig, c: ClientSection, tokenizer, context_len: int | None = None):
     """This client's (train, eval) features: partition `c.partition` of [data] (the same split the server
     and other clients compute), or, with partition = -1, all of [data] paths as its own data."""
     from fedtune.data.prepare import prepare_data
@@ -61,12 +62,12 @@ def local_data(cfg: RunConfig, c: ClientSection, tokenizer):
     if c.partition >= 0:
         if c.partition >= cfg.federation.num_clients:
             raise ConfigError(f"[client] partition {c.partition} ≥ federation.num_clients {cfg.federation.num_clients}")
-        return list(prepare_data(cfg, tokenizer).clients.values())[c.partition]
+        return list(prepare_data(cfg, tokenizer, context_len=context_len).clients.values())[c.partition]
     if cfg.data.source != "jsonl":
         raise ConfigError("[client] partition = -1 needs [data] source = \"jsonl\" with this client's own paths")
     one = RunConfig(run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train)
     one.federation.num_clients = 1
-    return next(iter(prepare_data(one, tokenizer).clients.values()))  # all its files form one client
+    return next(iter(prepare_data(one, tokenizer, context_len=context_len).clients.values()))  # all its files form one client
 
 
 class Agent:
@@ -78,7 +79,7 @@ class Agent:
         self.meta = auth_metadata(self.token)
         self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
         self.fp = fingerprint(self.base)
-        self.data = local_data(cfg, c, self.tok)
+        self.data = local_data(cfg, c, self.tok, context_length(self.base))
         self.model = None
         self.client: ClientAlgorithm | None = None
         self.version: int | None = None  # global version held; None = not set up

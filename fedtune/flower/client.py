@@ -61,13 +61,13 @@ class _ProcessCache:
     def ensure(self, cfg: RunConfig) -> None:
         import json
 
-        from fedtune.data.prepare import prepare_data
+        from fedtune.data.prepare import context_length, prepare_data
         from fedtune.models import load_model
 
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         if key != self.key:  # new run / config in this process: drop everything
             self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
-            self.data = prepare_data(cfg, self.tok).clients
+            self.data = prepare_data(cfg, self.tok, context_len=context_length(self.base)).clients
             self.nodes.clear()
             self.key = key
 
