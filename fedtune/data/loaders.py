@@ -7,8 +7,10 @@ Schemas (detected per file from its first row, every row must match): SCHEMAS be
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -198,7 +200,9 @@ def _dataset_rows(p: Path, kind: str):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if kind == "csv":
-                ds = ds_lib.Dataset.from_csv(str(p), cache_dir=tmp, keep_in_memory=True, dtype=str,
+                header = next(csv.reader(io.StringIO(read_text(p))), [])
+                strings = ds_lib.Features({c: ds_lib.Value("string") for c in header})
+                ds = ds_lib.Dataset.from_csv(str(p), cache_dir=tmp, keep_in_memory=True, features=strings,
                                              keep_default_na=False)
             elif kind == "parquet":
                 ds = ds_lib.Dataset.from_parquet(str(p), cache_dir=tmp, keep_in_memory=True)

@@ -68,8 +68,9 @@ def draw_test_indices(n: int, fraction: float, max_examples: int, seed: int) -> 
     return sorted(np.random.default_rng([seed, TEST_STREAM]).choice(n, size=k, replace=False).tolist())
 
 
-def _load_sources(cfg: RunConfig) -> tuple[list[list[Example]], list[str]]:
-    """The corpus as groups: one group per client file (one file per client), else a single group."""
+def load_corpus(cfg: RunConfig) -> tuple[list[list[Example]], list[str]]:
+    """The corpus as (groups, names): one group per client file (one file per client), else a single group.
+    Needs no model or tokenizer, so bad data fails before the model is loaded."""
     d, n = cfg.data, cfg.federation.num_clients
     if d.source == "chatterbot":
         return [load_chatterbot(d.language, d.categories or None)], ["chatterbot"]
@@ -138,17 +139,17 @@ def _merge(a: dict, b: dict) -> dict:
             "lengths": a["lengths"] + b["lengths"]}
 
 
-def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *,
-                 context_len: int | None = None) -> Prepared:
+def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *, context_len: int | None = None,
+                 corpus: tuple[list[list[Example]], list[str]] | None = None) -> Prepared:
     """Per-client (train, eval) features, the global eval set, the global test set and the data report.
     Client i of `ids` (default client-0 … client-N-1) gets partition i (or file i). `context_len` (the model's
-    context length) bounds max_seq_len."""
+    context length) bounds max_seq_len; `corpus` is load_corpus(cfg) when the caller already has it."""
     d, n = cfg.data, cfg.federation.num_clients
     ids = ids or client_ids(n)
     if len(ids) != n:
         raise ConfigError(f"{len(ids)} client ids for federation.num_clients = {n}; make them agree")
     seed = cfg.run.seed
-    groups, names = _load_sources(cfg)
+    groups, names = corpus or load_corpus(cfg)
     max_len = choose_max_seq_len(cfg, tokenizer, [ex for g in groups for ex in g], context_len)
     groups, test_examples = split_test(groups, cfg)
     per_file = len(groups) == n and n > 1
