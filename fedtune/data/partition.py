@@ -21,7 +21,8 @@ def _check(n_items: int, num_clients: int) -> None:
 
 
 def iid(items: Sequence[T], num_clients: int, seed: int) -> list[list[T]]:
-    """Shuffle, then deal into near-equal shares."""
+    """Shuffle, then deal into near-equal contiguous shares: the same partition as flwr-datasets'
+    IidPartitioner(num_partitions) on dataset.shuffle(seed)."""
     _check(len(items), num_clients)
     order = np.random.default_rng(seed).permutation(len(items))
     return [[items[i] for i in part] for part in np.array_split(order, num_clients)]
@@ -53,25 +54,27 @@ def by_category(items: Sequence[Example], num_clients: int, seed: int) -> list[l
 
 
 def dirichlet(items: Sequence[Example], num_clients: int, seed: int, alpha: float) -> list[list[Example]]:
-    """For each category, split its examples over clients with proportions ~ Dir(α·1)."""
+    """For each category (sorted), split its examples (in corpus order) over clients with proportions ~ Dir(α·1);
+    redraw (up to 10 times) while a client is empty. The same partition as flwr-datasets'
+    DirichletPartitioner(num_partitions, partition_by="category", alpha, min_partition_size=1, seed)."""
     _check(len(items), num_clients)
     if alpha <= 0:
         raise DataError(f"dirichlet alpha must be > 0, got {alpha} (small = more skewed, e.g. 0.5)")
     rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
-    for idx in _by_cat(items).values():
-        idx = rng.permutation(idx)
-        props = rng.dirichlet([alpha] * num_clients)
-        cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
-        for k, chunk in enumerate(np.split(idx, cuts)):
-            parts[k].extend(int(i) for i in chunk)
-    empty = [k for k, p in enumerate(parts) if not p]
-    if empty:
-        raise DataError(
-            f"dirichlet(alpha={alpha}, seed={seed}) left client(s) {empty} with no examples; "
-            "raise alpha, change the seed or use fewer clients"
-        )
-    return [[items[i] for i in sorted(p)] for p in parts]
+    cats = _by_cat(items)
+    for _attempt in range(11):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for idx in cats.values():
+            props = rng.dirichlet([alpha] * num_clients)
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for k, chunk in enumerate(np.split(np.asarray(idx), cuts)):
+                parts[k].extend(int(i) for i in chunk)
+        if all(parts):
+            return [[items[i] for i in sorted(p)] for p in parts]
+    raise DataError(
+        f"dirichlet(alpha={alpha}, seed={seed}) left a client with no examples in 11 draws; "
+        "raise alpha, change the seed or use fewer clients"
+    )
 
 
 def partition(items: Sequence[Example], num_clients: int, *, method: str, seed: int, alpha: float = 0.5):
