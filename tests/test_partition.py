@@ -58,3 +58,16 @@ def test_dirichlet_equals_flwr_datasets(corpus, n, sizes):
 
     (rest,), _ = split_test([corpus], config.load(None))
     assert [len(p) for p in dirichlet(rest, n, 0, 0.5)] == sizes
+
+
+def test_pathological_equals_flwr_datasets_and_never_loses_a_category(corpus):
+    from fedtune import config
+    from fedtune.data import pathological
+    from fedtune.data.prepare import split_test
+
+    (rest,), _ = split_test([corpus], config.load(None))
+    # flwr-datasets 0.6.1 PathologicalPartitioner(8, "category", 12, "random", seed=0) sizes on the same corpus
+    assert [len(p) for p in pathological(rest, 8, 0, 12)] == [436, 163, 491, 185, 523, 160, 113, 178]
+    # with 4 clients no one draws "coding" and "health": flwr-datasets drops their 178 examples, we refuse
+    with pytest.raises(DataError, match=r"gives no client the categories \['coding', 'health'\] \(178 examples"):
+        pathological(rest, 4, 0, 12)

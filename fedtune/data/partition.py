@@ -77,14 +77,43 @@ def dirichlet(items: Sequence[Example], num_clients: int, seed: int, alpha: floa
     )
 
 
-def partition(items: Sequence[Example], num_clients: int, *, method: str, seed: int, alpha: float = 0.5):
+def pathological(items: Sequence[Example], num_clients: int, seed: int, per_client: int) -> list[list[Example]]:
+    """Each client draws `per_client` categories at random (without replacement); a category's examples are split
+    evenly (in corpus order) among the clients that drew it. The same partition as flwr-datasets'
+    PathologicalPartitioner(num_partitions, partition_by="category", num_classes_per_partition, "random", seed).
+    A category no client drew would lose its examples: that is an error, not a silent drop."""
+    _check(len(items), num_clients)
+    cats = _by_cat(items)
+    names = list(cats)
+    if not 1 <= per_client <= len(names):
+        raise DataError(f"pathological needs 1 ≤ categories_per_client ≤ {len(names)} (the categories), got {per_client}")
+    rng = np.random.default_rng(seed)
+    drawn = [rng.choice(names, size=per_client, replace=False).tolist() for _ in range(num_clients)]
+    unused = sorted(set(names) - {c for d in drawn for c in d})
+    if unused:
+        raise DataError(f"pathological(categories_per_client={per_client}, seed={seed}) gives no client the categories "
+                        f"{unused} ({sum(len(cats[c]) for c in unused)} examples would be lost); raise "
+                        "categories_per_client or the number of clients, change the seed, or leave them out with "
+                        "[data] categories")
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for c in names:
+        holders = [k for k in range(num_clients) if c in drawn[k]]
+        for k, chunk in zip(holders, np.array_split(np.asarray(cats[c]), len(holders)), strict=True):
+            parts[k].extend(int(i) for i in chunk)
+    return [[items[i] for i in sorted(p)] for p in parts]
+
+
+def partition(items: Sequence[Example], num_clients: int, *, method: str, seed: int, alpha: float = 0.5,
+              categories_per_client: int = 2):
     if method == "iid":
         return iid(items, num_clients, seed)
     if method == "by_category":
         return by_category(items, num_clients, seed)
     if method == "dirichlet":
         return dirichlet(items, num_clients, seed, alpha)
-    raise DataError(f"unknown partition {method!r}; choose iid, dirichlet or by_category")
+    if method == "pathological":
+        return pathological(items, num_clients, seed, categories_per_client)
+    raise DataError(f"unknown partition {method!r}; choose iid, dirichlet, by_category or pathological")
 
 
 def split_eval(items: Sequence[T], fraction: float, seed: int, max_eval: int | None = None) -> tuple[list[T], list[T]]:

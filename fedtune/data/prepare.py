@@ -160,7 +160,8 @@ def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *, con
                                 "add data to this file or lower [data] test_fraction")
         shards = groups
     else:
-        shards = partition(groups[0], n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha)
+        shards = partition(groups[0], n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha,
+                           categories_per_client=d.categories_per_client)
     fmt = ChatFormatter(tokenizer, max_len)
     clients: dict[str, ClientData] = {}
     report: dict[str, Any] = {"max_seq_len": max_len, "max_seq_len_auto": not d.max_seq_len, "clients": {}}

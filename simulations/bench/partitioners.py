@@ -18,24 +18,31 @@ from fedtune import config
 from fedtune.data import DataError, load_chatterbot, partition
 from fedtune.data.prepare import split_test
 
+PER_CLIENT = 12  # pathological: categories per client (4 or 8 clients × 12 draws cover all 21 for seed 0)
+
 
 def _stats(parts: list[list[int]], cats: list[str], wall: float) -> dict:
     parts_cats = [[cats[i] for i in p] for p in parts]
     sizes = [len(p) for p in parts_cats]
-    return {"clients": len(sizes), "sizes": sizes, "imbalance": round(max(sizes) / max(1, min(sizes)), 2),
+    return {"clients": len(sizes), "examples": sum(sizes), "sizes": sizes, "imbalance": round(max(sizes) / max(1, min(sizes)), 2),
             "categories_per_client": [len(set(p)) for p in parts_cats], "wall_ms": round(1000 * wall, 2)}
 
 
 def ours(examples, method, n, seed, alpha=0.5):
     t = time.perf_counter()
-    parts = partition(examples, n, method=method, seed=seed, alpha=alpha)
+    parts = partition(examples, n, method=method, seed=seed, alpha=alpha, categories_per_client=PER_CLIENT)
     wall = time.perf_counter() - t
     pos = {id(e): i for i, e in enumerate(examples)}
     return [sorted(pos[id(e)] for e in p) for p in parts], wall
 
 
 def theirs(ds, method, n, seed, alpha=0.5):
-    from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        GroupedNaturalIdPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     t = time.perf_counter()
     if method == "iid":  # IidPartitioner shards contiguously: FederatedDataset shuffles first
@@ -43,6 +50,9 @@ def theirs(ds, method, n, seed, alpha=0.5):
     elif method == "dirichlet":
         p, data = DirichletPartitioner(num_partitions=n, partition_by="category", alpha=alpha, seed=seed,
                                        min_partition_size=1), ds
+    elif method == "pathological":
+        p, data = PathologicalPartitioner(num_partitions=n, partition_by="category", seed=seed,
+                                          num_classes_per_partition=PER_CLIENT, class_assignment_mode="random"), ds
     else:  # by_category ~ GroupedNaturalIdPartitioner: groups of ⌈C/N⌉ categories
         n_cat = len(set(ds["category"]))
         p, data = GroupedNaturalIdPartitioner(partition_by="category", group_size=math.ceil(n_cat / n)), ds
@@ -62,7 +72,7 @@ def main() -> None:
     ds = datasets.Dataset.from_list([{"category": e.category, "idx": i} for i, e in enumerate(rest)])
     cats = [e.category for e in rest]
     res: dict = {"examples": len(rest), "categories": len({e.category for e in rest}), "rows": []}
-    for method in ("iid", "dirichlet", "by_category"):
+    for method in ("iid", "dirichlet", "by_category", "pathological"):
         for n in (4, 8):
             row: dict = {"method": method, "clients_requested": n}
             got = {}
