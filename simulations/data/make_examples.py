@@ -23,8 +23,7 @@ def main() -> None:
     with open(OUT / "org-a.jsonl", "w", encoding="utf-8") as f:
         for cat in ("computers", "science"):
             for conv in conversations(cat):
-                for a, b in itertools.pairwise(conv):
-                    f.write(json.dumps({"prompt": a, "response": b, "category": cat}) + "\n")
+                f.writelines(json.dumps({"prompt": a, "response": b, "category": cat}) + "\n" for a, b in itertools.pairwise(conv))
     with open(OUT / "org-b.jsonl", "w", encoding="utf-8") as f:
         for cat in ("food", "sports"):
             for conv in conversations(cat):
