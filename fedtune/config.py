@@ -84,6 +84,7 @@ class ServerSection:
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
     poll_interval_s: float = 1.0  # how soon an idle client asks again
     max_upload_mb: float = 512.0
+    max_examples_per_client: int = 1_000_000  # cap on an update's num_examples (its aggregation weight); 0 = none
     evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
     finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
 
@@ -260,5 +261,7 @@ def validate(cfg: RunConfig) -> None:
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
-    cfg.section("server", ServerSection)
+    s = cfg.section("server", ServerSection)
+    _require(isinstance(s.max_examples_per_client, int) and s.max_examples_per_client >= 0,
+             f"server.max_examples_per_client must be an integer ≥ 0 (0 = no cap), got {s.max_examples_per_client!r}")
     cfg.section("client", ClientSection)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
-from fedtune.config import ConfigError, RunConfig
+from fedtune.config import ConfigError, RunConfig, ServerSection
 from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
@@ -171,7 +171,8 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
     f = cfg.federation
     return EngineConfig(rounds=cfg.run.rounds, seed=cfg.run.seed, fraction=f.fraction, min_clients=f.min_clients,
                         round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
-                        train=train_config(cfg))
+                        train=train_config(cfg),
+                        max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client)
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -95,7 +95,8 @@ class Agent:
     # -- one exchange ----------------------------------------------------------------------------
     def join(self, stub) -> None:
         reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
-            self.c.client_id, self.fp, {"device": "cpu"}, __version__)), metadata=self.meta, timeout=self.c.rpc_timeout_s))
+            self.c.client_id, self.fp, {"device": "cpu", "train_examples": str(len(self.data.train))}, __version__)),
+            metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
             raise Refused(f"join refused: {reply.reason}")
         self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s

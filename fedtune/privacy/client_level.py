@@ -22,6 +22,7 @@ from fedtune.algorithms.base import (
     GlobalState,
     Payload,
     TensorDict,
+    UpdateSpec,
 )
 from fedtune.privacy.accounting import Accountant, noise_for_target
 from fedtune.privacy.config import PrivacyConfig
@@ -94,6 +95,9 @@ class ClientLevelDP(FedAlgorithm):
 
     def make_client(self) -> ClientAlgorithm:
         return self.inner.make_client()
+
+    def expected_update(self, state: GlobalState, train: dict[str, Any]) -> UpdateSpec:
+        return self.inner.expected_update(state, train)
 
     # ---- privacy ----------------------------------------------------------------------------------
     def accountant(self, state: GlobalState) -> Accountant:
