@@ -154,13 +154,22 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[privacy]: {e}") from None
 
+    def robust_config(self):
+        """[robust] as a validated RobustConfig (off when the section is absent)."""
+        from fedtune.robust import RobustConfig
+
+        try:
+            return RobustConfig.from_dict(self.extra.get("robust", {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[robust]: {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection,
              "federation": FederationSection, "train": TrainSection}
-_OTHER = {"privacy", "server", "client", "flower"}  # sections read by other subsystems
+_OTHER = {"privacy", "server", "client", "flower", "robust"}  # sections read by other subsystems
 
 
 def load_tokens(path: str, key: str) -> dict[str, str]:
@@ -261,6 +270,7 @@ def validate(cfg: RunConfig) -> None:
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
+    cfg.robust_config()
     s = cfg.section("server", ServerSection)
     _require(isinstance(s.max_examples_per_client, int) and s.max_examples_per_client >= 0,
              f"server.max_examples_per_client must be an integer ≥ 0 (0 = no cap), got {s.max_examples_per_client!r}")

@@ -252,7 +252,7 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     if len(roster) != cfg.federation.num_clients:
         raise ConfigError(f"{len(roster)} clients in the roster but federation.num_clients = "
                           f"{cfg.federation.num_clients}; make them agree")
-    run = prepare_run(cfg, resume=resume, roster=roster)
+    run = prepare_run(cfg, resume=resume, roster=roster, deployment=True)
     if not scfg.evaluate:
         run.engine.evaluate_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
