@@ -10,6 +10,7 @@ import sys
 import time
 
 import grpc
+import pytest
 import torch
 from grpc_health.v1 import health_pb2
 from test_grpc import IDS, TOKENS, Server, _free_port, _health, adapters, agent, rows, run_agents, write_run
@@ -86,6 +87,11 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
         grpc.channel_ready_future(channel).result(timeout=90)
         threads, results = run_agents(agents)
         stub, md = serde.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
+        for bogus in ("²", "9" * 5000, "-1", "0"):  # a declared example count must be a plain positive integer
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Join(serde.to_proto(serde.JoinRequest(HOSTILE, fingerprint(base), {"train_examples": bogus}, "x")),
+                          metadata=md, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bogus
         join = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
             HOSTILE, fingerprint(base), {"train_examples": "48"}, "evil")), metadata=md, timeout=10))
         assert join.accepted

@@ -135,7 +135,7 @@ class GrpcTransport(serde.CoordinatorServicer):
             return serde.to_proto(serde.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
         declared = req.capabilities.get("train_examples")
         if declared is not None:
-            if not (declared.isdigit() and 0 < int(declared) <= 2**53):
+            if not (len(declared) <= 16 and declared.isascii() and declared.isdigit() and 0 < int(declared) <= 2**53):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"capability train_examples must be a positive integer, got {declared[:32]!r}")
             with self.lock:
