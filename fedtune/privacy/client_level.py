@@ -135,7 +135,7 @@ class ClientLevelDP(FedAlgorithm):
         os_rng = np.random.default_rng(secrets.randbits(128)) if self.os_noise else None
         new: TensorDict = {}
         for k in sorted(total):
-            z = (torch.from_numpy(os_rng.standard_normal(tuple(total[k].shape))) if os_rng is not None
+            z = (torch.as_tensor(os_rng.standard_normal(tuple(total[k].shape)), dtype=torch.float64) if os_rng is not None
                  else torch.randn(total[k].shape, generator=g, dtype=torch.float64))
             noise = z * (sigma * C)
             mean = (total[k] + noise) / self.clients_per_round
