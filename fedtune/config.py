@@ -91,6 +91,7 @@ class ServerSection:
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
     poll_interval_s: float = 1.0  # how soon an idle client asks again
     max_upload_mb: float = 512.0
+    max_examples_per_client: int = 1_000_000  # cap on an update's num_examples (its aggregation weight); 0 = none
     evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
     finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
 
@@ -160,13 +161,22 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[privacy]: {e}") from None
 
+    def robust_config(self):
+        """[robust] as a validated RobustConfig (off when the section is absent)."""
+        from fedtune.robust import RobustConfig
+
+        try:
+            return RobustConfig.from_dict(self.extra.get("robust", {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[robust]: {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection,
              "federation": FederationSection, "train": TrainSection}
-_OTHER = {"privacy", "server", "client", "flower"}  # sections read by other subsystems
+_OTHER = {"privacy", "server", "client", "flower", "robust"}  # sections read by other subsystems
 
 
 def load_tokens(path: str, key: str) -> dict[str, str]:
@@ -270,5 +280,8 @@ def validate(cfg: RunConfig) -> None:
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
-    cfg.section("server", ServerSection)
+    cfg.robust_config()
+    s = cfg.section("server", ServerSection)
+    _require(isinstance(s.max_examples_per_client, int) and s.max_examples_per_client >= 0,
+             f"server.max_examples_per_client must be an integer ≥ 0 (0 = no cap), got {s.max_examples_per_client!r}")
     cfg.section("client", ClientSection)

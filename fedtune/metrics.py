@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 ROUND_FIELDS = [
-    "round", "algorithm", "clients_sampled", "clients_completed", "bytes_up", "bytes_down",
+    "round", "algorithm", "clients_sampled", "clients_completed", "updates_rejected", "bytes_up", "bytes_down",
     "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "epsilon", "delta", "wall_s",
 ]
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
-from fedtune.config import ConfigError, RunConfig
+from fedtune.config import ConfigError, RunConfig, ServerSection
 from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_ids re-exported)
     ClientData,
     Prepared,
@@ -37,6 +37,7 @@ from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
 from fedtune.privacy import ClientLevelDP
 from fedtune.privacy.sample import PrivacyBudgetExhausted
+from fedtune.robust import RobustAggregation
 from fedtune.wire import sizes as wire_size
 
 log = logging.getLogger("fedtune")
@@ -108,27 +109,38 @@ def train_config(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
-    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client", and the
-    engine's budget check (stop before a round that would exceed target_epsilon)."""
+def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
+                    ) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
+    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client" and with robust
+    aggregation when [robust] is set (RobustAggregation(ClientLevelDP(method))), and the engine's budget
+    check (stop before a round that would exceed target_epsilon). `deployment` (fedtune server): the
+    client-level DP noise comes from the OS unless [privacy] noise_seed is set."""
     algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
-    pc = cfg.privacy_config()
+    pc, rc = cfg.privacy_config(), cfg.robust_config()
     if pc.mode == "sample" and not algo.supports_sample_dp:
         raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r} yet (its zeroth-order "
                           "steps need per-example clipping of the projected gradient); use fedavg, flora or fedsb")
-    if pc.mode != "client":
-        return algo, None
+    dp: ClientLevelDP | None = None
     try:
-        f = cfg.federation
-        algo = ClientLevelDP(algo, pc, clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
-                             num_clients=cfg.federation.num_clients, rounds=cfg.run.rounds)
+        if pc.mode == "client":
+            if deployment and pc.noise_seed is not None:
+                log.warning("[privacy] noise_seed is set: the server's DP noise is reproducible, and anyone who knows "
+                            "the seed can subtract it; remove noise_seed in a deployment (noise then comes from the OS)")
+            f = cfg.federation
+            algo = dp = ClientLevelDP(algo, pc, num_clients=f.num_clients, rounds=cfg.run.rounds,
+                                      clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
+                                      os_noise=deployment and pc.noise_seed is None)
+        if rc.enabled:
+            algo = RobustAggregation(algo, rc)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if dp is None:
+        return algo, None
 
     def budget_check(state: GlobalState) -> str | None:
-        if algo.would_exceed_budget(state):
+        if dp.would_exceed_budget(state):
             return (f"the next round would exceed target_epsilon={pc.target_epsilon} "
-                    f"(ε spent {algo.epsilon(state):.4f} at δ={algo.delta:g})")
+                    f"(ε spent {dp.epsilon(state):.4f} at δ={dp.delta:g})")
         return None
 
     return algo, budget_check
@@ -138,7 +150,8 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
     f = cfg.federation
     return EngineConfig(rounds=cfg.run.rounds, seed=cfg.run.seed, fraction=f.fraction, min_clients=f.min_clients,
                         round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
-                        train=train_config(cfg))
+                        train=train_config(cfg),
+                        max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client)
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -173,9 +186,11 @@ class Run:
     data_report: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None) -> Run:
+def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None,
+                deployment: bool = False) -> Run:
     """Load the base model and data, build the algorithm, the engine (resumed from the newest checkpoint
-    when asked) and the global model used for evaluation (and, in simulation, shared by the clients)."""
+    when asked) and the global model used for evaluation (and, in simulation, shared by the clients).
+    `deployment`: a real server (see build_algorithm)."""
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -185,7 +200,7 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
     prep = prepare_data(cfg, tok, roster, context_len=context_length(model), corpus=corpus)
     data, global_eval = prep.clients, prep.global_eval
     log.info("%s", format_report(prep.report))
-    algo, budget_check = build_algorithm(cfg)
+    algo, budget_check = build_algorithm(cfg, deployment=deployment)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
         if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
             log.warning("privacy is on: %s starts from a data-independent (seeded random) init instead of "

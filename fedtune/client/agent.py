@@ -92,7 +92,8 @@ class Agent:
     # -- one exchange ----------------------------------------------------------------------------
     def join(self, stub) -> None:
         reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
-            self.c.client_id, self.fp, {"device": "cpu"}, __version__)), metadata=self.meta, timeout=self.c.rpc_timeout_s))
+            self.c.client_id, self.fp, {"device": "cpu", "train_examples": str(len(self.data.train))}, __version__)),
+            metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
             raise Refused(f"join refused: {reply.reason}")
         self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
@@ -122,8 +123,13 @@ class Agent:
         ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
         t0 = time.perf_counter()
         update = self.client.train(self.model, ctx, ins.train)
-        reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, res.task_id), metadata=self.meta,
-                                                 timeout=self.c.rpc_timeout_s))
+        try:
+            reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, res.task_id), metadata=self.meta,
+                                                     timeout=self.c.rpc_timeout_s))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            reply = serde.PushReply(False, e.details())  # refused by validation: failed this round, carry on
         self.task_id = ""
         self._save_state()
         log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,

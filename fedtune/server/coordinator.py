@@ -2,7 +2,9 @@
 
 Clients dial out. Join (token + base-model fingerprint) → PullTask (this round's instruction, chunked,
 rebuilt for the version the client reports) → PushUpdate (chunked; the task id must be one of the caller's
-open tasks) → … ; Heartbeat keeps a lease. A round waits until every sampled client has reported, the round
+open tasks; the update must be what the algorithm assigned that client — names, shapes, dtypes, finite values,
+1 ≤ num_examples ≤ min(declared at Join, [server] max_examples_per_client) — else INVALID_ARGUMENT and the
+client has failed this round) → … ; Heartbeat keeps a lease. A round waits until every sampled client has reported, the round
 timeout passes, or the remaining clients' leases expire; the engine aggregates the survivors or aborts.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, payload_nbytes
+from fedtune.algorithms.base import ClientUpdate, Instruction, UpdateRejected, payload_nbytes
 from fedtune.config import ConfigError, RunConfig, ServerSection, load_tokens
 from fedtune.engine import RoundResult
 from fedtune.server.security import TokenAuthInterceptor, server_credentials
@@ -48,6 +50,7 @@ class _RoundBook:
     started: float = field(default_factory=time.monotonic)
     tasks: dict[str, _Task] = field(default_factory=dict)  # by client id
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
+    rejected: set[str] = field(default_factory=set)  # sent an invalid update: failed for this round
     bytes_up: int = 0
     bytes_down: int = 0
     payload_up: int = 0
@@ -69,6 +72,8 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.finished = False
         self.stop_event = threading.Event()
         self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
+        self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
+        self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
 
     # -- Transport ------------------------------------------------------------------------------
     def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
@@ -83,7 +88,7 @@ class GrpcTransport(serde.CoordinatorServicer):
                 while True:
                     if self.stop_event.is_set():
                         raise Interrupted(f"stopped during round {rnd}")
-                    pending = self.book.sampled - set(self.book.updates)
+                    pending = self.book.sampled - set(self.book.updates) - self.book.rejected
                     if not pending:
                         break
                     now = time.monotonic()
@@ -102,7 +107,8 @@ class GrpcTransport(serde.CoordinatorServicer):
                 self.book = None
             raise
         failed = sorted(book.sampled - set(book.updates))
-        return RoundResult(updates=list(book.updates.values()), failed=failed, bytes_up=book.bytes_up,
+        return RoundResult(updates=list(book.updates.values()), failed=failed, rejected=sorted(book.rejected),
+                           bytes_up=book.bytes_up,
                            bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
                            payload_bytes_down=book.payload_down)
 
@@ -127,6 +133,13 @@ class GrpcTransport(serde.CoordinatorServicer):
                       f"load the same base model (model.name = {self.model_name!r})")
             log.warning("refused %s: %s", cid, reason)
             return serde.to_proto(serde.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
+        declared = req.capabilities.get("train_examples")
+        if declared is not None:
+            if not (len(declared) <= 16 and declared.isascii() and declared.isdigit() and 0 < int(declared) <= 2**53):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"capability train_examples must be a positive integer, got {declared[:32]!r}")
+            with self.lock:
+                self.declared_examples[cid] = int(declared)
         log.info("%s joined", cid)
         return serde.to_proto(serde.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
                                               self.cfg.heartbeat_interval_s, limits))
@@ -139,7 +152,7 @@ class GrpcTransport(serde.CoordinatorServicer):
                 yield from serde.finished_chunks("run complete")
                 return
             task = self.book.tasks.get(cid) if self.book is not None else None
-            if task is None or cid in self.book.updates:
+            if task is None or cid in self.book.updates or cid in self.book.rejected:
                 yield from serde.wait_chunks(self.cfg.poll_interval_s, "no task for you this round")
                 return
             version = -1 if req.base_version is None else req.base_version
@@ -162,7 +175,8 @@ class GrpcTransport(serde.CoordinatorServicer):
         cid = self._caller(context, "")
         with self.lock:
             book = self.book
-            open_ids = {t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled} if book else set()
+            open_ids = ({t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled}
+                        if book and cid not in book.rejected else set())
         counter = serde.ByteCounter()
 
         def counted():
@@ -176,12 +190,22 @@ class GrpcTransport(serde.CoordinatorServicer):
             _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
                                                 expected_client_id=cid)
         with self.lock:
-            if self.book is not book or cid in book.updates:
+            if self.book is not book or cid in book.updates or cid in book.rejected:
                 return serde.to_proto(serde.PushReply(False, "round already closed or update already received"))
-            book.updates[cid] = update
+            refused = None
+            try:  # against what this client was assigned this round (the engine checks again before aggregate)
+                self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
+            except UpdateRejected as e:
+                refused = str(e)
+                book.rejected.add(cid)
+            else:
+                book.updates[cid] = update
+                book.payload_up += payload_nbytes(update.tensors)
             book.bytes_up += counter.bytes
-            book.payload_up += payload_nbytes(update.tensors)
             self.lock.notify_all()
+        if refused is not None:
+            log.warning("round %d: refused the update of %s (failed for this round): %s", book.rnd, cid, refused)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
         return serde.to_proto(serde.PushReply(True))
 
@@ -228,12 +252,13 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     if len(roster) != cfg.federation.num_clients:
         raise ConfigError(f"{len(roster)} clients in the roster but federation.num_clients = "
                           f"{cfg.federation.num_clients}; make them agree")
-    run = prepare_run(cfg, resume=resume, roster=roster)
+    run = prepare_run(cfg, resume=resume, roster=roster, deployment=True)
     if not scfg.evaluate:
         run.engine.evaluate_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
                               model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg)
     transport.instruction_for = run.engine.instruction_for
+    transport.check_update = run.engine.check_update
     if stop is not None:
         transport.stop_event = stop
     run.engine.transport = transport

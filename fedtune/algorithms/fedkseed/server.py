@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights, payload_nbytes
+from fedtune.algorithms.base import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    TensorSpec,
+    UpdateSpec,
+    example_weights,
+    payload_nbytes,
+)
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.lora_common import lora_shapes
 
@@ -73,6 +82,17 @@ class FedKSeed(FedAlgorithm):
         c = self.config  # η is the method's own: the run's generic (AdamW-sized) lr does not apply to ZO
         zo = {"lr": c.lr, "eps": c.eps, "grad_clip": c.grad_clip, "seed_sampling": c.seed_sampling}
         return {cid: dict(base_train, **zo) for cid in client_ids}
+
+    def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
+        """τ = steps (seed index, projected gradient) pairs: indices in [0, K); |g| ≤ grad_clip when the
+        client clips and adds no noise."""
+        tau, c = int(train["steps"]), self.config
+        clip = float(train.get("grad_clip", 0.0))
+        noisy = float(train.get("dp_noise_multiplier", 0.0)) > 0
+        return UpdateSpec({
+            "seed_idx": TensorSpec((tau,), torch.int32, (0, c.num_seeds - 1)),
+            "grad": TensorSpec((tau,), torch.float32, (-clip, clip) if clip > 0 and not noisy else None),
+        })
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         c = self.config

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights
+from fedtune.algorithms.base import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    UpdateSpec,
+    example_weights,
+    lora_update_spec,
+)
 from fedtune.algorithms.flora.config import FLoRAConfig
 from fedtune.algorithms.lora_common import lora_shapes
 
@@ -22,8 +30,10 @@ class FLoRA(FedAlgorithm):
     config: FLoRAConfig
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
-        lora_shapes(model, self.config.target_modules)  # fail early on bad targets
-        return GlobalState(version=0, tensors={}, meta={"stacked_rank": {}})
+        shapes = lora_shapes(model, self.config.target_modules)  # fails early on bad targets
+        # module shapes {m: [d_out, d_in]}: what every client's update is checked against
+        return GlobalState(version=0, tensors={}, meta={"stacked_rank": {}, "modules": {m: list(s) for m, s in
+                                                                                       sorted(shapes.items())}})
 
     def setup_payload(self, state: GlobalState) -> Payload:
         c = self.config
@@ -43,6 +53,12 @@ class FLoRA(FedAlgorithm):
             r = self.config.rank_for(list(roster).index(cid))
             out[cid] = dict(base_train, rank=r, alpha=self.config.alpha_for(r))
         return out
+
+    def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
+        """A fresh LoRA of the rank assigned to this client: A (r×d_in), B (d_out×r, scale folded in)."""
+        if "modules" not in state.meta:
+            raise ValueError("flora state has no module shapes (checkpoint from an older fedtune); start a new run")
+        return lora_update_spec(state.meta["modules"], int(train["rank"]))
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         p = example_weights(updates, uniform=self.config.uniform)
