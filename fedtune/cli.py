@@ -70,7 +70,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     from fedtune import config
-    from fedtune.client.agent import Agent, Refused
+    from fedtune.client.agent import Agent, GaveUp, Refused
     from fedtune.config import ClientSection
 
     overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
@@ -81,6 +81,9 @@ def _client(args: argparse.Namespace) -> int:
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except GaveUp as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
 
 
 def build_parser() -> argparse.ArgumentParser:

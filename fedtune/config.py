@@ -103,6 +103,7 @@ class ClientSection:
     state_dir: str = ""  # client-side state (DP accountants); default runs/client-<id>
     rpc_timeout_s: float = 60.0
     max_backoff_s: float = 30.0
+    max_retry_s: float = 600.0  # give up (exit 4) after this long without one successful exchange
     max_download_mb: float = 2048.0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -32,6 +33,10 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 class Refused(RuntimeError):
     """The server will not take this client (bad token, wrong model, not in the run): do not retry."""
+
+
+class GaveUp(RuntimeError):
+    """No successful exchange with the coordinator for `[client] max_retry_s`: stop retrying."""
 
 
 def resolve_token(c: ClientSection) -> str:
@@ -91,6 +96,7 @@ class Agent:
         self.heartbeat_s = 5.0
         self.max_download = int(c.max_download_mb * (1 << 20))
         self.stop = threading.Event()
+        self.finished = False  # the server said the run is over (heartbeat reply or FINISHED)
 
     # -- one exchange ----------------------------------------------------------------------------
     def join(self, stub) -> None:
@@ -98,7 +104,7 @@ class Agent:
             self.c.client_id, self.fp, {"device": "cpu"}, __version__)), metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
             raise Refused(f"join refused: {reply.reason}")
-        self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
+        self.heartbeat_s = _interval(reply.heartbeat_interval_s, self.heartbeat_s)
         self.algorithm = reply.algorithm.split("+")[0]
         log.info("%s joined run %r (%s)", self.c.client_id, reply.run_name, reply.algorithm)
 
@@ -108,6 +114,7 @@ class Agent:
         res = serde.read_task(stub.PullTask(req, metadata=self.meta, timeout=self.c.rpc_timeout_s),
                               max_bytes=self.max_download)
         if isinstance(res, serde.Finished):
+            self.finished = True
             return False
         if isinstance(res, serde.Wait):
             self.stop.wait(res.retry_after_s)
@@ -125,6 +132,8 @@ class Agent:
         ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
         t0 = time.perf_counter()
         update = self.client.train(self.model, ctx, ins.train)
+        if self.finished:  # told by a heartbeat while training: nobody wants this update any more
+            return False
         reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, res.task_id), metadata=self.meta,
                                                  timeout=self.c.rpc_timeout_s))
         self.task_id = ""
@@ -151,17 +160,24 @@ class Agent:
     def _heartbeat(self, stub) -> None:
         while not self.stop.wait(self.heartbeat_s):
             try:
-                stub.Heartbeat(serde.to_proto(serde.HeartbeatRequest(self.c.client_id, self.task_id)),
-                               metadata=self.meta, timeout=min(self.c.rpc_timeout_s, 10))
+                reply = serde.from_proto(stub.Heartbeat(
+                    serde.to_proto(serde.HeartbeatRequest(self.c.client_id, self.task_id)),
+                    metadata=self.meta, timeout=min(self.c.rpc_timeout_s, 10)))
             except grpc.RpcError:
-                pass  # the main loop notices outages and reconnects
+                continue  # the main loop notices outages and reconnects
+            self.heartbeat_s = _interval(reply.heartbeat_interval_s, self.heartbeat_s)
+            if reply.run_finished:
+                self.finished = True
+                self.stop.set()  # wakes the main loop from a WAIT or a backoff
+                return
 
     def run(self) -> int:
+        """0 when the run is finished (or stop is set); raises Refused (no retry) or GaveUp (retries exhausted)."""
         attempt = 0
+        failing_since: float | None = None  # start of the current run of failed exchanges
         channel = make_channel(self.c)
         stub = serde.CoordinatorStub(channel)
         hb = threading.Thread(target=self._heartbeat, args=(stub,), daemon=True)
-        hb.start()
         joined = False
         try:
             while not self.stop.is_set():
@@ -169,26 +185,46 @@ class Agent:
                     if not joined:
                         self.join(stub)
                         joined, attempt = True, 0
-                    if not self.step(stub):
-                        log.info("%s: run finished", self.c.client_id)
-                        return 0
+                        if hb.ident is None:
+                            hb.start()  # after Join: it told us the heartbeat interval
+                    more = self.step(stub)
+                    failing_since = None
+                    if not more:
+                        break
                 except grpc.RpcError as e:
+                    if self.finished or self.stop.is_set():
+                        break  # the server finished (and may be gone) while this call was in flight
                     code = e.code()
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                         raise Refused(f"{code.name}: {e.details()}") from None
                     if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:
                         raise
+                    now = time.monotonic()
+                    failing_since = now if failing_since is None else failing_since
+                    if now - failing_since >= self.c.max_retry_s:
+                        raise GaveUp(f"no successful exchange with the coordinator at {self.c.server} for "
+                                     f"{now - failing_since:.0f} s (last error {code.name}: {e.details()}); "
+                                     f"giving up ([client] max_retry_s = {self.c.max_retry_s:g})") from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:  # ahead of the server: start over
                         log.warning("%s: %s; reloading the base model", self.c.client_id, e.details())
                         self.base, _ = load_model(self.cfg.model.name, seed=self.cfg.run.seed)
                         self.version, self.client, self.model = None, None, None
                     joined = False
                     delay = random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt))  # full jitter
+                    delay = min(delay, max(0.0, failing_since + self.c.max_retry_s - now))
                     attempt += 1
                     log.warning("%s: %s (%s); retrying in %.1f s", self.c.client_id, code.name, e.details(), delay)
                     self.stop.wait(delay)
+            if self.finished:
+                log.info("%s: run finished", self.c.client_id)
             return 0
         finally:
             self.stop.set()
-            hb.join(timeout=15)  # no RPC may be in flight when the channel closes (grpc aborts otherwise)
+            if hb.is_alive():
+                hb.join(timeout=15)  # no RPC may be in flight when the channel closes (grpc aborts otherwise)
             channel.close()
+
+
+def _interval(value: float, default: float) -> float:
+    """A heartbeat interval from the server, kept within [0.1 s, 5 min]."""
+    return min(max(value, 0.1), 300.0) if value and math.isfinite(value) else default

@@ -67,6 +67,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.last_seen: dict[str, float] = {}
         self.book: _RoundBook | None = None
         self.finished = False
+        self.told: set[str] = set()  # clients that were told the run is finished (FINISHED pull / heartbeat)
         self.stop_event = threading.Event()
         self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
 
@@ -136,6 +137,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         cid = self._caller(context, req.client_id)
         with self.lock:
             if self.finished:
+                self._told(cid)
                 yield from serde.finished_chunks("run complete")
                 return
             task = self.book.tasks.get(cid) if self.book is not None else None
@@ -191,7 +193,14 @@ class GrpcTransport(serde.CoordinatorServicer):
         with self.lock:
             open_ids = {t.task_id for t in self.book.tasks.values() if t.client_id == cid} if self.book else set()
             cancel = bool(req.task_id) and req.task_id not in open_ids
-        return serde.to_proto(serde.HeartbeatReply(True, self.cfg.heartbeat_interval_s, self.finished, cancel))
+            finished = self.finished
+            if finished:
+                self._told(cid)
+        return serde.to_proto(serde.HeartbeatReply(True, self.cfg.heartbeat_interval_s, finished, cancel))
+
+    def _told(self, cid: str) -> None:  # under self.lock
+        self.told.add(cid)
+        self.lock.notify_all()
 
 
 def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection, *, workers: int = 16):
@@ -262,12 +271,19 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
 
 
 def _drain(transport: GrpcTransport, grace_s: float) -> None:
-    """After the last round, keep answering FINISHED until every client that was seen has polled again
-    (or the grace period ends), so clients exit by themselves."""
-    t0 = time.monotonic()
-    seen_at_end = dict(transport.last_seen)
-    while time.monotonic() - t0 < grace_s and not transport.stop_event.is_set():
-        with transport.lock:
-            if all(transport.last_seen.get(c, 0) > t for c, t in seen_at_end.items()):
+    """After the last round, keep serving until every live client (seen within its lease) has been told the
+    run is finished — by a FINISHED PullTask reply or a Heartbeat reply with run_finished — or the grace
+    period ends, so clients exit by themselves. A heartbeat alone does not count: the reply must say it."""
+    deadline = time.monotonic() + grace_s
+    with transport.lock:
+        while True:
+            now = time.monotonic()
+            pending = sorted(c for c, t in transport.last_seen.items()
+                             if c not in transport.told and now - t <= transport.cfg.lease_timeout_s)
+            if not pending or transport.stop_event.is_set():
                 return
-        time.sleep(0.1)
+            if now >= deadline:
+                log.warning("finish: %s not told the run is finished within finish_grace_s = %g s",
+                            pending, grace_s)
+                return
+            transport.lock.wait(min(0.1, deadline - now))
