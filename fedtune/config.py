@@ -84,6 +84,12 @@ class ServerSection:
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
     poll_interval_s: float = 1.0  # how soon an idle client asks again
     max_upload_mb: float = 512.0
+    # no client can hold the server: per chunked stream (PushUpdate upload, PullTask download) at most one per
+    # client at a time, cancelled after this long without a chunk, or this long in total; uploads in flight may
+    # buffer at most max_inflight_mb together (declared sizes, reserved at chunk 0)
+    stream_idle_timeout_s: float = 60.0
+    stream_timeout_s: float = 900.0
+    max_inflight_mb: float = 1024.0
     evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
     finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
 
@@ -261,5 +267,11 @@ def validate(cfg: RunConfig) -> None:
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
-    cfg.section("server", ServerSection)
-    cfg.section("client", ClientSection)
+    sv = cfg.section("server", ServerSection)
+    for key in ("heartbeat_interval_s", "lease_timeout_s", "poll_interval_s", "max_upload_mb", "stream_idle_timeout_s",
+                "stream_timeout_s", "max_inflight_mb"):
+        _require(getattr(sv, key) > 0, f"server.{key} must be > 0, got {getattr(sv, key)}")
+    _require(sv.max_inflight_mb >= sv.max_upload_mb,
+             f"server.max_inflight_mb ({sv.max_inflight_mb:g}) must be ≥ server.max_upload_mb ({sv.max_upload_mb:g})")
+    cl = cfg.section("client", ClientSection)
+    _require(cl.max_retry_s > 0, f"client.max_retry_s must be > 0, got {cl.max_retry_s}")

@@ -6,12 +6,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from test_grpc import IDS, _free_port, write_run
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from test_grpc import IDS, TOKENS, _free_port, _health, _rss_mb, pull_until_task, write_run
 
+from fedtune.algorithms.base import ClientUpdate
 from fedtune.cli import main
+from fedtune.server.security import auth_metadata
+from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
+from fedtune.wire import serde
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -71,3 +79,101 @@ def test_client_gives_up_after_max_retry_s(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "giving up ([client] max_retry_s = 1.5)" in err and "UNAVAILABLE" in err
     assert took < 15  # model + data load, then ~1.5 s of retries
+
+
+MiB = 1 << 20
+
+
+def _stalled(task_id: str, cid: str, release: threading.Event, *, chunks: int = 7):
+    """An upload declaring 7.5 MiB in 8 chunks that sends 7 and then withholds the last one."""
+    for i in range(chunks):
+        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=8, total_bytes=15 * MiB // 2, sha256=b"\0" * 32,
+                              data=b"x" * MiB)
+        if i == 0:
+            msg.client_id, msg.num_examples = cid, 1
+        yield msg
+    release.wait(60)
+
+
+def _dribble(task_id: str, cid: str, release: threading.Event):
+    """A 100-byte upload sent one byte every 0.3 s: never idle, but too slow in total."""
+    for i in range(100):
+        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=100, total_bytes=100, sha256=b"\0" * 32, data=b"x")
+        if i == 0:
+            msg.client_id, msg.num_examples = cid, 1
+        yield msg
+        if release.wait(0.3):
+            return
+
+
+def _timed(call) -> float:
+    t0 = time.monotonic()
+    call()
+    return time.monotonic() - t0
+
+
+def test_stalled_uploads_cannot_hold_the_server(tmp_path):
+    """20 uploads that withhold their last chunk (from all three clients, each holding an open task): one
+    upload per client at a time and a 16 MiB in-flight budget leave 2 open, 18 are refused (ABORTED) at once;
+    Heartbeat, Join and the health check answer within 1 s meanwhile; the 2 are cut 2 s after their last chunk
+    (stream_idle_timeout_s), a dribbling upload at stream_timeout_s; server RSS grows by < 50 MB; then an
+    honest upload is accepted."""
+    port = _free_port()
+    cfg_path = write_run(tmp_path, rounds=1, server="max_upload_mb = 8\nmax_inflight_mb = 16\n"
+                                                    "stream_idle_timeout_s = 2.0\nstream_timeout_s = 4.0\n")
+    _fixed_port(cfg_path, port, **{"lease_timeout_s = 2.0": "lease_timeout_s = 900.0"})
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        srv = _fedtune("server", "--config", str(cfg_path), "--no-progress", stdout=log, stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+    stub = serde.CoordinatorStub(channel)
+    md = {cid: auth_metadata(TOKENS[cid]) for cid in IDS}
+    release = threading.Event()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        tasks = {cid: pull_until_task(stub, cid, md[cid]) for cid in IDS}
+        rss0 = _rss_mb(srv.pid)
+        calls = [stub.PushUpdate.future(_stalled(tasks[IDS[i % 3]].task_id, IDS[i % 3], release),
+                                        metadata=md[IDS[i % 3]], timeout=60) for i in range(20)]
+        t_open = time.monotonic()
+        while sum(c.done() for c in calls) < 18:
+            assert time.monotonic() - t_open < 10, [c.done() for c in calls]
+            time.sleep(0.05)
+        refused = [c.exception() for c in calls if c.done()]
+        assert {e.code() for e in refused} == {grpc.StatusCode.ABORTED}
+        details = " ".join(e.details() for e in refused)
+        assert "already in flight" in details and "max_inflight_mb = 16" in details
+        time.sleep(0.3)  # the two survivors have sent their 7 chunks by now
+        held = [c for c in calls if not c.done()]
+        assert len(held) == 2
+        hb = pb2.HeartbeatRequest(client_id=IDS[0])
+        assert _timed(lambda: stub.Heartbeat(hb, metadata=md[IDS[0]], timeout=5)) < 1.0
+        join = pb2.JoinRequest(client_id=IDS[1], base_fingerprint="ab" * 32)
+        assert _timed(lambda: stub.Join(join, metadata=md[IDS[1]], timeout=5)) < 1.0
+        assert _timed(lambda: _health(channel)) < 1.0
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        grown = _rss_mb(srv.pid) - rss0
+        for c in held:
+            assert c.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
+        assert 1.5 < time.monotonic() - t_open < 6.0
+        assert grown < 50, grown
+        # a dribbling upload: a chunk every 0.3 s is never idle, the 4 s total cuts it
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PushUpdate(_dribble(tasks[IDS[2]].task_id, IDS[2], release), metadata=md[IDS[2]], timeout=30)
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        assert 3.5 < time.monotonic() - t0 < 8.0
+        # slots and budget are free again: an honest upload goes through
+        upd = ClientUpdate(IDS[0], 5, {k: v.clone() for k, v in tasks[IDS[0]].instruction.sync.tensors.items()})
+        reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(upd, tasks[IDS[0]].task_id),
+                                                 metadata=md[IDS[0]], timeout=10))
+        assert reply.accepted, reply.reason
+        assert srv.poll() is None
+    finally:
+        release.set()
+        srv.kill()
+        srv.wait()
+        channel.close()
+    log_text = log_path.read_text()
+    assert "cut the upload stream of 'client-" in log_text and "stream_idle_timeout_s = 2" in log_text
+    assert "stream_timeout_s = 4" in log_text

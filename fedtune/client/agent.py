@@ -28,7 +28,8 @@ from fedtune.wire import serde
 
 log = logging.getLogger("fedtune.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DATA_LOSS}
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DATA_LOSS,
+             grpc.StatusCode.ABORTED}  # ABORTED: the server is busy (a stream of ours in flight, byte budget full)
 
 
 class Refused(RuntimeError):
@@ -134,13 +135,26 @@ class Agent:
         update = self.client.train(self.model, ctx, ins.train)
         if self.finished:  # told by a heartbeat while training: nobody wants this update any more
             return False
-        reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, res.task_id), metadata=self.meta,
-                                                 timeout=self.c.rpc_timeout_s))
+        reply = self._push(stub, update, res.task_id)
         self.task_id = ""
         self._save_state()
         log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,
                  update.metrics.get("train_loss", float("nan")), "accepted" if reply.accepted else f"refused: {reply.reason}")
         return True
+
+    def _push(self, stub, update, task_id: str, attempts: int = 5):
+        """PushUpdate; a busy server (ABORTED) is asked again after a backoff instead of training again."""
+        attempt = 0
+        while True:
+            try:
+                return serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, task_id), metadata=self.meta,
+                                                        timeout=self.c.rpc_timeout_s))
+            except grpc.RpcError as e:
+                attempt += 1
+                if e.code() != grpc.StatusCode.ABORTED or attempt >= attempts:
+                    raise
+                log.warning("%s: upload refused for now (%s); retrying", self.c.client_id, e.details())
+                self.stop.wait(random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt)))
 
     # -- state that must survive a restart ---------------------------------------------------------
     def _state_file(self) -> Path:

@@ -22,6 +22,14 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 PemSource = bytes | str | os.PathLike  # bytes: PEM contents; str / path: a PEM file
 
 
+def safe(value: object, limit: int = 80) -> str:
+    """A client-supplied string for logs and error details: repr-quoted (control characters and newlines
+    escaped, so it cannot forge a log line) and capped at `limit` characters."""
+    text = str(value)
+    cut = len(text) > limit
+    return repr(text[:limit]) + (f"…(+{len(text) - limit} chars)" if cut else "")
+
+
 def token_ok(expected: str, presented: str) -> bool:
     """Constant-time token comparison (False for empty tokens)."""
     if not expected or not presented:

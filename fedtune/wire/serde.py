@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -450,12 +450,14 @@ def read_update(
     max_bytes: int,
     expected_task_id: str | Collection[str] | None = None,
     expected_client_id: str | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> tuple[str, ClientUpdate]:
     """Consume a PushUpdate request stream → (task_id, update).
 
     `expected_task_id` (one id or a collection of acceptable ids) and `expected_client_id` (the
     authenticated client) are checked on chunk 0, before any data is buffered
-    (WirePermissionError)."""
+    (WirePermissionError). `reserve(total_bytes)` is called once chunk 0 passed its checks, before
+    its data is buffered (a receiver's memory budget; it may raise to refuse the stream)."""
     it = iter(chunks)
     raw = next(it, None)
     if raw is None:
@@ -473,6 +475,8 @@ def read_update(
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
     asm = _Assembler("update", task_id, first.total, first.total_bytes, first.sha256, max_bytes)
+    if reserve is not None:
+        reserve(asm.total_bytes)
     chunk: pb2.UpdateChunk | None = first
     while chunk is not None:
         if chunk.total_bytes != asm.total_bytes or chunk.sha256 != asm.sha256:
