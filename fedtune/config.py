@@ -77,9 +77,10 @@ class ServerSection:
     address: str = "0.0.0.0:50051"
     tokens_file: str = ""  # TOML {client_id = "token"}; required
     clients: list[str] = field(default_factory=list)  # roster order (partition i ↔ clients[i]); default: sorted tokens
-    tls_cert: str = ""  # empty: plaintext (only for tests on loopback)
+    tls_cert: str = ""  # empty: plaintext, refused unless insecure = true
     tls_key: str = ""
-    tls_client_ca: str = ""  # set for mTLS
+    tls_client_ca: str = ""  # set for mTLS: a token is then only valid with a certificate naming its client (CN/SAN)
+    insecure: bool = False  # allow plaintext (tokens in clear text; only for tests on a trusted network)
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
     poll_interval_s: float = 1.0  # how soon an idle client asks again
@@ -101,9 +102,10 @@ class ClientSection:
     server: str = "localhost:50051"
     client_id: str = ""
     partition: int = -1  # which [data] partition this client holds (demo data); -1 with [data] paths = own files
-    token: str = ""
+    token: str = ""  # prefer the FEDTUNE_TOKEN environment variable or token_file
     token_file: str = ""  # TOML {client_id = "token"}: the token of client_id is used
-    tls_ca: str = ""  # empty: plaintext
+    tls_ca: str = ""  # empty: plaintext, refused unless insecure = true
+    insecure: bool = False  # allow sending the token without TLS (only for tests on a trusted network)
     tls_cert: str = ""  # mTLS identity
     tls_key: str = ""
     state_dir: str = ""  # client-side state (DP accountants); default runs/client-<id>

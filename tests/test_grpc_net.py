@@ -1,8 +1,10 @@
 """The coordinator against faulty and hostile clients at the network / identity level, on real processes on
-127.0.0.1: clean end and bounded retries."""
+127.0.0.1: clean end and bounded retries, stream deadlines and limits, mTLS identity, token sources, plaintext
+only with --insecure, escaped client strings in logs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,11 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from test_grpc import IDS, TOKENS, _free_port, _health, _rss_mb, pull_until_task, write_run
+from test_grpc import IDS, TOKENS, Server, _free_port, _health, _rss_mb, pull_until_task, write_run
 
 from fedtune.algorithms.base import ClientUpdate
 from fedtune.cli import main
-from fedtune.server.security import auth_metadata
+from fedtune.client.agent import resolve_token
+from fedtune.config import ClientSection, ConfigError
+from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
 from fedtune.wire import serde
 
@@ -40,7 +44,7 @@ def test_clients_exit_0_promptly_after_the_finish(tmp_path):
     within a few seconds of the server; the server drains until all three were told, not for the whole grace."""
     port = _free_port()
     cfg_path = write_run(tmp_path, rounds=1, extra=f'[client]\ntoken_file = "{tmp_path}/tokens.toml"\n'
-                                                   "max_backoff_s = 1.0\nrpc_timeout_s = 20\n")
+                                                   "max_backoff_s = 1.0\nrpc_timeout_s = 20\ninsecure = true\n")
     _fixed_port(cfg_path, port, **{"heartbeat_interval_s = 0.2": "heartbeat_interval_s = 0.5",
                                    "poll_interval_s = 0.05": "poll_interval_s = 1.0",
                                    "finish_grace_s = 3.0": "finish_grace_s = 30.0\nevaluate = false"})
@@ -67,18 +71,116 @@ def test_clients_exit_0_promptly_after_the_finish(tmp_path):
                 p.wait()
 
 
-def test_client_gives_up_after_max_retry_s(tmp_path, capsys):
-    """Nobody listening: the client retries (backoff) for [client] max_retry_s, then exits 4 with a clear line."""
-    cfg_path = write_run(tmp_path, rounds=1, extra=f'[client]\ntoken_file = "{tmp_path}/tokens.toml"\n'
-                                                   "max_backoff_s = 0.3\nmax_retry_s = 1.5\nrpc_timeout_s = 2\n")
+def test_client_gives_up_after_max_retry_s(tmp_path, capsys, caplog):
+    """Nobody listening: the client retries (backoff) for [client] max_retry_s, then exits 4 with a clear line.
+    Started with the deprecated --token and --insecure: both warn."""
+    cfg_path = write_run(tmp_path, rounds=1, extra="[client]\nmax_backoff_s = 0.3\nmax_retry_s = 1.5\nrpc_timeout_s = 2\n")
     t0 = time.monotonic()
     rc = main(["client", "--config", str(cfg_path), "--server", f"127.0.0.1:{_free_port()}", "--client-id", IDS[0],
-               "--partition", "0"])
+               "--partition", "0", "--token", TOKENS[IDS[0]], "--insecure"])
     took = time.monotonic() - t0
     assert rc == 4
     err = capsys.readouterr().err
     assert "giving up ([client] max_retry_s = 1.5)" in err and "UNAVAILABLE" in err
     assert took < 15  # model + data load, then ~1.5 s of retries
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("--token is deprecated") for w in warnings)
+    assert any(w.startswith("INSECURE: no TLS") for w in warnings)
+
+
+def test_plaintext_needs_insecure_on_both_ends(tmp_path, capsys):
+    """Without TLS and without --insecure, server and client refuse to start (exit 2, one clear line)."""
+    cfg_path = write_run(tmp_path, rounds=1, extra=f'[client]\ntoken_file = "{tmp_path}/tokens.toml"\n')
+    cfg_path.write_text(cfg_path.read_text().replace("insecure = true", ""))
+    assert main(["server", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [server] tls_cert is empty: client tokens would travel in clear text")
+    assert "--insecure" in err and err.count("\n") == 1
+    assert main(["client", "--config", str(cfg_path), "--client-id", IDS[0], "--partition", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [client] tls_ca is empty: the token would travel in clear text")
+    assert "--insecure" in err and err.count("\n") == 1
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    """[client] token (or --token) > $FEDTUNE_TOKEN > the client's entry in [client] token_file."""
+    (tmp_path / "tokens.toml").write_text('a = "from-file-a"\nb = "from-file-b"\n')
+    c = ClientSection(client_id="b", token_file=str(tmp_path / "tokens.toml"))
+    monkeypatch.delenv("FEDTUNE_TOKEN", raising=False)
+    assert resolve_token(c) == "from-file-b"
+    monkeypatch.setenv("FEDTUNE_TOKEN", "from-env")
+    assert resolve_token(c) == "from-env"
+    c.token = "from-config"
+    assert resolve_token(c) == "from-config"
+    monkeypatch.delenv("FEDTUNE_TOKEN")
+    with pytest.raises(ConfigError, match="has no token for client 'z'"):
+        resolve_token(ClientSection(client_id="z", token_file=str(tmp_path / "tokens.toml")))
+    with pytest.raises(ConfigError, match="set FEDTUNE_TOKEN or"):
+        resolve_token(ClientSection(client_id="z"))
+
+
+def test_mtls_certificate_must_name_the_token_client(tmp_path):
+    """Under mTLS the token's client must be the certificate's (CN written by fedtune certs): client-1's
+    certificate with client-0's token is PERMISSION_DENIED; the matching pair is accepted."""
+    cfg_path = write_run(tmp_path, rounds=1, tls=True)
+    srv = Server(cfg_path, **{"federation.round_timeout_s": 60.0})
+    certs = tmp_path / "certs"
+
+    def heartbeat(cert_of: str, token_of: str):
+        creds = channel_credentials(certs / "ca.pem", certs / f"{cert_of}.pem", certs / f"{cert_of}.key")
+        with grpc.secure_channel(f"localhost:{srv.port}", creds) as ch:
+            return serde.from_proto(serde.CoordinatorStub(ch).Heartbeat(
+                pb2.HeartbeatRequest(client_id=token_of), metadata=auth_metadata(TOKENS[token_of]), timeout=10))
+
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            heartbeat(IDS[1], IDS[0])
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.details() == "token of 'client-0' with a client certificate that names 'client-1'"
+        assert heartbeat(IDS[0], IDS[0]).known
+        assert heartbeat(IDS[1], IDS[1]).known
+    finally:
+        srv.stop.set()
+        srv.join(30)
+
+
+def test_client_strings_cannot_forge_log_lines(tmp_path, caplog):
+    """A fingerprint / version / claimed id with newlines and 10 KB of text: every server log line and error
+    detail stays one escaped, length-capped line."""
+    cfg_path = write_run(tmp_path, rounds=1)
+    caplog.set_level(logging.INFO, logger="fedtune")
+    srv = Server(cfg_path, **{"federation.round_timeout_s": 60.0})
+    forged = "ab\nINFO client-1 joined\r\x1b[2K" + "z" * 10_000
+    md = auth_metadata(TOKENS[IDS[0]])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=serde.channel_options()) as ch:
+            stub = serde.CoordinatorStub(ch)
+            reply = serde.from_proto(stub.Join(pb2.JoinRequest(client_id=IDS[0], base_fingerprint=forged),
+                                               metadata=md, timeout=10))
+            assert not reply.accepted and "\n" not in reply.reason and "'ab\\nINFO client" in reply.reason
+            good = pb2.JoinRequest(client_id=IDS[0], client_version=forged,
+                                   base_fingerprint=_server_fingerprint(stub, md))
+            assert serde.from_proto(stub.Join(good, metadata=md, timeout=10)).accepted
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Heartbeat(pb2.HeartbeatRequest(client_id=forged), metadata=md, timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "\n" not in e.value.details() and len(e.value.details()) < 200
+    finally:
+        srv.stop.set()
+        srv.join(30)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("fedtune.server")]
+    assert any(line.startswith("INSECURE: no TLS") for line in lines)
+    refused = [line for line in lines if line.startswith("refused client-0")]
+    joined = [line for line in lines if line.startswith("client-0 joined (fedtune 'ab\\nINFO client-1 joined")]
+    assert refused and joined
+    for line in lines:
+        assert not any(ch in line for ch in "\n\r\x1b"), line
+        assert len(line) < 400, line
+
+
+def _server_fingerprint(stub, md) -> str:
+    reply = serde.from_proto(stub.Join(pb2.JoinRequest(client_id=IDS[0], base_fingerprint="0"), metadata=md, timeout=10))
+    return reply.expected_fingerprint
 
 
 MiB = 1 << 20

@@ -40,15 +40,33 @@ class GaveUp(RuntimeError):
     """No successful exchange with the coordinator for `[client] max_retry_s`: stop retrying."""
 
 
+TOKEN_ENV = "FEDTUNE_TOKEN"
+
+
 def resolve_token(c: ClientSection) -> str:
+    """This client's token: [client] token (or the deprecated --token), else $FEDTUNE_TOKEN, else its entry
+    in [client] token_file."""
     if c.token:
         return c.token
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
     if not c.token_file:
-        raise ConfigError("[client] needs token or token_file (the tokens.toml made by `fedtune certs`)")
+        raise ConfigError(f"no token: set {TOKEN_ENV} or [client] token_file (the tokens.toml made by `fedtune certs`)")
     tokens = load_tokens(c.token_file, "[client] token_file")
     if c.client_id not in tokens:
         raise ConfigError(f"{c.token_file} has no token for client {c.client_id!r}")
     return tokens[c.client_id]
+
+
+def check_transport(c: ClientSection) -> None:
+    """Refuse to send the token in clear text unless asked to explicitly."""
+    if c.tls_ca:
+        return
+    if not c.insecure:
+        raise ConfigError("[client] tls_ca is empty: the token would travel in clear text; set tls_ca (the CA of the "
+                          "coordinator's certificate) or, only on a trusted network, pass --insecure "
+                          "([client] insecure = true)")
+    log.warning("INSECURE: no TLS; the token and updates travel in clear text to %s", c.server)
 
 
 def make_channel(c: ClientSection) -> grpc.Channel:
@@ -84,6 +102,7 @@ class Agent:
         if not c.client_id:
             raise ConfigError("[client] client_id is required (or --client-id)")
         self.cfg, self.c = cfg, c
+        check_transport(c)
         self.token = resolve_token(c)
         self.meta = auth_metadata(self.token)
         self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
@@ -104,7 +123,7 @@ class Agent:
         reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
             self.c.client_id, self.fp, {"device": "cpu"}, __version__)), metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
-            raise Refused(f"join refused: {reply.reason}")
+            raise Refused(f"join refused: {serde.safe_str(reply.reason, 500)}")
         self.heartbeat_s = _interval(reply.heartbeat_interval_s, self.heartbeat_s)
         self.algorithm = reply.algorithm.split("+")[0]
         log.info("%s joined run %r (%s)", self.c.client_id, reply.run_name, reply.algorithm)

@@ -24,8 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedtune.algorithms.base import ClientUpdate, Instruction, payload_nbytes
 from fedtune.config import ConfigError, RunConfig, ServerSection, load_tokens
 from fedtune.engine import RoundResult
-from fedtune.server.security import TokenAuthInterceptor, safe, server_credentials
+from fedtune.server.security import TokenAuthInterceptor, peer_identities, server_credentials
 from fedtune.wire import serde
+from fedtune.wire.serde import safe_str
 
 log = logging.getLogger("fedtune.server")
 
@@ -84,6 +85,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
         self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
         self.auth = TokenAuthInterceptor(tokens)
+        self.mtls = bool(cfg.tls_cert and cfg.tls_client_ca)
         self.max_upload = int(cfg.max_upload_mb * (1 << 20))
         self.lock = threading.Condition()
         self.last_seen: dict[str, float] = {}
@@ -139,9 +141,14 @@ class GrpcTransport(serde.CoordinatorServicer):
     def _caller(self, context: grpc.ServicerContext, claimed: str) -> str:
         cid = self.auth.authenticated_client(context)
         if claimed and claimed != cid:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token belongs to {cid!r}, request names {claimed!r}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"token belongs to {cid!r}, request names {safe_str(claimed)}")
         if cid not in self.roster:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{cid!r} is not in this run's client list")
+        names = peer_identities(context)
+        if (self.mtls or names) and cid not in names:  # the certificate must name the token's client
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token of {cid!r} with a client certificate that "
+                          f"names {', '.join(sorted(safe_str(n) for n in names)[:4]) or 'nobody'}")
         with self.lock:
             self.last_seen[cid] = time.monotonic()
         return cid
@@ -152,11 +159,11 @@ class GrpcTransport(serde.CoordinatorServicer):
         limits = serde.Limits(max_upload_bytes=self.max_upload)
         if req.base_fingerprint != self.fingerprint:
             reason = (f"base model mismatch: this run uses {self.model_name!r} with fingerprint "
-                      f"{self.fingerprint[:16]}…, the client has {req.base_fingerprint[:16] or 'none'}…; "
+                      f"{self.fingerprint[:16]}…, the client has {safe_str(req.base_fingerprint, 16)}; "
                       f"load the same base model (model.name = {self.model_name!r})")
             log.warning("refused %s: %s", cid, reason)
             return serde.to_proto(serde.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
-        log.info("%s joined", cid)
+        log.info("%s joined (fedtune %s)", cid, safe_str(req.client_version, 32))
         return serde.to_proto(serde.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
                                               self.cfg.heartbeat_interval_s, limits))
 
@@ -174,7 +181,7 @@ class GrpcTransport(serde.CoordinatorServicer):
             if not busy:
                 self.streams[(cid, kind)] = st
         if busy:
-            context.abort(grpc.StatusCode.ABORTED, f"an {kind} from {safe(cid)} is already in flight; one at a time")
+            context.abort(grpc.StatusCode.ABORTED, f"an {kind} from {safe_str(cid)} is already in flight; one at a time")
         try:
             yield st
         finally:
@@ -203,7 +210,7 @@ class GrpcTransport(serde.CoordinatorServicer):
                               if now - st.last > idle_s else
                               f"open for {now - st.started:.1f} s (stream_timeout_s = {total_s:g})")
             for st in overdue:
-                log.warning("cut the %s stream of %s: %s", st.kind, safe(st.cid), st.cut)
+                log.warning("cut the %s stream of %s: %s", st.kind, safe_str(st.cid), st.cut)
                 st.context.cancel()
 
     # -- RPCs (streams) ---------------------------------------------------------------------------
@@ -323,6 +330,12 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     from fedtune.simulation import execute, finalize_run, prepare_run
 
     scfg: ServerSection = cfg.section("server", ServerSection)
+    if not scfg.tls_cert:
+        if not scfg.insecure:
+            raise ConfigError("[server] tls_cert is empty: client tokens would travel in clear text; set tls_cert and "
+                              "tls_key (fedtune certs makes dev ones) or, only on a trusted network, pass --insecure "
+                              "([server] insecure = true)")
+        log.warning("INSECURE: no TLS; client tokens and updates travel in clear text ([server] insecure = true)")
     tokens = load_tokens(scfg.tokens_file, "[server] tokens_file")
     roster = list(scfg.clients) or sorted(tokens)
     unknown = sorted(set(roster) - set(tokens))
@@ -342,7 +355,7 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     run.engine.transport = transport
     server, port, health_servicer = start_grpc_server(transport, scfg.address, scfg)
     log.info("coordinator for run %r (%s, %d clients) listening on port %d%s", cfg.run.name, run.algo.name,
-             len(roster), port, " with TLS" if scfg.tls_cert else " WITHOUT TLS")
+             len(roster), port, (" with mTLS" if transport.mtls else " with TLS") if scfg.tls_cert else " WITHOUT TLS")
     if port_box is not None:
         port_box.append(port)
     if ready is not None:

@@ -263,6 +263,13 @@ def _parse(cls: type[M], item: M | bytes) -> M:
     raise WireError(f"expected {cls.__name__}, got {type(item).__name__}")
 
 
+def safe_str(value: object, limit: int = 80) -> str:
+    """A peer-supplied string for logs and error details: repr-quoted (newlines and control characters escaped,
+    so it cannot forge a log line) and capped at `limit` characters."""
+    text = str(value)
+    return repr(text[:limit]) + (f"…(+{len(text) - limit} chars)" if len(text) > limit else "")
+
+
 def _check_id(value: str, what: str) -> str:
     if not value or len(value) > MAX_ID_CHARS:
         raise WireError(f"{what} must be 1..{MAX_ID_CHARS} characters, got {len(value)}")
@@ -467,10 +474,10 @@ def read_update(
     if expected_task_id is not None:
         ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
         if not ok:
-            raise WirePermissionError(f"PushUpdate: task {task_id!r} is not an open task of this client")
+            raise WirePermissionError(f"PushUpdate: task {safe_str(task_id)} is not an open task of this client")
     if expected_client_id is not None and first.client_id != expected_client_id:
         raise WirePermissionError(
-            f"PushUpdate: update names client {first.client_id!r}, caller is {expected_client_id!r}"
+            f"PushUpdate: update names client {safe_str(first.client_id)}, caller is {expected_client_id!r}"
         )
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
