@@ -4,6 +4,7 @@ only with --insecure, escaped client strings in logs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2
 from test_grpc import IDS, TOKENS, Server, _free_port, _health, _rss_mb, pull_until_task, write_run
 
-from fedtune.algorithms.base import ClientUpdate
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
 from fedtune.cli import main
 from fedtune.client.agent import resolve_token
-from fedtune.config import ClientSection, ConfigError
+from fedtune.config import ClientSection, ConfigError, ServerSection
+from fedtune.server.coordinator import GrpcTransport, Interrupted, start_grpc_server
 from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
 from fedtune.wire import serde
@@ -280,3 +283,56 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
     log_text = log_path.read_text()
     assert "cut the upload stream of 'client-" in log_text and "stream_idle_timeout_s = 2" in log_text
     assert "stream_timeout_s = 4" in log_text
+
+
+def test_stalled_download_is_cut_and_frees_the_slot():
+    """A client that stops reading its 24 MiB task mid-stream (64 KiB HTTP/2 window, no BDP growth): the server's
+    send is parked; a second PullTask of that client is ABORTED meanwhile; the watchdog cuts the stream after
+    stream_idle_timeout_s, and then the same client downloads its task in full."""
+    cid = IDS[0]
+    scfg = ServerSection(address="127.0.0.1:0", insecure=True, stream_idle_timeout_s=1.0, poll_interval_s=0.05)
+    transport = GrpcTransport(roster=[cid], tokens={cid: TOKENS[cid]}, fingerprint="f" * 64, model_name="tiny",
+                              run_name="t", algorithm="fedavg", cfg=scfg)
+    ins = Instruction(1, cid, 1, {"steps": 1}, Payload({"w": torch.ones(6 * MiB)}))  # 24 MiB of float32
+    transport.instruction_for = lambda _cid, _version: ins
+    server, port, _ = start_grpc_server(transport, scfg.address, scfg)
+
+    def one_round():
+        with contextlib.suppress(Interrupted):  # ended by the test
+            transport.run_round(1, {cid: ins}, 60.0)
+
+    rounds = threading.Thread(target=one_round, daemon=True)
+    rounds.start()
+    md = auth_metadata(TOKENS[cid])
+    req = pb2.TaskRequest(client_id=cid)
+    slow = grpc.insecure_channel(f"127.0.0.1:{port}", options=[*serde.channel_options(), ("grpc.http2.bdp_probe", 0)])
+    fast = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+    try:
+        for _ in range(100):  # until the round has opened its task
+            with transport.lock:
+                if transport.book is not None:
+                    break
+            time.sleep(0.05)
+        stalled = serde.CoordinatorStub(slow).PullTask(req, metadata=md, timeout=30)
+        assert next(stalled).index == 0  # then stop reading
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as e:
+            list(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=10))
+        assert e.value.code() == grpc.StatusCode.ABORTED and "download" in e.value.details()
+        t0 = time.monotonic()
+        while transport.streams:
+            assert time.monotonic() - t0 < 10, "the stalled download was not cut"
+            time.sleep(0.05)
+        assert 0.5 < time.monotonic() - t0
+        with pytest.raises(grpc.RpcError) as e:
+            list(stalled)
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        task = serde.read_task(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=30), max_bytes=1 << 30)
+        assert torch.equal(task.instruction.sync.tensors["w"], ins.sync.tensors["w"])
+    finally:
+        transport.stop_event.set()
+        rounds.join(5)
+        server.stop(grace=None)
+        transport.closed.set()
+        slow.close()
+        fast.close()
