@@ -79,14 +79,14 @@ def test_client_gives_up_after_max_retry_s(tmp_path, capsys, caplog):
     """Nobody listening: the client retries (backoff) for [client] max_retry_s, then exits 4 with a clear line.
     Started with the deprecated --token and --insecure: both warn."""
     cfg_path = write_run(tmp_path, rounds=1, extra="[client]\nmax_backoff_s = 0.3\nmax_retry_s = 1.5\nrpc_timeout_s = 2\n")
-    t0 = time.monotonic()
     rc = main(["client", "--config", str(cfg_path), "--server", f"127.0.0.1:{_free_port()}", "--client-id", IDS[0],
                "--partition", "0", "--token", TOKENS[IDS[0]], "--insecure"])
-    took = time.monotonic() - t0
+    t_end = time.time()
     assert rc == 4
     err = capsys.readouterr().err
     assert "giving up ([client] max_retry_s = 1.5)" in err and "UNAVAILABLE" in err
-    assert took < 15  # model + data load, then ~1.5 s of retries
+    retries = [r.created for r in caplog.records if "retrying in" in r.getMessage()]
+    assert 1.0 < t_end - retries[0] < 6.0  # ~1.5 s from the first failure, not forever
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(w.startswith("--token is deprecated") for w in warnings)
     assert any(w.startswith("INSECURE: no TLS") for w in warnings)
