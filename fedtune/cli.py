@@ -15,6 +15,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError)
 
 
+def _overwrite(args: argparse.Namespace, cfg) -> None:
+    from fedtune.config import ConfigError
+    from fedtune.rundir import overwrite
+
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite deletes the run that --resume would continue; use one of them")
+    if args.overwrite:
+        overwrite(cfg.out_dir)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune import config
     from fedtune.simulation import output_paths, simulate
@@ -26,6 +36,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
     cfg = config.load(args.config, overrides)
+    _overwrite(args, cfg)
     if args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
         from fedtune.flower import run_flower_simulation
 
@@ -52,6 +63,7 @@ def _server(args: argparse.Namespace) -> int:
     if args.address:
         overrides["server.address"] = args.address
     cfg = config.load(args.config, overrides)
+    _overwrite(args, cfg)
     try:
         summary = serve(cfg, resume=args.resume, progress=not args.no_progress)
     except RoundAborted as e:
@@ -97,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--local-steps", type=int)
     s.add_argument("--data", nargs="+", help="JSONL file(s): one per client, or one to partition")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--engine", choices=["native", "flower"], default="native",
@@ -106,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
-    sv.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    sv.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    sv.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     sv.add_argument("--address", help="listen address, e.g. 0.0.0.0:50051 (overrides [server] address)")
     sv.add_argument("--out")
     sv.add_argument("--rounds", type=int)

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fedtune.algorithms.lora_common import PEFT_PREFIX
+from fedtune.fileio import publish, save_safetensors
 
 
 def write_peft_adapter(out_dir: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, base_name: str) -> Path:
@@ -30,8 +30,8 @@ def write_peft_adapter(out_dir: Path, factors: dict[str, tuple[torch.Tensor, tor
     for name, (a, b) in sorted(factors.items()):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().float().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().float().contiguous()
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out_dir
+    save_safetensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return publish(out_dir)
 
 
 def export_adapter(gm, out_dir: Path, *, base_name: str) -> Path | None:
@@ -40,7 +40,7 @@ def export_adapter(gm, out_dir: Path, *, base_name: str) -> Path | None:
         return None
     path = write_peft_adapter(out_dir, factors, base_name=base_name)
     (out_dir / "fedtune.json").write_text(json.dumps({"global_version": gm.version}))
-    return path
+    return publish(path)
 
 
 def export_merged(gm, tokenizer, out_dir: Path) -> Path:
@@ -50,4 +50,4 @@ def export_merged(gm, tokenizer, out_dir: Path) -> Path:
         model = model.merge_and_unload()
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    return publish(out_dir)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fedtune.fileio import publish
+
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -67,6 +69,7 @@ def _cached_gguf(path: Path):
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    publish(tmp)  # readable like any other file (safetensors writes 0600); it is the exported adapter's base
     try:
         tmp.rename(cache)
     except OSError:  # another process won the race; use its copy
