@@ -17,13 +17,13 @@ def write_peft_adapter(out_dir: Path, factors: dict[str, tuple[torch.Tensor, tor
     """adapter_config.json + adapter_model.safetensors loadable by PeftModel.from_pretrained(base, out_dir)."""
     from peft import LoraConfig
 
-    ranks = {a.shape[0] for a, _ in factors.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"all exported modules must share one rank, got {sorted(ranks)}")
-    r = ranks.pop()
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
+    r = max(ranks.values())
+    other = {name: k for name, k in sorted(ranks.items()) if k != r}  # e.g. FLoRA: rank ≤ min(d_in, d_out)
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors})
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0, bias="none",
+                     rank_pattern=other, alpha_pattern=dict(other),
                      base_model_name_or_path=base_name, task_type="CAUSAL_LM")
     cfg.save_pretrained(str(out_dir))
     tensors = {}

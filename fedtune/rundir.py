@@ -33,8 +33,9 @@ LOCK = ".fedtune.lock"
 # what a run writes into its directory; --overwrite deletes these and nothing else
 OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints", "adapter", "merged", "plots", "tb")
 
-# Settings a resume may change (they do not change what the finished run computes). Everything else in the
-# resolved config is hashed; run.rounds too when [privacy] is on (σ is calibrated over the planned rounds).
+# Settings a resume may change (they do not change what the rounds already done computed). Everything else in
+# the resolved config is hashed; run.rounds too when [privacy] calibrates σ to target_epsilon without a fixed
+# noise_multiplier (σ then depends on the planned number of rounds).
 RESUMABLE = (
     "run.name", "run.out", "run.rounds", "run.threads", "run.eval_batch_size", "model.name",
     "federation.round_timeout_s", "federation.max_round_retries", "federation.batch_clients",
@@ -55,7 +56,7 @@ def identity(cfg: RunConfig, roster: list[str]) -> dict[str, Any]:
     d["privacy"] = privacy.to_dict()
     d["roster"] = list(roster)
     for key in RESUMABLE:
-        if key == "run.rounds" and privacy.enabled:
+        if key == "run.rounds" and privacy.enabled and privacy.noise_multiplier is None:
             continue
         section, name = key.split(".")
         d[section].pop(name, None)
