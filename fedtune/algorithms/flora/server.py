@@ -4,7 +4,8 @@ State, bounded in the number of rounds:
   cum/<module>.{A,B}   the cumulative merged ΔW = Σ_rounds B_stack·A_stack as stacked factors, while its rank
                        R = Σ r stays below min(d_in, d_out) ...
   cum/<module>.D       ... then as a dense float64 matrix (d_out × d_in)
-  v<NNNNN>/<module>.{A,B}   the stacks of the last `keep_rounds` rounds only
+  v<NNNNN>/<module>.{A,B}   the stacks of the last `keep_rounds` rounds only, and only as many as together
+                       are no more bytes than cum/ (older ones would never be sent)
 A client at most keep_rounds behind gets the stacks it missed, any other client the cumulative ΔW
 (whichever is fewer bytes); both are exact. `add_to_cumulative` is the one update rule, used by the server
 and by every client, so all of them hold the same ΔW bit for bit.
@@ -111,7 +112,7 @@ class FLoRA(FedAlgorithm):
         modules = sorted({k[:-2] for k in updates[0].tensors})
         v = state.version + 1
         oldest = v - self.config.keep_rounds + 1  # stacks of older rounds live on in cum/ only
-        tensors = {k: t for k, t in state.tensors.items() if (_version_of(k) or oldest) >= oldest}
+        tensors = dict(state.tensors)
         for mod in modules:
             # clients send s_k·B_k (scale folded in), so B_stack needs no further scaling
             a = torch.cat([pk * u.tensors[f"{mod}.A"] for pk, u in zip(p, updates)], 0)
@@ -119,9 +120,18 @@ class FLoRA(FedAlgorithm):
             if self.config.keep_rounds > 0:
                 tensors[round_key(v, f"{mod}.A")], tensors[round_key(v, f"{mod}.B")] = a, b
             add_to_cumulative(tensors, mod, a, b)
+        # a client k rounds behind gets the last k stacks only if they are fewer bytes than cum/: keep no more
+        cum_bytes = payload_nbytes({k: t for k, t in tensors.items() if k.startswith(CUM)})
+        total, kept = 0, set()
+        for w in range(v, oldest - 1, -1):
+            total += payload_nbytes({k: t for k, t in tensors.items() if _version_of(k) == w})
+            if total > cum_bytes:
+                break
+            kept.add(w)
+        tensors = {k: t for k, t in tensors.items() if _version_of(k) in kept or k.startswith(CUM)}
         stacked = sum(u.tensors[f"{modules[0]}.A"].shape[0] for u in updates)
-        ranks = {k: r for k, r in state.meta.get("stacked_rank", {}).items() if int(k) >= oldest}
-        meta = dict(state.meta, stacked_rank=dict(ranks, **{str(v): stacked}),
+        ranks = {k: r for k, r in state.meta.get("stacked_rank", {}).items() if int(k) in kept}
+        meta = dict(state.meta, stacked_rank=dict(ranks, **({str(v): stacked} if v in kept else {})),
                     total_rank=int(state.meta.get("total_rank", 0)) + stacked)
         return GlobalState(version=v, tensors=tensors, meta=meta), {"flora_stacked_rank": float(stacked)}
 
