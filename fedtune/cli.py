@@ -95,6 +95,44 @@ def _client(args: argparse.Namespace) -> int:
         return 3
 
 
+def _export_base(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fedtune import config, export
+    from fedtune.config import ConfigError
+    from fedtune.models import fingerprint, load_model
+
+    want = None
+    overrides = {"model.name": args.model, "run.seed": args.seed}
+    if args.adapter:  # the run's model and seed, from the adapter's fedtune.json
+        meta = Path(args.adapter) / "fedtune.json"
+        try:
+            info = json.loads(meta.read_text())
+            overrides = {"model.name": args.model or info["base_model"],
+                         "run.seed": args.seed if args.seed is not None else info["seed"]}
+            want = info["base_model_fingerprint"]
+        except (OSError, ValueError, KeyError):
+            raise ConfigError(f"{meta} is missing or has no base_model/seed/base_model_fingerprint: --adapter "
+                              "needs an adapter exported by this fedtune (runs/NAME/adapter)") from None
+    cfg = config.load(args.config, overrides)
+    model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
+    fp = fingerprint(model)
+    if want is not None and fp != want:
+        raise ConfigError(f"model {cfg.model.name!r} (seed {cfg.run.seed}) is not the base the adapter was trained "
+                          f"on (fingerprint {fp[:12]} ≠ {want[:12]})")
+    out = export.export_base(model, tok, Path(args.dir),
+                             info={"model": cfg.model.name, "seed": cfg.run.seed, "base_model_fingerprint": fp})
+    print(f"base model {cfg.model.name!r} written to {out}")
+    if args.adapter:
+        export.point_adapter(Path(args.adapter), out)
+        print(f"{args.adapter}/adapter_config.json now names it as base_model_name_or_path")
+    print("load it without fedtune:\n  from peft import PeftModel\n  from transformers import AutoModelForCausalLM\n"
+          f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+          f"{str(args.adapter or 'runs/NAME/adapter')!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -133,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--partition", type=int, help="which [data] partition this client holds")
     cl.add_argument("--token", help="this client's token (prefer [client] token_file)")
     cl.set_defaults(func=_client)
+    eb = sub.add_parser("export-base", help="write the base model as a Hugging Face directory (for peft users)")
+    eb.add_argument("dir", help="output directory")
+    eb.add_argument("--adapter", help="an exported adapter (runs/NAME/adapter): take its model and seed, check "
+                                      "the fingerprint, and point its base_model_name_or_path at DIR")
+    eb.add_argument("--config", help="run config whose [model] and seed to use")
+    eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
+    eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
+    eb.set_defaults(func=_export_base)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 

@@ -286,7 +286,8 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
     gm.advance(run.algo, state)
-    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
+    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name, seed=cfg.run.seed,
+                                        base_fingerprint=run.base_fingerprint)
     # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
@@ -304,7 +305,8 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},
-        "adapter": str(adapter_dir) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "adapter_export": getattr(gm.client, "export_info", None) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
         "plot": str(plot) if plot else None, "metrics": str(writer.path),
         "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
     }
