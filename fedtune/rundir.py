@@ -92,12 +92,14 @@ class RunDir:
         self.out = Path(out)
         self.ckpt_dir = self.out / "checkpoints"
         self._lock_fd: int | None = None
+        self._created = False
         self.record: dict[str, Any] = {}
 
     # -- lock ------------------------------------------------------------------------------------
     def lock(self) -> RunDir:
         """Hold an exclusive lock on the run dir until release() (or process exit). A second process
         gets RunDirError at once instead of writing into the same run."""
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -112,11 +114,16 @@ class RunDir:
         self._lock_fd = fd
         return self
 
-    def release(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+    def release(self, *, failed: bool = False) -> None:
+        """Unlock. After a failed start, a directory this process created and left empty is removed."""
+        if self._lock_fd is None:
+            return
+        if failed and self._created and [p.name for p in self.out.iterdir()] == [LOCK]:
+            (self.out / LOCK).unlink()
+            self.out.rmdir()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     # -- contents --------------------------------------------------------------------------------
     def outputs(self) -> list[str]:

@@ -221,7 +221,7 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
             rd.check_fresh()  # before the slow part
         return _prepare_run(cfg, rd, resume=resume, roster=roster)
     except BaseException:
-        rd.release()
+        rd.release(failed=True)
         raise
 
 

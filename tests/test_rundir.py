@@ -54,6 +54,12 @@ def test_fresh_run_into_used_dir_refuses_and_overwrite_clears(tmp_path, capsys):
     assert _rounds(out) == [0, 1] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_failed_start_leaves_no_directory(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["simulate", "--model", "tiny", "--clients", "5000", "--out", str(out), "--no-progress"]) == 2
+    assert "5000 clients" in capsys.readouterr().err and not out.exists()
+
+
 def test_resume_refuses_other_config_names_the_key(tmp_path):
     out = tmp_path / "run"
     simulate(_cfg(out, **{"run.rounds": 1}), progress=False)
