@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--report", type=int, nargs="+", default=[2, 10, 50])
-    ap.add_argument("--out", default="runs/bench/flora_state.json")
+    ap.add_argument("--out", default="simulations/bench/results/flora_state.json")
     args = ap.parse_args()
     tok = tiny_tokenizer()
     algo = get_algorithm("flora", FLoRAConfig(rank=args.rank, alpha=2 * args.rank))
