@@ -23,6 +23,7 @@ from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientAlgorithm, TrainContext
 from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
 from fedtune.data.prepare import context_length
+from fedtune.fileio import write_text_atomic
 from fedtune.models import fingerprint, load_model
 from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import serde
@@ -184,9 +185,7 @@ class Agent:
 
     def _save_state(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.client.state_dict()))
-        os.replace(tmp, self._state_file())
+        write_text_atomic(self._state_file(), json.dumps(self.client.state_dict()))
 
     def _load_state(self) -> None:
         if self._state_file().is_file():
