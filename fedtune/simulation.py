@@ -147,8 +147,8 @@ def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState
     algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
     pc = cfg.privacy_config()
     if pc.mode == "sample" and not algo.supports_sample_dp:
-        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r} yet (its zeroth-order "
-                          "steps need per-example clipping of the projected gradient); use fedavg, flora or fedsb")
+        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r}; "
+                          "use fedavg, flora, fedsb or fedkseed")
     if pc.mode != "client":
         return algo, None
     try:

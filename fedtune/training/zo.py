@@ -6,7 +6,9 @@ definition and z is moved to the parameter's device and dtype afterwards). Large
 chunks of `CHUNK` elements (part of the definition), so at most one chunk of z exists at a time: a ZO step
 needs about the memory of inference. z is never stored: every use regenerates it from the seed.
 
-    g = (L(θ + εz) − L(θ − εz)) / 2ε        (projected gradient, a scalar)
+    g_i = (L_i(θ + εz) − L_i(θ − εz)) / 2ε  (per-example projected gradient, a scalar; L_i = mean token loss
+                                             of example i, from the same two forwards over the batch)
+    g = (1/B) Σ_i g_i                        (the step's projected gradient; DP clips each g_i first)
     θ ← θ − η·g·z                            (apply_update with coeff = η·g)
 """
 
@@ -16,6 +18,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from fedtune.data.format import IGNORE
 
 CHUNK = 1 << 20  # elements of z drawn at once (4 MiB fp32); changing it changes z(seed)
 
@@ -66,20 +71,41 @@ def materialize(params: NamedParams, seed: int) -> list[torch.Tensor]:
     return out
 
 
+def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) mean next-token loss of each example over its labels != -100 (labels are shifted, not the logits:
+    no copy of the (B, T, V) logits beyond the loss's own, as in HF's causal-LM loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, T): target of position t is token t+1
+    tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return tok.view(labels.shape).sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
+
+
 @torch.no_grad()
-def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Mean token loss of a batch (HF causal-LM loss over labels != -100)."""
-    return float(model(**batch).loss)
+def spsa_example_grads(
+    model: nn.Module, params: NamedParams, parts: Sequence[dict[str, torch.Tensor]], seed: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example (g_i float64, L_i(θ+εz), L_i(θ−εz)) over the micro-batches `parts` (one forward per part and
+    sign). Perturbs +εz, −2εz, +εz: θ is restored up to fp32 rounding (not bit-exact). No parts: empty tensors."""
+    if not parts:
+        empty = torch.zeros(0)
+        return empty.double(), empty, empty
+    perturb(params, seed, eps)
+    plus = torch.cat([example_losses(model, b) for b in parts])
+    perturb(params, seed, -2.0 * eps)
+    minus = torch.cat([example_losses(model, b) for b in parts])
+    perturb(params, seed, eps)
+    return (plus.double() - minus.double()) / (2.0 * eps), plus, minus
+
+
+def mean_grad(g: torch.Tensor) -> float:
+    """The step's g = (1/B) Σ_i g_i (the DP step with σ = 0, C = ∞ computes exactly this)."""
+    return float(g.sum()) / g.numel()
 
 
 @torch.no_grad()
 def spsa_step(
     model: nn.Module, params: NamedParams, batch: dict[str, torch.Tensor], seed: int, eps: float
 ) -> tuple[float, float, float]:
-    """(g, L(θ+εz), L(θ−εz)). Perturbs +εz, −2εz, +εz: θ is restored up to fp32 rounding (not bit-exact)."""
-    perturb(params, seed, eps)
-    loss_plus = batch_loss(model, batch)
-    perturb(params, seed, -2.0 * eps)
-    loss_minus = batch_loss(model, batch)
-    perturb(params, seed, eps)
-    return (loss_plus - loss_minus) / (2.0 * eps), loss_plus, loss_minus
+    """(g, mean_i L_i(θ+εz), mean_i L_i(θ−εz)) on one batch."""
+    g, plus, minus = spsa_example_grads(model, params, [batch], seed, eps)
+    return mean_grad(g), float(plus.mean()), float(minus.mean())

@@ -18,6 +18,10 @@ replays the pairs it lacks. Replay is linear in g, so it equals applying each cl
 (with weight decay 0). The client's local steps move its own θ between steps; only (s, g) leaves it, and
 its model is restored bit-exactly from a backup copy afterwards.
 
+The step's loss is the mean over the batch's examples of each example's mean token loss, so the same two
+forwards give every per-example g_i; sample-level DP ([privacy] mode = "sample") clips each g_i to [−C, C] and
+releases (Σ_i clip(g_i) + N(0, σ²C²)) / E per step (see client.py; accounting as for DP-SGD).
+
 Choices (see FedKSeedConfig):
 - η: the paper's 3e-7 is for billion-scale full tuning; stable ZO step sizes shrink roughly like 1/d, so the
   default is 1e-6 for full tuning of ~135M models (SmolLM2), 5e-5 for "lora". The tiny 0.1M-parameter test

@@ -37,9 +37,8 @@ def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tens
 
 
 class FedKSeed(FedAlgorithm):
-    # Zeroth-order steps release one scalar per step; sample-level DP would need per-example clipping of
-    # that scalar and its own accounting, which is not built yet: refuse rather than train without noise.
-    supports_sample_dp = False
+    # Sample-level DP clips each example's projected gradient and noises the step's scalar (client.py).
+    supports_sample_dp = True
     name = "fedkseed"
     config: FedKSeedConfig
 
