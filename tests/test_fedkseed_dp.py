@@ -230,3 +230,12 @@ def test_replay_of_a_dp_runs_pairs_reproduces_the_clients_model(ktok, kfeats):
     replayed = params_of(late_model)
     assert max((replayed[n].double() - snap[n].double()).abs().max().item() for n in snap) <= 1e-6
     assert all(torch.equal(replayed[n], p) for n, p in params_of(model).items())  # and the synced copy, exactly
+
+
+def test_client_level_dp_refuses_fedkseed_with_the_reason():
+    from fedtune.privacy import ClientLevelDP, PrivacyConfig
+
+    with pytest.raises(ValueError, match="noise on all K per-seed sums") as e:
+        ClientLevelDP(get_algorithm("fedkseed", FedKSeedConfig(num_seeds=8)),
+                      PrivacyConfig(mode="client", noise_multiplier=1.0), clients_per_round=2, num_clients=4)
+    assert "sample-level DP" in str(e.value) and "'fedkseed'" in str(e.value)

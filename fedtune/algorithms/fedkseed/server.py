@@ -39,6 +39,11 @@ def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tens
 class FedKSeed(FedAlgorithm):
     # Sample-level DP clips each example's projected gradient and noises the step's scalar (client.py).
     supports_sample_dp = True
+    client_dp_refusal = (
+        "a FedKSeed update is τ (seed, scalar) pairs and the global state is the log of per-seed sums, not a "
+        "model delta; hiding a client's participation would need noise on all K per-seed sums every round, "
+        "since the set of seeds used reveals who took part, so every client would replay K z regenerations "
+        "per round instead of the seeds actually used")
     name = "fedkseed"
     config: FedKSeedConfig
 
