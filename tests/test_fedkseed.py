@@ -99,6 +99,28 @@ def test_perturb_round_trip_and_spsa_matches_directional_derivative(ktok, kfeats
     assert lp != lm
 
 
+def test_zo_step_regenerates_z_three_times_and_matches_the_unfused_step(ktok, kfeats, monkeypatch):
+    """+εz, −2εz, then the restore fused with the update: 3 regenerations (was 4: +εz, −2εz, +εz, −η·g·z);
+    the same g (the forwards see the same θ ± εz) and the same θ up to fp32 rounding."""
+    _, _, client, model = start(FedKSeedConfig(num_seeds=8, lr=1e-2), ktok)
+    params = zo.zo_parameters(model)
+    theta = [p.detach().clone() for _, p in params]
+    batch = next(zo_batches(kfeats, ktok))
+    calls = []
+    orig = zo.noise
+    monkeypatch.setattr(zo, "noise", lambda ps, seed: calls.append(seed) or orig(ps, seed))
+    g, _, _, _ = client.step(model, params, [batch], 11, eps=1e-3, lr=1e-2, grad_clip=100.0, dp=None)
+    assert calls == [11, 11, 11]
+    fused = [p.detach().clone() for _, p in params]
+    for (_, p), t in zip(params, theta):
+        p.data.copy_(t)
+    g_ref, _, _ = zo.spsa_step(model, params, batch, 11, 1e-3)  # the unfused step: restore, then update
+    zo.apply_update(params, 11, 1e-2 * float(torch.tensor(g_ref, dtype=torch.float32)))
+    assert len(calls) == 3 + 4 and g == float(torch.tensor(g_ref, dtype=torch.float32)) != 0
+    assert max(max_abs(p, f) for (_, p), f in zip(params, fused)) <= 1e-6
+    assert max(max_abs(p, t) for (_, p), t in zip(params, theta)) > 1e-5  # the step did move θ
+
+
 def zo_batches(feats, ktok):
     from fedtune.training.local import batches
 

@@ -118,14 +118,14 @@ def test_dp_step_without_noise_or_clipping_is_the_plain_step_bit_for_bit(ktok, k
     parts = [collate(kfeats[:4], ktok.pad_token_id), collate(kfeats[4:6], ktok.pad_token_id)]
     params = zo.zo_parameters(model)
     theta = [p.detach().clone() for _, p in params]
-    plain = client.step_grad(model, params, parts, 11, 1e-3, None)
+    plain = client.step(model, params, parts, 11, eps=1e-3, lr=1e-3, grad_clip=100.0, dp=None)
     after_plain = [p.detach().clone() for _, p in params]
     for (_, p), t in zip(params, theta):
         p.data.copy_(t)
     dp = DPRound(noise_multiplier=0.0, clip=math.inf, sample_rate=0.3, expected_batch=6,
                  generator=torch.Generator().manual_seed(0))
-    private = client.step_grad(model, params, parts, 11, 1e-3, dp)
-    assert private == plain and plain[0] != 0.0  # (g, loss, skipped), compared as exact floats
+    private = client.step(model, params, parts, 11, eps=1e-3, lr=1e-3, grad_clip=100.0, dp=dp)
+    assert private == plain and plain[0] != 0.0  # (g, loss, skipped, clamped), compared as exact floats
     assert all(torch.equal(p, a) for (_, p), a in zip(params, after_plain))
 
 

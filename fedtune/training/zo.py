@@ -82,10 +82,13 @@ def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 @torch.no_grad()
 def spsa_example_grads(
-    model: nn.Module, params: NamedParams, parts: Sequence[dict[str, torch.Tensor]], seed: int, eps: float
+    model: nn.Module, params: NamedParams, parts: Sequence[dict[str, torch.Tensor]], seed: int, eps: float,
+    *, restore: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example (g_i float64, L_i(θ+εz), L_i(θ−εz)) over the micro-batches `parts` (one forward per part and
-    sign). Perturbs +εz, −2εz, +εz: θ is restored up to fp32 rounding (not bit-exact). No parts: empty tensors."""
+    sign). Perturbs +εz, −2εz, then +εz if `restore` (θ back up to fp32 rounding, not bit-exact); with
+    restore=False θ is left at θ − εz for the caller to fuse the restore with its update (`finish_step`).
+    No parts: no forward, no perturbation, empty tensors."""
     if not parts:
         empty = torch.zeros(0)
         return empty.double(), empty, empty
@@ -93,8 +96,16 @@ def spsa_example_grads(
     plus = torch.cat([example_losses(model, b) for b in parts])
     perturb(params, seed, -2.0 * eps)
     minus = torch.cat([example_losses(model, b) for b in parts])
-    perturb(params, seed, eps)
+    if restore:
+        perturb(params, seed, eps)
     return (plus.double() - minus.double()) / (2.0 * eps), plus, minus
+
+
+@torch.no_grad()
+def finish_step(params: NamedParams, seed: int, displaced: float, coeff: float) -> None:
+    """From θ + displaced·z (displaced = −ε after spsa_example_grads(restore=False), 0 without forwards) to
+    θ − coeff·z in ONE z regeneration: a ZO step costs 3 regenerations (+εz, −2εz, (ε − η·g)·z) instead of 4."""
+    perturb(params, seed, -displaced - coeff)
 
 
 def mean_grad(g: torch.Tensor) -> float:

@@ -18,8 +18,8 @@ local step (first-order and zeroth-order).
     Runs alternate nondp/dp; median of --repeats; ratio dp / nondp. Each timed block includes building the
     optimiser (and, for dp, attaching/detaching opacus), as one local round does.
 (c) ZO step cost per --zo-modes (lora, full): one FedKSeed step (two perturbed forwards, the step's scalar,
-    the update) on the same fixed batches: hf = the old step (HF batch-mean loss), nondp = FedKSeedClient.
-    step_grad without DP (per-example losses, their mean), dp = the same with σ = 1, C = 1 (clip, sum, noise).
+    the update) on the same fixed batches: hf = the old step (HF batch-mean loss, 4 z regenerations), nondp =
+    FedKSeedClient.step without DP (per-example losses, their mean), dp = the same with σ = 1, C = 1.
     Alternating, median of --repeats; ratios dp / nondp (goal ≤ 1.05) and dp / hf.
 
     python simulations/bench/privacy.py [--model smollm2|tiny] [--eps 1 3 8 inf] [--methods fedsb fedavg]
@@ -204,8 +204,7 @@ def zo_step_cost(a: argparse.Namespace, mode: str) -> dict[str, Any]:
     def step(private):
         def run():
             for s, b in zip(seeds, fixed):
-                g, _, _ = client.step_grad(model, params, [b], s, eps, private)
-                zo.apply_update(params, s, lr * g)
+                client.step(model, params, [b], s, eps=eps, lr=lr, grad_clip=100.0, dp=private)
         return run
 
     fns = {"hf": hf, "nondp": step(None), "dp": step(dp)}

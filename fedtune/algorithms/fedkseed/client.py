@@ -29,7 +29,7 @@ from fedtune.algorithms.lora_common import (
 from fedtune.data.format import collate
 from fedtune.privacy.sample import DPRound, poisson_batches, private_scalar_mean
 from fedtune.training.local import batches
-from fedtune.training.zo import apply_update, mean_grad, spsa_example_grads, zo_parameters
+from fedtune.training.zo import apply_update, finish_step, mean_grad, spsa_example_grads, zo_parameters
 
 ADAPTER = "fedkseed"
 INDEX_STREAM = 0x5EED  # offsets the seed-index RNG from the batch-order RNG (both derive from config["seed"])
@@ -100,18 +100,26 @@ class FedKSeedClient(ClientAlgorithm):
             return update
         return self._train(model, ctx, config, None)
 
-    def step_grad(self, model: nn.Module, params, parts: list[dict], seed: int, eps: float,
-                  dp: DPRound | None) -> tuple[float, float, bool]:
-        """One step's (g, mean loss, skipped): the mean of the per-example g_i, or its DP release."""
-        g_i, plus, minus = spsa_example_grads(model, params, parts, seed, eps)
+    def step(self, model: nn.Module, params, parts: list[dict], seed: int, *, eps: float, lr: float,
+             grad_clip: float, dp: DPRound | None) -> tuple[float, float, bool, bool]:
+        """One ZO step in place, 3 z regenerations: +εz, −2εz (the two forwards), then the restore fused with
+        the update θ ← θ − η·g·z. g = mean of the per-example g_i, or its DP release; clamped to ±grad_clip and
+        rounded to float32 (what is uploaded is what was applied). Returns (g, mean loss, skipped, clamped)."""
+        g_i, plus, minus = spsa_example_grads(model, params, parts, seed, eps, restore=False)
         loss = float((plus + minus).mean()) / 2 if g_i.numel() else float("nan")  # nan: empty Poisson batch
         if dp is None:
             g = mean_grad(g_i)
-            return (g, loss, False) if math.isfinite(g) else (0.0, loss, True)  # diverged forward: skip the step
-        bad = ~torch.isfinite(g_i)  # a diverged example contributes 0 (still one example: sensitivity C)
-        g = private_scalar_mean(g_i.masked_fill(bad, 0.0), clip=dp.clip, noise_multiplier=dp.noise_multiplier,
-                                expected_batch=dp.expected_batch, generator=dp.generator)
-        return g, loss, bool(bad.any())
+            skipped = not math.isfinite(g)
+            g = 0.0 if skipped else g  # diverged forward: skip the step, keep the record
+        else:
+            bad = ~torch.isfinite(g_i)  # a diverged example contributes 0 (still one example: sensitivity C)
+            g = private_scalar_mean(g_i.masked_fill(bad, 0.0), clip=dp.clip, noise_multiplier=dp.noise_multiplier,
+                                    expected_batch=dp.expected_batch, generator=dp.generator)
+            skipped = bool(bad.any())
+        clamped = grad_clip > 0 and abs(g) > grad_clip
+        g = float(torch.tensor(clip_grad(g, grad_clip), dtype=torch.float32))
+        finish_step(params, seed, -eps if parts else 0.0, lr * g)
+        return g, loss, skipped, clamped
 
     def _train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any], dp: DPRound | None) -> ClientUpdate:
         steps, lr, eps = int(config["steps"]), float(config["lr"]), float(config["eps"])
@@ -130,12 +138,9 @@ class FedKSeedClient(ClientAlgorithm):
         try:
             for t in range(steps):
                 s = self.seeds[int(idx[t])]
-                g, loss, skip = self.step_grad(model, params, next(stream), s, eps, dp)
-                skipped += int(skip)
-                clipped += int(clip > 0 and abs(g) > clip)
-                g = clip_grad(g, clip)
-                g = float(torch.tensor(g, dtype=torch.float32))  # what is uploaded is what was applied
-                apply_update(params, s, lr * g)
+                g, loss, skip, clamped = self.step(model, params, next(stream), s, eps=eps, lr=lr, grad_clip=clip,
+                                                   dp=dp)
+                skipped, clipped = skipped + int(skip), clipped + int(clamped)
                 grads.append(g)
                 losses.append(loss)
                 if ctx.on_step is not None:
