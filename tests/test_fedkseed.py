@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.algorithms import ClientUpdate, GlobalState, TrainContext, get_algorithm
+from fedtune.algorithms import ClientUpdate, GlobalState, Payload, TrainContext, get_algorithm
 from fedtune.algorithms.fedkseed import FedKSeedConfig
 from fedtune.algorithms.fedkseed.server import round_key, seed_probabilities
 from fedtune.data import ChatFormatter, load_chatterbot
@@ -156,7 +156,7 @@ def test_replay_of_aggregate_equals_weighted_client_steps(ktok, kfeats):
     # direct: from θ_global apply every client's steps with weight p_k
     direct = fresh(ktok)
     params = zo.zo_parameters(direct)
-    seeds = state.tensors["seeds"].tolist()
+    seeds = client.seeds
     for pk, u in zip([0.2, 0.6, 0.2], ups):
         for i, g in zip(u.tensors["seed_idx"].tolist(), u.tensors["grad"].tolist()):
             zo.apply_update(params, seeds[i], cfg.lr * pk * g)
@@ -194,10 +194,10 @@ def upd(cid: str, n: int, idx: list[int], g: list[float]) -> ClientUpdate:
 
 def test_aggregate_hand_computed_and_bytes():
     algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=8, lr=0.5))
-    state = GlobalState(tensors={"seeds": torch.arange(8)}, meta={"lora_seed": 0})
+    state = GlobalState(tensors={}, meta={"lora_seed": 0, "seed_set": 0})
     ups = [upd("a", 1, [3, 1, 3], [1.0, 2.0, 4.0]), upd("b", 3, [1, 6], [-2.0, 8.0])]  # p = .25, .75
     new, m = algo.aggregate(1, state, ups)
-    assert new.version == 1 and list(state.tensors) == ["seeds"]  # pure: input untouched
+    assert new.version == 1 and list(state.tensors) == []  # pure: input untouched
     assert new.tensors[round_key(1, "seed_idx")].tolist() == [1, 3, 6]
     # H[1] = .25·2 − .75·2 = −1; H[3] = .25·(1 + 4) = 1.25; H[6] = .75·8 = 6; coeff = η·H
     assert torch.allclose(new.tensors[round_key(1, "coeff")], torch.tensor([-0.5, 0.625, 3.0]), atol=1e-7)
@@ -208,6 +208,27 @@ def test_aggregate_hand_computed_and_bytes():
     assert algo.sync_payload(new, 1).tensors == {}
     with pytest.raises(ValueError, match="outside"):
         algo.aggregate(2, new, [upd("c", 1, [8], [1.0])])
+
+
+def test_round_one_download_is_one_seed_not_k_seeds(ktok):
+    """The client derives the K candidate seeds from one seed in the setup payload: the round-1 instruction at
+    K = 4096 is well under 18 KB (it was 33 KB with the K seeds as int64), and the seeds equal the server's."""
+    from fedtune.algorithms.base import Instruction
+    from fedtune.algorithms.fedkseed.server import candidate_seeds
+    from fedtune.wire import sizes
+
+    algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=4096))
+    state = algo.initialize(torch.nn.Linear(2, 2), seed=17)
+    setup = algo.setup_payload(state)
+    assert setup.tensors == {}
+    train = algo.configure_round(1, state, ["c"], {"steps": 200, "batch_size": 8, "seed": 2**31 - 2}, ["c"])["c"]
+    assert sizes.instruction_bytes(Instruction(1, "c", 0, train, algo.sync_payload(state, -1), setup)) < 1024
+    client = algo.make_client()
+    client.setup(fresh(ktok), setup)
+    assert client.seeds == candidate_seeds(4096, 17).tolist()
+    for bad in ({"num_seeds": 0}, {"num_seeds": 2**31}, {"num_seeds": 4.0}, {"seed_set": "17"}, {"seed_set": None}):
+        with pytest.raises(ValueError, match="setup payload"):
+            algo.make_client().setup(fresh(ktok), Payload(meta=dict(setup.meta, **bad)))
 
 
 def test_pro_probabilities_hand_computed_and_shipped():

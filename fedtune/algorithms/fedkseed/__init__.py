@@ -1,7 +1,8 @@
 """FedKSeed — federated zeroth-order full-parameter tuning with a finite seed set (Qin et al., 2024,
 "Federated Full-Parameter Tuning of Billion-Sized Language Models with Communication Cost under 18 Kilobytes").
 
-K candidate seeds {s_1 … s_K} are drawn once from the run seed. z(s) ~ N(0, I) over all trainable weights is
+K candidate seeds {s_1 … s_K} are drawn once from the run seed, by the server and by every client (only
+that one seed travels, in the setup payload). z(s) ~ N(0, I) over all trainable weights is
 regenerated from s on demand (fedtune.training.zo: CPU generator, sorted parameter order). Client k does
 τ local SPSA steps from the global θ, each on a batch with a seed s_kt from the set:
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
-from fedtune.algorithms.fedkseed.server import PROBS, SEEDS, round_key
+from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds, round_key
 from fedtune.algorithms.lora_common import (
     activate,
     attach_lora,
@@ -49,7 +49,11 @@ class FedKSeedClient(ClientAlgorithm):
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
         m = payload.meta
-        self.seeds = payload.tensors[SEEDS].tolist()
+        k, seed_set = m.get("num_seeds"), m.get("seed_set")
+        if not (type(k) is int and 1 <= k <= MAX_SEEDS and type(seed_set) is int and -(2**63) <= seed_set < 2**64):
+            raise ValueError(f"FedKSeed setup payload needs num_seeds in [1, {MAX_SEEDS}] and a 64-bit integer "
+                             f"seed_set, got {k!r}, {seed_set!r}")
+        self.seeds = candidate_seeds(k, seed_set).tolist()
         self.lora = m["trainable"] == "lora"
         if self.lora:
             # A ~ kaiming (seeded by the run seed, identical on every client), B = 0: the model starts at the base.
