@@ -24,7 +24,7 @@ local step (first-order and zeroth-order).
 
     python simulations/bench/privacy.py [--model smollm2|tiny] [--eps 1 3 8 inf] [--methods fedsb fedavg]
         [--clients 2] [--rounds 2] [--local-steps 3] [--fedsb-lr X] [--skip-grid] [--skip-step]
-        [--step-steps 3] [--repeats 3] [--zo-steps 0] [--zo-clip 1] [--zo-modes lora full] [--skip-zo-step]
+        [--step-steps 3] [--repeats 3] [--zo-steps 0] [--zo-clip 1] [--zo-lr 0] [--zo-modes lora full] [--skip-zo-step]
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
                 mode = method.split("-")[1]
                 o.update({"fedkseed.trainable": mode, "fedkseed.rank": a.rank, "fedkseed.alpha": 2 * a.rank,
                           "train.local_steps": zo_steps(a, mode), "privacy.max_grad_norm": a.zo_clip})
+                if a.zo_lr:
+                    o["fedkseed.lr"] = a.zo_lr
             if math.isfinite(eps):
                 o.update({"privacy.mode": "sample", "privacy.target_epsilon": eps, "privacy.noise_seed": a.seed})
             tag = f"{method}_eps{eps:g}"
@@ -87,7 +89,7 @@ def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
                    "rounds_completed": res["summary"]["rounds_completed"],
                    "stopped_early": res["summary"]["stopped_early"], "wall_s": res["wall_s"]}
             if algorithm == "fedkseed":
-                row["lr"] = FedKSeedConfig(trainable=mode).lr  # FedKSeed uses its own η (fedkseed.lr default)
+                row["lr"] = a.zo_lr or FedKSeedConfig(trainable=mode).lr  # FedKSeed's own η, not train.lr
                 row["zo_grad_abs_mean"] = [r.get("fedkseed_grad_abs_mean") for r in rows[1:]]
             out.append(row)
             print(f"done {tag}: eval {row['eval_loss_final']:.4f}, ε spent {row['epsilon_spent']}, "
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--zo-steps", type=int, default=0, help="FedKSeed τ per round (0 = calibrated to equal time)")
     ap.add_argument("--zo-clip", type=float, default=1.0, help="FedKSeed DP: clip C of each example's scalar g_i")
+    ap.add_argument("--zo-lr", type=float, default=0.0, help="FedKSeed η (0 = its default per mode)")
     ap.add_argument("--zo-modes", nargs="+", default=["lora", "full"], help="modes for the ZO step cost")
     ap.add_argument("--skip-zo-step", action="store_true")
     ap.add_argument("--out", default="simulations/bench/results/privacy.json")
