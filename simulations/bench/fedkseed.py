@@ -18,7 +18,7 @@
     operation runs, extra = VmHWM − VmRSS before; min of 3 (noise only adds); ratio = (weights + extra_op) ÷
     (weights + extra_forward), as tests/test_fedkseed.py does on a tiny model. Probes: forward (no_grad
     inference), zo_step (zo.spsa_step + zo.apply_update over all weights), fedkseed_round (FedKSeedClient.train,
-    full mode, 1 step: includes the client's backup copy of θ), first_order (forward + backward, all weights
+    full mode, 1 step, with the exact restore: zo.ParamBackup spills θ to a temp file), first_order (forward + backward, all weights
     trainable, for scale).
 
 (3) Wire and z (model-independent, tiny model, seconds): serialized bytes of the round-1 instruction (setup +
@@ -190,7 +190,7 @@ def memory(a: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": "needs Linux /proc/self/clear_refs"}
     env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(a.mem_threads))
     out: dict[str, Any] = {"batch": [a.mem_batch, a.mem_seq], "threads": a.mem_threads}
-    for what in ("forward", "zo_step", "fedkseed_round", "first_order"):
+    for what in a.mem_probes:
         p = subprocess.run([sys.executable, "-c", PROBE, what, a.model, str(a.mem_batch), str(a.mem_seq)],
                            env=env, capture_output=True, text=True, timeout=1200, check=False)
         if p.returncode != 0:
@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--mem-batch", type=int, default=8)
     ap.add_argument("--mem-seq", type=int, default=64)
     ap.add_argument("--mem-threads", type=int, default=1)
+    ap.add_argument("--mem-probes", nargs="+", default=["forward", "zo_step", "fedkseed_round", "first_order"])
     ap.add_argument("--out", default="simulations/bench/results/fedkseed.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -17,7 +17,8 @@ and keeps every round's pairs (s, η·H[s]). Every client replays θ ← θ − 
 order, so all copies of θ stay bit-identical and no weights ever travel; a client that missed rounds
 replays the pairs it lacks. Replay is linear in g, so it equals applying each client's steps weighted by p_k
 (with weight decay 0). The client's local steps move its own θ between steps; only (s, g) leaves it, and
-its model is restored bit-exactly from a backup copy afterwards.
+its model is restored bit-exactly afterwards from a backup spilled to a temporary file (zo.ParamBackup: no
+second copy of θ in memory; undoing the steps is not exact in fp32).
 
 The step's loss is the mean over the batch's examples of each example's mean token loss, so the same two
 forwards give every per-example g_i; sample-level DP ([privacy] mode = "sample") clips each g_i to [−C, C] and

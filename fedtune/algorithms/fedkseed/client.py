@@ -29,7 +29,7 @@ from fedtune.algorithms.lora_common import (
 from fedtune.data.format import collate
 from fedtune.privacy.sample import DPRound, poisson_batches, private_scalar_mean
 from fedtune.training.local import batches
-from fedtune.training.zo import apply_update, finish_step, mean_grad, spsa_example_grads, zo_parameters
+from fedtune.training.zo import ParamBackup, apply_update, finish_step, mean_grad, spsa_example_grads, zo_parameters
 
 ADAPTER = "fedkseed"
 INDEX_STREAM = 0x5EED  # offsets the seed-index RNG from the batch-order RNG (both derive from config["seed"])
@@ -135,7 +135,7 @@ class FedKSeedClient(ClientAlgorithm):
             stream = ([collate([feats[j] for j in ids[i : i + bs]], ctx.pad_id) for i in range(0, len(ids), bs)]
                       for ids in poisson_batches(len(feats), dp.expected_batch, steps, dp.generator))
         params = zo_parameters(model)
-        backup = [p.detach().clone() for _, p in params]  # exact restore (one model copy in full mode)
+        backup = ParamBackup(params)  # exact restore, spilled to a temp file: no second θ in memory
         idx = self._seed_indices(steps, config)
         was_training, grads, losses, clipped, skipped = model.training, [], [], 0, 0
         model.eval()  # no dropout: both SPSA forwards must see the same function
@@ -150,9 +150,8 @@ class FedKSeedClient(ClientAlgorithm):
                 if ctx.on_step is not None:
                     ctx.on_step(t, loss)
         finally:
-            with torch.no_grad():
-                for (_, p), b in zip(params, backup):
-                    p.copy_(b)
+            backup.restore()
+            backup.close()
             model.train(was_training)
         tensors = {"seed_idx": idx.to(torch.int32), "grad": torch.tensor(grads, dtype=torch.float32)}  # [τ], [τ]
         seen = [x for x in losses if not math.isnan(x)]
