@@ -119,8 +119,8 @@ def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
     algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
     pc, rc = cfg.privacy_config(), cfg.robust_config()
     if pc.mode == "sample" and not algo.supports_sample_dp:
-        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r} yet (its zeroth-order "
-                          "steps need per-example clipping of the projected gradient); use fedavg, flora or fedsb")
+        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r}; "
+                          "use fedavg, flora, fedsb or fedkseed")
     dp: ClientLevelDP | None = None
     try:
         if pc.mode == "client":

@@ -54,12 +54,13 @@ class ClientLevelDP(FedAlgorithm):
         if isinstance(inner, ClientLevelDP):
             raise TypeError("the algorithm is already wrapped with client-level DP")
         if not inner.supports_tensor_average:
+            why = getattr(inner, "client_dp_refusal", None) or (
+                "e.g. FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
+                "updates are concatenated; there is no fixed-shape sum to clip and noise")
             raise ValueError(
                 f"client-level DP cannot wrap {inner.name!r}: its aggregate is not an average of fixed-shape "
-                "update tensors (e.g. FLoRA stacks the clients' LoRA factors, so the global rank grows with "
-                "every client and updates are concatenated; there is no fixed-shape sum to clip and noise). "
-                "Use a tensor-averaging method such as 'fedavg' (or Fed-SB), or sample-level DP "
-                "([privacy] mode = \"sample\") with FLoRA.")
+                f"update tensors ({why}). Use a tensor-averaging method such as 'fedavg' (or Fed-SB), or "
+                f"sample-level DP ([privacy] mode = \"sample\") with {inner.name!r}.")
         pc = PrivacyConfig.from_dict(privacy)
         if pc.mode != "client":
             raise ValueError(f"ClientLevelDP needs [privacy] mode = \"client\", got {pc.mode!r}")
