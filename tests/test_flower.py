@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"model.name": "tiny", "federation.num_clients": 3, "train.local_steps": 3, "train.lr": 5e-3,
         "data.max_train_per_client": 48, "data.max_seq_len": 64, "run.rounds": 2, "run.seed": 3}
 
+# the fake-grid tests: one local step on a few examples, clients one by one (as Flower nodes compute)
+QUICK = {**FAST, "train.local_steps": 1, "data.max_train_per_client": 16, "federation.batch_clients": False}
+
 pytest.importorskip("ray")
 
 
@@ -215,3 +218,187 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path):
     a = load_file(str(tmp_path / "native/adapter/adapter_model.safetensors"))
     b = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6
+
+
+# -- deployment runtime logic with fake grids (no Ray, no SuperLink) -----------------------------------------
+
+SUPERLINK = 1  # the SuperLink's node id: the sender of its own "node unavailable" replies
+
+
+@pytest.fixture
+def flower_task():
+    """Message() needs a task identity (set by Flower in a ServerApp process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FakeGrid:
+    """A Grid that hands each message to the ClientApp logic of the node it is addressed to, in this process.
+
+    nodes: node id → NodeSpec. Knobs, from the end of node discovery on: `dead` (node ids the SuperLink
+    reports unavailable: error replies sent by the SuperLink), `offline` (not in get_node_ids), `fresh_process` (drop the in-memory node models before
+    every message, as flwr 1.41's process-per-message ClientApp does), replies come back in reverse order,
+    one per pull, with a stray reply to an unknown message in front."""
+
+    def __init__(self, cfg, nodes, *, dead=(), offline=(), fresh_process=False):
+        from uuid import uuid4
+
+        self.cfg, self.nodes, self.dead, self.offline = cfg, nodes, set(dead), set(offline)
+        self.fresh_process, self.uuid = fresh_process, uuid4
+        self.outbox, self.pushed, self.pulls, self.discovered = [], 0, 0, False
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if not (self.discovered and n in self.offline)]
+
+    def _answer(self, msg):
+        from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+        from fedtune.flower import client as fc
+
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == "query":
+            self.discovered = True
+        elif node in self.dead:
+            reply = Message(error=Error(5, "Error: Node Unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK
+            return reply
+        spec = self.nodes[node]
+        if msg.metadata.message_type == "query":
+            return Message(RecordDict({"fedtune": ConfigRecord({"client_id": spec.client_id})}), reply_to=msg)
+        if self.fresh_process:
+            fc._CACHE.nodes.clear()
+        return fc.handle_train(msg, self.cfg, spec)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = self.uuid().hex
+            ids.append(m.metadata.message_id)
+            self.outbox.append(self._answer(m))
+            self.pushed += 1
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error, Message
+
+        self.pulls += 1
+        wanted = set(message_ids)
+        mine = [r for r in self.outbox if r.metadata.reply_to_message_id in wanted]
+        if not mine:
+            return []
+        reply = mine[-1]  # newest first: out of order
+        self.outbox.remove(reply)
+        stray = Message(error=Error(3, "stray"), reply_to=reply)
+        stray.metadata.__dict__["_reply_to_message_id"] = "not-a-message-of-this-round"
+        return [stray, reply]
+
+
+def _specs(n, **kw):
+    from fedtune.flower.client import NodeSpec
+
+    return {100 + i: NodeSpec(f"client-{i}", partition=i, **kw) for i in range(n)}
+
+
+def _adapter(out):
+    return load_file(str(out / "adapter/adapter_model.safetensors"))
+
+
+def _native_without(cfg, drop):
+    """fedtune simulate in-process, with the updates of `drop` discarded (what a transport does on failure)."""
+    from fedtune.simulation import InProcessTransport, simulate
+
+    def factory(engine, gm, data, pad_id):
+        inner = InProcessTransport(gm, data, pad_id, progress=False, batch_clients=False)
+
+        class Dropping:
+            def run_round(self, rnd, instructions, timeout_s):
+                res = inner.run_round(rnd, instructions, timeout_s)
+                res.failed += [u.client_id for u in res.updates if u.client_id in drop]
+                res.updates = [u for u in res.updates if u.client_id not in drop]
+                return res
+
+        return Dropping()
+
+    return simulate(cfg, progress=False, transport_factory=factory)
+
+
+def test_error_replies_and_out_of_order_replies_count_failed_clients(tmp_path, flower_task):
+    """client-2's node is gone: the SuperLink answers for it (sender = SuperLink, not the node). Replies come
+    one per pull, newest first, after a stray reply. The round goes on with the two survivors (min_clients = 2),
+    the metrics name the failed client, and the result equals a native run without client-2's updates."""
+    from fedtune.flower.server import run_server
+
+    over = {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2}
+    cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
+    grid = FakeGrid(cfg, _specs(3), dead={102})
+    summary = run_server(grid, cfg)
+    _native_without(config.load(None, {**over, "run.out": str(tmp_path / "native")}), {"client-2"})
+    rows = _rows(tmp_path / "flower")
+    assert [(r["clients_completed"], r["clients_failed"]) for r in rows[1:]] == [(2, ["client-2"])] * 2
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert all("Node Unavailable" in r["failed"]["client-2"] for r in summary["flower"]["rounds"])
+    a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / "flower")
+    assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6
+
+
+def test_a_run_that_fails_leaves_a_summary_saying_why(tmp_path, flower_task):
+    """Two of three nodes gone, min_clients = 2: every attempt of round 1 aborts, nothing is written for the
+    round, and summary.json says the run failed and why (flwr run itself exits 0)."""
+    from fedtune.engine import RoundAborted
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2,
+                             "federation.max_round_retries": 1, "run.out": str(tmp_path / "out")})
+    grid = FakeGrid(cfg, _specs(3), dead={101}, offline={102})
+    with pytest.raises(RoundAborted):
+        run_server(grid, cfg)
+    s = json.loads((tmp_path / "out/summary.json").read_text())
+    assert s["status"] == "failed" and "round 1 failed 2 times" in s["error"] and s["rounds_completed"] == 0
+    assert [r["round"] for r in _rows(tmp_path / "out")] == [0]
+    assert not list((tmp_path / "out/checkpoints").glob("round-*"))
+    fails = [r["failed"] for r in s["flower"]["rounds"]]
+    assert len(fails) == 2 and all(set(f) == {"client-1", "client-2"} for f in fails)
+    assert all(f["client-2"] == "its Flower node is offline" for f in fails)
+    # the offline node got no message at all: 3 queries + 2 attempts × 2 train messages
+    assert grid.pushed == 3 + 2 * 2
+
+
+def test_discovery_refuses_a_misconfigured_node_before_round_1(tmp_path, flower_task):
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.out": str(tmp_path / "out")})
+    specs = _specs(3)
+    specs[102].client_id = "client-1"  # two nodes claim client-1
+    with pytest.raises(RuntimeError, match="two nodes claim client-1"):
+        run_server(FakeGrid(cfg, specs), cfg)
+    assert json.loads((tmp_path / "out/summary.json").read_text())["status"] == "failed"
+
+
+def test_node_state_on_disk_survives_a_process_per_message(tmp_path, flower_task):
+    """flwr 1.41 deployment: a fresh ClientApp process per message. With state-dir each node rebuilds its
+    FLoRA model from the payloads it stored, so from round 2 on it gets only the delta (no resync) and the
+    run equals the native simulation; without state-dir every node is resynced every round."""
+    from fedtune.flower.server import run_server
+    from fedtune.simulation import simulate
+
+    over = {**QUICK, "run.algorithm": "flora", "run.rounds": 3}
+    simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
+    runs = {}
+    for name, kw in (("disk", {"state_dir": str(tmp_path / "state")}), ("none", {})):
+        cfg = config.load(None, {**over, "run.out": str(tmp_path / name)})
+        runs[name] = run_server(FakeGrid(cfg, _specs(3, **kw), fresh_process=True), cfg)
+    assert runs["disk"]["flower"]["resyncs"] == 0 and runs["none"]["flower"]["resyncs"] == 3 * 2
+    native, disk, none = (_rows(tmp_path / n) for n in ("native", "disk", "none"))
+    assert [r["bytes_down"] for r in disk[1:]] == [r["bytes_down"] for r in native[1:]]  # deltas only
+    assert all(n["bytes_down"] > d["bytes_down"] for n, d in zip(none[2:], disk[2:]))
+    for name in ("disk", "none"):
+        a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / name)
+        assert max(max_abs(a[k], b[k]) for k in a) <= 1e-6, name
+    node = json.loads((tmp_path / "state/client-1/node.json").read_text())
+    assert node["version"] == 2 and len(node["syncs"]) == 3  # FLoRA: every merge (versions 0, 1, 2)
+    files = {p.name for p in (tmp_path / "state/client-1").iterdir()}
+    assert files == {"node.json", node["setup"]["file"], *(s["file"] for s in node["syncs"])}  # no tmp, no orphans

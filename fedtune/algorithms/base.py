@@ -77,6 +77,10 @@ class TrainContext:
 class ClientAlgorithm(ABC):
     """Client side of a method. One instance per local model copy."""
 
+    # A non-empty sync payload carries the whole global state (not a delta to replay): after setup, the
+    # latest one alone rebuilds the model (lets a node that persists its payloads keep only that one).
+    sync_replaces_state: ClassVar[bool] = False
+
     def __init__(self) -> None:
         from fedtune.privacy.sample import SampleLevelDP
 
