@@ -402,3 +402,102 @@ def test_node_state_on_disk_survives_a_process_per_message(tmp_path, flower_task
     assert node["version"] == 2 and len(node["syncs"]) == 3  # FLoRA: every merge (versions 0, 1, 2)
     files = {p.name for p in (tmp_path / "state/client-1").iterdir()}
     assert files == {"node.json", node["setup"]["file"], *(s["file"] for s in node["syncs"])}  # no tmp, no orphans
+
+
+def test_run_config_reaches_every_fedtune_key_and_validates_it(tmp_path):
+    """The app declares every fedtune key (Flower refuses undeclared --run-config keys); values go through
+    fedtune's config: lists as TOML arrays in strings, wrong types and unknown keys are clear errors."""
+    import tomllib
+
+    from fedtune.config import ConfigError
+    from fedtune.flower.runconfig import declared_keys, resolve
+
+    app = tomllib.loads((ROOT / "simulations/flower_app/pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else {f"{prefix}{k}": v}.items())}
+
+    declared = flat(app)
+    assert sorted(k for k in declared if k.startswith("fedtune.")) == declared_keys()
+    assert {"fedtune.train.lr", "fedtune.privacy.mode", "fedtune.flora.ranks", "fedtune.data.paths"} <= set(declared)
+    cfg, resume = resolve({**declared, "fedtune-config": "", "fedtune-resume": True, "fedtune.train.lr": 2e-3,
+                           "fedtune.federation.round_timeout_s": 30, "fedtune.flora.ranks": "[8, 4]",
+                           "fedtune.data.paths": '["/d/a.jsonl", "/d/b.jsonl"]', "fedtune.data.source": "jsonl",
+                           "fedtune.federation.num_clients": 2, "fedtune.privacy.mode": "client",
+                           "fedtune.privacy.noise_multiplier": 1})
+    assert resume is True and cfg.train.lr == 2e-3 and cfg.federation.round_timeout_s == 30.0
+    assert cfg.algorithms["flora"]["ranks"] == [8, 4] and cfg.data.paths == ["/d/a.jsonl", "/d/b.jsonl"]
+    assert cfg.privacy_config().noise_multiplier == 1 and cfg.run.algorithm == "flora"  # the app's own value
+    assert cfg.run.seed == 0  # "" = not set: fedtune's default
+    for bad, msg in [({"fedtune.run.rounds": "3"}, "expected int .*without quotes"),
+                     ({"fedtune.run.rounds": 0}, "run.rounds must be ≥ 1"),
+                     ({"fedtune.train.nope": 1}, "unknown keys \\['nope'\\]"),
+                     ({"fedtune.data.paths": "[unclosed"}, "not a TOML array"),
+                     ({"fedtune-resume": "yes"}, "fedtune-resume must be true or false")]:
+        with pytest.raises(ConfigError, match=msg):
+            resolve({**declared, "fedtune-config": "", **bad})
+
+
+def test_node_config_is_validated_with_the_fix_in_the_message(tmp_path):
+    from fedtune.config import ConfigError
+    from fedtune.flower.client import node_spec
+
+    cfg = config.load(None, {"federation.num_clients": 3})
+    f = tmp_path / "org.jsonl"
+    f.write_text('{"prompt": "hi", "response": "hello"}\n')
+    assert node_spec({"data": str(f), "client-name": "org-a", "state-dir": "/s"}, cfg).client_id == "org-a"
+    s = node_spec({"partition-id": 2, "num-partitions": 3}, cfg)
+    assert (s.client_id, s.partition, s.data) == ("client-2", 2, "")
+    for nc, msg in [({"partition-id": 1, "num-partitions": 4}, "num-partitions=4 but the run has federation.num_clients = 3"),
+                    ({"partition-id": 3}, "partition-id=3 must be an integer in \\[0, 3\\)"),
+                    ({"data": str(f)}, "data needs client-name"),
+                    ({"data": str(tmp_path / "none.jsonl"), "client-name": "x"}, "no such file on this node"),
+                    ({"data": str(f), "partition-id": 0}, "both data and partition-id"),
+                    ({}, "this SuperNode has no data"),
+                    ({"partition-id": 0, "state_dir": "/s"}, "unknown node-config keys \\['state_dir'\\]")]:
+        with pytest.raises(ConfigError, match=msg):
+            node_spec(nc, cfg)
+
+
+def test_node_data_from_own_file_is_split_like_simulate_splits_client_k(tmp_path, tok):
+    """A node with its own file, told it is client k of the roster, trains on exactly the examples
+    `fedtune simulate` gives client k of data.paths."""
+    from fedtune.flower.client import NodeSpec, load_node_data
+    from fedtune.simulation import prepare_data
+
+    paths = []
+    for k in range(3):
+        p = tmp_path / f"org-{k}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": f"q{k}-{i}", "response": f"a{k}-{i}"}) + "\n" for i in range(20)))
+        paths.append(str(p))
+    cfg = config.load(None, {"federation.num_clients": 3, "data.source": "jsonl", "data.paths": paths,
+                             "data.eval_fraction": 0.25, "run.seed": 5})
+    sim, _ = prepare_data(cfg, tok)
+    for k in range(3):
+        mine = load_node_data(cfg, NodeSpec(f"org-{k}", data=paths[k]), tok, k)
+        assert mine.train == sim[f"client-{k}"].train and mine.eval == sim[f"client-{k}"].eval
+    assert load_node_data(cfg, NodeSpec("org-1", data=paths[1]), tok, 0).train != sim["client-1"].train
+
+
+def test_node_store_is_atomic_keyed_and_compacted(tmp_path):
+    from fedtune.algorithms.base import Payload
+    from fedtune.flower.nodestate import NodeStore, PayloadLog
+
+    store = NodeStore(tmp_path, "org/a", "key-1")
+    plog = PayloadLog(-1, Payload({"A": torch.ones(2, 3)}, {"algorithm": "fedavg"}))
+    for v in range(3):
+        plog.add_sync(Payload({"B": torch.full((3,), float(v))}, {"version": v}), v, replaces=True)
+        store.save(plog)
+    d = tmp_path / "org_a"
+    assert sorted(p.suffix for p in d.iterdir()) == [".json", ".safetensors", ".safetensors"]  # setup + latest
+    back = NodeStore(tmp_path, "org/a", "key-1").load()
+    assert back.version == 2 and torch.equal(back.syncs[0].tensors["B"], torch.full((3,), 2.0))
+    assert back.setup.meta == {"algorithm": "fedavg"} and len(back.syncs) == 1
+    assert NodeStore(tmp_path, "org/a", "another-config").load() is None
+    (d / "node.json").write_text("{not json")
+    assert NodeStore(tmp_path, "org/a", "key-1").load() is None
+    replay = PayloadLog(-1, Payload({}, {}))
+    for v in range(3):
+        replay.add_sync(Payload({f"r{v}": torch.zeros(1)}, {"merge_versions": [v]}), v, replaces=False)
+    assert [p.meta["merge_versions"] for p in replay.syncs] == [[0], [1], [2]]
