@@ -179,47 +179,6 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
                     pass
 
 
-def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path):
-    """Round 2: client-1's worker lost its model (a fresh Ray worker). It answers "stale"; the transport
-    resends the engine's own instruction_for(client-1, -1) (setup + every missed FLoRA merge) and the run
-    still equals the native simulation."""
-    from fedtune.flower import client as flower_client
-    from fedtune.flower.transport import FlowerTransport
-    from fedtune.simulation import simulate
-
-    over = {**FAST, "run.algorithm": "flora", "federation.batch_clients": False}
-    cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
-
-    class LocalGrid:  # delivers each message to the client-side handler in this process
-        calls = 0
-
-        def send_and_receive(self, messages, timeout):
-            if LocalGrid.calls == 1:  # before round 2
-                flower_client._CACHE.nodes.pop(1, None)
-            LocalGrid.calls += 1
-            return [flower_client.handle_train(m, cfg) for m in messages]
-
-    made = []
-
-    def factory(engine, gm, data, pad_id):
-        made.append(FlowerTransport(LocalGrid(), {f"client-{i}": 101 + i for i in range(3)}, engine.algo).attach(engine))
-        return made[0]
-
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as in a ServerApp; Message() needs them
-    try:
-        simulate(cfg, progress=False, transport_factory=factory)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-    simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
-    assert made[0].resyncs == 1 and LocalGrid.calls == 3
-    a = load_file(str(tmp_path / "native/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
-    assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6
-
-
 # -- deployment runtime logic with fake grids (no Ray, no SuperLink) -----------------------------------------
 
 SUPERLINK = 1  # the SuperLink's node id: the sender of its own "node unavailable" replies
@@ -501,3 +460,28 @@ def test_node_store_is_atomic_keyed_and_compacted(tmp_path):
     for v in range(3):
         replay.add_sync(Payload({f"r{v}": torch.zeros(1)}, {"merge_versions": [v]}), v, replaces=False)
     assert [p.meta["merge_versions"] for p in replay.syncs] == [[0], [1], [2]]
+
+
+def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_task):
+    """Round 2: client-1's worker lost its model (a fresh Ray worker). It answers "stale"; the transport
+    resends the engine's own instruction_for(client-1, -1) (setup + every missed FLoRA merge) and the run
+    still equals the native simulation."""
+    from fedtune.flower import client as flower_client
+    from fedtune.flower.server import run_server
+    from fedtune.simulation import simulate
+
+    over = {**QUICK, "run.algorithm": "flora"}
+    cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
+
+    class Forgetful(FakeGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.content.config_records["fedtune"].get("round") == 2 for m in messages):
+                flower_client._CACHE.nodes.pop("client-1", None)
+            return super().push_messages(messages)
+
+    summary = run_server(Forgetful(cfg, _specs(3)), cfg)
+    simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
+    assert summary["flower"]["resyncs"] == 1
+    a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / "flower")
+    assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6

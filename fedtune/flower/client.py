@@ -95,9 +95,9 @@ def node_spec(node_config: dict[str, Any], cfg: RunConfig) -> NodeSpec:
                     str(node_config.get("state-dir", "") or ""))
 
 
-def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int):
+def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int, partitions: dict | None = None):
     """This node's ClientData: its own file (split like `fedtune simulate` splits client `index`), or
-    demo partition `spec.partition` of the run's [data]."""
+    demo partition `spec.partition` of the run's [data] (from `partitions` when already prepared)."""
     from fedtune.simulation import prepare_data
 
     if spec.data:
@@ -107,7 +107,7 @@ def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int):
         one.run.seed = cfg.run.seed + max(index, 0)  # split seed of client k in simulate: run.seed + k
         data, _ = prepare_data(one, tok, [spec.client_id])
         return data[spec.client_id]
-    data, _ = prepare_data(cfg, tok)
+    data = partitions if partitions is not None else prepare_data(cfg, tok)[0]
     return list(data.values())[spec.partition]
 
 
@@ -128,6 +128,7 @@ class _ProcessCache:
         self.base: nn.Module | None = None
         self.tok = None
         self.data: dict[str, Any] = {}
+        self.partitions: dict[str, Any] | None = None
         self.nodes: OrderedDict[str, NodeState] = OrderedDict()
 
     def ensure(self, cfg: RunConfig) -> None:
@@ -138,12 +139,16 @@ class _ProcessCache:
             if cfg.run.threads > 0:
                 torch.set_num_threads(cfg.run.threads)
             self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
-            self.data, self.nodes = {}, OrderedDict()
+            self.data, self.partitions, self.nodes = {}, None, OrderedDict()
             self.key = key
 
     def node_data(self, cfg: RunConfig, spec: NodeSpec, index: int):
+        from fedtune.simulation import prepare_data
+
         if spec.client_id not in self.data:
-            self.data[spec.client_id] = load_node_data(cfg, spec, self.tok, index)
+            if not spec.data and self.partitions is None:  # demo partitions: prepared once per process
+                self.partitions = prepare_data(cfg, self.tok)[0]
+            self.data[spec.client_id] = load_node_data(cfg, spec, self.tok, index, self.partitions)
         return self.data[spec.client_id]
 
     def new_node(self, cfg: RunConfig) -> NodeState:

@@ -24,6 +24,7 @@ engines compare), including resent messages. Flower's own serialized message siz
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -93,11 +94,16 @@ def query_nodes(grid: Grid, nodes: Iterable[int], timeout_s: float) -> tuple[dic
     return answers, errors
 
 
+def natural_key(name: str) -> list:
+    """client-2 before client-10 (the order of fedtune's own client-0 … client-N-1)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def discover(grid: Grid, num_clients: int, roster: list[str] | None = None, *, timeout_s: float = 120.0,
              ) -> dict[str, int]:
     """client id → node id, in roster order: wait for `num_clients` nodes, ask each which fedtune client
     it hosts. `roster` (e.g. [flower] clients) fixes the ids and their order; without it the clients are
-    the ids the nodes report, sorted (client-0 … client-N-1 for demo partitions)."""
+    the ids the nodes report, in natural order (client-0 … client-N-1 for demo partitions)."""
     if roster is not None and len(roster) != num_clients:
         raise RuntimeError(f"[flower] clients lists {len(roster)} clients but federation.num_clients = {num_clients}")
     deadline = time.monotonic() + timeout_s
@@ -119,7 +125,7 @@ def discover(grid: Grid, num_clients: int, roster: list[str] | None = None, *, t
         if cid in out:
             raise RuntimeError(f"two nodes claim {cid} (nodes {out[cid]} and {n})")
         out[cid] = n
-    ids = list(roster) if roster is not None else sorted(out)
+    ids = list(roster) if roster is not None else sorted(out, key=natural_key)
     missing = [c for c in ids if c not in out]
     if missing:
         raise RuntimeError(f"no Flower node hosts {missing}; nodes answered for {sorted(out)}")
