@@ -68,7 +68,7 @@ def test_deployment_with_own_data_per_node_equals_fedtune_simulate(tmp_path):
     over.pop("flower.clients")
     ref = config.load(APP / "fedtune.toml", {**over, "run.algorithm": "flora", "model.name": "tiny",
                                             "federation.batch_clients": False, "run.out": str(tmp_path / "native")})
-    simulate(ref, progress=False)
+    simulate(ref, progress=False, roster=ORGS)
     a = load_file(str(tmp_path / "native/adapter/adapter_model.safetensors"))
     b = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys() and max(a[k].abs().max().item() for k in a) > 0
