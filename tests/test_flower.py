@@ -150,7 +150,8 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
     shutil.copytree(ROOT / "simulations/flower_app", app, ignore=shutil.ignore_patterns(".flwr", "__pycache__"))
     home = tmp_path / "flwr-home"
     home.mkdir()
-    env = dict(os.environ, FLWR_HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # app needs fedtune
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # flower-superlink
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
     out = tmp_path / "out"
@@ -167,7 +168,7 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
                 break
             time.sleep(1)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["engine"] == "flower" and summary["rounds_completed"] == 1
+        assert summary["engine"] == "flower" and summary["rounds_completed"] == 1 and summary["status"] == "completed"
         assert [r["round"] for r in _rows(out)] == [0, 1]
         assert (out / "adapter/adapter_model.safetensors").exists()
     finally:  # stop the local SuperLink this test started (identified by its FLWR_HOME log path)
