@@ -486,3 +486,36 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_t
     assert summary["flower"]["resyncs"] == 1
     a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / "flower")
     assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6
+
+
+def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
+    """A node's reply is hostile input: a reply for another client, one without the fedtune header and one
+    with an undecodable tensor each fail their client with the reason; the round goes on."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 4,
+                             "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
+
+    class Hostile(FakeGrid):
+        def _answer(self, msg):
+            reply = super()._answer(msg)
+            if msg.metadata.message_type == "query":
+                return reply
+            node = msg.metadata.dst_node_id
+            if node == 101:  # claims to be client-0
+                reply.content.config_records["fedtune"]["client_id"] = "client-0"
+            elif node == 102:
+                return Message(RecordDict({"x": ConfigRecord({"status": "ok"})}), reply_to=msg)
+            elif node == 103:
+                bad = Array(dtype="no_such_dtype", shape=(2,), stype="fedtune.torch.raw", data=b"\0" * 8)
+                reply.content["update"] = ArrayRecord({"lora.A": bad})
+            return reply
+
+    summary = run_server(Hostile(cfg, _specs(4)), cfg)
+    failed = summary["flower"]["rounds"][0]["failed"]
+    assert sorted(failed) == ["client-1", "client-2", "client-3"] and summary["status"] == "completed"
+    assert "'client-0'" in failed["client-1"] and "KeyError" in failed["client-2"]
+    assert "AttributeError" in failed["client-3"]
+    assert _rows(tmp_path / "out")[1]["clients_completed"] == 1

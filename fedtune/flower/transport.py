@@ -225,8 +225,8 @@ class FlowerTransport:
                     update: ClientUpdate = serde.record_to_update(reply.content)
                     if update.client_id != cid:
                         raise ValueError(f"the reply is for {update.client_id!r}")
-                except (KeyError, TypeError, ValueError) as e:
-                    self._fail(res, fl, cid, f"unusable reply: {e}", rnd)
+                except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # hostile: never crash
+                    self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {e}", rnd)
                     continue
                 res.bytes_up += wire_size.update_bytes(update)
                 res.payload_bytes_up += payload_nbytes(update.tensors)
