@@ -248,8 +248,8 @@ class RoundEngine:
         n = sum(u.num_examples for u in updates)
         row = {
             "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
-            "clients_completed": len(updates), "updates_rejected": len(res.rejected),
-            "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+            "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)),
+            "updates_rejected": len(res.rejected), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
             "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
             "eval_loss": eval_loss,

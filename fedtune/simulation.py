@@ -311,12 +311,13 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
 
 def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False,
              transport_factory: Callable[[RoundEngine, GlobalModel, dict[str, ClientData], int], Any] | None = None,
-             ) -> dict[str, Any]:
+             roster: list[str] | None = None) -> dict[str, Any]:
     """Run a whole simulated federation; returns the summary (also written to summary.json).
 
     `transport_factory(engine, global_model, data, pad_id)` replaces the in-process transport (the Flower
-    engine passes one that sends each round over a Flower Grid); everything else is shared."""
-    run = prepare_run(cfg, resume=resume)
+    engine passes one that sends each round over a Flower Grid); everything else is shared. `roster`: the
+    client ids in partition order (default client-0 … client-N-1)."""
+    run = prepare_run(cfg, resume=resume, roster=roster)
     try:
         if transport_factory is None:
             run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"model.name": "tiny", "federation.num_clients": 3, "train.local_steps": 3, "train.lr": 5e-3,
         "data.max_train_per_client": 48, "data.max_seq_len": 64, "run.rounds": 2, "run.seed": 3}
 
+# the fake-grid tests: one local step on a few examples, clients one by one (as Flower nodes compute)
+QUICK = {**FAST, "train.local_steps": 1, "data.max_train_per_client": 16, "federation.batch_clients": False}
+
 pytest.importorskip("ray")
 
 
@@ -147,7 +150,8 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
     shutil.copytree(ROOT / "simulations/flower_app", app, ignore=shutil.ignore_patterns(".flwr", "__pycache__"))
     home = tmp_path / "flwr-home"
     home.mkdir()
-    env = dict(os.environ, FLWR_HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # app needs fedtune
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # flower-superlink
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
     out = tmp_path / "out"
@@ -164,7 +168,7 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
                 break
             time.sleep(1)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["engine"] == "flower" and summary["rounds_completed"] == 1
+        assert summary["engine"] == "flower" and summary["rounds_completed"] == 1 and summary["status"] == "completed"
         assert [r["round"] for r in _rows(out)] == [0, 1]
         assert (out / "adapter/adapter_model.safetensors").exists()
     finally:  # stop the local SuperLink this test started (identified by its FLWR_HOME log path)
@@ -176,42 +180,339 @@ def test_flower_app_runs_under_flwr_cli(tmp_path):
                     pass
 
 
-def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path):
+# -- deployment runtime logic with fake grids (no Ray, no SuperLink) -----------------------------------------
+
+SUPERLINK = 1  # the SuperLink's node id: the sender of its own "node unavailable" replies
+
+
+@pytest.fixture
+def flower_task():
+    """Message() needs a task identity (set by Flower in a ServerApp process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FakeGrid:
+    """A Grid that hands each message to the ClientApp logic of the node it is addressed to, in this process.
+
+    nodes: node id → NodeSpec. Knobs, from the end of node discovery on: `dead` (node ids the SuperLink
+    reports unavailable: error replies sent by the SuperLink), `offline` (not in get_node_ids), `fresh_process` (drop the in-memory node models before
+    every message, as flwr 1.41's process-per-message ClientApp does), replies come back in reverse order,
+    one per pull, with a stray reply to an unknown message in front."""
+
+    def __init__(self, cfg, nodes, *, dead=(), offline=(), fresh_process=False):
+        from uuid import uuid4
+
+        self.cfg, self.nodes, self.dead, self.offline = cfg, nodes, set(dead), set(offline)
+        self.fresh_process, self.uuid = fresh_process, uuid4
+        self.outbox, self.pushed, self.pulls, self.discovered = [], 0, 0, False
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if not (self.discovered and n in self.offline)]
+
+    def _answer(self, msg):
+        from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+        from fedtune.flower import client as fc
+
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == "query":
+            self.discovered = True
+        elif node in self.dead:
+            reply = Message(error=Error(5, "Error: Node Unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK
+            return reply
+        spec = self.nodes[node]
+        if msg.metadata.message_type == "query":
+            return Message(RecordDict({"fedtune": ConfigRecord({"client_id": spec.client_id})}), reply_to=msg)
+        if self.fresh_process:
+            fc._CACHE.nodes.clear()
+        return fc.handle_train(msg, self.cfg, spec)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = self.uuid().hex
+            ids.append(m.metadata.message_id)
+            self.outbox.append(self._answer(m))
+            self.pushed += 1
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error, Message
+
+        self.pulls += 1
+        wanted = set(message_ids)
+        mine = [r for r in self.outbox if r.metadata.reply_to_message_id in wanted]
+        if not mine:
+            return []
+        reply = mine[-1]  # newest first: out of order
+        self.outbox.remove(reply)
+        stray = Message(error=Error(3, "stray"), reply_to=reply)
+        stray.metadata.__dict__["_reply_to_message_id"] = "not-a-message-of-this-round"
+        return [stray, reply]
+
+
+def _specs(n, **kw):
+    from fedtune.flower.client import NodeSpec
+
+    return {100 + i: NodeSpec(f"client-{i}", partition=i, **kw) for i in range(n)}
+
+
+def _adapter(out):
+    return load_file(str(out / "adapter/adapter_model.safetensors"))
+
+
+def _native_without(cfg, drop):
+    """fedtune simulate in-process, with the updates of `drop` discarded (what a transport does on failure)."""
+    from fedtune.simulation import InProcessTransport, simulate
+
+    def factory(engine, gm, data, pad_id):
+        inner = InProcessTransport(gm, data, pad_id, progress=False, batch_clients=False)
+
+        class Dropping:
+            def run_round(self, rnd, instructions, timeout_s):
+                res = inner.run_round(rnd, instructions, timeout_s)
+                res.failed += [u.client_id for u in res.updates if u.client_id in drop]
+                res.updates = [u for u in res.updates if u.client_id not in drop]
+                return res
+
+        return Dropping()
+
+    return simulate(cfg, progress=False, transport_factory=factory)
+
+
+def test_error_replies_and_out_of_order_replies_count_failed_clients(tmp_path, flower_task):
+    """client-2's node is gone: the SuperLink answers for it (sender = SuperLink, not the node). Replies come
+    one per pull, newest first, after a stray reply. The round goes on with the two survivors (min_clients = 2),
+    the metrics name the failed client, and the result equals a native run without client-2's updates."""
+    from fedtune.flower.server import run_server
+
+    over = {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2}
+    cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
+    grid = FakeGrid(cfg, _specs(3), dead={102})
+    summary = run_server(grid, cfg)
+    _native_without(config.load(None, {**over, "run.out": str(tmp_path / "native")}), {"client-2"})
+    rows = _rows(tmp_path / "flower")
+    assert [(r["clients_completed"], r["clients_failed"]) for r in rows[1:]] == [(2, ["client-2"])] * 2
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert all("Node Unavailable" in r["failed"]["client-2"] for r in summary["flower"]["rounds"])
+    a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / "flower")
+    assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6
+
+
+def test_a_run_that_fails_leaves_a_summary_saying_why(tmp_path, flower_task):
+    """Two of three nodes gone, min_clients = 2: every attempt of round 1 aborts, nothing is written for the
+    round, and summary.json says the run failed and why (flwr run itself exits 0)."""
+    from fedtune.engine import RoundAborted
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2,
+                             "federation.max_round_retries": 1, "run.out": str(tmp_path / "out")})
+    grid = FakeGrid(cfg, _specs(3), dead={101}, offline={102})
+    with pytest.raises(RoundAborted):
+        run_server(grid, cfg)
+    s = json.loads((tmp_path / "out/summary.json").read_text())
+    assert s["status"] == "failed" and "round 1 failed 2 times" in s["error"] and s["rounds_completed"] == 0
+    assert [r["round"] for r in _rows(tmp_path / "out")] == [0]
+    assert not list((tmp_path / "out/checkpoints").glob("round-*"))
+    fails = [r["failed"] for r in s["flower"]["rounds"]]
+    assert len(fails) == 2 and all(set(f) == {"client-1", "client-2"} for f in fails)
+    assert all(f["client-2"] == "its Flower node is offline" for f in fails)
+    # the offline node got no message at all: 3 queries + 2 attempts × 2 train messages
+    assert grid.pushed == 3 + 2 * 2
+
+
+def test_discovery_refuses_a_misconfigured_node_before_round_1(tmp_path, flower_task):
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.out": str(tmp_path / "out")})
+    specs = _specs(3)
+    specs[102].client_id = "client-1"  # two nodes claim client-1
+    with pytest.raises(RuntimeError, match="two nodes claim client-1"):
+        run_server(FakeGrid(cfg, specs), cfg)
+    assert json.loads((tmp_path / "out/summary.json").read_text())["status"] == "failed"
+
+
+def test_node_state_on_disk_survives_a_process_per_message(tmp_path, flower_task):
+    """flwr 1.41 deployment: a fresh ClientApp process per message (the grid drops every in-memory node model
+    before each message). With state-dir each node rebuilds its FLoRA model from the payloads it stored, so
+    from round 2 on it gets only the delta (no "stale", no resync: the same bytes as the native simulation)
+    and the run equals the native simulation."""
+    from fedtune.flower.server import run_server
+    from fedtune.simulation import simulate
+
+    over = {**QUICK, "run.algorithm": "flora", "run.rounds": 3}
+    simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
+    cfg = config.load(None, {**over, "run.out": str(tmp_path / "disk")})
+    summary = run_server(FakeGrid(cfg, _specs(3, state_dir=str(tmp_path / "state")), fresh_process=True), cfg)
+    assert summary["flower"]["resyncs"] == 0
+    native, disk = _rows(tmp_path / "native"), _rows(tmp_path / "disk")
+    assert [r["bytes_down"] for r in disk[1:]] == [r["bytes_down"] for r in native[1:]]  # deltas only
+    a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / "disk")
+    assert max(max_abs(a[k], b[k]) for k in a) <= 1e-6
+    node = json.loads((tmp_path / "state/client-1/node.json").read_text())
+    assert node["version"] == 2 and len(node["syncs"]) == 3  # FLoRA: every merge (versions 0, 1, 2)
+    files = {p.name for p in (tmp_path / "state/client-1").iterdir()}
+    assert files == {"node.json", node["setup"]["file"], *(s["file"] for s in node["syncs"])}  # no tmp, no orphans
+
+
+def test_run_config_reaches_every_fedtune_key_and_validates_it(tmp_path):
+    """The app declares every fedtune key (Flower refuses undeclared --run-config keys); values go through
+    fedtune's config: lists as TOML arrays in strings, wrong types and unknown keys are clear errors."""
+    import tomllib
+
+    from fedtune.config import ConfigError
+    from fedtune.flower.runconfig import declared_keys, resolve
+
+    app = tomllib.loads((ROOT / "simulations/flower_app/pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else {f"{prefix}{k}": v}.items())}
+
+    declared = flat(app)
+    assert sorted(k for k in declared if k.startswith("fedtune.")) == declared_keys()
+    assert {"fedtune.train.lr", "fedtune.privacy.mode", "fedtune.flora.ranks", "fedtune.data.paths"} <= set(declared)
+    cfg, resume = resolve({**declared, "fedtune-config": "", "fedtune-resume": True, "fedtune.train.lr": 2e-3,
+                           "fedtune.federation.round_timeout_s": 30, "fedtune.flora.ranks": "[8, 4]",
+                           "fedtune.data.paths": '["/d/a.jsonl", "/d/b.jsonl"]', "fedtune.data.source": "jsonl",
+                           "fedtune.federation.num_clients": 2, "fedtune.privacy.mode": "client",
+                           "fedtune.privacy.noise_multiplier": 1})
+    assert resume is True and cfg.train.lr == 2e-3 and cfg.federation.round_timeout_s == 30.0
+    assert cfg.algorithms["flora"]["ranks"] == [8, 4] and cfg.data.paths == ["/d/a.jsonl", "/d/b.jsonl"]
+    assert cfg.privacy_config().noise_multiplier == 1 and cfg.run.algorithm == "flora"  # the app's own value
+    assert cfg.run.seed == 0  # "" = not set: fedtune's default
+    for bad, msg in [({"fedtune.run.rounds": "3"}, "expected int .*without quotes"),
+                     ({"fedtune.run.rounds": 0}, "run.rounds must be ≥ 1"),
+                     ({"fedtune.train.nope": 1}, "unknown keys \\['nope'\\]"),
+                     ({"fedtune.data.paths": "[unclosed"}, "not a TOML array"),
+                     ({"fedtune-resume": "yes"}, "fedtune-resume must be true or false")]:
+        with pytest.raises(ConfigError, match=msg):
+            resolve({**declared, "fedtune-config": "", **bad})
+
+
+def test_node_config_is_validated_with_the_fix_in_the_message(tmp_path):
+    from fedtune.config import ConfigError
+    from fedtune.flower.client import node_spec
+
+    cfg = config.load(None, {"federation.num_clients": 3})
+    f = tmp_path / "org.jsonl"
+    f.write_text('{"prompt": "hi", "response": "hello"}\n')
+    assert node_spec({"data": str(f), "client-name": "org-a", "state-dir": "/s"}, cfg).client_id == "org-a"
+    s = node_spec({"partition-id": 2, "num-partitions": 3}, cfg)
+    assert (s.client_id, s.partition, s.data) == ("client-2", 2, "")
+    for nc, msg in [({"partition-id": 1, "num-partitions": 4}, "num-partitions=4 but the run has federation.num_clients = 3"),
+                    ({"partition-id": 3}, "partition-id=3 must be an integer in \\[0, 3\\)"),
+                    ({"data": str(f)}, "data needs client-name"),
+                    ({"data": str(tmp_path / "none.jsonl"), "client-name": "x"}, "no such file on this node"),
+                    ({"data": str(f), "partition-id": 0}, "both data and partition-id"),
+                    ({}, "this SuperNode has no data"),
+                    ({"partition-id": 0, "state_dir": "/s"}, "unknown node-config keys \\['state_dir'\\]")]:
+        with pytest.raises(ConfigError, match=msg):
+            node_spec(nc, cfg)
+
+
+def test_node_data_from_own_file_is_split_like_simulate_splits_client_k(tmp_path, tok):
+    """A node with its own file, told it is client k of the roster, trains on exactly the examples
+    `fedtune simulate` gives client k of data.paths."""
+    from fedtune.flower.client import NodeSpec, load_node_data
+    from fedtune.simulation import prepare_data
+
+    paths = []
+    for k in range(3):
+        p = tmp_path / f"org-{k}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": f"q{k}-{i}", "response": f"a{k}-{i}"}) + "\n" for i in range(20)))
+        paths.append(str(p))
+    cfg = config.load(None, {"federation.num_clients": 3, "data.source": "jsonl", "data.paths": paths,
+                             "data.eval_fraction": 0.25, "run.seed": 5})
+    sim, _ = prepare_data(cfg, tok)
+    for k in range(3):
+        mine = load_node_data(cfg, NodeSpec(f"org-{k}", data=paths[k]), tok, k)
+        assert mine.train == sim[f"client-{k}"].train and mine.eval == sim[f"client-{k}"].eval
+    assert load_node_data(cfg, NodeSpec("org-1", data=paths[1]), tok, 0).train != sim["client-1"].train
+
+
+def test_node_store_is_atomic_keyed_and_compacted(tmp_path):
+    from fedtune.algorithms.base import Payload
+    from fedtune.flower.nodestate import NodeStore, PayloadLog
+
+    store = NodeStore(tmp_path, "org/a", "key-1")
+    plog = PayloadLog(-1, Payload({"A": torch.ones(2, 3)}, {"algorithm": "fedavg"}))
+    for v in range(3):
+        plog.add_sync(Payload({"B": torch.full((3,), float(v))}, {"version": v}), v, replaces=True)
+        store.save(plog)
+    d = tmp_path / "org_a"
+    assert sorted(p.suffix for p in d.iterdir()) == [".json", ".safetensors", ".safetensors"]  # setup + latest
+    back = NodeStore(tmp_path, "org/a", "key-1").load()
+    assert back.version == 2 and torch.equal(back.syncs[0].tensors["B"], torch.full((3,), 2.0))
+    assert back.setup.meta == {"algorithm": "fedavg"} and len(back.syncs) == 1
+    assert NodeStore(tmp_path, "org/a", "another-config").load() is None
+    (d / "node.json").write_text("{not json")
+    assert NodeStore(tmp_path, "org/a", "key-1").load() is None
+    replay = PayloadLog(-1, Payload({}, {}))
+    for v in range(3):
+        replay.add_sync(Payload({f"r{v}": torch.zeros(1)}, {"merge_versions": [v]}), v, replaces=False)
+    assert [p.meta["merge_versions"] for p in replay.syncs] == [[0], [1], [2]]
+
+
+def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_task):
     """Round 2: client-1's worker lost its model (a fresh Ray worker). It answers "stale"; the transport
     resends the engine's own instruction_for(client-1, -1) (setup + every missed FLoRA merge) and the run
     still equals the native simulation."""
     from fedtune.flower import client as flower_client
-    from fedtune.flower.transport import FlowerTransport
+    from fedtune.flower.server import run_server
     from fedtune.simulation import simulate
 
-    over = {**FAST, "run.algorithm": "flora", "federation.batch_clients": False}
+    over = {**QUICK, "run.algorithm": "flora"}
     cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
 
-    class LocalGrid:  # delivers each message to the client-side handler in this process
-        calls = 0
+    class Forgetful(FakeGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.content.config_records["fedtune"].get("round") == 2 for m in messages):
+                flower_client._CACHE.nodes.pop("client-1", None)
+            return super().push_messages(messages)
 
-        def send_and_receive(self, messages, timeout):
-            if LocalGrid.calls == 1:  # before round 2
-                flower_client._CACHE.nodes.pop(1, None)
-            LocalGrid.calls += 1
-            return [flower_client.handle_train(m, cfg) for m in messages]
-
-    made = []
-
-    def factory(engine, gm, data, pad_id):
-        made.append(FlowerTransport(LocalGrid(), {f"client-{i}": 101 + i for i in range(3)}, engine.algo).attach(engine))
-        return made[0]
-
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as in a ServerApp; Message() needs them
-    try:
-        simulate(cfg, progress=False, transport_factory=factory)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    summary = run_server(Forgetful(cfg, _specs(3)), cfg)
     simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
-    assert made[0].resyncs == 1 and LocalGrid.calls == 3
-    a = load_file(str(tmp_path / "native/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
+    assert summary["flower"]["resyncs"] == 1
+    a, b = _adapter(tmp_path / "native"), _adapter(tmp_path / "flower")
     assert a.keys() == b.keys() and max(max_abs(a[k], b[k]) for k in a) <= 1e-6
+
+
+def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
+    """A node's reply is hostile input: a reply for another client, one without the fedtune header and one
+    with an undecodable tensor each fail their client with the reason; the round goes on."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 4,
+                             "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
+
+    class Hostile(FakeGrid):
+        def _answer(self, msg):
+            reply = super()._answer(msg)
+            if msg.metadata.message_type == "query":
+                return reply
+            node = msg.metadata.dst_node_id
+            if node == 101:  # claims to be client-0
+                reply.content.config_records["fedtune"]["client_id"] = "client-0"
+            elif node == 102:
+                return Message(RecordDict({"x": ConfigRecord({"status": "ok"})}), reply_to=msg)
+            elif node == 103:
+                bad = Array(dtype="no_such_dtype", shape=(2,), stype="fedtune.torch.raw", data=b"\0" * 8)
+                reply.content["update"] = ArrayRecord({"lora.A": bad})
+            return reply
+
+    summary = run_server(Hostile(cfg, _specs(4)), cfg)
+    failed = summary["flower"]["rounds"][0]["failed"]
+    assert sorted(failed) == ["client-1", "client-2", "client-3"] and summary["status"] == "completed"
+    assert "'client-0'" in failed["client-1"] and "KeyError" in failed["client-2"]
+    assert "AttributeError" in failed["client-3"]
+    assert _rows(tmp_path / "out")[1]["clients_completed"] == 1

@@ -142,6 +142,10 @@ def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.
 class ClientAlgorithm(ABC):
     """Client side of a method. One instance per local model copy."""
 
+    # A non-empty sync payload carries the whole global state (not a delta to replay): after setup, the
+    # latest one alone rebuilds the model (lets a node that persists its payloads keep only that one).
+    sync_replaces_state: ClassVar[bool] = False
+
     def __init__(self) -> None:
         from fedtune.privacy.sample import SampleLevelDP
 

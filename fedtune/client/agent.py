@@ -92,6 +92,7 @@ def local_data(cfg: RunConfig, c: ClientSection, tokenizer, context_len: int | N
         raise ConfigError("[client] partition = -1 needs [data] source = \"jsonl\" with this client's own paths")
     one = RunConfig(run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train)
     one.federation.num_clients = 1
+    one.data.test_fraction = 0.0  # the global test set is the server's; a client trains on all of its own split
     return next(iter(prepare_data(one, tokenizer, context_len=context_len).clients.values()))  # all its files form one client
 
 

@@ -2,7 +2,9 @@
 `flwr.simulation.run_simulation`, Ray backend), one virtual SuperNode per client.
 
 [flower] config section (optional): num_actors (2), cpus_per_actor (1), backend ("ray"), client_cache (0 =
-unbounded per-process node-model cache, see client.py)."""
+unbounded per-process node-model cache, see client.py); deployment: clients (the run's client ids in roster
+order; default: the ids the SuperNodes report, sorted), node_timeout_s (120: how long the ServerApp waits for
+federation.num_clients SuperNodes to connect)."""
 
 from __future__ import annotations
 
@@ -16,16 +18,25 @@ from typing import Any
 from fedtune.config import ConfigError, RunConfig
 
 log = logging.getLogger("fedtune")
-_KEYS = {"num_actors", "cpus_per_actor", "backend", "client_cache"}
+KEYS = {"num_actors", "cpus_per_actor", "backend", "client_cache", "clients", "node_timeout_s"}
 
 
 def flower_options(cfg: RunConfig) -> dict[str, Any]:
     raw = dict(cfg.extra.get("flower", {}))
-    if unknown := sorted(set(raw) - _KEYS):
-        raise ConfigError(f"[flower] has unknown keys {unknown}; valid: {sorted(_KEYS)}")
-    opts = {"num_actors": 2, "cpus_per_actor": 1.0, "backend": "ray", "client_cache": 0} | raw
+    if unknown := sorted(set(raw) - KEYS):
+        raise ConfigError(f"[flower] has unknown keys {unknown}; valid: {sorted(KEYS)}")
+    opts = {"num_actors": 2, "cpus_per_actor": 1.0, "backend": "ray", "client_cache": 0, "clients": [],
+            "node_timeout_s": 120.0} | raw
     if int(opts["num_actors"]) < 1 or float(opts["cpus_per_actor"]) <= 0:
         raise ConfigError("[flower] num_actors must be ≥ 1 and cpus_per_actor > 0")
+    clients = opts["clients"]
+    if not isinstance(clients, list) or not all(isinstance(c, str) and c for c in clients):
+        raise ConfigError(f"[flower] clients must be a list of client ids, got {clients!r}")
+    if clients and len(clients) != cfg.federation.num_clients:
+        raise ConfigError(f"[flower] clients lists {len(clients)} clients but federation.num_clients = "
+                          f"{cfg.federation.num_clients}")
+    if not float(opts["node_timeout_s"]) > 0:
+        raise ConfigError("[flower] node_timeout_s must be > 0")
     return opts
 
 

@@ -62,11 +62,13 @@ def _json(x: Any) -> str:
     return json.dumps(x, sort_keys=True)
 
 
-def instruction_to_record(ins: Instruction, *, from_version: int = -1) -> RecordDict:
-    """`from_version`: the version the server believes the client is at (the client checks it)."""
+def instruction_to_record(ins: Instruction, *, from_version: int = -1, client_index: int = -1) -> RecordDict:
+    """`from_version`: the version the server believes the client is at (the client checks it);
+    `client_index`: the client's position in the run's roster (a node with its own data splits its
+    train/eval examples with seed run.seed + index, as `fedtune simulate` does for client k)."""
     head = ConfigRecord({
         "round": int(ins.round), "client_id": ins.client_id, "base_version": int(ins.base_version),
-        "from_version": int(from_version), "train": _json(ins.train), "sync_meta": _json(ins.sync.meta),
+        "from_version": int(from_version), "client_index": int(client_index), "train": _json(ins.train), "sync_meta": _json(ins.sync.meta),
         "has_setup": ins.setup is not None, "setup_meta": _json(ins.setup.meta if ins.setup else {}),
     })
     rd = RecordDict({"fedtune": head, "sync": tensors_to_record(ins.sync.tensors)})
@@ -88,6 +90,11 @@ def record_to_instruction(rd: RecordDict) -> tuple[Instruction, int]:
         setup=setup,
     )
     return ins, int(h["from_version"])
+
+
+def record_client_index(rd: RecordDict) -> int:
+    h = rd.config_records["fedtune"]
+    return int(h["client_index"]) if "client_index" in h else -1
 
 
 def update_to_record(u: ClientUpdate) -> RecordDict:

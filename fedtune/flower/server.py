@@ -1,10 +1,17 @@
 """The Flower ServerApp: fedtune's `simulate()` (same model, data, algorithm, RoundEngine, evaluation,
-checkpoints, metrics, exports) with the rounds carried by a FlowerTransport over the Grid."""
+checkpoints, metrics, exports) with the rounds carried by a FlowerTransport over the Grid.
+
+The ServerApp's [data] is its evaluation data (and Fed-SB's init data); in a deployment each SuperNode
+trains on its own (client.py). `flwr run` exits 0 whether the run succeeded or not, so the outcome is
+written where the run writes its outputs: run.out/summary.json has "status": "completed" or "failed" with
+the reason ("error"), and metrics.jsonl has one row per completed round (with "clients_failed")."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,47 +19,86 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig
-from fedtune.flower.runconfig import resolve_config
+from fedtune.flower.run import flower_options
+from fedtune.flower.runconfig import resolve
 from fedtune.flower.transport import FlowerTransport, discover
 
 log = logging.getLogger("fedtune")
 
 
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def failure_summary(cfg: RunConfig, error: BaseException, transport: FlowerTransport | None,
+                    node_of: dict[str, int] | None) -> dict[str, Any]:
+    """summary.json of a run that failed: why, how far it got (rounds in metrics.jsonl), who failed."""
+    metrics = cfg.out_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    return {
+        "status": "failed", "error": f"{type(error).__name__}: {error}", "engine": "flower",
+        "algorithm": cfg.run.algorithm, "rounds_completed": max([r["round"] for r in rows], default=0),
+        "rounds_planned": cfg.run.rounds, "metrics": str(metrics),
+        "flower": {"rounds": transport.flower_rounds if transport else [],
+                   "node_of": {c: str(n) for c, n in sorted((node_of or {}).items())}},
+        "config": cfg.to_dict(),
+    }
+
+
 def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False, progress: bool = False,
                save_merged: bool = False) -> dict[str, Any]:
+    """The whole run over `grid`; summary.json says "completed" or "failed" (and why) either way."""
     from fedtune.simulation import simulate
 
-    node_of = discover(grid, cfg.federation.num_clients)
-    log.info("flower: %d nodes host clients %s", len(node_of), sorted(node_of))
     holder: dict[str, FlowerTransport] = {}
+    node_of: dict[str, int] | None = None
+    t0 = time.perf_counter()
+    try:
+        opts = flower_options(cfg)
+        node_of = discover(grid, cfg.federation.num_clients, opts["clients"] or None,
+                           timeout_s=float(opts["node_timeout_s"]))
+        log.info("flower: %d nodes host clients %s", len(node_of), list(node_of))
 
-    def factory(engine, gm, data, pad_id):
-        holder["t"] = FlowerTransport(grid, node_of, engine.algo).attach(engine)
-        return holder["t"]
+        def factory(engine, gm, data, pad_id):
+            holder["t"] = FlowerTransport(grid, node_of, engine.algo).attach(engine)
+            return holder["t"]
 
-    summary = simulate(cfg, resume=resume, progress=progress, save_merged=save_merged, transport_factory=factory)
+        summary = simulate(cfg, resume=resume, progress=progress, save_merged=save_merged, transport_factory=factory,
+                           roster=list(node_of))
+    except Exception as e:
+        log.error("flower: the run failed: %s", e)
+        _write_json(cfg.out_dir / "summary.json", failure_summary(cfg, e, holder.get("t"), node_of))
+        raise
     t = holder["t"]
+    summary["status"] = "completed"
     summary["engine"] = "flower"
     summary["flower"] = {
         "message_bytes_down_total": sum(r["down"] for r in t.flower_rounds),
         "message_bytes_up_total": sum(r["up"] for r in t.flower_rounds),
         "resyncs": t.resyncs, "rounds": t.flower_rounds,
-        "node_of": {c: str(n) for c, n in sorted(node_of.items())},
+        "node_of": {c: str(n) for c, n in node_of.items()},
+        "wall_s": round(time.perf_counter() - t0, 2),
     }
-    (Path(summary["metrics"]).parent / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write_json(Path(summary["metrics"]).parent / "summary.json", summary)
     return summary
 
 
 def make_server_app(cfg: RunConfig | None = None, *, result: dict | None = None, resume: bool = False,
                     progress: bool = False, save_merged: bool = False) -> ServerApp:
-    """The fedtune ServerApp. `cfg` None → read from the Flower run config (runconfig.py). The summary
-    is put in `result["summary"]` when `result` is given."""
+    """The fedtune ServerApp. `cfg` None → read from the Flower run config (runconfig.py, which also
+    carries `fedtune-resume`). The summary is put in `result["summary"]` when `result` is given."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else resolve_config(context.run_config)
-        summary = run_server(grid, run_cfg, resume=resume, progress=progress, save_merged=save_merged)
+        if cfg is not None:
+            run_cfg, run_resume = cfg, resume
+        else:
+            run_cfg, run_resume = resolve(context.run_config)
+        summary = run_server(grid, run_cfg, resume=run_resume, progress=progress, save_merged=save_merged)
         if result is not None:
             result["summary"] = summary
 

@@ -30,6 +30,8 @@ def run_local_training(
 
 
 class LoRAClient(ClientAlgorithm):
+    sync_replaces_state = True  # the sync payload is the whole global adapter
+
     def __init__(self) -> None:
         super().__init__()
         self.global_tensors: TensorDict | None = None

@@ -13,6 +13,8 @@ from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, s
 
 
 class FedSBClient(ClientAlgorithm):
+    sync_replaces_state = True  # the sync payload is the whole global adapter
+
     def __init__(self) -> None:
         super().__init__()
         self.global_R: TensorDict | None = None
