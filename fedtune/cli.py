@@ -48,7 +48,7 @@ def _server(args: argparse.Namespace) -> int:
     from fedtune.server.coordinator import Interrupted, serve
     from fedtune.simulation import output_paths
 
-    overrides = {"run.out": args.out, "run.rounds": args.rounds}
+    overrides = {"run.out": args.out, "run.rounds": args.rounds, "server.insecure": args.insecure or None}
     if args.address:
         overrides["server.address"] = args.address
     cfg = config.load(args.config, overrides)
@@ -70,17 +70,24 @@ def _server(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     from fedtune import config
-    from fedtune.client.agent import Agent, Refused
+    from fedtune.client.agent import Agent, GaveUp, Refused
     from fedtune.config import ClientSection
 
+    if args.token:
+        logging.getLogger("fedtune.client").warning(
+            "--token is deprecated: a token on the command line is visible to every user (ps); "
+            "use the FEDTUNE_TOKEN environment variable or [client] token_file")
     overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
-                 "client.token": args.token}
+                 "client.token": args.token, "client.insecure": args.insecure or None}
     cfg = config.load(args.config, overrides)
     try:
         return Agent(cfg, cfg.section("client", ClientSection)).run()
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except GaveUp as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,13 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--out")
     sv.add_argument("--rounds", type=int)
     sv.add_argument("--no-progress", action="store_true")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow serving without TLS: tokens travel in clear text (tests on a trusted network only)")
     sv.set_defaults(func=_server)
     cl = sub.add_parser("client", help="run an edge client that dials out to a coordinator")
     cl.add_argument("--config", required=True, help="client config: [model] [data] [federation] [client]")
     cl.add_argument("--server", help="HOST:PORT of the coordinator")
     cl.add_argument("--client-id")
     cl.add_argument("--partition", type=int, help="which [data] partition this client holds")
-    cl.add_argument("--token", help="this client's token (prefer [client] token_file)")
+    cl.add_argument("--token", help="deprecated (visible in ps): use FEDTUNE_TOKEN or [client] token_file")
+    cl.add_argument("--insecure", action="store_true",
+                    help="allow sending the token without TLS (tests on a trusted network only)")
     cl.set_defaults(func=_client)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p

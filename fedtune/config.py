@@ -77,13 +77,20 @@ class ServerSection:
     address: str = "0.0.0.0:50051"
     tokens_file: str = ""  # TOML {client_id = "token"}; required
     clients: list[str] = field(default_factory=list)  # roster order (partition i ↔ clients[i]); default: sorted tokens
-    tls_cert: str = ""  # empty: plaintext (only for tests on loopback)
+    tls_cert: str = ""  # empty: plaintext, refused unless insecure = true
     tls_key: str = ""
-    tls_client_ca: str = ""  # set for mTLS
+    tls_client_ca: str = ""  # set for mTLS: a token is then only valid with a certificate naming its client (CN/SAN)
+    insecure: bool = False  # allow plaintext (tokens in clear text; only for tests on a trusted network)
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
     poll_interval_s: float = 1.0  # how soon an idle client asks again
     max_upload_mb: float = 512.0
+    # no client can hold the server: per chunked stream (PushUpdate upload, PullTask download) at most one per
+    # client at a time, cancelled after this long without a chunk, or this long in total; uploads in flight may
+    # buffer at most max_inflight_mb together (declared sizes, reserved at chunk 0)
+    stream_idle_timeout_s: float = 60.0
+    stream_timeout_s: float = 900.0
+    max_inflight_mb: float = 1024.0
     evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
     finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
 
@@ -95,14 +102,16 @@ class ClientSection:
     server: str = "localhost:50051"
     client_id: str = ""
     partition: int = -1  # which [data] partition this client holds (demo data); -1 with [data] paths = own files
-    token: str = ""
+    token: str = ""  # prefer the FEDTUNE_TOKEN environment variable or token_file
     token_file: str = ""  # TOML {client_id = "token"}: the token of client_id is used
-    tls_ca: str = ""  # empty: plaintext
+    tls_ca: str = ""  # empty: plaintext, refused unless insecure = true
+    insecure: bool = False  # allow sending the token without TLS (only for tests on a trusted network)
     tls_cert: str = ""  # mTLS identity
     tls_key: str = ""
     state_dir: str = ""  # client-side state (DP accountants); default runs/client-<id>
     rpc_timeout_s: float = 60.0
     max_backoff_s: float = 30.0
+    max_retry_s: float = 600.0  # give up (exit 4) after this long without one successful exchange
     max_download_mb: float = 2048.0
 
 
@@ -260,5 +269,11 @@ def validate(cfg: RunConfig) -> None:
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
-    cfg.section("server", ServerSection)
-    cfg.section("client", ClientSection)
+    sv = cfg.section("server", ServerSection)
+    for key in ("heartbeat_interval_s", "lease_timeout_s", "poll_interval_s", "max_upload_mb", "stream_idle_timeout_s",
+                "stream_timeout_s", "max_inflight_mb"):
+        _require(getattr(sv, key) > 0, f"server.{key} must be > 0, got {getattr(sv, key)}")
+    _require(sv.max_inflight_mb >= sv.max_upload_mb,
+             f"server.max_inflight_mb ({sv.max_inflight_mb:g}) must be ≥ server.max_upload_mb ({sv.max_upload_mb:g})")
+    cl = cfg.section("client", ClientSection)
+    _require(cl.max_retry_s > 0, f"client.max_retry_s must be > 0, got {cl.max_retry_s}")
