@@ -15,6 +15,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError)
 
 
+def _overwrite(args: argparse.Namespace, cfg) -> None:
+    from fedtune.config import ConfigError
+    from fedtune.rundir import overwrite
+
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite deletes the run that --resume would continue; use one of them")
+    if args.overwrite:
+        overwrite(cfg.out_dir)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune import config
     from fedtune.simulation import output_paths, simulate
@@ -26,6 +36,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
     cfg = config.load(args.config, overrides)
+    _overwrite(args, cfg)
     if args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
         from fedtune.flower import run_flower_simulation
 
@@ -52,6 +63,7 @@ def _server(args: argparse.Namespace) -> int:
     if args.address:
         overrides["server.address"] = args.address
     cfg = config.load(args.config, overrides)
+    _overwrite(args, cfg)
     try:
         summary = serve(cfg, resume=args.resume, progress=not args.no_progress)
     except RoundAborted as e:
@@ -90,6 +102,44 @@ def _client(args: argparse.Namespace) -> int:
         return 4
 
 
+def _export_base(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fedtune import config, export
+    from fedtune.config import ConfigError
+    from fedtune.models import fingerprint, load_model
+
+    want = None
+    overrides = {"model.name": args.model, "run.seed": args.seed}
+    if args.adapter:  # the run's model and seed, from the adapter's fedtune.json
+        meta = Path(args.adapter) / "fedtune.json"
+        try:
+            info = json.loads(meta.read_text())
+            overrides = {"model.name": args.model or info["base_model"],
+                         "run.seed": args.seed if args.seed is not None else info["seed"]}
+            want = info["base_model_fingerprint"]
+        except (OSError, ValueError, KeyError):
+            raise ConfigError(f"{meta} is missing or has no base_model/seed/base_model_fingerprint: --adapter "
+                              "needs an adapter exported by this fedtune (runs/NAME/adapter)") from None
+    cfg = config.load(args.config, overrides)
+    model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
+    fp = fingerprint(model)
+    if want is not None and fp != want:
+        raise ConfigError(f"model {cfg.model.name!r} (seed {cfg.run.seed}) is not the base the adapter was trained "
+                          f"on (fingerprint {fp[:12]} ≠ {want[:12]})")
+    out = export.export_base(model, tok, Path(args.dir),
+                             info={"model": cfg.model.name, "seed": cfg.run.seed, "base_model_fingerprint": fp})
+    print(f"base model {cfg.model.name!r} written to {out}")
+    if args.adapter:
+        export.point_adapter(Path(args.adapter), out)
+        print(f"{args.adapter}/adapter_config.json now names it as base_model_name_or_path")
+    print("load it without fedtune:\n  from peft import PeftModel\n  from transformers import AutoModelForCausalLM\n"
+          f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+          f"{str(args.adapter or 'runs/NAME/adapter')!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--local-steps", type=int)
     s.add_argument("--data", nargs="+", help="JSONL file(s): one per client, or one to partition")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--engine", choices=["native", "flower"], default="native",
@@ -113,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
-    sv.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    sv.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    sv.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     sv.add_argument("--address", help="listen address, e.g. 0.0.0.0:50051 (overrides [server] address)")
     sv.add_argument("--out")
     sv.add_argument("--rounds", type=int)
@@ -130,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--insecure", action="store_true",
                     help="allow sending the token without TLS (tests on a trusted network only)")
     cl.set_defaults(func=_client)
+    eb = sub.add_parser("export-base", help="write the base model as a Hugging Face directory (for peft users)")
+    eb.add_argument("dir", help="output directory")
+    eb.add_argument("--adapter", help="an exported adapter (runs/NAME/adapter): take its model and seed, check "
+                                      "the fingerprint, and point its base_model_name_or_path at DIR")
+    eb.add_argument("--config", help="run config whose [model] and seed to use")
+    eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
+    eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
+    eb.set_defaults(func=_export_base)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 

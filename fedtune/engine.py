@@ -203,9 +203,9 @@ class RoundEngine:
         extra = self.extra_state() if self.extra_state is not None else {}
         return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max, **extra}
 
-    def resume(self) -> tuple[GlobalState, int, dict[str, Any]] | None:
-        """(state, next round, engine state) from the newest complete checkpoint, or None."""
-        ck = checkpoint.latest(self.ckpt_dir)
+    def resume(self, run_id: str | None = None) -> tuple[GlobalState, int, dict[str, Any]] | None:
+        """(state, next round, engine state) from the newest complete checkpoint (of run `run_id`), or None."""
+        ck = checkpoint.latest(self.ckpt_dir, run_id=run_id)
         if ck is None:
             return None
         self.client_versions.update(ck.engine.get("client_versions", {}))

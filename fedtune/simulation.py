@@ -29,6 +29,7 @@ from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
 from fedtune.privacy import ClientLevelDP
 from fedtune.privacy.sample import PrivacyBudgetExhausted
+from fedtune.rundir import RunDir, identity
 from fedtune.wire import sizes as wire_size
 
 log = logging.getLogger("fedtune")
@@ -201,11 +202,30 @@ class Run:
     state: GlobalState
     start_round: int
     t_start: float
+    rundir: RunDir
+
+    def close(self) -> None:
+        """Release the run directory (its lock); call when the run ends, however it ends."""
+        self.writer.close()
+        self.rundir.release()
 
 
 def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None) -> Run:
-    """Load the base model and data, build the algorithm, the engine (resumed from the newest checkpoint
-    when asked) and the global model used for evaluation (and, in simulation, shared by the clients)."""
+    """Lock the run directory (fedtune.rundir), load the base model and data, build the algorithm, the engine
+    (resumed from this run's newest checkpoint when asked) and the global model used for evaluation (and, in
+    simulation, shared by the clients). The caller must `run.close()`."""
+    rd = RunDir(cfg.out_dir).lock()
+    try:
+        rd.clean_temp()
+        if not resume:
+            rd.check_fresh()  # before the slow part
+        return _prepare_run(cfg, rd, resume=resume, roster=roster)
+    except BaseException:
+        rd.release()
+        raise
+
+
+def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] | None) -> Run:
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -222,14 +242,18 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
     state = algo.initialize(model, seed=cfg.run.seed)
     engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg),  # type: ignore[arg-type]
                          out_dir=cfg.out_dir, budget_check=budget_check)
+    rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume)
     start, client_state = 1, {}
-    if resume and (ck := engine.resume()) is not None:
+    if resume and (ck := engine.resume(rec["run_id"])) is not None:
         state, start, engine_state = ck
         client_state = engine_state.get("client_state", {})
-        log.info("resuming from the checkpoint of round %d", start - 1)
+        log.info("resuming run %s from the checkpoint of round %d", rec["run_id"][:8], start - 1)
+    if resume:
+        rd.drop_after(start - 1)
     gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
     gm.client.load_state_dict(client_state)  # e.g. the simulated clients' DP accountants
-    engine.extra_state = lambda: {"client_state": gm.client.state_dict()}
+    run_ids = {"run_id": rec["run_id"], "config_hash": rec["config_hash"]}
+    engine.extra_state = lambda: {"client_state": gm.client.state_dict(), **run_ids}
     bs = cfg.run.eval_batch_size
 
     def evaluate_fn(s: GlobalState) -> float:
@@ -238,7 +262,7 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
 
     engine.evaluate_fn = evaluate_fn
     writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
-    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start)
+    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start, rd)
 
 
 def execute(run: Run, *, progress: bool = True) -> GlobalState:
@@ -262,7 +286,8 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
     gm.advance(run.algo, state)
-    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
+    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name, seed=cfg.run.seed,
+                                        base_fingerprint=run.base_fingerprint)
     # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
@@ -276,15 +301,16 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
+        "run_id": run.rundir.record.get("run_id"), "config_hash": run.rundir.record.get("config_hash"),
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},
-        "adapter": str(adapter_dir) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "adapter_export": getattr(gm.client, "export_info", None) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
         "plot": str(plot) if plot else None, "metrics": str(writer.path),
         "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
     }
     writer.summary(summary)
-    writer.close()
     return summary
 
 
@@ -296,13 +322,16 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
     `transport_factory(engine, global_model, data, pad_id)` replaces the in-process transport (the Flower
     engine passes one that sends each round over a Flower Grid); everything else is shared."""
     run = prepare_run(cfg, resume=resume)
-    if transport_factory is None:
-        run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
-                                                  batch_clients=cfg.federation.batch_clients)
-    else:
-        run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
-    execute(run, progress=progress)
-    return finalize_run(run, save_merged=save_merged)
+    try:
+        if transport_factory is None:
+            run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
+                                                      batch_clients=cfg.federation.batch_clients)
+        else:
+            run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
+        execute(run, progress=progress)
+        return finalize_run(run, save_merged=save_merged)
+    finally:
+        run.close()
 
 
 def output_paths(summary: dict[str, Any]) -> list[tuple[str, str]]:

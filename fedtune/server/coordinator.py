@@ -327,7 +327,7 @@ def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection
 def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready: threading.Event | None = None,
           port_box: list | None = None, stop: threading.Event | None = None) -> dict:
     """`fedtune server`: run the configured rounds over gRPC; returns the run summary."""
-    from fedtune.simulation import execute, finalize_run, prepare_run
+    from fedtune.simulation import prepare_run
 
     scfg: ServerSection = cfg.section("server", ServerSection)
     if not scfg.tls_cert:
@@ -345,6 +345,16 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
         raise ConfigError(f"{len(roster)} clients in the roster but federation.num_clients = "
                           f"{cfg.federation.num_clients}; make them agree")
     run = prepare_run(cfg, resume=resume, roster=roster)
+    try:
+        return _serve_run(run, cfg, scfg, roster, tokens, progress=progress, ready=ready, port_box=port_box, stop=stop)
+    finally:
+        run.close()
+
+
+def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], tokens: dict[str, str], *, progress: bool,
+               ready: threading.Event | None, port_box: list | None, stop: threading.Event | None) -> dict:
+    from fedtune.simulation import execute, finalize_run
+
     if not scfg.evaluate:
         run.engine.evaluate_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
