@@ -152,7 +152,7 @@ ok = ([r for r, _ in done] == list(range(1, rounds + 1)) and killed < rounds
       and summary.get("rounds_completed") == rounds)
 print(int(ok), f"org-c killed after round {killed}; (round, clients): {done}; summary rounds_completed={summary.get('rounds_completed')}")
 P
-) || p1="0 metrics unreadable"
+) 2>>"$OUT/checks.err" || p1="0 metrics unreadable (see checks.err)"
 check "phase 1: run completes with the survivors" "${p1%% *}" "${p1#* }"
 
 # ---------------------------------------------------------------- phase 2: SIGKILL the server, resume
@@ -187,13 +187,13 @@ print(int(done == list(range(1, rounds + 1)) and summary.get("rounds_completed")
       f"rounds {done}; summary rounds_completed={summary.get('rounds_completed')}")
 files = [p for p in run.rglob("*") if p.is_file()]
 bad_owner = [str(p.relative_to(run)) for p in files if p.stat().st_uid != uid]
-print(int(not bad_owner and files), f"{len(files)} files; not owned by {uid}: {bad_owner}")
+print(int(not bad_owner and bool(files)), f"{len(files)} files; not owned by {uid}: {bad_owner}")
 exported = [p for p in (run / "adapter").rglob("*") if p.is_file()] + [run / "summary.json", run / "metrics.jsonl"]
 bad_mode = [f"{p.relative_to(run)}={oct(stat.S_IMODE(p.stat().st_mode))}" for p in exported
             if stat.S_IMODE(p.stat().st_mode) != 0o644]
 print(int(not bad_mode), f"{len(exported)} exported files; not 0644: {bad_mode}")
 P
-) || p2=$'0 metrics unreadable\n0 -\n0 -'
+) 2>>"$OUT/checks.err" || p2=$'0 metrics unreadable (see checks.err)\n0 -\n0 -'
 { read -r l1; read -r l2; read -r l3; } <<<"$p2"
 check "phase 2: resumed run completes rounds 1..$ROUNDS once each" "${l1%% *}" "${l1#* }"
 check "outputs owned by the host uid" "${l2%% *}" "${l2#* }"
