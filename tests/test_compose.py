@@ -135,3 +135,27 @@ def test_compose_script_passes(e2e):
     proc, checks, summary = e2e
     assert proc.returncode == 0 and "E2E PASSED" in proc.stderr, (summary, proc.stderr[-4000:])
     assert not [k for k in checks if k.startswith("README has")], summary
+
+
+def test_prepare_makes_dirs_and_env_for_a_non_root_uid(tmp_path):
+    """scripts/compose_prepare.sh without the download (wheels up to date): dirs, modes, owner, .env."""
+    for f in ("pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "compose_prepare.sh", tmp_path / "scripts")
+    (tmp_path / "wheels").mkdir()
+    stamp = subprocess.run("cat pyproject.toml constraints.txt | sha256sum | cut -c1-16", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "wheels" / ".stamp").write_text(f"{stamp}-torch==2.13.0+cpu-\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDTUNE_")}
+    for _ in range(2):  # idempotent
+        r = subprocess.run(["bash", "scripts/compose_prepare.sh"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, check=False)
+        assert r.returncode == 0, r.stderr
+    assert "wheels up to date" in r.stderr
+    uid, gid = (1000, 1000) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    assert (tmp_path / ".env").read_text() == f"FEDTUNE_UID={uid}\nFEDTUNE_GID={gid}\n"
+    for d in ["runs", "certs/server", *(f"certs/{o}" for o in ORGS), *(f"state/{o}" for o in ORGS)]:
+        st = (tmp_path / d).stat()
+        assert (st.st_uid, st.st_gid) == (uid, gid), d
+    assert all(((tmp_path / "certs" / d).stat().st_mode & 0o777) == 0o700 for d in ["server", *ORGS])
