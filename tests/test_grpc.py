@@ -143,9 +143,11 @@ def rows(out: Path) -> list[dict]:
 def test_grpc_equals_simulation(tmp_path, algorithm, tls):
     """3 clients × 2 rounds over gRPC (TLS + mTLS for flora) == fedtune simulate, same seeds (≤ 1e-6)."""
     cfg_path = write_run(tmp_path, algorithm=algorithm, tls=tls)
-    srv = Server(cfg_path)
-    threads, results = run_agents([agent(cfg_path, srv.port, i, tls_dir=tmp_path / "certs" if tls else None)
-                                   for i in range(3)])
+    agents = [agent(cfg_path, 0, i, tls_dir=tmp_path / "certs" if tls else None) for i in range(3)]
+    srv = Server(cfg_path)  # agents built first: the 2 s lease clock starts with the round
+    for a in agents:
+        a.c.server = a.c.server.replace(":0", f":{srv.port}")
+    threads, results = run_agents(agents)
     srv.join()
     for t in threads:
         t.join(30)
@@ -179,7 +181,7 @@ def test_dead_client_round_completes_with_survivors(tmp_path, monkeypatch):
     zombie, *survivors = (agent(cfg_path, 0, i) for i in (2, 0, 1))  # built before the round's lease clock runs
     srv = Server(cfg_path)
     for a in (zombie, *survivors):
-        a.c.server = f"127.0.0.1:{srv.port}"
+        a.c.server = a.c.server.replace(":0", f":{srv.port}")
     zombie.client = None
     stub = serde.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
     zombie.join(stub)

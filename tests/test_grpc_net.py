@@ -4,6 +4,7 @@ only with --insecure, escaped client strings in logs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2
 from test_grpc import IDS, TOKENS, Server, _free_port, _health, _rss_mb, pull_until_task, write_run
 
-from fedtune.algorithms.base import ClientUpdate
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
 from fedtune.cli import main
 from fedtune.client.agent import resolve_token
-from fedtune.config import ClientSection, ConfigError
+from fedtune.config import ClientSection, ConfigError, ServerSection
+from fedtune.server.coordinator import GrpcTransport, Interrupted, start_grpc_server
 from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
 from fedtune.wire import serde
@@ -47,14 +50,15 @@ def test_clients_exit_0_promptly_after_the_finish(tmp_path):
                                                    "max_backoff_s = 1.0\nrpc_timeout_s = 20\ninsecure = true\n")
     _fixed_port(cfg_path, port, **{"heartbeat_interval_s = 0.2": "heartbeat_interval_s = 0.5",
                                    "poll_interval_s = 0.05": "poll_interval_s = 1.0",
-                                   "finish_grace_s = 3.0": "finish_grace_s = 30.0\nevaluate = false"})
+                                   "finish_grace_s = 3.0": "finish_grace_s = 30.0\nevaluate = false",
+                                   "lease_timeout_s = 2.0": "lease_timeout_s = 60.0"})  # slow process starts
     srv = _fedtune("server", "--config", str(cfg_path), "--no-progress", stdout=subprocess.PIPE,
                    stderr=subprocess.STDOUT)
     clients = [_fedtune("client", "--config", str(cfg_path), "--server", f"127.0.0.1:{port}", "--client-id", cid,
                         "--partition", str(i), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                for i, cid in enumerate(IDS)]
     try:
-        out, _ = srv.communicate(timeout=120)
+        out, _ = srv.communicate(timeout=300)
         t_server = time.monotonic()
         assert srv.returncode == 0, out
         for c in clients:
@@ -62,7 +66,7 @@ def test_clients_exit_0_promptly_after_the_finish(tmp_path):
             err = c.stderr.read()
             assert c.returncode == 0, err
             assert "run finished" in err
-        assert time.monotonic() - t_server < 5.0  # all three within a few seconds of the server's exit
+        assert time.monotonic() - t_server < 8.0  # all three within a few seconds of the server's exit
         assert "not told the run is finished" not in out  # drained because all were told, not by the grace
     finally:
         for p in [srv, *clients]:
@@ -75,14 +79,14 @@ def test_client_gives_up_after_max_retry_s(tmp_path, capsys, caplog):
     """Nobody listening: the client retries (backoff) for [client] max_retry_s, then exits 4 with a clear line.
     Started with the deprecated --token and --insecure: both warn."""
     cfg_path = write_run(tmp_path, rounds=1, extra="[client]\nmax_backoff_s = 0.3\nmax_retry_s = 1.5\nrpc_timeout_s = 2\n")
-    t0 = time.monotonic()
     rc = main(["client", "--config", str(cfg_path), "--server", f"127.0.0.1:{_free_port()}", "--client-id", IDS[0],
                "--partition", "0", "--token", TOKENS[IDS[0]], "--insecure"])
-    took = time.monotonic() - t0
+    t_end = time.time()
     assert rc == 4
     err = capsys.readouterr().err
     assert "giving up ([client] max_retry_s = 1.5)" in err and "UNAVAILABLE" in err
-    assert took < 15  # model + data load, then ~1.5 s of retries
+    retries = [r.created for r in caplog.records if "retrying in" in r.getMessage()]
+    assert 1.0 < t_end - retries[0] < 6.0  # ~1.5 s from the first failure, not forever
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(w.startswith("--token is deprecated") for w in warnings)
     assert any(w.startswith("INSECURE: no TLS") for w in warnings)
@@ -257,14 +261,14 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
         grown = _rss_mb(srv.pid) - rss0
         for c in held:
             assert c.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
-        assert 1.5 < time.monotonic() - t_open < 6.0
+        assert 1.5 < time.monotonic() - t_open < 15.0
         assert grown < 50, grown
         # a dribbling upload: a chunk every 0.3 s is never idle, the 4 s total cuts it
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             stub.PushUpdate(_dribble(tasks[IDS[2]].task_id, IDS[2], release), metadata=md[IDS[2]], timeout=30)
         assert e.value.code() == grpc.StatusCode.CANCELLED
-        assert 3.5 < time.monotonic() - t0 < 8.0
+        assert 3.5 < time.monotonic() - t0 < 15.0
         # slots and budget are free again: an honest upload goes through
         upd = ClientUpdate(IDS[0], 5, {k: v.clone() for k, v in tasks[IDS[0]].instruction.sync.tensors.items()})
         reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(upd, tasks[IDS[0]].task_id),
@@ -279,3 +283,56 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
     log_text = log_path.read_text()
     assert "cut the upload stream of 'client-" in log_text and "stream_idle_timeout_s = 2" in log_text
     assert "stream_timeout_s = 4" in log_text
+
+
+def test_stalled_download_is_cut_and_frees_the_slot():
+    """A client that stops reading its 24 MiB task mid-stream (64 KiB HTTP/2 window, no BDP growth): the server's
+    send is parked; a second PullTask of that client is ABORTED meanwhile; the watchdog cuts the stream after
+    stream_idle_timeout_s, and then the same client downloads its task in full."""
+    cid = IDS[0]
+    scfg = ServerSection(address="127.0.0.1:0", insecure=True, stream_idle_timeout_s=1.0, poll_interval_s=0.05)
+    transport = GrpcTransport(roster=[cid], tokens={cid: TOKENS[cid]}, fingerprint="f" * 64, model_name="tiny",
+                              run_name="t", algorithm="fedavg", cfg=scfg)
+    ins = Instruction(1, cid, 1, {"steps": 1}, Payload({"w": torch.ones(6 * MiB)}))  # 24 MiB of float32
+    transport.instruction_for = lambda _cid, _version: ins
+    server, port, _ = start_grpc_server(transport, scfg.address, scfg)
+
+    def one_round():
+        with contextlib.suppress(Interrupted):  # ended by the test
+            transport.run_round(1, {cid: ins}, 60.0)
+
+    rounds = threading.Thread(target=one_round, daemon=True)
+    rounds.start()
+    md = auth_metadata(TOKENS[cid])
+    req = pb2.TaskRequest(client_id=cid)
+    slow = grpc.insecure_channel(f"127.0.0.1:{port}", options=[*serde.channel_options(), ("grpc.http2.bdp_probe", 0)])
+    fast = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+    try:
+        for _ in range(100):  # until the round has opened its task
+            with transport.lock:
+                if transport.book is not None:
+                    break
+            time.sleep(0.05)
+        stalled = serde.CoordinatorStub(slow).PullTask(req, metadata=md, timeout=30)
+        assert next(stalled).index == 0  # then stop reading
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as e:
+            list(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=10))
+        assert e.value.code() == grpc.StatusCode.ABORTED and "download" in e.value.details()
+        t0 = time.monotonic()
+        while transport.streams:
+            assert time.monotonic() - t0 < 10, "the stalled download was not cut"
+            time.sleep(0.05)
+        assert 0.5 < time.monotonic() - t0
+        with pytest.raises(grpc.RpcError) as e:
+            list(stalled)
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        task = serde.read_task(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=30), max_bytes=1 << 30)
+        assert torch.equal(task.instruction.sync.tensors["w"], ins.sync.tensors["w"])
+    finally:
+        transport.stop_event.set()
+        rounds.join(5)
+        server.stop(grace=None)
+        transport.closed.set()
+        slow.close()
+        fast.close()

@@ -172,7 +172,7 @@ class Agent:
                 attempt += 1
                 if e.code() != grpc.StatusCode.ABORTED or attempt >= attempts:
                     raise
-                log.warning("%s: upload refused for now (%s); retrying", self.c.client_id, e.details())
+                log.warning("%s: upload refused for now (%s); retrying", self.c.client_id, _why(e))
                 self.stop.wait(random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt)))
 
     # -- state that must survive a restart ---------------------------------------------------------
@@ -229,24 +229,24 @@ class Agent:
                         break  # the server finished (and may be gone) while this call was in flight
                     code = e.code()
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                        raise Refused(f"{code.name}: {e.details()}") from None
+                        raise Refused(f"{code.name}: {_why(e)}") from None
                     if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:
                         raise
                     now = time.monotonic()
                     failing_since = now if failing_since is None else failing_since
                     if now - failing_since >= self.c.max_retry_s:
                         raise GaveUp(f"no successful exchange with the coordinator at {self.c.server} for "
-                                     f"{now - failing_since:.0f} s (last error {code.name}: {e.details()}); "
+                                     f"{now - failing_since:.0f} s (last error {code.name}: {_why(e)}); "
                                      f"giving up ([client] max_retry_s = {self.c.max_retry_s:g})") from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:  # ahead of the server: start over
-                        log.warning("%s: %s; reloading the base model", self.c.client_id, e.details())
+                        log.warning("%s: %s; reloading the base model", self.c.client_id, _why(e))
                         self.base, _ = load_model(self.cfg.model.name, seed=self.cfg.run.seed)
                         self.version, self.client, self.model = None, None, None
                     joined = False
                     delay = random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt))  # full jitter
                     delay = min(delay, max(0.0, failing_since + self.c.max_retry_s - now))
                     attempt += 1
-                    log.warning("%s: %s (%s); retrying in %.1f s", self.c.client_id, code.name, e.details(), delay)
+                    log.warning("%s: %s (%s); retrying in %.1f s", self.c.client_id, code.name, _why(e), delay)
                     self.stop.wait(delay)
             if self.finished:
                 log.info("%s: run finished", self.c.client_id)
@@ -256,6 +256,11 @@ class Agent:
             if hb.is_alive():
                 hb.join(timeout=15)  # no RPC may be in flight when the channel closes (grpc aborts otherwise)
             channel.close()
+
+
+def _why(e: grpc.RpcError) -> str:
+    """The server's error details, escaped and capped (they are logged)."""
+    return serde.safe_str(e.details(), 300)
 
 
 def _interval(value: float, default: float) -> float:
