@@ -40,7 +40,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s; "
           f"eval loss {loss(summary['eval_loss_first'])} → {loss(summary['eval_loss_final'])}"
-          + (f" (eval skipped: {summary['eval_skipped']})" if summary.get("eval_skipped") else ""))
+          + (f" (eval skipped: {summary['eval_skipped']})" if summary.get("eval_skipped") else "")
+          + f"; test loss {loss(summary.get('test_loss_first'))} → {loss(summary.get('test_loss_final'))}")
     for name, path in output_paths(summary):
         print(f"  {name:8s} {path}")
     return 0

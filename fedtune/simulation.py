@@ -92,7 +92,7 @@ class InProcessTransport:
 
 def train_config(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.train
-    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr,
+    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": cfg.learning_rate(),
            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
     pc = cfg.privacy_config()
     if pc.mode == "sample":  # DP-SGD inside each client; σ calibrated over the planned rounds
@@ -139,6 +139,7 @@ def format_row(row: dict[str, Any]) -> str:
 
     return (f"round {row['round']:>3} | clients {row.get('clients_completed', 0)}/{row.get('clients_sampled', 0)}"
             f" | train {num(row.get('train_loss'), '.4f')} | eval {num(row.get('eval_loss'), '.4f')}"
+            f" | test {num(row.get('test_loss'), '.4f')}"
             f" | up {num(row.get('bytes_up'), ',')} B | down {num(row.get('bytes_down'), ',')} B"
             f" | {num(row.get('wall_s'), '.1f')} s"
             + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
@@ -200,10 +201,18 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
         gm.advance(algo, s)
         return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
 
+    def test_fn(s: GlobalState) -> float:
+        gm.advance(algo, s)
+        return gm.evaluate(prep.test, pad_id=tok.pad_token_id, batch_size=bs)
+
     engine.evaluate_fn = evaluate_fn if global_eval else None
+    engine.test_fn = test_fn if prep.test else None
     if not global_eval:
         log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",
                     cfg.data.eval_fraction)
+    if not prep.test:
+        log.warning("no global test examples ([data] test_fraction = %s): test is skipped, test loss is reported as -",
+                    cfg.data.test_fraction)
     writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
     return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start,
                test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
@@ -226,6 +235,10 @@ def execute(run: Run, *, progress: bool = True) -> GlobalState:
     return run.state
 
 
+def _finite_column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
+
+
 def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
@@ -235,7 +248,7 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
     plot = writer.plot()
-    evals = [r["eval_loss"] for r in writer.rows if isinstance(r.get("eval_loss"), float) and r["eval_loss"] == r["eval_loss"]]
+    evals, tests = (_finite_column(writer.rows, k) for k in ("eval_loss", "test_loss"))
     summary = {
         "algorithm": run.algo.name, "rounds_completed": state.version, "stopped_early": run.engine.stop_reason,
         "epsilon": run.engine.epsilon_max,
@@ -243,6 +256,9 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "privacy": cfg.privacy_config().to_dict(),
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "eval_skipped": None if run.global_eval else "no eval examples ([data] eval_fraction = 0 or too little data)",
+        "test_loss_first": tests[0] if tests else None, "test_loss_final": tests[-1] if tests else None,
+        "test_examples": len(run.test),
+        "test_skipped": None if run.test else "no global test examples ([data] test_fraction = 0 or too little data)",
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),

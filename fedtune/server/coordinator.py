@@ -230,7 +230,7 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
                           f"{cfg.federation.num_clients}; make them agree")
     run = prepare_run(cfg, resume=resume, roster=roster)
     if not scfg.evaluate:
-        run.engine.evaluate_fn = None
+        run.engine.evaluate_fn = run.engine.test_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
                               model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg)
     transport.instruction_for = run.engine.instruction_for
