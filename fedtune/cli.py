@@ -26,7 +26,11 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
     cfg = config.load(args.config, overrides)
-    if args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
+    if args.baseline:
+        from fedtune.baselines import simulate_baseline
+
+        summary = simulate_baseline(cfg, args.baseline, progress=not args.no_progress)
+    elif args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
         from fedtune.flower import run_flower_simulation
 
         summary = run_flower_simulation(cfg, resume=args.resume, progress=not args.no_progress,
@@ -255,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["native", "flower"], default="native",
                    help="native: fedtune's in-process simulation; flower: Flower's simulation engine (Ray), "
                         "same outputs")
+    s.add_argument("--baseline", choices=["local", "central"],
+                   help="local: each client trains alone (same steps); central: all training data pooled "
+                        "(same examples seen). Plain LoRA ([lora]/[fedavg] settings)")
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")

@@ -243,6 +243,9 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
     gm.advance(run.algo, state)
+    pad = run.tokenizer.pad_token_id  # the global model on each client's own held-out slice (personalisation gap)
+    client_eval = {cid: gm.evaluate(d.eval, pad_id=pad, batch_size=cfg.run.eval_batch_size) if d.eval else None
+                   for cid, d in run.data.items()}
     adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
     # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
@@ -257,7 +260,7 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "eval_skipped": None if run.global_eval else "no eval examples ([data] eval_fraction = 0 or too little data)",
         "test_loss_first": tests[0] if tests else None, "test_loss_final": tests[-1] if tests else None,
-        "test_examples": len(run.test),
+        "test_examples": len(run.test), "client_eval_loss_final": client_eval,
         "test_skipped": None if run.test else "no global test examples ([data] test_fraction = 0 or too little data)",
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),

@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 rounds × 2 steps (with --model tiny: seconds)")
     p.add_argument("--out", default="runs/lr_sweep", help="run dirs go under here")
     p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--no-test-split", action="store_true", help="data.test_fraction = 0 (as the sweep was run)")
     a = p.parse_args(argv)
     overrides = {"model.name": a.model, "run.rounds": 2 if a.quick else a.rounds,
-                 "train.local_steps": 2 if a.quick else a.local_steps}
+                 "train.local_steps": 2 if a.quick else a.local_steps,
+                 "data.test_fraction": 0.0 if a.no_test_split else None}
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     for method in a.methods:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method} lr={lr:g}: eval {rows[-1]['eval_loss']} ({rows[-1]['wall_s']} s)", flush=True)
         finite = [r for r in rows if r["eval_loss_final"] is not None and math.isfinite(r["eval_loss_final"])]
         best = min(finite, key=lambda r: r["eval_loss_final"])["lr"] if finite else None
-        doc = {"method": method, "config": a.config, "overrides": {k: v for k, v in overrides.items() if v},
+        doc = {"method": method, "config": a.config, "overrides": {k: v for k, v in overrides.items() if v is not None},
                "grid": GRID[method], "runs": rows, "best_lr": best}
         (results / f"lr_sweep_{method}.json").write_text(json.dumps(doc, indent=1))
         print(f"{method}: best lr {best:g}" if best else f"{method}: no finite result", flush=True)
