@@ -114,8 +114,9 @@ def _model_source(args: argparse.Namespace):
     elif summary is None and args.adapter and not args.config:  # the adapter names its base
         import json
 
-        base = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        cfg.model.name = base or cfg.model.name
+        ac = Path(args.adapter) / "adapter_config.json"
+        base = json.loads(ac.read_text()).get("base_model_name_or_path") if ac.is_file() else None
+        cfg.model.name = base if isinstance(base, str) and base else cfg.model.name
     return cfg, summary, run_dir
 
 

@@ -77,7 +77,8 @@ def pick_defaults(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: the sweep value with the lowest final eval loss (validation), and all values tried."""
     out = {}
     for m in FEDERATED:
-        sweep = [r for r in rows if r["kind"] == m and r["lr"] is not None and _finite(r["eval_loss_final"])]
+        sweep = [r for r in rows if r["kind"] == m and r["lr"] is not None and not r["target_epsilon"]
+                 and _finite(r["eval_loss_final"])]
         if sweep:
             best = min(sweep, key=lambda r: r["eval_loss_final"])
             out[m] = {"lr": best["lr"], "name": best["name"],
@@ -258,8 +259,8 @@ def findings(chosen, dp, local, central, base_loss) -> list[str]:
              + (f" (not: {', '.join(above)})" if above else "") + ".")
     cheapest = min(chosen, key=lambda r: r["bytes_total"])
     fastest = min(chosen, key=lambda r: r["wall_s_per_round"] or math.inf)
-    L.append(f"- **Bytes**: fewest bytes: {cheapest['label']} ({cheapest['bytes_total'] / 2**20:,.3f} MiB in total, "
-             f"vs {best['bytes_total'] / 2**20:,.2f} MiB for {best['label']}).")
+    L.append(f"- **Bytes**: fewest bytes: {cheapest['label']} ({cheapest['bytes_total'] / 2**20:,.3f} MiB in total); "
+             + ", ".join(f"{r['label']} {r['bytes_total'] / 2**20:,.2f} MiB" for r in chosen if r is not cheapest) + ".")
     L.append(f"- **Time**: fastest round: {fastest['label']} ({_fmt(fastest['wall_s_per_round'], '.1f')} s; wall times "
              "on a shared, heavily loaded 2-core machine, indicative only).")
     if central:
