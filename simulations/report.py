@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done {name}", flush=True)
         if a.only:
             return 0
+    if str(HERE) not in sys.path:  # the sibling module simulations/report_write.py
+        sys.path.insert(0, str(HERE))
     from report_write import write_report
 
     write_report(entries, runs, Path(a.results), prompts=0 if a.no_prompts else PROMPTS,
@@ -117,5 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     sys.exit(main())
