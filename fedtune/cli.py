@@ -39,7 +39,11 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["data.partition"] = args.partition
     cfg = config.load(args.config, overrides)
     _overwrite(args, cfg)
-    if args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
+    if args.baseline:
+        from fedtune.baselines import simulate_baseline
+
+        summary = simulate_baseline(cfg, args.baseline, progress=not args.no_progress)
+    elif args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
         from fedtune.flower import run_flower_simulation
 
         summary = run_flower_simulation(cfg, resume=args.resume, progress=not args.no_progress,
@@ -53,7 +57,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s; "
           f"eval loss {loss(summary['eval_loss_first'])} → {loss(summary['eval_loss_final'])}"
-          + (f" (eval skipped: {summary['eval_skipped']})" if summary.get("eval_skipped") else ""))
+          + (f" (eval skipped: {summary['eval_skipped']})" if summary.get("eval_skipped") else "")
+          + f"; test loss {loss(summary.get('test_loss_first'))} → {loss(summary.get('test_loss_final'))}")
     for name, path in output_paths(summary):
         print(f"  {name:8s} {path}")
     return 0
@@ -146,6 +151,154 @@ def _export_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_source(args: argparse.Namespace):
+    """(config, summary or None, run dir or None) for eval/generate/chat: the run's own config from its
+    summary.json (run dir = --run, else the parent of --adapter/--merged), else --config, else defaults."""
+    from pathlib import Path
+
+    from fedtune import config
+    from fedtune.evaluation import read_run
+
+    given = args.adapter or args.merged
+    run_dir = Path(args.run) if args.run else (Path(given).resolve().parent if given else None)
+    found = read_run(run_dir) if run_dir is not None else None
+    if args.run and found is None:
+        raise config.ConfigError(f"{run_dir} has no summary.json: not a finished fedtune run (give --config instead)")
+    if found is not None and not args.config:
+        cfg, summary = found
+    else:
+        cfg, summary = config.load(args.config), None
+    if args.model:
+        cfg.model.name = args.model
+    elif summary is None and args.adapter and not args.config:  # the adapter names its base
+        import json
+
+        ac = Path(args.adapter) / "adapter_config.json"
+        base = json.loads(ac.read_text()).get("base_model_name_or_path") if ac.is_file() else None
+        cfg.model.name = base if isinstance(base, str) and base else cfg.model.name
+    return cfg, summary, run_dir
+
+
+def _load(args: argparse.Namespace):
+    from fedtune.evaluation import load_tuned
+
+    if sum(bool(x) for x in (args.adapter, args.merged, args.base)) != 1:
+        raise _UsageError("give exactly one of --adapter DIR, --merged DIR or --base")
+    cfg, summary, run_dir = _model_source(args)
+    if cfg.run.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)
+    return load_tuned(cfg.model.name, adapter=args.adapter, merged=args.merged, seed=cfg.run.seed), cfg, summary, run_dir
+
+
+class _UsageError(ValueError):
+    """Bad command-line usage: one line, exit 2."""
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fedtune.evaluation import evaluate_sets, format_table
+
+    loaded, cfg, summary, run_dir = _load(args)
+    if summary is None and not args.data and not args.config:
+        raise _UsageError("nothing to evaluate on: give --data FILE…, --config, or an adapter/merged dir inside a run dir")
+    rows = evaluate_sets(loaded.model, loaded.tokenizer, cfg, data_files=args.data,
+                         roster=list(summary["clients"]) if summary and summary.get("clients") else None,
+                         batch_size=cfg.run.eval_batch_size)
+    print(f"{loaded.kind}: {loaded.path or cfg.model.name} (base {cfg.model.name})")
+    print(format_table(rows))
+    out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path,
+                               "data": args.data or "run", "sets": rows}, indent=1))
+    print(f"  json     {out}")
+    return 0
+
+
+def _gen_config(args: argparse.Namespace):
+    from fedtune.evaluation import GenConfig
+
+    if not 0 < args.top_p <= 1 or args.temperature <= 0 or args.max_new_tokens < 1:
+        raise _UsageError("--top-p must be in (0, 1], --temperature > 0, --max-new-tokens ≥ 1")
+    return GenConfig(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                     top_p=args.top_p, seed=args.seed)
+
+
+def _base_for_compare(args, loaded, cfg):
+    from fedtune.evaluation import load_tuned
+
+    if not args.compare_base or loaded.kind != "merged":
+        return None
+    return load_tuned(cfg.model.name, seed=cfg.run.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedtune.evaluation import generate, generate_base
+
+    gc = _gen_config(args)
+    loaded, cfg, _, _ = _load(args)
+    base = _base_for_compare(args, loaded, cfg)
+    msgs = [{"role": "user", "content": args.prompt}]
+    answer = generate(loaded.model, loaded.tokenizer, msgs, gc)
+    if args.compare_base and loaded.kind != "base":
+        print(f"[base]  {generate_base(loaded, base, msgs, gc)}")
+        print(f"[tuned] {answer}")
+    else:
+        print(answer)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from fedtune.evaluation import generate, generate_base
+
+    gc = _gen_config(args)
+    loaded, cfg, _, _ = _load(args)
+    base = _base_for_compare(args, loaded, cfg)
+    compare = args.compare_base and loaded.kind != "base"
+    tuned_hist: list[dict[str, str]] = []
+    base_hist: list[dict[str, str]] = []
+    if sys.stdin.isatty():
+        print("one message per line; an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            break
+        tuned_hist.append({"role": "user", "content": text})
+        answer = generate(loaded.model, loaded.tokenizer, tuned_hist, gc)
+        tuned_hist.append({"role": "assistant", "content": answer})
+        if compare:
+            base_hist.append({"role": "user", "content": text})
+            b = generate_base(loaded, base, base_hist, gc)
+            base_hist.append({"role": "assistant", "content": b})
+            print(f"[base]  {b}")
+            print(f"[tuned] {answer}", flush=True)
+        else:
+            print(f"assistant: {answer}", flush=True)
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="exported peft adapter dir (runs/NAME/adapter)")
+    p.add_argument("--merged", help="merged model dir (runs/NAME/merged, e.g. FedKSeed full)")
+    p.add_argument("--base", action="store_true", help="the base model alone")
+    p.add_argument("--run", help="run dir whose summary.json gives model, data and seed (default: the parent of "
+                                 "--adapter/--merged)")
+    p.add_argument("--config", help="run config (TOML) instead of the run's own")
+    p.add_argument("--model", help="base model (overrides the run's [model] name)")
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    p.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same answer)")
+    p.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -170,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["native", "flower"], default="native",
                    help="native: fedtune's in-process simulation; flower: Flower's simulation engine (Ray), "
                         "same outputs")
+    s.add_argument("--baseline", choices=["local", "central"],
+                   help="local: each client trains alone (same steps); central: all training data pooled "
+                        "(same examples seen). Plain LoRA ([lora]/[fedavg] settings)")
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
@@ -199,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
     eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
     eb.set_defaults(func=_export_base)
+    ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data")
+    _add_model_args(ev)
+    ev.add_argument("--data", nargs="+", help="evaluate on these files instead of the run's test set and slices")
+    ev.add_argument("--json", help="write the results here (default <run dir>/eval-<adapter|merged|base>.json)")
+    ev.set_defaults(func=_eval)
+    g = sub.add_parser("generate", help="answer one prompt with a tuned (or the base) model")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    _add_gen_args(g)
+    g.set_defaults(func=_generate)
+    ch = sub.add_parser("chat", help="multi-turn chat on stdin (one user message per line) with the chat template")
+    _add_model_args(ch)
+    _add_gen_args(ch)
+    ch.set_defaults(func=_chat)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 
@@ -215,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except (*_user_errors(), _UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,7 +72,7 @@ class TrainSection:
     local_steps: int = 8
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's tuned default. [<method>] lr > [train] lr > the method's default
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -156,6 +156,16 @@ class RunConfig:
             return cls(**kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[{self.run.algorithm}]/[lora]: {e}") from None
+
+    def learning_rate(self) -> float:
+        """The local learning rate: [<method>] lr when set, else [train] lr when set, else the method's tuned
+        default (its config's DEFAULT_LR, chosen by simulations/lr_sweep.py). FedKSeed always uses its own η."""
+        ac = self.algorithm_config()
+        if getattr(ac, "lr", None) is not None:
+            return float(ac.lr)
+        if self.train.lr is not None:
+            return float(self.train.lr)
+        return float(getattr(ac, "DEFAULT_LR", 1e-3))
 
     def section(self, name: str, cls):
         """An optional section ([server], [client], ...) as its dataclass."""
@@ -274,7 +284,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.local_steps >= 1, f"train.local_steps must be ≥ 1, got {t.local_steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
     _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")
-    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.lr is None or t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(d.source in ("chatterbot", "jsonl"), f"data.source must be \"chatterbot\" or \"jsonl\", got {d.source!r}")
     _require(d.partition in ("iid", "dirichlet", "by_category", "pathological"),
              f"data.partition must be iid, dirichlet, by_category or pathological, got {d.partition!r}")

@@ -6,7 +6,9 @@ One round:  sample clients (seeded by run seed, round, attempt) → build instru
 the current global version, per-client train config) → transport.run_round → drop every update that does
 not match what its client was assigned (algo.expected_update; the client counts as failed) → if fewer than
 min_clients valid updates, or aggregate raises or yields non-finite tensors, abort the attempt (nothing
-written) and retry → evaluate the global model → atomic checkpoint → metrics row.
+written) and retry → evaluate the global model (eval loss on the clients' held-out slices, test loss on the
+global test set; each skipped when its set is empty) → atomic checkpoint → metrics row. Round 0 logs the
+base (initial global) model's losses.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class RoundEngine:
         cfg: EngineConfig,
         out_dir: Path,
         evaluate_fn: Callable[[GlobalState], float] | None = None,
+        test_fn: Callable[[GlobalState], float] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         budget_check: Callable[[GlobalState], str | None] | None = None,
     ) -> None:
@@ -119,7 +122,8 @@ class RoundEngine:
         self.roster = list(roster)
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.evaluate_fn = evaluate_fn
+        self.evaluate_fn = evaluate_fn  # eval loss: union of the clients' held-out slices
+        self.test_fn = test_fn  # test loss: the global test set (what methods are compared on)
         self.on_round = on_round
         self.budget_check = budget_check
         self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
@@ -203,8 +207,8 @@ class RoundEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter) -> GlobalState:
-        if start_round == 1 and self.evaluate_fn is not None and not writer.rows:
-            writer.append({"round": 0, "algorithm": self.algo.name, "eval_loss": self.evaluate_fn(state)})
+        if start_round == 1 and (self.evaluate_fn or self.test_fn) and not writer.rows:
+            writer.append({"round": 0, "algorithm": self.algo.name, **self.losses(state)})
         for rnd in range(start_round, self.cfg.rounds + 1):
             if self.budget_check is not None and (reason := self.budget_check(state)):
                 self.stop_reason = reason
@@ -239,7 +243,7 @@ class RoundEngine:
         new_state, agg_metrics = out
         for u in updates:
             self.client_versions[u.client_id] = state.version
-        eval_loss = self.evaluate_fn(new_state) if self.evaluate_fn is not None else float("nan")
+        losses = self.losses(new_state)
         eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
         if eps_now:
             self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
@@ -252,7 +256,7 @@ class RoundEngine:
             "updates_rejected": len(res.rejected), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
             "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
-            "eval_loss": eval_loss,
+            **losses,
             "epsilon": self.epsilon_max, "delta": max(deltas) if deltas else None,
             "wall_s": round(time.perf_counter() - t0, 3),
             **agg_metrics,
@@ -261,6 +265,12 @@ class RoundEngine:
         if self.on_round is not None:
             self.on_round(row)
         return new_state
+
+    def losses(self, state: GlobalState) -> dict[str, float]:
+        """eval_loss and test_loss of the global model at `state` (nan when that set is not evaluated)."""
+        nan = float("nan")
+        return {"eval_loss": self.evaluate_fn(state) if self.evaluate_fn is not None else nan,
+                "test_loss": self.test_fn(state) if self.test_fn is not None else nan}
 
     def engine_state(self) -> dict[str, Any]:
         extra = self.extra_state() if self.extra_state is not None else {}

@@ -13,7 +13,7 @@ from fedtune.fileio import publish, write_text_atomic
 
 ROUND_FIELDS = [
     "round", "algorithm", "clients_sampled", "clients_completed", "updates_rejected", "bytes_up", "bytes_down",
-    "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "epsilon", "delta", "wall_s",
+    "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "test_loss", "epsilon", "delta", "wall_s",
 ]
 
 
@@ -77,7 +77,7 @@ class MetricsWriter:
         path = self.out / "plots" / "loss.png"
         path.parent.mkdir(exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("train_loss", "eval_loss"):
+        for key in ("train_loss", "eval_loss", "test_loss"):
             pts = [(r["round"], r[key]) for r in self.rows if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=key)

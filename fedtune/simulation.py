@@ -102,7 +102,7 @@ class InProcessTransport:
 
 def train_config(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.train
-    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr,
+    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": cfg.learning_rate(),
            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
     pc = cfg.privacy_config()
     if pc.mode == "sample":  # DP-SGD inside each client; σ calibrated over the planned rounds
@@ -161,6 +161,7 @@ def format_row(row: dict[str, Any]) -> str:
 
     return (f"round {row['round']:>3} | clients {row.get('clients_completed', 0)}/{row.get('clients_sampled', 0)}"
             f" | train {num(row.get('train_loss'), '.4f')} | eval {num(row.get('eval_loss'), '.4f')}"
+            f" | test {num(row.get('test_loss'), '.4f')}"
             f" | up {num(row.get('bytes_up'), ',')} B | down {num(row.get('bytes_down'), ',')} B"
             f" | {num(row.get('wall_s'), '.1f')} s"
             + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
@@ -248,10 +249,18 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] 
         gm.advance(algo, s)
         return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
 
+    def test_fn(s: GlobalState) -> float:
+        gm.advance(algo, s)
+        return gm.evaluate(prep.test, pad_id=tok.pad_token_id, batch_size=bs)
+
     engine.evaluate_fn = evaluate_fn if global_eval else None
+    engine.test_fn = test_fn if prep.test else None
     if not global_eval:
         log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",
                     cfg.data.eval_fraction)
+    if not prep.test:
+        log.warning("no global test examples ([data] test_fraction = %s): test is skipped, test loss is reported as -",
+                    cfg.data.test_fraction)
     writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
     return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start, rd,
                test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
@@ -274,17 +283,24 @@ def execute(run: Run, *, progress: bool = True) -> GlobalState:
     return run.state
 
 
+def _finite_column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
+
+
 def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
     gm.advance(run.algo, state)
+    pad = run.tokenizer.pad_token_id  # the global model on each client's own held-out slice (personalisation gap)
+    client_eval = {cid: gm.evaluate(d.eval, pad_id=pad, batch_size=cfg.run.eval_batch_size) if d.eval else None
+                   for cid, d in run.data.items()}
     adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name, seed=cfg.run.seed,
                                         base_fingerprint=run.base_fingerprint)
     # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
     plot = writer.plot()
-    evals = [r["eval_loss"] for r in writer.rows if isinstance(r.get("eval_loss"), float) and r["eval_loss"] == r["eval_loss"]]
+    evals, tests = (_finite_column(writer.rows, k) for k in ("eval_loss", "test_loss"))
     summary = {
         "algorithm": run.algo.name, "rounds_completed": state.version, "stopped_early": run.engine.stop_reason,
         "epsilon": run.engine.epsilon_max,
@@ -292,6 +308,9 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "privacy": cfg.privacy_config().to_dict(),
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "eval_skipped": None if run.global_eval else "no eval examples ([data] eval_fraction = 0 or too little data)",
+        "test_loss_first": tests[0] if tests else None, "test_loss_final": tests[-1] if tests else None,
+        "test_examples": len(run.test), "client_eval_loss_final": client_eval,
+        "test_skipped": None if run.test else "no global test examples ([data] test_fraction = 0 or too little data)",
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
         "run_id": run.rundir.record.get("run_id"), "config_hash": run.rundir.record.get("config_hash"),

@@ -380,7 +380,7 @@ def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], toke
     from fedtune.simulation import execute, finalize_run
 
     if not scfg.evaluate:
-        run.engine.evaluate_fn = None
+        run.engine.evaluate_fn = run.engine.test_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
                               model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg)
     transport.instruction_for = run.engine.instruction_for

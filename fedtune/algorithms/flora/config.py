@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fedtune.algorithms.fedavg.config import LoRAConfig
 
 
 @dataclass
 class FLoRAConfig(LoRAConfig):
+    DEFAULT_LR: ClassVar[float] = 1e-3  # see simulations/results/lr_sweep_flora.json
     rank: int = 16
     alpha: float = 32.0
     ranks: list[int] = field(
