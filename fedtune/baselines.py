@@ -86,6 +86,13 @@ def simulate_baseline(cfg: RunConfig, kind: str, *, progress: bool = True) -> di
     cfg = copy.deepcopy(cfg)
     cfg.run.algorithm = METHOD
     run = prepare_run(cfg)
+    try:
+        return _baseline(run, cfg, kind, progress)
+    finally:
+        run.close()  # releases the run directory however the baseline ends
+
+
+def _baseline(run: Run, cfg: RunConfig, kind: str, progress: bool) -> dict[str, Any]:
     if kind == "local":
         subs = {cid: (d, cfg.train.local_steps) for cid, d in run.data.items()}
     else:  # note: the pooled set's eval is the union of the clients' slices (the federation's eval set)
@@ -129,5 +136,4 @@ def simulate_baseline(cfg: RunConfig, kind: str, *, progress: bool = True) -> di
         "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
     }
     run.writer.summary(summary)
-    run.writer.close()
     return summary
