@@ -118,7 +118,9 @@ def row_to_example(row: dict, schema: str, where: str, category: str) -> Example
         last_user = next((c for r, c in reversed(msgs[:-1]) if r == "user"), "")
         return Example(last_user, msgs[-1][1], cat, messages=msgs)
     if schema == "prompt_response" and _str(row.get("prompt")) and _str(row.get("response")):
-        return Example(row["prompt"], row["response"], cat)
+        # an empty prompt is still a chat turn (loss on the response only), not plain text
+        msgs = () if row["prompt"] else (("user", ""), ("assistant", row["response"]))
+        return Example(row["prompt"], row["response"], cat, messages=msgs)
     if schema == "instruction" and _str(row.get("instruction")) and _str(row.get("output")) \
             and (row.get("input") is None or _str(row.get("input"))):
         inp = row.get("input") or ""

@@ -25,6 +25,7 @@ from fedtune.data.partition import partition, split_eval
 log = logging.getLogger("fedtune")
 CHATTERBOT_SEQ_LEN = 128  # the demo's max_seq_len when [data] max_seq_len = 0 (auto)
 RESPONSE_KEEP = 0.99  # auto max_seq_len keeps at least this share of responses whole
+AUTO_SAMPLE = 20_000  # auto max_seq_len looks at up to this many examples
 TEST_STREAM = 0x7E57  # the test draw uses its own RNG stream: independent of the partition/eval draws
 
 
@@ -116,6 +117,9 @@ def choose_max_seq_len(cfg: RunConfig, tokenizer, examples: list[Example], conte
     if d.source == "chatterbot":
         return min(CHATTERBOT_SEQ_LEN, context_len or CHATTERBOT_SEQ_LEN)
     fmt = ChatFormatter(tokenizer, 8)
+    if len(examples) > AUTO_SAMPLE:  # a seeded sample bounds the cost on big corpora
+        pick = np.random.default_rng([cfg.run.seed, TEST_STREAM + 1]).choice(len(examples), AUTO_SAMPLE, replace=False)
+        examples = [examples[i] for i in sorted(pick.tolist())]
     needed = sorted(fmt.needed_len(ex)[1] for ex in examples)
     want = max(8, needed[max(0, int(np.ceil(RESPONSE_KEEP * len(needed))) - 1)])
     chosen = min(want, context_len) if context_len else want
