@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/report", help="run dirs go here")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--rss-log", help="RSS sampler log (epoch pid rss_kib args) for the peak-RSS column")
+    p.add_argument("--notes", help="markdown file inserted near the top of REPORT.md (how the run went)")
     a = p.parse_args(argv)
     entries = matrix(a.quick)
     if a.list:
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     from report_write import write_report
 
     write_report(entries, runs, Path(a.results), prompts=0 if a.no_prompts else PROMPTS,
-                 rss_log=Path(a.rss_log) if a.rss_log else None)
+                 rss_log=Path(a.rss_log) if a.rss_log else None,
+                 notes=Path(a.notes).read_text(encoding="utf-8") if a.notes else "")
     return 0
 
 

@@ -95,6 +95,17 @@ def _kb(v: Any) -> str:
     return f"{v / 1024:,.1f}" if _finite(v) else "–"
 
 
+def same_lr_peer(rows: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The federated run to set against the baselines (plain LoRA): the best LoRA method (FedAvg, FLoRA) at the
+    baselines' lr (same hyperparameters),
+    else the best at its tuned default."""
+    ref = next((r for r in rows if r["kind"] in ("local", "central")), None)
+    same = [r for r in rows if r["kind"] in ("fedavg", "flora") and not r["target_epsilon"] and ref and r["lr"] == ref["lr"]
+            and _finite(r["test_loss_final"])]
+    pool = same or [r for r in chosen if _finite(r["test_loss_final"])]
+    return min(pool, key=lambda r: r["test_loss_final"]) if pool else None
+
+
 def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Path) -> dict[str, str]:
     import matplotlib
 
@@ -135,16 +146,16 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
     out["bytes"] = "test_loss_vs_bytes.png"
 
     local = next((r for r in rows if r["kind"] == "local"), None)
-    best = min(chosen, key=lambda r: r["test_loss_final"]) if chosen else None
+    best = same_lr_peer(rows, chosen)
     if local and best:
         cids = sorted(local["client_eval_loss_final"])
         fig, ax = plt.subplots(figsize=(7, 4))
         w = 0.38
         xs = range(len(cids))
         ax.bar([x - w / 2 for x in xs], [best["client_eval_loss_final"].get(c) or 0 for c in cids], w,
-               label=f"global model ({best['label']})")
+               label=f"global model ({best['label']}, lr {best['lr']:g})")
         ax.bar([x + w / 2 for x in xs], [local["client_eval_loss_final"].get(c) or 0 for c in cids], w,
-               label="local-only model")
+               label=f"local-only model (lr {local['lr']:g})")
         ax.set_xticks(list(xs), cids)
         ax.set(ylabel="loss on the client's own held-out slice", title="Personalisation gap: global vs local-only")
         ax.grid(alpha=0.3, axis="y")
@@ -234,7 +245,7 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
         tried = ", ".join(f"{lr}: {_fmt(v['eval'])} ({_fmt(v['test'])})" for lr, v in d["tried"].items())
         L.append(f"| {LABEL[m]} | {tried} | **{d['lr']:g}** |")
     L += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in pngs.items()] + [""]
-    L += findings(chosen, dp, local, central, base_loss)
+    L += findings(rows, chosen, dp, local, central, base_loss)
     if table:
         L += ["", "## Answers to 5 fixed test prompts (greedy, 32 new tokens)", ""]
         for i, t in enumerate(table, 1):
@@ -246,7 +257,7 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
     return path
 
 
-def findings(chosen, dp, local, central, base_loss) -> list[str]:
+def findings(rows, chosen, dp, local, central, base_loss) -> list[str]:
     L = ["## Findings", ""]
     if not chosen:
         return L + ["No finished federated runs."]
@@ -263,17 +274,29 @@ def findings(chosen, dp, local, central, base_loss) -> list[str]:
              + ", ".join(f"{r['label']} {r['bytes_total'] / 2**20:,.2f} MiB" for r in chosen if r is not cheapest) + ".")
     L.append(f"- **Time**: fastest round: {fastest['label']} ({_fmt(fastest['wall_s_per_round'], '.1f')} s; wall times "
              "on a shared, heavily loaded 2-core machine, indicative only).")
-    if central:
-        ratio = best["test_loss_final"] / central["test_loss_final"]
-        L.append(f"- **vs centralized** ({_fmt(central['test_loss_final'])}): best federated / centralized = "
-                 f"{ratio:.3f} (goal ≤ 1.05: {'met' if ratio <= 1.05 else 'not met'}).")
+    peer = same_lr_peer(rows, chosen)
+    for ref, name in ((central, "centralized"), (local, "local-only mean")):
+        if not ref or not _finite(ref["test_loss_final"]):
+            continue
+        v = ref["test_loss_final"]
+        line = f"- **vs {name}** ({_fmt(v)}, lr {ref['lr']:g}): "
+        parts = []
+        for r, tag in ((peer, "best federated at the same lr"), (best, "best federated at its tuned default")):
+            if r is None:
+                continue
+            ok = r["test_loss_final"] / v <= 1.05 if name == "centralized" else r["test_loss_final"] < v
+            parts.append(f"{tag}, {r['label']} @ {r['lr']:g}: {_fmt(r['test_loss_final'])} ("
+                         + (f"ratio {r['test_loss_final'] / v:.3f}, goal ≤ 1.05 " if name == "centralized"
+                            else "goal: below ")
+                         + ("met" if ok else "not met") + ")")
+        L.append(line + "; ".join(parts) + ".")
     if local:
-        lm = local["test_loss_final"]
-        L.append(f"- **vs local-only** (mean global test loss of the 4 local models {_fmt(lm)}): best federated "
-                 f"{'<' if best['test_loss_final'] < lm else '≥'} local-only mean (goal: <).")
+        g = peer or best
         worse = [c for c, v in local["client_eval_loss_final"].items()
-                 if _finite(v) and _finite(best["client_eval_loss_final"].get(c))
-                 and v < best["client_eval_loss_final"][c]]
+                 if _finite(v) and _finite(g["client_eval_loss_final"].get(c)) and v < g["client_eval_loss_final"][c]]
+        gaps = ", ".join(f"{c} {_fmt(g['client_eval_loss_final'].get(c))} vs {_fmt(v)}"
+                         for c, v in sorted(local["client_eval_loss_final"].items()))
+        L.append(f"- Own held-out slice, global ({g['label']} @ {g['lr']:g}) vs local-only: {gaps}.")
         if worse:
             L.append(f"- **Where federated loses**: on its own held-out slice, the local-only model beats the global "
                      f"model for {', '.join(worse)}. With a split by category each client's slice comes from "

@@ -302,7 +302,7 @@ def test_config_validation_messages():
         FedKSeedConfig(seed_sampling="greedy")
     with pytest.raises(ValueError, match="num_seeds"):
         FedKSeedConfig(num_seeds=0)
-    assert FedKSeedConfig().lr == 1e-6 and FedKSeedConfig(trainable="lora").lr == 5e-5
+    assert FedKSeedConfig().lr == 1e-6 and FedKSeedConfig(trainable="lora").lr == 3e-3
 
 
 def test_setup_rejects_half_precision(ktok):

@@ -26,7 +26,7 @@ releases (Σ_i clip(g_i) + N(0, σ²C²)) / E per step (see client.py; accountin
 
 Choices (see FedKSeedConfig):
 - η: the paper's 3e-7 is for billion-scale full tuning; stable ZO step sizes shrink roughly like 1/d, so the
-  default is 1e-6 for full tuning of ~135M models (SmolLM2), 5e-5 for "lora". The tiny 0.1M-parameter test
+  default is 1e-6 for full tuning of ~135M models (SmolLM2), 3e-3 for "lora" (lr sweep, simulations/results/REPORT.md). The tiny 0.1M-parameter test
   model tolerates ~1e-3. The round's generic `lr` is overridden with this η.
 - grad_clip = 100: a clamp on g against loss spikes and blow-ups only (|g| ≈ 1 on the tiny model, ~‖∇L‖ in
   general); 0 disables. Non-finite g (a diverged forward) is recorded as 0 and counted.
