@@ -95,7 +95,7 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
         join = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
             HOSTILE, fingerprint(base), {"train_examples": "48"}, "evil")), metadata=md, timeout=10))
         assert join.accepted
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # generous: the machine may be busy
         for rnd, (name, message) in ATTACKS.items():
             task = _task(stub, md, rnd, deadline)
             assert task.instruction.train["rank"] == 4
@@ -116,9 +116,9 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
         for a in ref_agents:
             a.c.server = f"127.0.0.1:{ref.port}"
         ref_threads, ref_results = run_agents(ref_agents)
-        out, _ = srv.communicate(timeout=60)
+        out, _ = srv.communicate(timeout=300)
         assert srv.returncode == 0, out
-        ref.join()
+        ref.join(300)
         for t in [*threads, *ref_threads]:
             t.join(30)
     finally:
