@@ -236,7 +236,7 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] 
     if resume and (ck := engine.resume(rec["run_id"])) is not None:
         state, start, engine_state = ck
         client_state = engine_state.get("client_state", {})
-        log.info("resuming run %s from the checkpoint of round %d", rec["run_id"][:8], start - 1)
+        log.info("resuming from the checkpoint of round %d (run %s)", start - 1, rec["run_id"][:8])
     if resume:
         rd.drop_after(start - 1)
     gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)

@@ -40,7 +40,10 @@ def test_export_base_and_readme_peft_snippet_on_tiny(tmp_path, capsys):
                              "train.local_steps": 2, "train.lr": 0.02, "data.max_train_per_client": 8,
                              "data.max_seq_len": 32, "data.max_eval_per_client": 4,
                              "run.out": str(tmp_path / "runs/demo")})
-    simulate(cfg, progress=False, save_merged=True)
+    summary = simulate(cfg, progress=False, save_merged=True)
+    # FLoRA, 2 clients × r 16: ΔW of q (64×64) has rank 32 as factors, v (32×64) is dense at rank 32; exact
+    info = summary["adapter_export"]
+    assert (info["rank"], info["ranks"], info["export_rank"]) == (32, [32], None) and info["relative_error"] < 1e-12
     adapter = tmp_path / "runs/demo/adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
     assert main(["export-base", str(tmp_path / "bases/demo"), "--adapter", str(adapter), "--seed", "4"]) == 2
