@@ -107,7 +107,7 @@ def _assert_checks(e2e, pattern: str, n: int):
 
 @pytest.mark.compose
 def test_compose_each_container_holds_only_its_secrets(e2e):
-    _assert_checks(e2e, r"^org-. (sees only|token file|: no other)|^server holds", 3 * 3 + 1)
+    _assert_checks(e2e, r"^org-.( sees only| token file|: no other)|^server holds", 3 * 3 + 1)
 
 
 @pytest.mark.compose
