@@ -88,7 +88,8 @@ def e2e(tmp_path_factory):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    out = tmp_path_factory.mktemp("compose-e2e")
+    # E2E_OUT: a fixed place for results and logs (pytest prunes old temp dirs, also while a long run goes on)
+    out = Path(os.environ["E2E_OUT"]) if os.environ.get("E2E_OUT") else tmp_path_factory.mktemp("compose-e2e")
     env = os.environ | {"COMPOSE_HERE": str(COMPOSE_HERE), "E2E_OUT": str(out)}
     env.pop("E2E_KEEP", None)
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True,
