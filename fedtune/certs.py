@@ -1,8 +1,11 @@
-"""Development PKI for `fedtune certs`: a CA, a server cert, one client cert per client, tokens.
+"""Development PKI for `fedtune certs`: a CA, a server cert, one client cert and token per organisation.
 
-Files in OUT: ca.pem, server.pem, server.key, <client>.pem, <client>.key, tokens.toml.
-Keys are ECDSA P-256, written with mode 0600; the CA key is not kept. For development and compose only: a production
-deployment should use its own PKI.
+`fedtune certs --out OUT` writes one directory per party, each holding only that party's secrets:
+  OUT/server/  ca.pem  server.pem server.key  tokens.toml (every client's token)  health.pem health.key
+  OUT/<org>/   ca.pem  client.pem client.key  token.toml (this org's token only)
+health.pem/.key is a client certificate (CN "healthcheck") for the server's own health probe under mTLS.
+Keys are ECDSA P-256, written with mode 0600 in 0700 directories; the CA key is not kept. For development and
+compose only: a production deployment should use its own PKI. `make_dev_certs` writes the flat layout (tests).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RESERVED = {"ca", "server", "tokens"}
+RESERVED = {"ca", "server", "tokens", "healthcheck"}
 
 
 def check_client_id(cid: str) -> str:
@@ -89,30 +92,12 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def make_dev_certs(
-    out_dir: str | os.PathLike,
-    server_names: Sequence[str] = ("localhost", "server", "127.0.0.1"),
-    clients: Sequence[str] = (),
-    *,
-    days: int = 365,
-    overwrite: bool = False,
-) -> dict[str, Path]:
-    """Write a dev CA, a server cert (SANs: DNS names and IPs) and a client cert per client id
-    (CN = client id). The CA key is discarded. Returns {"ca", "server", "server_key", "<client>", "<client>_key": path}."""
+def _issue(
+    server_names: Sequence[str], clients: Sequence[str], days: int
+) -> dict[str, tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
+    """{"ca", "server", *clients: (cert, key)}; clients get CN = id and clientAuth only."""
     if not server_names:
         raise ValueError("need at least one server name")
-    clients = [check_client_id(c) for c in clients]
-    if len(set(clients)) != len(clients):
-        raise ValueError(f"duplicate client ids in {clients}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = ["ca", "server", *clients]
-    files = {s: out / f"{s}.pem" for s in stems} | {f"{s}_key": out / f"{s}.key" for s in stems[1:]}
-    existing = [str(p) for p in files.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (use overwrite=True / --force)")
-
-    pem = serialization.Encoding.PEM
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("fedtune dev CA", ca_key, _name("fedtune dev CA"), ca_key, days, ca=True)
     issued = {"ca": (ca, ca_key)}
@@ -125,13 +110,93 @@ def make_dev_certs(
     for cid in clients:
         key = ec.generate_private_key(ec.SECP256R1())
         issued[cid] = (_cert(cid, key, ca.subject, ca_key, days, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]), key)
+    return issued
+
+
+def _pem_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
+    pem = serialization.Encoding.PEM
+    return cert.public_bytes(pem), key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption())
+
+
+def _check_ids(clients: Sequence[str]) -> list[str]:
+    clients = [check_client_id(c) for c in clients]
+    if len(set(clients)) != len(clients):
+        raise ValueError(f"duplicate client ids in {clients}")
+    return clients
+
+
+def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (use overwrite=True / --force)")
+
+
+def make_dev_certs(
+    out_dir: str | os.PathLike,
+    server_names: Sequence[str] = ("localhost", "server", "127.0.0.1"),
+    clients: Sequence[str] = (),
+    *,
+    days: int = 365,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Flat layout in one directory: a dev CA, a server cert (SANs: DNS names and IPs) and a client cert per
+    client id (CN = client id). The CA key is discarded. Returns {"ca", "server", "server_key", "<client>",
+    "<client>_key": path}. For tests and single-machine setups; deployments use `make_deployment`."""
+    clients = _check_ids(clients)
+    out = Path(out_dir)
+    stems = ["ca", "server", *clients]
+    files = {s: out / f"{s}.pem" for s in stems} | {f"{s}_key": out / f"{s}.key" for s in stems[1:]}
+    _refuse_existing(list(files.values()), overwrite)
+    issued = _issue(server_names, clients, days)
+    out.mkdir(parents=True, exist_ok=True)
     for stem, (cert, key) in issued.items():
-        _write(files[stem], cert.public_bytes(pem), secret=False)
-        if stem == "ca":
-            continue
-        key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        _write(files[f"{stem}_key"], key_pem, secret=True)
+        cert_pem, key_pem = _pem_pair(cert, key)
+        _write(files[stem], cert_pem, secret=False)
+        if stem != "ca":
+            _write(files[f"{stem}_key"], key_pem, secret=True)
     return files
+
+
+HEALTH_CN = "healthcheck"
+
+
+def make_deployment(
+    out_dir: str | os.PathLike,
+    server_names: Sequence[str] = ("localhost", "server", "127.0.0.1"),
+    clients: Sequence[str] = (),
+    *,
+    days: int = 365,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """One directory per party (see the module docstring), so each organisation is handed only its own:
+    OUT/server (server cert/key, all tokens, a health-probe client cert) and OUT/<client> (its cert/key, its
+    token, the CA). Returns {"server": dir, "<client>": dir}."""
+    clients = _check_ids(clients)
+    out = Path(out_dir)
+    names = {"server": ["ca.pem", "server.pem", "server.key", "tokens.toml", "health.pem", "health.key"]}
+    names |= {c: ["ca.pem", "client.pem", "client.key", "token.toml"] for c in clients}
+    _refuse_existing([out / d / n for d, ns in names.items() for n in ns], overwrite)
+    issued = _issue(server_names, [*clients, HEALTH_CN], days)
+    tokens = make_tokens(clients)
+    ca_pem = issued["ca"][0].public_bytes(serialization.Encoding.PEM)
+    dirs = {d: out / d for d in names}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)  # secrets inside; the party's own user reads them
+        _write(d / "ca.pem", ca_pem, secret=False)
+    srv = dirs["server"]
+    for stem, cert_name in (("server", "server"), (HEALTH_CN, "health")):
+        cert_pem, key_pem = _pem_pair(*issued[stem])
+        _write(srv / f"{cert_name}.pem", cert_pem, secret=False)
+        _write(srv / f"{cert_name}.key", key_pem, secret=True)
+    write_tokens_toml(srv / "tokens.toml", tokens)
+    for c in clients:
+        cert_pem, key_pem = _pem_pair(*issued[c])
+        _write(dirs[c] / "client.pem", cert_pem, secret=False)
+        _write(dirs[c] / "client.key", key_pem, secret=True)
+        write_tokens_toml(dirs[c] / "token.toml", {c: tokens[c]})
+    return dirs
 
 
 def make_tokens(clients: Sequence[str]) -> dict[str, str]:
@@ -151,25 +216,25 @@ def write_tokens_toml(path: str | os.PathLike, tokens: Mapping[str, str]) -> Pat
 
 def certs_main(argv: Sequence[str] | None = None) -> int:
     """`fedtune certs --out certs/ --clients org-a,org-b [--server-names ...] [--days N] [--force]`."""
-    ap = argparse.ArgumentParser(prog="fedtune certs", description="Make a dev CA, server/client certs and tokens.")
+    ap = argparse.ArgumentParser(
+        prog="fedtune certs",
+        description="Make a dev CA and one directory per party: OUT/server (server cert/key, all tokens, health "
+        "cert) and OUT/<client> (its cert/key, its token, the CA). Hand each organisation only its directory.",
+    )
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--clients", default="", help="comma-separated client ids (one cert + token each)")
+    ap.add_argument("--clients", default="", help="comma-separated client ids (one directory, cert and token each)")
     ap.add_argument("--server-names", default="localhost,server,127.0.0.1", help="comma-separated DNS names / IPs")
     ap.add_argument("--days", type=int, default=365, help="validity in days")
     ap.add_argument("--force", action="store_true", help="overwrite existing files")
     args = ap.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
     clients, names = split(args.clients), split(args.server_names)
-    tokens_path = Path(args.out) / "tokens.toml"
     try:
-        if tokens_path.exists() and not args.force:
-            raise FileExistsError(f"refusing to overwrite {tokens_path} (use --force)")
-        files = make_dev_certs(args.out, names, clients, days=args.days, overwrite=args.force)
-        write_tokens_toml(tokens_path, make_tokens(clients))
+        dirs = make_deployment(args.out, names, clients, days=args.days, overwrite=args.force)
     except (ValueError, OSError) as e:
         print(f"fedtune certs: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"wrote {len(files) + 1} files to {args.out}: CA, server ({', '.join(names)}), clients {clients or 'none'}, tokens.toml"
-    )
+    print(f"wrote {args.out}: server/ ({', '.join(names)}; all tokens; health cert) and one directory per client: "
+          + (", ".join(f"{c}/" for c in clients) or "none"))
+    print(f"give {dirs['server']} to the coordinator and {Path(args.out) / '<client>'} to each organisation only")
     return 0

@@ -1,6 +1,7 @@
 """Atomic round checkpoints: runs/<name>/checkpoints/round-NNNN/{global.safetensors,state.json}.
 
-Written to a temp dir, fsynced, then renamed: a directory named round-NNNN is always complete.
+Written to a temp dir, fsynced, then renamed: a directory named round-NNNN is always complete. The engine
+state carries the run id (fedtune.rundir), and `latest(..., run_id=...)` only returns that run's checkpoints.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedtune.algorithms.base import GlobalState
+from fedtune.fileio import publish, save_safetensors
 
 
 @dataclass
@@ -39,9 +41,10 @@ def save(ckpt_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.contiguous() for k, v in ckpt.state.tensors.items()}
-    save_file(tensors, str(tmp / "global.safetensors"))
+    save_safetensors(tensors, tmp / "global.safetensors")
     meta = {"round": ckpt.round, "version": ckpt.state.version, "meta": ckpt.state.meta, "engine": ckpt.engine}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    publish(tmp)
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
@@ -54,13 +57,16 @@ def save(ckpt_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     return final
 
 
-def latest(ckpt_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint, or None. Temp dirs of an interrupted save are ignored."""
+def latest(ckpt_dir: Path, *, run_id: str | None = None) -> Checkpoint | None:
+    """The newest complete checkpoint (of run `run_id` when given), or None. Temp dirs of an interrupted
+    save are ignored."""
     for d in sorted(ckpt_dir.glob("round-*"), reverse=True):
         try:
             meta = json.loads((d / "state.json").read_text())
+            if run_id is not None and meta["engine"].get("run_id") != run_id:
+                continue
             tensors = load_file(str(d / "global.safetensors"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, AttributeError):
             continue
         state = GlobalState(version=meta["version"], tensors=tensors, meta=meta["meta"])
         return Checkpoint(round=meta["round"], state=state, engine=meta["engine"])

@@ -15,6 +15,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError)
 
 
+def _overwrite(args: argparse.Namespace, cfg) -> None:
+    from fedtune.config import ConfigError
+    from fedtune.rundir import overwrite
+
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite deletes the run that --resume would continue; use one of them")
+    if args.overwrite:
+        overwrite(cfg.out_dir)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune import config
     from fedtune.simulation import output_paths, simulate
@@ -25,8 +35,15 @@ def _simulate(args: argparse.Namespace) -> int:
     }
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
+    if args.partition:
+        overrides["data.partition"] = args.partition
     cfg = config.load(args.config, overrides)
-    if args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
+    _overwrite(args, cfg)
+    if args.baseline:
+        from fedtune.baselines import simulate_baseline
+
+        summary = simulate_baseline(cfg, args.baseline, progress=not args.no_progress)
+    elif args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
         from fedtune.flower import run_flower_simulation
 
         summary = run_flower_simulation(cfg, resume=args.resume, progress=not args.no_progress,
@@ -35,8 +52,13 @@ def _simulate(args: argparse.Namespace) -> int:
         summary = simulate(cfg, resume=args.resume, progress=not args.no_progress, save_merged=args.save_merged)
     if summary.get("stopped_early"):
         print(f"stopped early: {summary['stopped_early']}")
+    def loss(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
     print(f"done: {summary['rounds_completed']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f} s; "
-          f"eval loss {summary['eval_loss_first']:.4f} → {summary['eval_loss_final']:.4f}")
+          f"eval loss {loss(summary['eval_loss_first'])} → {loss(summary['eval_loss_final'])}"
+          + (f" (eval skipped: {summary['eval_skipped']})" if summary.get("eval_skipped") else "")
+          + f"; test loss {loss(summary.get('test_loss_first'))} → {loss(summary.get('test_loss_final'))}")
     for name, path in output_paths(summary):
         print(f"  {name:8s} {path}")
     return 0
@@ -48,10 +70,11 @@ def _server(args: argparse.Namespace) -> int:
     from fedtune.server.coordinator import Interrupted, serve
     from fedtune.simulation import output_paths
 
-    overrides = {"run.out": args.out, "run.rounds": args.rounds}
+    overrides = {"run.out": args.out, "run.rounds": args.rounds, "server.insecure": args.insecure or None}
     if args.address:
         overrides["server.address"] = args.address
     cfg = config.load(args.config, overrides)
+    _overwrite(args, cfg)
     try:
         summary = serve(cfg, resume=args.resume, progress=not args.no_progress)
     except RoundAborted as e:
@@ -70,17 +93,210 @@ def _server(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     from fedtune import config
-    from fedtune.client.agent import Agent, Refused
+    from fedtune.client.agent import Agent, GaveUp, Refused
     from fedtune.config import ClientSection
 
+    if args.token:
+        logging.getLogger("fedtune.client").warning(
+            "--token is deprecated: a token on the command line is visible to every user (ps); "
+            "use the FEDTUNE_TOKEN environment variable or [client] token_file")
     overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
-                 "client.token": args.token}
+                 "client.token": args.token, "client.insecure": args.insecure or None}
     cfg = config.load(args.config, overrides)
     try:
         return Agent(cfg, cfg.section("client", ClientSection)).run()
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except GaveUp as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+
+
+def _export_base(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fedtune import config, export
+    from fedtune.config import ConfigError
+    from fedtune.models import fingerprint, load_model
+
+    want = None
+    overrides = {"model.name": args.model, "run.seed": args.seed}
+    if args.adapter:  # the run's model and seed, from the adapter's fedtune.json
+        meta = Path(args.adapter) / "fedtune.json"
+        try:
+            info = json.loads(meta.read_text())
+            overrides = {"model.name": args.model or info["base_model"],
+                         "run.seed": args.seed if args.seed is not None else info["seed"]}
+            want = info["base_model_fingerprint"]
+        except (OSError, ValueError, KeyError):
+            raise ConfigError(f"{meta} is missing or has no base_model/seed/base_model_fingerprint: --adapter "
+                              "needs an adapter exported by this fedtune (runs/NAME/adapter)") from None
+    cfg = config.load(args.config, overrides)
+    model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
+    fp = fingerprint(model)
+    if want is not None and fp != want:
+        raise ConfigError(f"model {cfg.model.name!r} (seed {cfg.run.seed}) is not the base the adapter was trained "
+                          f"on (fingerprint {fp[:12]} ≠ {want[:12]})")
+    out = export.export_base(model, tok, Path(args.dir),
+                             info={"model": cfg.model.name, "seed": cfg.run.seed, "base_model_fingerprint": fp})
+    print(f"base model {cfg.model.name!r} written to {out}")
+    if args.adapter:
+        export.point_adapter(Path(args.adapter), out)
+        print(f"{args.adapter}/adapter_config.json now names it as base_model_name_or_path")
+    print("load it without fedtune:\n  from peft import PeftModel\n  from transformers import AutoModelForCausalLM\n"
+          f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+          f"{str(args.adapter or 'runs/NAME/adapter')!r})")
+    return 0
+
+
+def _model_source(args: argparse.Namespace):
+    """(config, summary or None, run dir or None) for eval/generate/chat: the run's own config from its
+    summary.json (run dir = --run, else the parent of --adapter/--merged), else --config, else defaults."""
+    from pathlib import Path
+
+    from fedtune import config
+    from fedtune.evaluation import read_run
+
+    given = args.adapter or args.merged
+    run_dir = Path(args.run) if args.run else (Path(given).resolve().parent if given else None)
+    found = read_run(run_dir) if run_dir is not None else None
+    if args.run and found is None:
+        raise config.ConfigError(f"{run_dir} has no summary.json: not a finished fedtune run (give --config instead)")
+    if found is not None and not args.config:
+        cfg, summary = found
+    else:
+        cfg, summary = config.load(args.config), None
+    if args.model:
+        cfg.model.name = args.model
+    elif summary is None and args.adapter and not args.config:  # the adapter names its base
+        import json
+
+        ac = Path(args.adapter) / "adapter_config.json"
+        base = json.loads(ac.read_text()).get("base_model_name_or_path") if ac.is_file() else None
+        cfg.model.name = base if isinstance(base, str) and base else cfg.model.name
+    return cfg, summary, run_dir
+
+
+def _load(args: argparse.Namespace):
+    from fedtune.evaluation import load_tuned
+
+    if sum(bool(x) for x in (args.adapter, args.merged, args.base)) != 1:
+        raise _UsageError("give exactly one of --adapter DIR, --merged DIR or --base")
+    cfg, summary, run_dir = _model_source(args)
+    if cfg.run.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)
+    return load_tuned(cfg.model.name, adapter=args.adapter, merged=args.merged, seed=cfg.run.seed), cfg, summary, run_dir
+
+
+class _UsageError(ValueError):
+    """Bad command-line usage: one line, exit 2."""
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fedtune.evaluation import evaluate_sets, format_table
+
+    loaded, cfg, summary, run_dir = _load(args)
+    if summary is None and not args.data and not args.config:
+        raise _UsageError("nothing to evaluate on: give --data FILE…, --config, or an adapter/merged dir inside a run dir")
+    rows = evaluate_sets(loaded.model, loaded.tokenizer, cfg, data_files=args.data,
+                         roster=list(summary["clients"]) if summary and summary.get("clients") else None,
+                         batch_size=cfg.run.eval_batch_size)
+    print(f"{loaded.kind}: {loaded.path or cfg.model.name} (base {cfg.model.name})")
+    print(format_table(rows))
+    out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path,
+                               "data": args.data or "run", "sets": rows}, indent=1))
+    print(f"  json     {out}")
+    return 0
+
+
+def _gen_config(args: argparse.Namespace):
+    from fedtune.evaluation import GenConfig
+
+    if not 0 < args.top_p <= 1 or args.temperature <= 0 or args.max_new_tokens < 1:
+        raise _UsageError("--top-p must be in (0, 1], --temperature > 0, --max-new-tokens ≥ 1")
+    return GenConfig(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                     top_p=args.top_p, seed=args.seed)
+
+
+def _base_for_compare(args, loaded, cfg):
+    from fedtune.evaluation import load_tuned
+
+    if not args.compare_base or loaded.kind != "merged":
+        return None
+    return load_tuned(cfg.model.name, seed=cfg.run.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedtune.evaluation import generate, generate_base
+
+    gc = _gen_config(args)
+    loaded, cfg, _, _ = _load(args)
+    base = _base_for_compare(args, loaded, cfg)
+    msgs = [{"role": "user", "content": args.prompt}]
+    answer = generate(loaded.model, loaded.tokenizer, msgs, gc)
+    if args.compare_base and loaded.kind != "base":
+        print(f"[base]  {generate_base(loaded, base, msgs, gc)}")
+        print(f"[tuned] {answer}")
+    else:
+        print(answer)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from fedtune.evaluation import generate, generate_base
+
+    gc = _gen_config(args)
+    loaded, cfg, _, _ = _load(args)
+    base = _base_for_compare(args, loaded, cfg)
+    compare = args.compare_base and loaded.kind != "base"
+    tuned_hist: list[dict[str, str]] = []
+    base_hist: list[dict[str, str]] = []
+    if sys.stdin.isatty():
+        print("one message per line; an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            break
+        tuned_hist.append({"role": "user", "content": text})
+        answer = generate(loaded.model, loaded.tokenizer, tuned_hist, gc)
+        tuned_hist.append({"role": "assistant", "content": answer})
+        if compare:
+            base_hist.append({"role": "user", "content": text})
+            b = generate_base(loaded, base, base_hist, gc)
+            base_hist.append({"role": "assistant", "content": b})
+            print(f"[base]  {b}")
+            print(f"[tuned] {answer}", flush=True)
+        else:
+            print(f"assistant: {answer}", flush=True)
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="exported peft adapter dir (runs/NAME/adapter)")
+    p.add_argument("--merged", help="merged model dir (runs/NAME/merged, e.g. FedKSeed full)")
+    p.add_argument("--base", action="store_true", help="the base model alone")
+    p.add_argument("--run", help="run dir whose summary.json gives model, data and seed (default: the parent of "
+                                 "--adapter/--merged)")
+    p.add_argument("--config", help="run config (TOML) instead of the run's own")
+    p.add_argument("--model", help="base model (overrides the run's [model] name)")
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    p.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same answer)")
+    p.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,29 +312,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help='"tiny" (random test model), "smollm2", an HF dir or a .gguf file')
     s.add_argument("--seed", type=int)
     s.add_argument("--local-steps", type=int)
-    s.add_argument("--data", nargs="+", help="JSONL file(s): one per client, or one to partition")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--data", nargs="+", help="data files or dirs (JSONL/JSON/CSV/Parquet/save_to_disk): one per "
+                   "client, or one to partition")
+    s.add_argument("--partition", choices=["iid", "dirichlet", "by_category", "pathological"],
+                   help="how one data set is split over the clients (overrides data.partition)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--engine", choices=["native", "flower"], default="native",
                    help="native: fedtune's in-process simulation; flower: Flower's simulation engine (Ray), "
                         "same outputs")
+    s.add_argument("--baseline", choices=["local", "central"],
+                   help="local: each client trains alone (same steps); central: all training data pooled "
+                        "(same examples seen). Plain LoRA ([lora]/[fedavg] settings)")
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
-    sv.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    sv.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    sv.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     sv.add_argument("--address", help="listen address, e.g. 0.0.0.0:50051 (overrides [server] address)")
     sv.add_argument("--out")
     sv.add_argument("--rounds", type=int)
     sv.add_argument("--no-progress", action="store_true")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow serving without TLS: tokens travel in clear text (tests on a trusted network only)")
     sv.set_defaults(func=_server)
     cl = sub.add_parser("client", help="run an edge client that dials out to a coordinator")
     cl.add_argument("--config", required=True, help="client config: [model] [data] [federation] [client]")
     cl.add_argument("--server", help="HOST:PORT of the coordinator")
     cl.add_argument("--client-id")
     cl.add_argument("--partition", type=int, help="which [data] partition this client holds")
-    cl.add_argument("--token", help="this client's token (prefer [client] token_file)")
+    cl.add_argument("--token", help="deprecated (visible in ps): use FEDTUNE_TOKEN or [client] token_file")
+    cl.add_argument("--insecure", action="store_true",
+                    help="allow sending the token without TLS (tests on a trusted network only)")
     cl.set_defaults(func=_client)
+    eb = sub.add_parser("export-base", help="write the base model as a Hugging Face directory (for peft users)")
+    eb.add_argument("dir", help="output directory")
+    eb.add_argument("--adapter", help="an exported adapter (runs/NAME/adapter): take its model and seed, check "
+                                      "the fingerprint, and point its base_model_name_or_path at DIR")
+    eb.add_argument("--config", help="run config whose [model] and seed to use")
+    eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
+    eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
+    eb.set_defaults(func=_export_base)
+    ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data")
+    _add_model_args(ev)
+    ev.add_argument("--data", nargs="+", help="evaluate on these files instead of the run's test set and slices")
+    ev.add_argument("--json", help="write the results here (default <run dir>/eval-<adapter|merged|base>.json)")
+    ev.set_defaults(func=_eval)
+    g = sub.add_parser("generate", help="answer one prompt with a tuned (or the base) model")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    _add_gen_args(g)
+    g.set_defaults(func=_generate)
+    ch = sub.add_parser("chat", help="multi-turn chat on stdin (one user message per line) with the chat template")
+    _add_model_args(ch)
+    _add_gen_args(ch)
+    ch.set_defaults(func=_chat)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 
@@ -135,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except (*_user_errors(), _UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

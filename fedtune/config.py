@@ -36,16 +36,23 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "chatterbot"  # "chatterbot" | "jsonl"
+    source: str = "chatterbot"  # "chatterbot" | "jsonl" (your own files: JSONL/JSON/CSV/Parquet/save_to_disk dirs)
     language: str = "english"
-    categories: list[str] = field(default_factory=list)  # empty = all
-    paths: list[str] = field(default_factory=list)  # jsonl: one file per client, or one file + partition
-    partition: str = "by_category"  # iid | dirichlet | by_category
+    categories: list[str] = field(default_factory=list)  # keep only these categories; empty = all
+    paths: list[str] = field(default_factory=list)  # one file (or dir) per client, or one or more to partition
+    partition: str = "by_category"  # iid | dirichlet | by_category | pathological (see README "Your own data")
     dirichlet_alpha: float = 0.5
+    categories_per_client: int = 2  # pathological: categories each client draws
     eval_fraction: float = 0.1
     max_eval_per_client: int = 16
+    # global test set: drawn once by run.seed from the whole corpus before partitioning (same for any partitioner
+    # or client count) and removed from the clients' data; max_test_examples caps it (0 = no cap)
+    test_fraction: float = 0.1
+    max_test_examples: int = 128
     max_train_per_client: int = 0  # 0 = all
-    max_seq_len: int = 128
+    # 0 = auto: 128 for chatterbot; for your own data the smallest length keeping ≥ 99 % of responses whole
+    max_seq_len: int = 0
+    max_drop_fraction: float = 0.01  # stop if more than this share of a client's examples cannot be kept
 
 
 @dataclass
@@ -65,7 +72,7 @@ class TrainSection:
     local_steps: int = 8
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's tuned default. [<method>] lr > [train] lr > the method's default
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -77,13 +84,21 @@ class ServerSection:
     address: str = "0.0.0.0:50051"
     tokens_file: str = ""  # TOML {client_id = "token"}; required
     clients: list[str] = field(default_factory=list)  # roster order (partition i ↔ clients[i]); default: sorted tokens
-    tls_cert: str = ""  # empty: plaintext (only for tests on loopback)
+    tls_cert: str = ""  # empty: plaintext, refused unless insecure = true
     tls_key: str = ""
-    tls_client_ca: str = ""  # set for mTLS
+    tls_client_ca: str = ""  # set for mTLS: a token is then only valid with a certificate naming its client (CN/SAN)
+    insecure: bool = False  # allow plaintext (tokens in clear text; only for tests on a trusted network)
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
     poll_interval_s: float = 1.0  # how soon an idle client asks again
     max_upload_mb: float = 512.0
+    max_examples_per_client: int = 1_000_000  # cap on an update's num_examples (its aggregation weight); 0 = none
+    # no client can hold the server: per chunked stream (PushUpdate upload, PullTask download) at most one per
+    # client at a time, cancelled after this long without a chunk, or this long in total; uploads in flight may
+    # buffer at most max_inflight_mb together (declared sizes, reserved at chunk 0)
+    stream_idle_timeout_s: float = 60.0
+    stream_timeout_s: float = 900.0
+    max_inflight_mb: float = 1024.0
     evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
     finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
 
@@ -95,14 +110,16 @@ class ClientSection:
     server: str = "localhost:50051"
     client_id: str = ""
     partition: int = -1  # which [data] partition this client holds (demo data); -1 with [data] paths = own files
-    token: str = ""
+    token: str = ""  # prefer the FEDTUNE_TOKEN environment variable or token_file
     token_file: str = ""  # TOML {client_id = "token"}: the token of client_id is used
-    tls_ca: str = ""  # empty: plaintext
+    tls_ca: str = ""  # empty: plaintext, refused unless insecure = true
+    insecure: bool = False  # allow sending the token without TLS (only for tests on a trusted network)
     tls_cert: str = ""  # mTLS identity
     tls_key: str = ""
     state_dir: str = ""  # client-side state (DP accountants); default runs/client-<id>
     rpc_timeout_s: float = 60.0
     max_backoff_s: float = 30.0
+    max_retry_s: float = 600.0  # give up (exit 4) after this long without one successful exchange
     max_download_mb: float = 2048.0
 
 
@@ -140,6 +157,16 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[{self.run.algorithm}]/[lora]: {e}") from None
 
+    def learning_rate(self) -> float:
+        """The local learning rate: [<method>] lr when set, else [train] lr when set, else the method's tuned
+        default (its config's DEFAULT_LR, chosen by simulations/lr_sweep.py). FedKSeed always uses its own η."""
+        ac = self.algorithm_config()
+        if getattr(ac, "lr", None) is not None:
+            return float(ac.lr)
+        if self.train.lr is not None:
+            return float(self.train.lr)
+        return float(getattr(ac, "DEFAULT_LR", 1e-3))
+
     def section(self, name: str, cls):
         """An optional section ([server], [client], ...) as its dataclass."""
         return _build(cls, self.extra.get(name, {}), name)
@@ -153,13 +180,22 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[privacy]: {e}") from None
 
+    def robust_config(self):
+        """[robust] as a validated RobustConfig (off when the section is absent)."""
+        from fedtune.robust import RobustConfig
+
+        try:
+            return RobustConfig.from_dict(self.extra.get("robust", {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[robust]: {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection,
              "federation": FederationSection, "train": TrainSection}
-_OTHER = {"privacy", "server", "client", "flower"}  # sections read by other subsystems
+_OTHER = {"privacy", "server", "client", "flower", "robust"}  # sections read by other subsystems
 
 
 def load_tokens(path: str, key: str) -> dict[str, str]:
@@ -248,17 +284,29 @@ def validate(cfg: RunConfig) -> None:
     _require(t.local_steps >= 1, f"train.local_steps must be ≥ 1, got {t.local_steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
     _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")
-    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.lr is None or t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(d.source in ("chatterbot", "jsonl"), f"data.source must be \"chatterbot\" or \"jsonl\", got {d.source!r}")
-    _require(d.partition in ("iid", "dirichlet", "by_category"),
-             f"data.partition must be iid, dirichlet or by_category, got {d.partition!r}")
+    _require(d.partition in ("iid", "dirichlet", "by_category", "pathological"),
+             f"data.partition must be iid, dirichlet, by_category or pathological, got {d.partition!r}")
     _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
-    _require(d.max_seq_len >= 8, f"data.max_seq_len must be ≥ 8, got {d.max_seq_len}")
+    _require(0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}")
+    _require(d.max_test_examples >= 0, f"data.max_test_examples must be ≥ 0 (0 = no cap), got {d.max_test_examples}")
+    _require(d.max_seq_len == 0 or d.max_seq_len >= 8, f"data.max_seq_len must be 0 (auto) or ≥ 8, got {d.max_seq_len}")
+    _require(0 <= d.max_drop_fraction <= 1, f"data.max_drop_fraction must be in [0, 1], got {d.max_drop_fraction}")
     if d.source == "jsonl":
         _require(bool(d.paths), "data.source = \"jsonl\" needs data.paths (one file per client, or one file to partition)")
         _require(len(d.paths) in (1, f.num_clients),
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
-    cfg.section("server", ServerSection)
-    cfg.section("client", ClientSection)
+    cfg.robust_config()
+    sv = cfg.section("server", ServerSection)
+    _require(isinstance(sv.max_examples_per_client, int) and sv.max_examples_per_client >= 0,
+             f"server.max_examples_per_client must be an integer ≥ 0 (0 = no cap), got {sv.max_examples_per_client!r}")
+    for key in ("heartbeat_interval_s", "lease_timeout_s", "poll_interval_s", "max_upload_mb", "stream_idle_timeout_s",
+                "stream_timeout_s", "max_inflight_mb"):
+        _require(getattr(sv, key) > 0, f"server.{key} must be > 0, got {getattr(sv, key)}")
+    _require(sv.max_inflight_mb >= sv.max_upload_mb,
+             f"server.max_inflight_mb ({sv.max_inflight_mb:g}) must be ≥ server.max_upload_mb ({sv.max_upload_mb:g})")
+    cl = cfg.section("client", ClientSection)
+    _require(cl.max_retry_s > 0, f"client.max_retry_s must be > 0, got {cl.max_retry_s}")

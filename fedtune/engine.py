@@ -1,10 +1,14 @@
 """The round engine, written once. A transport (in-process simulation, gRPC coordinator, Flower) moves
-instructions and updates; the algorithm aggregates; the engine samples, retries, checkpoints and logs.
+instructions and updates; the algorithm aggregates; the engine samples, validates, retries, checkpoints
+and logs.
 
 One round:  sample clients (seeded by run seed, round, attempt) → build instructions (setup once, sync to
-the current global version, per-client train config) → transport.run_round → if fewer than min_clients
-reported, abort (nothing written) and retry → algorithm.aggregate → evaluate the global model →
-atomic checkpoint → metrics row.
+the current global version, per-client train config) → transport.run_round → drop every update that does
+not match what its client was assigned (algo.expected_update; the client counts as failed) → if fewer than
+min_clients valid updates, or aggregate raises or yields non-finite tensors, abort the attempt (nothing
+written) and retry → evaluate the global model (eval loss on the clients' held-out slices, test loss on the
+global test set; each skipped when its set is empty) → atomic checkpoint → metrics row. Round 0 logs the
+base (initial global) model's losses.
 """
 
 from __future__ import annotations
@@ -18,10 +22,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedtune import checkpoint
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, FedAlgorithm, GlobalState, Instruction
+from fedtune.algorithms.base import (
+    ClientAlgorithm,
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Instruction,
+    UpdateRejected,
+    validate_update,
+)
 from fedtune.metrics import MetricsWriter
 from fedtune.training.local import evaluate
 
@@ -49,6 +62,7 @@ class RoundResult:
     payload_bytes_up: int = 0  # raw tensor bytes, Σ numel·itemsize
     payload_bytes_down: int = 0
     budget_exhausted: list[str] = field(default_factory=list)  # clients whose DP budget is spent
+    rejected: list[str] = field(default_factory=list)  # clients whose update failed validation
 
 
 class Transport(Protocol):
@@ -87,6 +101,7 @@ class EngineConfig:
     round_timeout_s: float = 600.0
     max_round_retries: int = 3
     train: dict[str, Any] = field(default_factory=dict)  # base local-training config
+    max_examples_per_client: int = 0  # cap on an update's num_examples (0 = none)
 
 
 class RoundEngine:
@@ -99,6 +114,7 @@ class RoundEngine:
         cfg: EngineConfig,
         out_dir: Path,
         evaluate_fn: Callable[[GlobalState], float] | None = None,
+        test_fn: Callable[[GlobalState], float] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         budget_check: Callable[[GlobalState], str | None] | None = None,
     ) -> None:
@@ -106,7 +122,8 @@ class RoundEngine:
         self.roster = list(roster)
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.evaluate_fn = evaluate_fn
+        self.evaluate_fn = evaluate_fn  # eval loss: union of the clients' held-out slices
+        self.test_fn = test_fn  # test loss: the global test set (what methods are compared on)
         self.on_round = on_round
         self.budget_check = budget_check
         self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
@@ -142,10 +159,56 @@ class RoundEngine:
             setup=self.algo.setup_payload(state) if version < 0 else None,
         )
 
+    # -- validation -------------------------------------------------------------------------------
+    def check_update(self, cid: str, update: ClientUpdate, *, max_examples: int | None = None) -> None:
+        """Raise UpdateRejected unless `update` is what `cid` was assigned this round (names, shapes,
+        dtypes, finite values, 1 ≤ num_examples ≤ the smaller of `max_examples` and the configured cap)."""
+        _, state, configs = self._current
+        if update.client_id != cid:
+            raise UpdateRejected(f"update names client {update.client_id!r}, sent by {cid!r}")
+        if cid not in configs:
+            raise UpdateRejected(f"{cid!r} was not sampled for this round")
+        caps = [c for c in (max_examples, self.cfg.max_examples_per_client) if c]
+        try:
+            spec = self.algo.expected_update(state, configs[cid])
+        except (KeyError, TypeError, ValueError) as e:  # a config the method cannot describe: refuse, do not crash
+            raise UpdateRejected(f"cannot tell what {cid!r} should send: {type(e).__name__}: {e}") from None
+        validate_update(spec, update, max_examples=min(caps) if caps else None)
+
+    def accept(self, res: RoundResult) -> list[ClientUpdate]:
+        """The valid updates of a round, sorted by client id; invalid ones are logged and their clients
+        added to res.failed (and res.rejected)."""
+        ok: dict[str, ClientUpdate] = {}
+        for u in res.updates:
+            try:
+                if u.client_id in ok:
+                    raise UpdateRejected(f"second update from {u.client_id!r} in one round")
+                self.check_update(u.client_id, u)
+            except UpdateRejected as e:
+                log.warning("round %d: refused an update: %s", self._current[0], e)
+                res.rejected.append(u.client_id)
+                res.failed.append(u.client_id)
+                ok.pop(u.client_id, None)
+                continue
+            ok[u.client_id] = u
+        return [ok[c] for c in sorted(ok)]  # aggregation order must not depend on timing
+
+    def _aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]):
+        """algo.aggregate, or None (logged) when it raises or writes a non-finite tensor: the attempt aborts."""
+        try:
+            new_state, metrics = self.algo.aggregate(rnd, state, updates)
+            for k, t in new_state.tensors.items():
+                if t is not state.tensors.get(k) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ArithmeticError(f"aggregate produced non-finite values in {k}")
+        except Exception as e:  # noqa: BLE001 - a bad round must never take the coordinator down
+            log.error("round %d aborted: aggregation failed (%s: %s); nothing written", rnd, type(e).__name__, e)
+            return None
+        return new_state, metrics
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter) -> GlobalState:
-        if start_round == 1 and self.evaluate_fn is not None and not writer.rows:
-            writer.append({"round": 0, "algorithm": self.algo.name, "eval_loss": self.evaluate_fn(state)})
+        if start_round == 1 and (self.evaluate_fn or self.test_fn) and not writer.rows:
+            writer.append({"round": 0, "algorithm": self.algo.name, **self.losses(state)})
         for rnd in range(start_round, self.cfg.rounds + 1):
             if self.budget_check is not None and (reason := self.budget_check(state)):
                 self.stop_reason = reason
@@ -164,20 +227,23 @@ class RoundEngine:
         for attempt in range(self.cfg.max_round_retries + 1):
             sampled = self.sample(rnd, attempt)
             res = self.transport.run_round(rnd, self.instructions(rnd, state, sampled), self.cfg.round_timeout_s)
-            if len(res.updates) >= self.cfg.min_clients:
-                break
+            updates = self.accept(res)
+            if len(updates) >= self.cfg.min_clients:
+                if (out := self._aggregate(rnd, state, updates)) is not None:
+                    break
+                continue
             if res.budget_exhausted and len(sampled) - len(res.budget_exhausted) < self.cfg.min_clients:
                 raise BudgetExhausted(f"privacy budget spent by {', '.join(res.budget_exhausted)}: fewer than "
                                       f"min_clients={self.cfg.min_clients} clients may train another round")
-            log.warning("round %d aborted: %d/%d clients reported (min %d); nothing written, retrying",
-                        rnd, len(res.updates), len(sampled), self.cfg.min_clients)
+            log.warning("round %d aborted: %d/%d clients sent a valid update (min %d); nothing written, retrying",
+                        rnd, len(updates), len(sampled), self.cfg.min_clients)
         else:
-            raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} times: too few clients reported")
-        updates = sorted(res.updates, key=lambda u: u.client_id)  # aggregation order must not depend on timing
-        new_state, agg_metrics = self.algo.aggregate(rnd, state, updates)
+            raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} times: too few valid updates "
+                               "or aggregation failed")
+        new_state, agg_metrics = out
         for u in updates:
             self.client_versions[u.client_id] = state.version
-        eval_loss = self.evaluate_fn(new_state) if self.evaluate_fn is not None else float("nan")
+        losses = self.losses(new_state)
         eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
         if eps_now:
             self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
@@ -186,10 +252,11 @@ class RoundEngine:
         n = sum(u.num_examples for u in updates)
         row = {
             "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
-            "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+            "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)),
+            "updates_rejected": len(res.rejected), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
             "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
-            "eval_loss": eval_loss,
+            **losses,
             "epsilon": self.epsilon_max, "delta": max(deltas) if deltas else None,
             "wall_s": round(time.perf_counter() - t0, 3),
             **agg_metrics,
@@ -199,13 +266,19 @@ class RoundEngine:
             self.on_round(row)
         return new_state
 
+    def losses(self, state: GlobalState) -> dict[str, float]:
+        """eval_loss and test_loss of the global model at `state` (nan when that set is not evaluated)."""
+        nan = float("nan")
+        return {"eval_loss": self.evaluate_fn(state) if self.evaluate_fn is not None else nan,
+                "test_loss": self.test_fn(state) if self.test_fn is not None else nan}
+
     def engine_state(self) -> dict[str, Any]:
         extra = self.extra_state() if self.extra_state is not None else {}
         return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max, **extra}
 
-    def resume(self) -> tuple[GlobalState, int, dict[str, Any]] | None:
-        """(state, next round, engine state) from the newest complete checkpoint, or None."""
-        ck = checkpoint.latest(self.ckpt_dir)
+    def resume(self, run_id: str | None = None) -> tuple[GlobalState, int, dict[str, Any]] | None:
+        """(state, next round, engine state) from the newest complete checkpoint (of run `run_id`), or None."""
+        ck = checkpoint.latest(self.ckpt_dir, run_id=run_id)
         if ck is None:
             return None
         self.client_versions.update(ck.engine.get("client_versions", {}))

@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedtune.fileio import publish, write_text_atomic
+
 ROUND_FIELDS = [
-    "round", "algorithm", "clients_sampled", "clients_completed", "bytes_up", "bytes_down",
-    "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "epsilon", "delta", "wall_s",
+    "round", "algorithm", "clients_sampled", "clients_completed", "updates_rejected", "bytes_up", "bytes_down",
+    "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "test_loss", "epsilon", "delta", "wall_s",
 ]
 
 
@@ -40,9 +42,7 @@ class MetricsWriter:
             self.tb = None
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
@@ -64,7 +64,7 @@ class MetricsWriter:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        return path
+        return publish(path)
 
     def plot(self) -> Path | None:
         try:
@@ -77,7 +77,7 @@ class MetricsWriter:
         path = self.out / "plots" / "loss.png"
         path.parent.mkdir(exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("train_loss", "eval_loss"):
+        for key in ("train_loss", "eval_loss", "test_loss"):
             pts = [(r["round"], r[key]) for r in self.rows if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=key)
@@ -90,15 +90,14 @@ class MetricsWriter:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+        publish(path.parent)
         return path
 
     def summary(self, data: dict[str, Any]) -> Path:
-        path = self.out / "summary.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(self.out / "summary.json", json.dumps(data, indent=2, default=str))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+            publish(self.out / "tb")

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,57 +22,26 @@ from tqdm.auto import tqdm
 from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
-from fedtune.config import ConfigError, RunConfig
-from fedtune.data import ChatFormatter, DataError, load_chatterbot, load_jsonl, partition, split_eval
+from fedtune.config import ConfigError, RunConfig, ServerSection
+from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_ids re-exported)
+    ClientData,
+    Prepared,
+    client_ids,
+    context_length,
+    format_report,
+    load_corpus,
+    prepare_data,
+)
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
 from fedtune.privacy import ClientLevelDP
 from fedtune.privacy.sample import PrivacyBudgetExhausted
+from fedtune.robust import RobustAggregation
+from fedtune.rundir import RunDir, identity
 from fedtune.wire import sizes as wire_size
 
 log = logging.getLogger("fedtune")
-
-
-@dataclass
-class ClientData:
-    train: list[dict]
-    eval: list[dict]
-    categories: list[str]
-
-
-def client_ids(n: int) -> list[str]:
-    return [f"client-{i}" for i in range(n)]
-
-
-def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None) -> tuple[dict[str, ClientData], list[dict]]:
-    """Per-client (train, eval) features and the global eval set (union of client eval splits).
-    Client i of `ids` (default client-0 … client-N-1) gets partition i."""
-    d, n = cfg.data, cfg.federation.num_clients
-    ids = ids or client_ids(n)
-    if len(ids) != n:
-        raise ConfigError(f"{len(ids)} client ids for federation.num_clients = {n}; make them agree")
-    seed = cfg.run.seed
-    if d.source == "chatterbot":
-        shards = partition(load_chatterbot(d.language, d.categories or None), n, method=d.partition,
-                           seed=seed, alpha=d.dirichlet_alpha)
-    elif len(d.paths) == n:
-        shards = [load_jsonl(p) for p in d.paths]
-    else:
-        shards = partition(load_jsonl(d.paths[0]), n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha)
-    fmt = ChatFormatter(tokenizer, d.max_seq_len)
-    out: dict[str, ClientData] = {}
-    for k, (cid, shard) in enumerate(zip(ids, shards, strict=True)):
-        if not shard:
-            raise DataError(f"{cid} has no examples; give it data or use fewer clients")
-        tr, ev = split_eval(shard, d.eval_fraction, seed + k, d.max_eval_per_client)
-        if d.max_train_per_client:
-            tr = tr[: d.max_train_per_client]
-        out[cid] = ClientData(fmt.many(tr), fmt.many(ev), sorted({e.category for e in shard}))
-        if not out[cid].train:
-            raise DataError(f"{cid}: no usable training examples after formatting (max_seq_len={d.max_seq_len} too small?)")
-    global_eval = [f for c in out.values() for f in c.eval]
-    return out, global_eval
 
 
 class InProcessTransport:
@@ -133,7 +102,7 @@ class InProcessTransport:
 
 def train_config(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.train
-    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr,
+    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": cfg.learning_rate(),
            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
     pc = cfg.privacy_config()
     if pc.mode == "sample":  # DP-SGD inside each client; σ calibrated over the planned rounds
@@ -141,27 +110,38 @@ def train_config(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def build_algorithm(cfg: RunConfig) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
-    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client", and the
-    engine's budget check (stop before a round that would exceed target_epsilon)."""
+def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
+                    ) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
+    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client" and with robust
+    aggregation when [robust] is set (RobustAggregation(ClientLevelDP(method))), and the engine's budget
+    check (stop before a round that would exceed target_epsilon). `deployment` (fedtune server): the
+    client-level DP noise comes from the OS unless [privacy] noise_seed is set."""
     algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
-    pc = cfg.privacy_config()
+    pc, rc = cfg.privacy_config(), cfg.robust_config()
     if pc.mode == "sample" and not algo.supports_sample_dp:
-        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r} yet (its zeroth-order "
-                          "steps need per-example clipping of the projected gradient); use fedavg, flora or fedsb")
-    if pc.mode != "client":
-        return algo, None
+        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r}; "
+                          "use fedavg, flora, fedsb or fedkseed")
+    dp: ClientLevelDP | None = None
     try:
-        f = cfg.federation
-        algo = ClientLevelDP(algo, pc, clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
-                             num_clients=cfg.federation.num_clients, rounds=cfg.run.rounds)
+        if pc.mode == "client":
+            if deployment and pc.noise_seed is not None:
+                log.warning("[privacy] noise_seed is set: the server's DP noise is reproducible, and anyone who knows "
+                            "the seed can subtract it; remove noise_seed in a deployment (noise then comes from the OS)")
+            f = cfg.federation
+            algo = dp = ClientLevelDP(algo, pc, num_clients=f.num_clients, rounds=cfg.run.rounds,
+                                      clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
+                                      os_noise=deployment and pc.noise_seed is None)
+        if rc.enabled:
+            algo = RobustAggregation(algo, rc)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if dp is None:
+        return algo, None
 
     def budget_check(state: GlobalState) -> str | None:
-        if algo.would_exceed_budget(state):
+        if dp.would_exceed_budget(state):
             return (f"the next round would exceed target_epsilon={pc.target_epsilon} "
-                    f"(ε spent {algo.epsilon(state):.4f} at δ={algo.delta:g})")
+                    f"(ε spent {dp.epsilon(state):.4f} at δ={dp.delta:g})")
         return None
 
     return algo, budget_check
@@ -171,7 +151,8 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
     f = cfg.federation
     return EngineConfig(rounds=cfg.run.rounds, seed=cfg.run.seed, fraction=f.fraction, min_clients=f.min_clients,
                         round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
-                        train=train_config(cfg))
+                        train=train_config(cfg),
+                        max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client)
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -180,6 +161,7 @@ def format_row(row: dict[str, Any]) -> str:
 
     return (f"round {row['round']:>3} | clients {row.get('clients_completed', 0)}/{row.get('clients_sampled', 0)}"
             f" | train {num(row.get('train_loss'), '.4f')} | eval {num(row.get('eval_loss'), '.4f')}"
+            f" | test {num(row.get('test_loss'), '.4f')}"
             f" | up {num(row.get('bytes_up'), ',')} B | down {num(row.get('bytes_down'), ',')} B"
             f" | {num(row.get('wall_s'), '.1f')} s"
             + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
@@ -201,18 +183,45 @@ class Run:
     state: GlobalState
     start_round: int
     t_start: float
+    rundir: RunDir
+    test: list[dict] = field(default_factory=list)  # tokenized global test set (drawn before partitioning)
+    test_examples: list = field(default_factory=list)  # the same, raw Example objects
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release the run directory (its lock); call when the run ends, however it ends."""
+        self.writer.close()
+        self.rundir.release()
 
 
-def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None) -> Run:
-    """Load the base model and data, build the algorithm, the engine (resumed from the newest checkpoint
-    when asked) and the global model used for evaluation (and, in simulation, shared by the clients)."""
+def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None,
+                deployment: bool = False) -> Run:
+    """Lock the run directory (fedtune.rundir), load the base model and data, build the algorithm, the engine
+    (resumed from this run's newest checkpoint when asked) and the global model used for evaluation (and, in
+    simulation, shared by the clients). `deployment`: a real server (see build_algorithm). The caller must
+    `run.close()`."""
+    rd = RunDir(cfg.out_dir).lock()
+    try:
+        rd.clean_temp()
+        if not resume:
+            rd.check_fresh()  # before the slow part
+        return _prepare_run(cfg, rd, resume=resume, roster=roster, deployment=deployment)
+    except BaseException:
+        rd.release(failed=True)
+        raise
+
+
+def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] | None, deployment: bool) -> Run:
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    corpus = load_corpus(cfg)  # bad data fails here, before the model is loaded and before anything is written
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
-    data, global_eval = prepare_data(cfg, tok, roster)
-    algo, budget_check = build_algorithm(cfg)
+    prep = prepare_data(cfg, tok, roster, context_len=context_length(model), corpus=corpus)
+    data, global_eval = prep.clients, prep.global_eval
+    log.info("%s", format_report(prep.report))
+    algo, budget_check = build_algorithm(cfg, deployment=deployment)
     if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
         if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
             log.warning("privacy is on: %s starts from a data-independent (seeded random) init instead of "
@@ -222,23 +231,39 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
     state = algo.initialize(model, seed=cfg.run.seed)
     engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg),  # type: ignore[arg-type]
                          out_dir=cfg.out_dir, budget_check=budget_check)
+    rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume)
     start, client_state = 1, {}
-    if resume and (ck := engine.resume()) is not None:
+    if resume and (ck := engine.resume(rec["run_id"])) is not None:
         state, start, engine_state = ck
         client_state = engine_state.get("client_state", {})
-        log.info("resuming from the checkpoint of round %d", start - 1)
+        log.info("resuming run %s from the checkpoint of round %d", rec["run_id"][:8], start - 1)
+    if resume:
+        rd.drop_after(start - 1)
     gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
     gm.client.load_state_dict(client_state)  # e.g. the simulated clients' DP accountants
-    engine.extra_state = lambda: {"client_state": gm.client.state_dict()}
+    run_ids = {"run_id": rec["run_id"], "config_hash": rec["config_hash"]}
+    engine.extra_state = lambda: {"client_state": gm.client.state_dict(), **run_ids}
     bs = cfg.run.eval_batch_size
 
     def evaluate_fn(s: GlobalState) -> float:
         gm.advance(algo, s)
         return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
 
-    engine.evaluate_fn = evaluate_fn
+    def test_fn(s: GlobalState) -> float:
+        gm.advance(algo, s)
+        return gm.evaluate(prep.test, pad_id=tok.pad_token_id, batch_size=bs)
+
+    engine.evaluate_fn = evaluate_fn if global_eval else None
+    engine.test_fn = test_fn if prep.test else None
+    if not global_eval:
+        log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",
+                    cfg.data.eval_fraction)
+    if not prep.test:
+        log.warning("no global test examples ([data] test_fraction = %s): test is skipped, test loss is reported as -",
+                    cfg.data.test_fraction)
     writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
-    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start)
+    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start, rd,
+               test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
 
 
 def execute(run: Run, *, progress: bool = True) -> GlobalState:
@@ -258,33 +283,48 @@ def execute(run: Run, *, progress: bool = True) -> GlobalState:
     return run.state
 
 
+def _finite_column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
+
+
 def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
     gm.advance(run.algo, state)
-    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name)
+    pad = run.tokenizer.pad_token_id  # the global model on each client's own held-out slice (personalisation gap)
+    client_eval = {cid: gm.evaluate(d.eval, pad_id=pad, batch_size=cfg.run.eval_batch_size) if d.eval else None
+                   for cid, d in run.data.items()}
+    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name, seed=cfg.run.seed,
+                                        base_fingerprint=run.base_fingerprint)
     # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
     merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
     writer.write_csv()
     plot = writer.plot()
-    evals = [r.get("eval_loss") for r in writer.rows if r.get("eval_loss") is not None]
+    evals, tests = (_finite_column(writer.rows, k) for k in ("eval_loss", "test_loss"))
     summary = {
         "algorithm": run.algo.name, "rounds_completed": state.version, "stopped_early": run.engine.stop_reason,
         "epsilon": run.engine.epsilon_max,
         "delta": next((r["delta"] for r in reversed(writer.rows) if r.get("delta")), None),
         "privacy": cfg.privacy_config().to_dict(),
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
+        "eval_skipped": None if run.global_eval else "no eval examples ([data] eval_fraction = 0 or too little data)",
+        "test_loss_first": tests[0] if tests else None, "test_loss_final": tests[-1] if tests else None,
+        "test_examples": len(run.test), "client_eval_loss_final": client_eval,
+        "test_skipped": None if run.test else "no global test examples ([data] test_fraction = 0 or too little data)",
         "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
+        "run_id": run.rundir.record.get("run_id"), "config_hash": run.rundir.record.get("config_hash"),
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},
-        "adapter": str(adapter_dir) if adapter_dir else None, "merged": str(merged_dir) if merged_dir else None,
+        "data": run.data_report,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "adapter_export": getattr(gm.client, "export_info", None) if adapter_dir else None,
+        "merged": str(merged_dir) if merged_dir else None,
         "plot": str(plot) if plot else None, "metrics": str(writer.path),
         "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
     }
     writer.summary(summary)
-    writer.close()
     return summary
 
 
@@ -297,13 +337,16 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
     engine passes one that sends each round over a Flower Grid); everything else is shared. `roster`: the
     client ids in partition order (default client-0 … client-N-1)."""
     run = prepare_run(cfg, resume=resume, roster=roster)
-    if transport_factory is None:
-        run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
-                                                  batch_clients=cfg.federation.batch_clients)
-    else:
-        run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
-    execute(run, progress=progress)
-    return finalize_run(run, save_merged=save_merged)
+    try:
+        if transport_factory is None:
+            run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
+                                                      batch_clients=cfg.federation.batch_clients)
+        else:
+            run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
+        execute(run, progress=progress)
+        return finalize_run(run, save_merged=save_merged)
+    finally:
+        run.close()
 
 
 def output_paths(summary: dict[str, Any]) -> list[tuple[str, str]]:

@@ -37,7 +37,7 @@ TOKENS = {c: f"token-{c}-0123456789abcdef" for c in IDS}
 
 def write_run(tmp: Path, *, algorithm="fedavg", rounds=2, extra="", server="", tls=False) -> Path:
     (tmp / "tokens.toml").write_text("".join(f'{c} = "{t}"\n' for c, t in TOKENS.items()))
-    tls_lines = ""
+    tls_lines = "insecure = true  # plaintext on loopback\n"
     if tls:
         make_dev_certs(tmp / "certs", clients=IDS)
         tls_lines = (f'tls_cert = "{tmp}/certs/server.pem"\ntls_key = "{tmp}/certs/server.key"\n'
@@ -104,7 +104,7 @@ def agent(cfg_path: Path, port: int, idx: int, *, tls_dir: Path | None = None) -
     cfg = config.load(cfg_path)
     c = ClientSection(server=f"127.0.0.1:{port}" if tls_dir is None else f"localhost:{port}",
                       client_id=IDS[idx], partition=idx, token=TOKENS[IDS[idx]], rpc_timeout_s=20,
-                      max_backoff_s=1.0, state_dir=str(cfg_path.parent / f"state-{idx}"))
+                      max_backoff_s=1.0, state_dir=str(cfg_path.parent / f"state-{idx}"), insecure=tls_dir is None)
     if tls_dir is not None:
         c.tls_ca, c.tls_cert, c.tls_key = (str(tls_dir / f) for f in ("ca.pem", f"{IDS[idx]}.pem", f"{IDS[idx]}.key"))
     return Agent(cfg, c)
@@ -143,9 +143,11 @@ def rows(out: Path) -> list[dict]:
 def test_grpc_equals_simulation(tmp_path, algorithm, tls):
     """3 clients × 2 rounds over gRPC (TLS + mTLS for flora) == fedtune simulate, same seeds (≤ 1e-6)."""
     cfg_path = write_run(tmp_path, algorithm=algorithm, tls=tls)
-    srv = Server(cfg_path)
-    threads, results = run_agents([agent(cfg_path, srv.port, i, tls_dir=tmp_path / "certs" if tls else None)
-                                   for i in range(3)])
+    agents = [agent(cfg_path, 0, i, tls_dir=tmp_path / "certs" if tls else None) for i in range(3)]
+    srv = Server(cfg_path)  # agents built first: the 2 s lease clock starts with the round
+    for a in agents:
+        a.c.server = a.c.server.replace(":0", f":{srv.port}")
+    threads, results = run_agents(agents)
     srv.join()
     for t in threads:
         t.join(30)
@@ -176,14 +178,16 @@ def test_dead_client_round_completes_with_survivors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FedAvg, "aggregate", spy)
     cfg_path = write_run(tmp_path, rounds=1)
+    zombie, *survivors = (agent(cfg_path, 0, i) for i in (2, 0, 1))  # built before the round's lease clock runs
     srv = Server(cfg_path)
-    zombie = agent(cfg_path, srv.port, 2)
+    for a in (zombie, *survivors):
+        a.c.server = a.c.server.replace(":0", f":{srv.port}")
     zombie.client = None
     stub = serde.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
     zombie.join(stub)
     # pull the task, then vanish without pushing or heartbeating
     pull_until_task(stub, IDS[2], zombie.meta)
-    run_agents([agent(cfg_path, srv.port, i) for i in range(2)])
+    run_agents(survivors)
     srv.join()
     assert srv.error is None, srv.error
     (updates,) = seen
@@ -360,14 +364,14 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     cfg_path = write_run(tmp_path, algorithm="flora", rounds=4)
     text = cfg_path.read_text().replace('address = "127.0.0.1:0"', f'address = "127.0.0.1:{_free_port()}"')
     text = text.replace("lease_timeout_s = 2.0", "lease_timeout_s = 30.0")  # clients are in backoff after the kill
-    cfg_path.write_text(text + "\n[client]\nmax_backoff_s = 2.0\n")
+    cfg_path.write_text(text + "\n[client]\nmax_backoff_s = 2.0\ninsecure = true\n")
     port = int(text.split('address = "127.0.0.1:')[1].split('"')[0])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     server_cmd = [sys.executable, "-m", "fedtune.cli", "server", "--config", str(cfg_path), "--no-progress"]
     srv = subprocess.Popen(server_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     clients = [subprocess.Popen([sys.executable, "-m", "fedtune.cli", "client", "--config", str(cfg_path),
-                                 "--server", f"127.0.0.1:{port}", "--client-id", IDS[i], "--partition", str(i),
-                                 "--token", TOKENS[IDS[i]]], env=env, stdout=subprocess.DEVNULL,
+                                 "--server", f"127.0.0.1:{port}", "--client-id", IDS[i], "--partition", str(i)],
+                                env=dict(env, FEDTUNE_TOKEN=TOKENS[IDS[i]]), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for i in range(3)]
     try:
         _kill_and_resume(tmp_path, cfg_path, srv, clients, server_cmd, env)

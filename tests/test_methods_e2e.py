@@ -90,12 +90,21 @@ def test_flora_with_client_dp_is_refused_with_reason(capsys, tmp_path):
     assert code == 2 and "client-level DP cannot wrap 'flora'" in err and "stacks" in err
 
 
-def test_fedkseed_refuses_sample_dp(capsys, tmp_path):
-    p = tmp_path / "c.toml"
-    p.write_text("[privacy]\nmode = \"sample\"\nnoise_multiplier = 1.0\n")
-    code = main(["simulate", "--config", str(p), "--model", "tiny", "--algorithm", "fedkseed", "--no-progress",
-                 "--out", str(tmp_path / "o")])
-    assert code == 2 and "not available for 'fedkseed'" in capsys.readouterr().err
+def test_fedkseed_sample_dp_reports_epsilon_and_resumes_it(tmp_path):
+    """DP zeroth-order: the same per-client ε bookkeeping as DP-SGD (one accountant step per ZO step), the same
+    bytes on the wire, and the accountants come back from the checkpoint."""
+    priv = "[privacy]\nmode = \"sample\"\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\n[fedkseed]\nnum_seeds = 64\n"
+    kw = {"run.algorithm": "fedkseed", "train.batch_size": 2, "run.threads": 1}
+    full, rows = run(tmp_path, "kdp", priv, **kw, **{"run.rounds": 3})
+    eps = [r["epsilon"] for r in rows[1:]]
+    assert all(e > 0 for e in eps) and eps == sorted(eps) and eps[0] < eps[-1] and full["epsilon"] == eps[-1]
+    assert all(r["payload_bytes_up"] == 3 * 3 * 8 for r in rows[1:])  # clients × τ × (int32 + float32)
+    p = tmp_path / "kpart.toml"
+    p.write_text(priv)
+    simulate(config.load(p, {**BASE, **kw, "run.out": str(tmp_path / "kpart")}), progress=False)
+    resumed = simulate(config.load(p, {**BASE, **kw, "run.out": str(tmp_path / "kpart"), "run.rounds": 3}),
+                       resume=True, progress=False)
+    assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
 
 
 def test_sample_dp_budget_stops_when_clients_are_spent(tmp_path):

@@ -228,11 +228,11 @@ def test_mtls(pki):
 def test_certs_main_and_tokens(tmp_path, capsys):
     out = tmp_path / "certs"
     assert certs_main(["--out", str(out), "--clients", "org-a, org-b"]) == 0
-    tokens = tomllib.loads((out / "tokens.toml").read_text())["tokens"]
+    tokens = tomllib.loads((out / "server" / "tokens.toml").read_text())["tokens"]
     assert sorted(tokens) == ["org-a", "org-b"] and len(set(tokens.values())) == 2
     assert all(len(t) >= 40 for t in tokens.values())
-    assert stat.S_IMODE((out / "tokens.toml").stat().st_mode) == 0o600
-    assert (out / "org-b.pem").exists() and (out / "org-b.key").exists()
+    assert stat.S_IMODE((out / "server" / "tokens.toml").stat().st_mode) == 0o600
+    assert (out / "org-b" / "client.pem").exists() and (out / "org-b" / "client.key").exists()  # see test_certs.py
     assert certs_main(["--out", str(out), "--clients", "org-a"]) == 2  # refuses to overwrite
     assert "refusing to overwrite" in capsys.readouterr().err
     assert certs_main(["--out", str(out), "--clients", "org-a", "--force"]) == 0

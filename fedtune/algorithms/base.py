@@ -9,7 +9,8 @@ Life of a client model, for every method:
                                evaluated or trained for another client sharing the same base).
 
 The server never sees a model's weights: `aggregate` works on `ClientUpdate.tensors` only, is pure
-(no I/O, no globals) and deterministic.
+(no I/O, no globals) and deterministic. Every update is checked against `expected_update` (what the
+method assigned that client this round) by `validate_update` before `aggregate` sees it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,70 @@ class TrainContext:
     features: Sequence[dict[str, list[int]]]  # tokenized examples: {"input_ids", "labels"}
     pad_id: int
     on_step: Callable[[int, float], None] | None = None  # progress hook (step, loss)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One expected update tensor: exact shape and dtype; optional inclusive value bounds (lo, hi)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bounds: tuple[float, float] | None = None
+
+
+@dataclass
+class UpdateSpec:
+    """What one client must send this round: exactly these tensors. `check` adds method-specific tests
+    (raise UpdateRejected) that cannot be said with shapes, dtypes and bounds."""
+
+    tensors: dict[str, TensorSpec]
+    check: Callable[[ClientUpdate], None] | None = None
+
+
+class UpdateRejected(ValueError):
+    """A client update does not match what was assigned; the message names the problem (one line)."""
+
+
+def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int | None = None) -> None:
+    """Refuse (UpdateRejected) an update whose tensor names, shapes or dtypes differ from `spec`, that holds
+    a non-finite or out-of-bounds value, or whose num_examples is not in [1, max_examples]."""
+    who = f"update from {update.client_id!r}"
+    n = update.num_examples
+    if not isinstance(n, int) or n < 1:
+        raise UpdateRejected(f"{who}: num_examples must be a positive integer, got {n!r}")
+    if max_examples is not None and n > max_examples:
+        raise UpdateRejected(f"{who}: num_examples = {n} exceeds the allowed {max_examples} "
+                             "(what the client declared at Join, or [server] max_examples_per_client)")
+    missing, extra = sorted(set(spec.tensors) - set(update.tensors)), sorted(set(update.tensors) - set(spec.tensors))
+    if missing:
+        raise UpdateRejected(f"{who}: {len(missing)} expected tensor(s) missing, e.g. {missing[0]!r}")
+    if extra:
+        raise UpdateRejected(f"{who}: {len(extra)} unexpected tensor(s), e.g. {extra[0][:100]!r}")
+    for name in sorted(spec.tensors):
+        want, t = spec.tensors[name], update.tensors[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise UpdateRejected(f"{who}: {name} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+        if t.dtype != want.dtype:
+            raise UpdateRejected(f"{who}: {name} has dtype {t.dtype}, expected {want.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UpdateRejected(f"{who}: {name} has {bad} non-finite value(s) (NaN/inf)")
+        if want.bounds is not None and t.numel():
+            lo, hi = want.bounds
+            tmin, tmax = t.min().item(), t.max().item()
+            if tmin < lo or tmax > hi:
+                raise UpdateRejected(f"{who}: {name} has values in [{tmin:g}, {tmax:g}], allowed [{lo:g}, {hi:g}]")
+    if spec.check is not None:
+        spec.check(update)
+
+
+def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32) -> UpdateSpec:
+    """A LoRA update: "<m>.A" (r×d_in) and "<m>.B" (d_out×r) for every module {m: (d_out, d_in)}."""
+    out = {}
+    for m, (d_out, d_in) in modules.items():
+        out[f"{m}.A"] = TensorSpec((rank, int(d_in)), dtype)
+        out[f"{m}.B"] = TensorSpec((int(d_out), rank), dtype)
+    return UpdateSpec(out)
 
 
 class ClientAlgorithm(ABC):
@@ -140,10 +205,15 @@ class FedAlgorithm(ABC):
         return {cid: dict(base_train) for cid in client_ids}
 
     @abstractmethod
+    def expected_update(self, state: GlobalState, train: dict[str, Any]) -> UpdateSpec:
+        """The update a client given training config `train` (from configure_round) must send back this
+        round. Every transport validates against it (validate_update) before `aggregate`."""
+
+    @abstractmethod
     def aggregate(
         self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]
     ) -> tuple[GlobalState, dict[str, float]]:
-        """New global state (version + 1) and aggregate metrics. PURE."""
+        """New global state (version + 1) and aggregate metrics. PURE. Updates are already validated."""
 
     @abstractmethod
     def make_client(self) -> ClientAlgorithm:

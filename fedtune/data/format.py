@@ -1,18 +1,41 @@
-"""Chat formatting with the loss on response tokens only, and padding collation."""
+"""Chat formatting with the loss on assistant tokens only, truncation that keeps the response, and collation.
+
+An example is rendered with the model's own chat template (no template: "User: …\\nAssistant: …<eos>"). Labels
+are IGNORE everywhere except the assistant turns (for {"text"} examples: every token).
+
+Truncation to max_seq_len L never drops an example whose template fits:
+  1. whole if it fits;
+  2. multi-turn: drop the oldest exchanges (system turns stay) until it fits;
+  3. cut the last user turn's content from the LEFT and re-render the template (template tokens are never cut),
+     keeping at least its last min(len, L/4) tokens;
+  4. only if the response alone does not fit beside that: cut the response from the RIGHT.
+Dropped only when the template (+ system turns) alone is ≥ L. {"text"} examples are cut from the right.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fedtune.data.loaders import Example
 
 IGNORE = -100  # label value that HF causal LMs skip in the loss
+OUTCOMES = ("whole", "truncated_prompt", "truncated_response", "dropped")
+
+
+@dataclass
+class Formatted:
+    feature: dict[str, list[int]] | None  # None when dropped
+    outcome: str  # one of OUTCOMES
+    length: int  # untruncated token length
+    reason: str = ""  # why it was dropped
 
 
 class ChatFormatter:
-    """Example → {"input_ids", "labels"}; labels are IGNORE on the prompt (chat template) part."""
+    """Example → {"input_ids", "labels"}; labels are IGNORE outside the assistant turns."""
 
     def __init__(self, tokenizer, max_seq_len: int = 128) -> None:
         if max_seq_len < 8:
@@ -20,32 +43,136 @@ class ChatFormatter:
         self.tok = tokenizer
         self.max_seq_len = max_seq_len
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.eos = tokenizer.eos_token or ""
 
-    def _split(self, ex: Example) -> tuple[str, str]:
-        if not ex.prompt:  # plain text: no template, loss on all tokens
-            return "", ex.response + (self.tok.eos_token or "")
-        if not self.has_template:
-            return f"User: {ex.prompt}\nAssistant: ", ex.response + (self.tok.eos_token or "")
-        user = [{"role": "user", "content": ex.prompt}]
-        full = user + [{"role": "assistant", "content": ex.response}]
-        head = self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        whole = self.tok.apply_chat_template(full, tokenize=False)
-        if not whole.startswith(head):  # template that rewrites the prompt: fall back to plain split
-            return head, ex.response + (self.tok.eos_token or "")
-        return head, whole[len(head):]
+    # -- rendering ---------------------------------------------------------------------------------
+    def _render(self, msgs: Sequence[tuple[str, str]], gen: bool) -> str:
+        if self.has_template:
+            return self.tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs], tokenize=False,
+                                                add_generation_prompt=gen)
+        text = "\n".join(f"{r.capitalize()}: {c}" + (self.eos if r == "assistant" else "") for r, c in msgs)
+        return text + (("\n" if msgs else "") + "Assistant: " if gen else "")
 
-    def __call__(self, ex: Example) -> dict[str, list[int]]:
-        head, tail = self._split(ex)
-        h = self.tok(head, add_special_tokens=False)["input_ids"] if head else []
-        t = self.tok(tail, add_special_tokens=False)["input_ids"]
-        ids = (h + t)[: self.max_seq_len]
-        labels = ([IGNORE] * len(h) + t)[: self.max_seq_len]
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _segments(self, msgs: Sequence[tuple[str, str]]) -> list[tuple[list[int], bool]]:
+        """Token segments (ids, is_assistant). A template that rewrites earlier turns (not prefix-stable)
+        falls back to loss on the last assistant turn only."""
+        segs: list[tuple[str, bool]] = []
+        prev = ""
+        for i, (role, _) in enumerate(msgs):
+            if role != "assistant":
+                continue
+            head, full = self._render(msgs[:i], True), self._render(msgs[: i + 1], False)
+            if not head.startswith(prev) or not full.startswith(head):
+                head = self._render(msgs[:-1], True)
+                segs = [(head, False), (msgs[-1][1] + self.eos, True)]
+                break
+            segs += [(head[len(prev):], False), (full[len(head):], True)]
+            prev = full
+        return [(self._ids(t), lab) for t, lab in segs]
+
+    @staticmethod
+    def _feature(segs: list[tuple[list[int], bool]]) -> dict[str, list[int]]:
+        ids = [t for s, _ in segs for t in s]
+        labels = [t if lab else IGNORE for s, lab in segs for t in s]
         return {"input_ids": ids, "labels": labels}
 
+    @staticmethod
+    def conversation(ex: Example) -> list[tuple[str, str]]:
+        return list(ex.messages) if ex.messages else [("user", ex.prompt), ("assistant", ex.response)]
+
+    # -- truncation --------------------------------------------------------------------------------
+    def format(self, ex: Example) -> Formatted:
+        L = self.max_seq_len
+        if not ex.messages and not ex.prompt:  # plain text: loss on every token, cut from the right
+            ids = self._ids(ex.response + self.eos)
+            return Formatted({"input_ids": ids[:L], "labels": ids[:L]}, "whole" if len(ids) <= L else
+                             "truncated_response", len(ids))
+        msgs = self.conversation(ex)
+        segs = self._segments(msgs)
+        n_full = sum(len(s) for s, _ in segs)
+        if n_full <= L:
+            return Formatted(self._feature(segs), "whole", n_full)
+        n_sys = next((i for i, (r, _) in enumerate(msgs) if r != "system"), len(msgs))
+        users = [i for i, (r, _) in enumerate(msgs) if r == "user" and i > n_sys]
+        for j in users:  # drop the oldest exchanges
+            segs = self._segments(msgs[:n_sys] + msgs[j:])
+            if sum(len(s) for s, _ in segs) <= L:
+                return Formatted(self._feature(segs), "truncated_prompt", n_full)
+        last = users[-1] if users else n_sys
+        head = msgs[:n_sys] + ([msgs[last]] if last < len(msgs) - 1 and msgs[last][0] == "user" else [])
+        has_user = len(head) > n_sys
+        answer = msgs[-1]
+        u = self._ids(head[-1][1]) if has_user else []
+
+        def build(k: int) -> list[tuple[list[int], bool]]:
+            text = self.tok.decode(u[len(u) - k:]) if k > 0 else ""
+            return self._segments(head[:-1] + [("user", text)] + [answer] if has_user else head + [answer])
+
+        empty = build(0)
+        fixed = sum(len(s) for s, _ in empty)
+        prefix = sum(len(s) for s, lab in empty[:-1])
+        if prefix >= L:
+            return Formatted(None, "dropped", n_full,
+                             f"the chat template and system turns alone take {prefix} tokens ≥ max_seq_len")
+        reserve = min(len(u), L // 4)
+        k = min(len(u), L - fixed)
+        if k >= reserve:  # the prompt gives way; the response stays whole
+            while k >= 0:
+                segs = build(k)
+                over = sum(len(s) for s, _ in segs) - L
+                if over <= 0:
+                    return Formatted(self._feature(segs), "truncated_prompt", n_full)
+                k -= over
+        # the response alone does not fit beside the kept prompt: cut it from the right
+        k = reserve
+        while True:
+            segs = build(k)
+            prefix = sum(len(s) for s, _ in segs[:-1])
+            if prefix < L or k == 0:
+                break
+            k = max(0, k - (prefix - L + 1))
+        ids, lab = segs[-1]
+        segs[-1] = (ids[: L - prefix], lab)
+        return Formatted(self._feature(segs), "truncated_response", n_full)
+
+    def needed_len(self, ex: Example) -> tuple[int, int]:
+        """(untruncated length, smallest max_seq_len that keeps this example's response whole)."""
+        if not ex.messages and not ex.prompt:
+            n = len(self._ids(ex.response + self.eos))
+            return n, n
+        msgs = self.conversation(ex)
+        n_full = sum(len(s) for s, _ in self._segments(msgs))
+        last_user = next((c for r, c in reversed(msgs[:-1]) if r == "user"), "")
+        systems = [m for m in msgs if m[0] == "system"]
+        minimal = systems + [("user", "")] + [msgs[-1]] if last_user or not systems else systems + [msgs[-1]]
+        r = sum(len(s) for s, _ in self._segments(minimal))  # template + system + response
+        p = len(self._ids(last_user))
+        return n_full, min(n_full, r + p, (4 * (r - 1)) // 3 + 1)  # smallest L with L - L // 4 ≥ r
+
+    # -- API ---------------------------------------------------------------------------------------
+    def __call__(self, ex: Example) -> dict[str, list[int]]:
+        f = self.format(ex)
+        return f.feature if f.feature is not None else {"input_ids": [], "labels": []}
+
     def many(self, examples: Sequence[Example]) -> list[dict[str, list[int]]]:
-        """Tokenize; drop examples whose response was truncated away entirely."""
-        out = [self(ex) for ex in examples]
-        return [f for f in out if any(lbl != IGNORE for lbl in f["labels"])]
+        """Tokenize; dropped examples (template alone ≥ max_seq_len) are left out: see format_all for counts."""
+        return self.format_all(examples)[0]
+
+    def format_all(self, examples: Sequence[Example]) -> tuple[list[dict[str, list[int]]], dict]:
+        """(kept features, stats): stats = counts per outcome, drop reasons, untruncated token lengths."""
+        feats, counts, reasons, lengths = [], Counter({o: 0 for o in OUTCOMES}), Counter(), []
+        for ex in examples:
+            f = self.format(ex)
+            counts[f.outcome] += 1
+            lengths.append(f.length)
+            if f.feature is None:
+                reasons[f.reason] += 1
+            else:
+                feats.append(f.feature)
+        return feats, {"counts": dict(counts), "drop_reasons": dict(reasons), "lengths": lengths}
 
 
 def collate(features: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

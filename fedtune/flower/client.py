@@ -98,16 +98,16 @@ def node_spec(node_config: dict[str, Any], cfg: RunConfig) -> NodeSpec:
 def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int, partitions: dict | None = None):
     """This node's ClientData: its own file (split like `fedtune simulate` splits client `index`), or
     demo partition `spec.partition` of the run's [data] (from `partitions` when already prepared)."""
-    from fedtune.simulation import prepare_data
+    from fedtune.data.prepare import prepare_data
 
     if spec.data:
         one = copy.deepcopy(cfg)
         one.federation.num_clients, one.federation.min_clients = 1, 1
         one.data.source, one.data.paths = "jsonl", [spec.data]
+        one.data.test_fraction = 0.0  # the global test set is the server's; a node trains on all of its own split
         one.run.seed = cfg.run.seed + max(index, 0)  # split seed of client k in simulate: run.seed + k
-        data, _ = prepare_data(one, tok, [spec.client_id])
-        return data[spec.client_id]
-    data = partitions if partitions is not None else prepare_data(cfg, tok)[0]
+        return prepare_data(one, tok, [spec.client_id]).clients[spec.client_id]
+    data = partitions if partitions is not None else prepare_data(cfg, tok).clients
     return list(data.values())[spec.partition]
 
 
@@ -143,11 +143,11 @@ class _ProcessCache:
             self.key = key
 
     def node_data(self, cfg: RunConfig, spec: NodeSpec, index: int):
-        from fedtune.simulation import prepare_data
+        from fedtune.data.prepare import context_length, prepare_data
 
         if spec.client_id not in self.data:
             if not spec.data and self.partitions is None:  # demo partitions: prepared once per process
-                self.partitions = prepare_data(cfg, self.tok)[0]
+                self.partitions = prepare_data(cfg, self.tok, context_len=context_length(self.base)).clients
             self.data[spec.client_id] = load_node_data(cfg, spec, self.tok, index, self.partitions)
         return self.data[spec.client_id]
 

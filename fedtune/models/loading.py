@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fedtune.fileio import publish
+
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,9 +55,28 @@ def _load_dir(path: Path):
     return model, tok
 
 
+def _gguf_cache(path: Path) -> Path:
+    return cache_root() / f"{path.stem}-{path.stat().st_size}"
+
+
+def hf_dir(spec: str) -> Path | None:
+    """The Hugging Face directory (config + safetensors + tokenizer) that holds model `spec` on this machine:
+    the dir itself, or for "smollm2" / a .gguf file the dequantised cache `load_model` writes; None when the
+    model exists only in memory ("tiny") or the cache is not written yet."""
+    if spec == "tiny" or spec.startswith("tiny-"):
+        return None
+    try:
+        path = _gguf_cache(smollm2_gguf()) if spec == "smollm2" else Path(spec).expanduser()
+        if path.suffix == ".gguf":
+            path = _gguf_cache(path)
+    except (ModelError, OSError):
+        return None
+    return path.resolve() if (path / "config.json").is_file() else None
+
+
 def _cached_gguf(path: Path):
     """GGUF dequantisation takes ~20 s; cache the fp32 result as safetensors once (~0.3 s later)."""
-    cache = cache_root() / f"{path.stem}-{path.stat().st_size}"
+    cache = _gguf_cache(path)
     if (cache / "model.safetensors").is_file() and (cache / "config.json").is_file():
         return _load_dir(cache)
     model, tok = _load_gguf(path)
@@ -67,6 +88,7 @@ def _cached_gguf(path: Path):
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    publish(tmp)  # readable like any other file (safetensors writes 0600); it is the exported adapter's base
     try:
         tmp.rename(cache)
     except OSError:  # another process won the race; use its copy

@@ -5,13 +5,17 @@ DifferentialPrivacyServerSideFixedClipping), wrapped around any tensor-averaging
 
 m = expected clients per round; each round is one step of the sampled Gaussian mechanism with
 q = m / total clients. The accountant's history lives in GlobalState.meta["accountant"] (JSON).
+Noise: seeded (run seed or noise_seed; reproducible simulations), or with os_noise (`fedtune server`
+without noise_seed) drawn from a generator seeded with 128 bits from the OS each round, never stored.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +26,7 @@ from fedtune.algorithms.base import (
     GlobalState,
     Payload,
     TensorDict,
+    UpdateSpec,
 )
 from fedtune.privacy.accounting import Accountant, noise_for_target
 from fedtune.privacy.config import PrivacyConfig
@@ -44,24 +49,25 @@ class ClientLevelDP(FedAlgorithm):
 
     def __init__(
         self, inner: FedAlgorithm, privacy: PrivacyConfig | dict[str, Any], *, clients_per_round: int,
-        num_clients: int, rounds: int | None = None,
+        num_clients: int, rounds: int | None = None, os_noise: bool = False,
     ) -> None:
         if isinstance(inner, ClientLevelDP):
             raise TypeError("the algorithm is already wrapped with client-level DP")
         if not inner.supports_tensor_average:
+            why = getattr(inner, "client_dp_refusal", None) or (
+                "e.g. FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
+                "updates are concatenated; there is no fixed-shape sum to clip and noise")
             raise ValueError(
                 f"client-level DP cannot wrap {inner.name!r}: its aggregate is not an average of fixed-shape "
-                "update tensors (e.g. FLoRA stacks the clients' LoRA factors, so the global rank grows with "
-                "every client and updates are concatenated; there is no fixed-shape sum to clip and noise). "
-                "Use a tensor-averaging method such as 'fedavg' (or Fed-SB), or sample-level DP "
-                "([privacy] mode = \"sample\") with FLoRA.")
+                f"update tensors ({why}). Use a tensor-averaging method such as 'fedavg' (or Fed-SB), or "
+                f"sample-level DP ([privacy] mode = \"sample\") with {inner.name!r}.")
         pc = PrivacyConfig.from_dict(privacy)
         if pc.mode != "client":
             raise ValueError(f"ClientLevelDP needs [privacy] mode = \"client\", got {pc.mode!r}")
         if not 0 < clients_per_round <= num_clients:
             raise ValueError(f"need 0 < clients_per_round ≤ num_clients, got {clients_per_round} / {num_clients}")
         super().__init__(inner.config)
-        self.inner, self.privacy = inner, pc
+        self.inner, self.privacy, self.os_noise = inner, pc, os_noise
         self.name = f"{inner.name}+client_dp"  # type: ignore[misc]
         self.clients_per_round, self.num_clients = clients_per_round, num_clients
         self.sample_rate = clients_per_round / num_clients
@@ -79,7 +85,8 @@ class ClientLevelDP(FedAlgorithm):
         state = self.inner.initialize(model, seed=seed)
         meta = dict(state.meta)
         meta[META_ACCOUNTANT] = Accountant(self.privacy.accountant).state_dict()
-        meta[META_SEED] = self.privacy.noise_seed if self.privacy.noise_seed is not None else seed
+        if not self.os_noise:
+            meta[META_SEED] = self.privacy.noise_seed if self.privacy.noise_seed is not None else seed
         return GlobalState(version=state.version, tensors=state.tensors, meta=meta)
 
     def setup_payload(self, state: GlobalState) -> Payload:
@@ -94,6 +101,9 @@ class ClientLevelDP(FedAlgorithm):
 
     def make_client(self) -> ClientAlgorithm:
         return self.inner.make_client()
+
+    def expected_update(self, state: GlobalState, train: dict[str, Any]) -> UpdateSpec:
+        return self.inner.expected_update(state, train)
 
     # ---- privacy ----------------------------------------------------------------------------------
     def accountant(self, state: GlobalState) -> Accountant:
@@ -123,9 +133,12 @@ class ClientLevelDP(FedAlgorithm):
             for k, t in clipped.items():
                 total[k] += t
         g = torch.Generator().manual_seed(int(state.meta.get(META_SEED, 0)) * 1_000_003 + rnd)
+        os_rng = np.random.default_rng(secrets.randbits(128)) if self.os_noise else None
         new: TensorDict = {}
         for k in sorted(total):
-            noise = torch.randn(total[k].shape, generator=g, dtype=torch.float64) * (sigma * C)
+            z = (torch.as_tensor(os_rng.standard_normal(tuple(total[k].shape)), dtype=torch.float64) if os_rng is not None
+                 else torch.randn(total[k].shape, generator=g, dtype=torch.float64))
+            noise = z * (sigma * C)
             mean = (total[k] + noise) / self.clients_per_round
             new[k] = (state.tensors[k].double() + mean).to(state.tensors[k].dtype)
         acc = self.accountant(state)

@@ -7,7 +7,14 @@ then AdamW steps. The per-example loss is the mean token loss of that example, s
 depends on the others in its batch. The opacus wrapper is always detached afterwards: the caller gets its
 own module back with no hooks or grad_sample attributes, and the frozen base is never touched.
 
-The per-client accountant lives in `SampleLevelDP` (one per ClientAlgorithm instance, keyed by client id).
+Zeroth-order (FedKSeed) steps use the same mechanism on scalars: each step's Poisson batch gives one projected
+gradient g_i per example; `private_scalar_mean` releases (Σ_i clip(g_i, ±C) + N(0, σ²C²)) / E. The sensitivity of
+the sum to adding or removing one example is C, exactly as for DP-SGD's clipped vectors, so the same accountant
+step (σ, q) applies: one per ZO step.
+
+The per-client accountant lives in `SampleLevelDP` (one per ClientAlgorithm instance, keyed by client id);
+`SampleLevelDP.run` wraps any per-round DP training loop (first-order or zeroth-order) with calibration,
+budget check and accounting.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from opacus import GradSampleModule
@@ -30,6 +38,7 @@ from fedtune.privacy.config import PrivacyConfig
 from fedtune.training.local import LocalTrainConfig, TrainResult, trainable_parameters
 
 _MODULE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks")
+R = TypeVar("R")
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -127,6 +136,40 @@ def private_train_local(
     return TrainResult(loss=mean, steps=cfg.steps, examples_seen=seen, losses=losses)
 
 
+def poisson_batches(num_examples: int, expected_batch: int, steps: int,
+                    generator: torch.Generator) -> Iterator[list[int]]:
+    """`steps` Poisson batches of example indices: each example independently with rate expected / N (opacus)."""
+    return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=expected_batch / num_examples,
+                                              generator=generator, steps=steps))
+
+
+def clip_scalars(values: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-example clipping of scalars: each value into [−C, C] (the scalar case of clipping the L2 norm to C)."""
+    return values.clamp(-clip, clip)
+
+
+def private_scalar_mean(values: torch.Tensor, *, clip: float, noise_multiplier: float, expected_batch: int,
+                        generator: torch.Generator) -> float:
+    """Gaussian mechanism on a sum of per-example scalars: (Σ_i clip(v_i, ±C) + N(0, σ²C²)) / E.
+
+    With σ = 0 and C = ∞ this is float(Σ_i v_i) / E — bit-for-bit the plain mean when E = len(values)."""
+    total = float(clip_scalars(values, clip).sum())
+    if noise_multiplier > 0:
+        total += noise_multiplier * clip * float(torch.randn((), generator=generator, dtype=torch.float64))
+    return total / expected_batch
+
+
+@dataclass(frozen=True)
+class DPRound:
+    """One client round's DP parameters: σ, C, q = E / N, E and the generator for Poisson sampling and noise."""
+
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    expected_batch: int
+    generator: torch.Generator
+
+
 class SampleLevelDP:
     """Per-client accountants for sample-level DP. Keep ONE instance per ClientAlgorithm (it outlives rounds);
     `state_dict()` is JSON-able for client-side checkpoints."""
@@ -144,31 +187,42 @@ class SampleLevelDP:
         return noise_for_target(pc.target_epsilon, pc.sample_delta(num_examples), sample_rate, steps * rounds,
                                 pc.accountant)
 
-    def train(self, model: nn.Module, client_id: str, features: Sequence[dict], cfg: LocalTrainConfig,
-              privacy: dict[str, Any] | PrivacyConfig, *, pad_id: int,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[TrainResult, dict[str, float]]:
-        """One round of DP local training for `client_id`; returns (result, metrics with epsilon/delta)."""
+    def run(self, client_id: str, num_examples: int, expected_batch: int, steps: int, seed: int,
+            privacy: dict[str, Any] | PrivacyConfig, body: Callable[[DPRound], R]) -> tuple[R, dict[str, float]]:
+        """One round of DP training for `client_id`: calibrate σ, refuse a round that would exceed the budget,
+        run `body` (`steps` mechanism releases at q = expected_batch / num_examples), account it.
+        Returns (body's result, metrics: epsilon, delta, noise_multiplier, sample_rate)."""
         d = dict(privacy) if isinstance(privacy, dict) else privacy.to_dict()
         rounds = d.pop("rounds", None)
         pc = PrivacyConfig.from_dict(d)
         if pc.mode != "sample":
-            raise ValueError(f"SampleLevelDP.train called with privacy mode {pc.mode!r}")
-        n = len(features)
-        q = min(cfg.batch_size * cfg.grad_accum, n) / max(n, 1)
+            raise ValueError(f"SampleLevelDP called with privacy mode {pc.mode!r}")
+        if num_examples <= 0:
+            raise ValueError("no training examples for this client")
+        n = num_examples
+        q = expected_batch / n
         delta = pc.sample_delta(n)
-        sigma = self.noise_multiplier(pc, n, q, cfg.steps, rounds)
+        sigma = self.noise_multiplier(pc, n, q, steps, rounds)
         acc = self.accountants.setdefault(client_id, Accountant(pc.accountant))
-        if pc.target_epsilon is not None and acc.would_exceed(pc.target_epsilon, delta, sigma, q, cfg.steps):
+        if pc.target_epsilon is not None and acc.would_exceed(pc.target_epsilon, delta, sigma, q, steps):
             raise PrivacyBudgetExhausted(
                 f"client {client_id}: another round would exceed target_epsilon={pc.target_epsilon} "
                 f"(ε now {acc.epsilon(delta):.3f} at δ={delta:g})")
-        gen = None
-        if pc.noise_seed is not None:
-            gen = torch.Generator().manual_seed(pc.noise_seed * 1_000_003 + cfg.seed)
-        res = private_train_local(model, features, cfg, noise_multiplier=sigma, max_grad_norm=pc.max_grad_norm,
-                                  pad_id=pad_id, generator=gen, on_step=on_step)
-        acc.step(sigma, q, cfg.steps)
+        # noise_seed: reproducible simulations; otherwise OS randomness (nobody can predict the noise)
+        gen_seed = pc.noise_seed * 1_000_003 + seed if pc.noise_seed is not None else secrets.randbits(63)
+        res = body(DPRound(sigma, pc.max_grad_norm, q, expected_batch, torch.Generator().manual_seed(gen_seed)))
+        acc.step(sigma, q, steps)
         return res, {"epsilon": acc.epsilon(delta), "delta": delta, "noise_multiplier": sigma, "sample_rate": q}
+
+    def train(self, model: nn.Module, client_id: str, features: Sequence[dict], cfg: LocalTrainConfig,
+              privacy: dict[str, Any] | PrivacyConfig, *, pad_id: int,
+              on_step: Callable[[int, float], None] | None = None) -> tuple[TrainResult, dict[str, float]]:
+        """One round of DP-SGD local training for `client_id`; returns (result, metrics with epsilon/delta)."""
+        expected = min(cfg.batch_size * cfg.grad_accum, len(features))
+        return self.run(client_id, len(features), expected, cfg.steps, cfg.seed, privacy,
+                        lambda dp: private_train_local(model, features, cfg, noise_multiplier=dp.noise_multiplier,
+                                                       max_grad_norm=dp.clip, pad_id=pad_id, generator=dp.generator,
+                                                       on_step=on_step))
 
     def state_dict(self) -> dict[str, Any]:
         return {cid: a.state_dict() for cid, a in sorted(self.accountants.items())}

@@ -2,7 +2,9 @@
 
 Clients dial out. Join (token + base-model fingerprint) → PullTask (this round's instruction, chunked,
 rebuilt for the version the client reports) → PushUpdate (chunked; the task id must be one of the caller's
-open tasks) → … ; Heartbeat keeps a lease. A round waits until every sampled client has reported, the round
+open tasks; the update must be what the algorithm assigned that client — names, shapes, dtypes, finite values,
+1 ≤ num_examples ≤ min(declared at Join, [server] max_examples_per_client) — else INVALID_ARGUMENT and the
+client has failed this round) → … ; Heartbeat keeps a lease. A round waits until every sampled client has reported, the round
 timeout passes, or the remaining clients' leases expire; the engine aggregates the survivors or aborts.
 """
 
@@ -15,16 +17,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, payload_nbytes
+from fedtune.algorithms.base import ClientUpdate, Instruction, UpdateRejected, payload_nbytes
 from fedtune.config import ConfigError, RunConfig, ServerSection, load_tokens
 from fedtune.engine import RoundResult
-from fedtune.server.security import TokenAuthInterceptor, server_credentials
+from fedtune.server.security import TokenAuthInterceptor, peer_identities, server_credentials
 from fedtune.wire import serde
+from fedtune.wire.serde import safe_str
 
 log = logging.getLogger("fedtune.server")
 
@@ -48,10 +52,32 @@ class _RoundBook:
     started: float = field(default_factory=time.monotonic)
     tasks: dict[str, _Task] = field(default_factory=dict)  # by client id
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
+    rejected: set[str] = field(default_factory=set)  # sent an invalid update: failed for this round
     bytes_up: int = 0
     bytes_down: int = 0
     payload_up: int = 0
     payload_down: int = 0
+
+
+class _Busy(Exception):
+    """A transient refusal (ABORTED): this client's stream of that kind is in flight, or the byte budget is full."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One chunked stream in flight: its client's only slot of that kind, its share of the in-flight byte budget,
+    and the deadlines the watchdog enforces (chunk to chunk, and in total)."""
+
+    cid: str
+    kind: str  # "upload" (PushUpdate) | "download" (PullTask)
+    context: grpc.ServicerContext
+    started: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+    reserved: int = 0
+    cut: str = ""  # why the watchdog cancelled it
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
 
 
 class GrpcTransport(serde.CoordinatorServicer):
@@ -62,13 +88,23 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
         self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
         self.auth = TokenAuthInterceptor(tokens)
+        self.mtls = bool(cfg.tls_cert and cfg.tls_client_ca)
         self.max_upload = int(cfg.max_upload_mb * (1 << 20))
         self.lock = threading.Condition()
         self.last_seen: dict[str, float] = {}
         self.book: _RoundBook | None = None
         self.finished = False
+        self.told: set[str] = set()  # clients that were told the run is finished (FINISHED pull / heartbeat)
         self.stop_event = threading.Event()
         self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
+        self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
+        self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
+        # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
+        self.streams: dict[tuple[str, str], _Stream] = {}
+        self.inflight_bytes = 0
+        self.max_inflight = int(cfg.max_inflight_mb * (1 << 20))
+        self.closed = threading.Event()
+        self.watchdog = threading.Thread(target=self._watch, name="fedtune-stream-watchdog", daemon=True)
 
     # -- Transport ------------------------------------------------------------------------------
     def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
@@ -83,7 +119,7 @@ class GrpcTransport(serde.CoordinatorServicer):
                 while True:
                     if self.stop_event.is_set():
                         raise Interrupted(f"stopped during round {rnd}")
-                    pending = self.book.sampled - set(self.book.updates)
+                    pending = self.book.sampled - set(self.book.updates) - self.book.rejected
                     if not pending:
                         break
                     now = time.monotonic()
@@ -102,7 +138,8 @@ class GrpcTransport(serde.CoordinatorServicer):
                 self.book = None
             raise
         failed = sorted(book.sampled - set(book.updates))
-        return RoundResult(updates=list(book.updates.values()), failed=failed, bytes_up=book.bytes_up,
+        return RoundResult(updates=list(book.updates.values()), failed=failed, rejected=sorted(book.rejected),
+                           bytes_up=book.bytes_up,
                            bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
                            payload_bytes_down=book.payload_down)
 
@@ -110,9 +147,14 @@ class GrpcTransport(serde.CoordinatorServicer):
     def _caller(self, context: grpc.ServicerContext, claimed: str) -> str:
         cid = self.auth.authenticated_client(context)
         if claimed and claimed != cid:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token belongs to {cid!r}, request names {claimed!r}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"token belongs to {cid!r}, request names {safe_str(claimed)}")
         if cid not in self.roster:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{cid!r} is not in this run's client list")
+        names = peer_identities(context)
+        if (self.mtls or names) and cid not in names:  # the certificate must name the token's client
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token of {cid!r} with a client certificate that "
+                          f"names {', '.join(sorted(safe_str(n) for n in names)[:4]) or 'nobody'}")
         with self.lock:
             self.last_seen[cid] = time.monotonic()
         return cid
@@ -123,23 +165,84 @@ class GrpcTransport(serde.CoordinatorServicer):
         limits = serde.Limits(max_upload_bytes=self.max_upload)
         if req.base_fingerprint != self.fingerprint:
             reason = (f"base model mismatch: this run uses {self.model_name!r} with fingerprint "
-                      f"{self.fingerprint[:16]}…, the client has {req.base_fingerprint[:16] or 'none'}…; "
+                      f"{self.fingerprint[:16]}…, the client has {safe_str(req.base_fingerprint, 16)}; "
                       f"load the same base model (model.name = {self.model_name!r})")
             log.warning("refused %s: %s", cid, reason)
             return serde.to_proto(serde.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
-        log.info("%s joined", cid)
+        declared = req.capabilities.get("train_examples")
+        if declared is not None:
+            if not (len(declared) <= 16 and declared.isascii() and declared.isdigit() and 0 < int(declared) <= 2**53):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"capability train_examples must be a positive integer, got {declared[:32]!r}")
+            with self.lock:
+                self.declared_examples[cid] = int(declared)
+        log.info("%s joined (fedtune %s)", cid, safe_str(req.client_version, 32))
         return serde.to_proto(serde.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
                                               self.cfg.heartbeat_interval_s, limits))
 
+    # -- stream limits ----------------------------------------------------------------------------
+    # The sync grpc server parks a worker thread inside a stream (reading the request iterator, or waiting for
+    # flow control to send): a client that stops mid-stream would hold it forever. Every chunked stream gets one
+    # slot per (client, kind) and deadlines; the watchdog cancels a stream past them (context.cancel() wakes the
+    # parked thread: the request iterator raises, the send returns), which frees the thread.
+    @contextmanager
+    def _stream(self, cid: str, kind: str, context: grpc.ServicerContext) -> Iterator[_Stream]:
+        st = _Stream(cid, kind, context)
+        st.last = st.started
+        with self.lock:
+            busy = (cid, kind) in self.streams
+            if not busy:
+                self.streams[(cid, kind)] = st
+        if busy:
+            context.abort(grpc.StatusCode.ABORTED, f"an {kind} from {safe_str(cid)} is already in flight; one at a time")
+        try:
+            yield st
+        finally:
+            with self.lock:
+                del self.streams[(cid, kind)]
+                self.inflight_bytes -= st.reserved
+
+    def _reserve(self, st: _Stream, nbytes: int) -> None:
+        """Budget for the upload's declared size, taken from chunk 0 before anything is buffered."""
+        with self.lock:
+            if self.inflight_bytes + nbytes > self.max_inflight:
+                raise _Busy(f"server busy: {nbytes} more upload bytes would exceed max_inflight_mb = "
+                            f"{self.cfg.max_inflight_mb:g} ({self.inflight_bytes} in flight); retry later")
+            self.inflight_bytes += nbytes
+            st.reserved += nbytes
+
+    def _watch(self) -> None:
+        idle_s, total_s = self.cfg.stream_idle_timeout_s, self.cfg.stream_timeout_s
+        while not self.closed.wait(min(0.2, idle_s / 4)):
+            now = time.monotonic()
+            with self.lock:
+                overdue = [st for st in self.streams.values() if not st.cut and
+                           (now - st.last > idle_s or now - st.started > total_s)]
+                for st in overdue:
+                    st.cut = (f"nothing for {now - st.last:.1f} s (stream_idle_timeout_s = {idle_s:g})"
+                              if now - st.last > idle_s else
+                              f"open for {now - st.started:.1f} s (stream_timeout_s = {total_s:g})")
+            for st in overdue:
+                log.warning("cut the %s stream of %s: %s", st.kind, safe_str(st.cid), st.cut)
+                st.context.cancel()
+
+    # -- RPCs (streams) ---------------------------------------------------------------------------
     def PullTask(self, request, context) -> Iterator:
         req = serde.from_proto(request)
         cid = self._caller(context, req.client_id)
+        with self._stream(cid, "download", context) as st:
+            for chunk in self._pull_task(cid, req, context):
+                yield chunk
+                st.touch()  # resumed: the previous chunk went out
+
+    def _pull_task(self, cid: str, req: serde.TaskRequest, context) -> Iterator:
         with self.lock:
             if self.finished:
+                self._told(cid)
                 yield from serde.finished_chunks("run complete")
                 return
             task = self.book.tasks.get(cid) if self.book is not None else None
-            if task is None or cid in self.book.updates:
+            if task is None or cid in self.book.updates or cid in self.book.rejected:
                 yield from serde.wait_chunks(self.cfg.poll_interval_s, "no task for you this round")
                 return
             version = -1 if req.base_version is None else req.base_version
@@ -160,13 +263,22 @@ class GrpcTransport(serde.CoordinatorServicer):
 
     def PushUpdate(self, request_iterator, context):
         cid = self._caller(context, "")
+        with self._stream(cid, "upload", context) as st:
+            try:
+                return self._push_update(cid, st, request_iterator, context)
+            except _Busy as e:
+                context.abort(grpc.StatusCode.ABORTED, str(e))
+
+    def _push_update(self, cid: str, st: _Stream, request_iterator, context):
         with self.lock:
             book = self.book
-            open_ids = {t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled} if book else set()
+            open_ids = ({t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled}
+                        if book and cid not in book.rejected else set())
         counter = serde.ByteCounter()
 
         def counted():
             for msg in request_iterator:
+                st.touch()
                 counter.bytes += len(msg)  # raw chunk bytes, parsed by read_update
                 yield msg
 
@@ -174,14 +286,24 @@ class GrpcTransport(serde.CoordinatorServicer):
             if not open_ids:
                 raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
             _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
-                                                expected_client_id=cid)
+                                          reserve=lambda n: self._reserve(st, n), expected_client_id=cid)
         with self.lock:
-            if self.book is not book or cid in book.updates:
+            if self.book is not book or cid in book.updates or cid in book.rejected:
                 return serde.to_proto(serde.PushReply(False, "round already closed or update already received"))
-            book.updates[cid] = update
+            refused = None
+            try:  # against what this client was assigned this round (the engine checks again before aggregate)
+                self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
+            except UpdateRejected as e:
+                refused = safe_str(str(e), 1000)
+                book.rejected.add(cid)
+            else:
+                book.updates[cid] = update
+                book.payload_up += payload_nbytes(update.tensors)
             book.bytes_up += counter.bytes
-            book.payload_up += payload_nbytes(update.tensors)
             self.lock.notify_all()
+        if refused is not None:
+            log.warning("round %d: refused the update of %s (failed for this round): %s", book.rnd, cid, refused)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
         return serde.to_proto(serde.PushReply(True))
 
@@ -191,11 +313,22 @@ class GrpcTransport(serde.CoordinatorServicer):
         with self.lock:
             open_ids = {t.task_id for t in self.book.tasks.values() if t.client_id == cid} if self.book else set()
             cancel = bool(req.task_id) and req.task_id not in open_ids
-        return serde.to_proto(serde.HeartbeatReply(True, self.cfg.heartbeat_interval_s, self.finished, cancel))
+            finished = self.finished
+            if finished:
+                self._told(cid)
+        return serde.to_proto(serde.HeartbeatReply(True, self.cfg.heartbeat_interval_s, finished, cancel))
+
+    def _told(self, cid: str) -> None:  # under self.lock
+        self.told.add(cid)
+        self.lock.notify_all()
 
 
 def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection, *, workers: int = 16):
-    """A grpc.Server with the auth interceptor, message limits, TLS (if configured) and health service."""
+    """A grpc.Server with the auth interceptor, message limits, TLS (if configured) and health service.
+
+    Streams hold a worker thread each; at most one upload and one download per client are open at a time, so
+    2 × roster threads can be parked and `workers` more stay free for unary RPCs and the health service."""
+    workers += 2 * len(transport.roster)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[transport.auth],
                          options=serde.channel_options(), maximum_concurrent_rpcs=workers * 4)
     serde.add_servicer(server, transport)
@@ -209,6 +342,7 @@ def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection
     if port == 0:
         raise ConfigError(f"cannot listen on {address} (address in use or invalid)")
     server.start()
+    transport.watchdog.start()
     for svc in ("", serde.SERVICE_NAME):
         health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
@@ -217,9 +351,15 @@ def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection
 def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready: threading.Event | None = None,
           port_box: list | None = None, stop: threading.Event | None = None) -> dict:
     """`fedtune server`: run the configured rounds over gRPC; returns the run summary."""
-    from fedtune.simulation import execute, finalize_run, prepare_run
+    from fedtune.simulation import prepare_run
 
     scfg: ServerSection = cfg.section("server", ServerSection)
+    if not scfg.tls_cert:
+        if not scfg.insecure:
+            raise ConfigError("[server] tls_cert is empty: client tokens would travel in clear text; set tls_cert and "
+                              "tls_key (fedtune certs makes dev ones) or, only on a trusted network, pass --insecure "
+                              "([server] insecure = true)")
+        log.warning("INSECURE: no TLS; client tokens and updates travel in clear text ([server] insecure = true)")
     tokens = load_tokens(scfg.tokens_file, "[server] tokens_file")
     roster = list(scfg.clients) or sorted(tokens)
     unknown = sorted(set(roster) - set(tokens))
@@ -228,18 +368,29 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     if len(roster) != cfg.federation.num_clients:
         raise ConfigError(f"{len(roster)} clients in the roster but federation.num_clients = "
                           f"{cfg.federation.num_clients}; make them agree")
-    run = prepare_run(cfg, resume=resume, roster=roster)
+    run = prepare_run(cfg, resume=resume, roster=roster, deployment=True)
+    try:
+        return _serve_run(run, cfg, scfg, roster, tokens, progress=progress, ready=ready, port_box=port_box, stop=stop)
+    finally:
+        run.close()
+
+
+def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], tokens: dict[str, str], *, progress: bool,
+               ready: threading.Event | None, port_box: list | None, stop: threading.Event | None) -> dict:
+    from fedtune.simulation import execute, finalize_run
+
     if not scfg.evaluate:
-        run.engine.evaluate_fn = None
+        run.engine.evaluate_fn = run.engine.test_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
                               model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg)
     transport.instruction_for = run.engine.instruction_for
+    transport.check_update = run.engine.check_update
     if stop is not None:
         transport.stop_event = stop
     run.engine.transport = transport
     server, port, health_servicer = start_grpc_server(transport, scfg.address, scfg)
     log.info("coordinator for run %r (%s, %d clients) listening on port %d%s", cfg.run.name, run.algo.name,
-             len(roster), port, " with TLS" if scfg.tls_cert else " WITHOUT TLS")
+             len(roster), port, (" with mTLS" if transport.mtls else " with TLS") if scfg.tls_cert else " WITHOUT TLS")
     if port_box is not None:
         port_box.append(port)
     if ready is not None:
@@ -259,15 +410,23 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
         for svc in ("", serde.SERVICE_NAME):
             health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.stop(grace=1.0)
+        transport.closed.set()
 
 
 def _drain(transport: GrpcTransport, grace_s: float) -> None:
-    """After the last round, keep answering FINISHED until every client that was seen has polled again
-    (or the grace period ends), so clients exit by themselves."""
-    t0 = time.monotonic()
-    seen_at_end = dict(transport.last_seen)
-    while time.monotonic() - t0 < grace_s and not transport.stop_event.is_set():
-        with transport.lock:
-            if all(transport.last_seen.get(c, 0) > t for c, t in seen_at_end.items()):
+    """After the last round, keep serving until every live client (seen within its lease) has been told the
+    run is finished — by a FINISHED PullTask reply or a Heartbeat reply with run_finished — or the grace
+    period ends, so clients exit by themselves. A heartbeat alone does not count: the reply must say it."""
+    deadline = time.monotonic() + grace_s
+    with transport.lock:
+        while True:
+            now = time.monotonic()
+            pending = sorted(c for c, t in transport.last_seen.items()
+                             if c not in transport.told and now - t <= transport.cfg.lease_timeout_s)
+            if not pending or transport.stop_event.is_set():
                 return
-        time.sleep(0.1)
+            if now >= deadline:
+                log.warning("finish: %s not told the run is finished within finish_grace_s = %g s",
+                            pending, grace_s)
+                return
+            transport.lock.wait(min(0.1, deadline - now))

@@ -3,7 +3,8 @@
 Clients send `authorization: Bearer <token>` on every call (`auth_metadata(token)`). The server
 installs `TokenAuthInterceptor(tokens)`; every RPC except the standard health service is rejected
 with UNAUTHENTICATED unless the token matches a known client (constant-time compare). Servicers
-learn the caller with `interceptor.authenticated_client(context)`.
+learn the caller with `interceptor.authenticated_client(context)`; under mTLS the coordinator also
+requires the token's client id among the certificate's names (`peer_identities`: CN, SANs).
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
     return make(abort)
+
+
+def peer_identities(context: grpc.ServicerContext) -> set[str]:
+    """The names in the caller's verified client certificate (CN and SANs), empty without one (no mTLS)."""
+    auth = context.auth_context() or {}
+    names = [*auth.get("x509_common_name", ()), *auth.get("x509_subject_alternative_name", ())]
+    return {n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names}
 
 
 def _pem(src: PemSource) -> bytes:

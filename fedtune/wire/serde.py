@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -263,6 +263,13 @@ def _parse(cls: type[M], item: M | bytes) -> M:
     raise WireError(f"expected {cls.__name__}, got {type(item).__name__}")
 
 
+def safe_str(value: object, limit: int = 80) -> str:
+    """A peer-supplied string for logs and error details: repr-quoted (newlines and control characters escaped,
+    so it cannot forge a log line) and capped at `limit` characters."""
+    text = str(value)
+    return repr(text[:limit]) + (f"…(+{len(text) - limit} chars)" if len(text) > limit else "")
+
+
 def _check_id(value: str, what: str) -> str:
     if not value or len(value) > MAX_ID_CHARS:
         raise WireError(f"{what} must be 1..{MAX_ID_CHARS} characters, got {len(value)}")
@@ -450,12 +457,14 @@ def read_update(
     max_bytes: int,
     expected_task_id: str | Collection[str] | None = None,
     expected_client_id: str | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> tuple[str, ClientUpdate]:
     """Consume a PushUpdate request stream → (task_id, update).
 
     `expected_task_id` (one id or a collection of acceptable ids) and `expected_client_id` (the
     authenticated client) are checked on chunk 0, before any data is buffered
-    (WirePermissionError)."""
+    (WirePermissionError). `reserve(total_bytes)` is called once chunk 0 passed its checks, before
+    its data is buffered (a receiver's memory budget; it may raise to refuse the stream)."""
     it = iter(chunks)
     raw = next(it, None)
     if raw is None:
@@ -465,14 +474,16 @@ def read_update(
     if expected_task_id is not None:
         ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
         if not ok:
-            raise WirePermissionError(f"PushUpdate: task {task_id!r} is not an open task of this client")
+            raise WirePermissionError(f"PushUpdate: task {safe_str(task_id)} is not an open task of this client")
     if expected_client_id is not None and first.client_id != expected_client_id:
         raise WirePermissionError(
-            f"PushUpdate: update names client {first.client_id!r}, caller is {expected_client_id!r}"
+            f"PushUpdate: update names client {safe_str(first.client_id)}, caller is {expected_client_id!r}"
         )
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
     asm = _Assembler("update", task_id, first.total, first.total_bytes, first.sha256, max_bytes)
+    if reserve is not None:
+        reserve(asm.total_bytes)
     chunk: pb2.UpdateChunk | None = first
     while chunk is not None:
         if chunk.total_bytes != asm.total_bytes or chunk.sha256 != asm.sha256:

@@ -18,11 +18,15 @@
     operation runs, extra = VmHWM − VmRSS before; min of 3 (noise only adds); ratio = (weights + extra_op) ÷
     (weights + extra_forward), as tests/test_fedkseed.py does on a tiny model. Probes: forward (no_grad
     inference), zo_step (zo.spsa_step + zo.apply_update over all weights), fedkseed_round (FedKSeedClient.train,
-    full mode, 1 step: includes the client's backup copy of θ), first_order (forward + backward, all weights
+    full mode, 1 step, with the exact restore: zo.ParamBackup spills θ to a temp file), first_order (forward + backward, all weights
     trainable, for scale).
 
+(3) Wire and z (model-independent, tiny model, seconds): serialized bytes of the round-1 instruction (setup +
+    sync + config) at K = 4096 seeds (goal ≤ 18 KB), serialized ÷ payload bytes of a real τ = 200 client update
+    (goal ≤ 1.1), and z regenerations per ZO step counted over a client round (goal ≤ 3).
+
     python simulations/bench/fedkseed.py [--model smollm2|tiny] [--local-steps 4] [--rounds 2] [--clients 4]
-        [--full] [--skip-sim] [--skip-memory] [--mem-batch 8] [--mem-seq 64]
+        [--full] [--skip-sim] [--skip-memory] [--skip-wire] [--mem-batch 8] [--mem-seq 64]
 """
 
 from __future__ import annotations
@@ -186,7 +190,7 @@ def memory(a: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": "needs Linux /proc/self/clear_refs"}
     env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(a.mem_threads))
     out: dict[str, Any] = {"batch": [a.mem_batch, a.mem_seq], "threads": a.mem_threads}
-    for what in ("forward", "zo_step", "fedkseed_round", "first_order"):
+    for what in a.mem_probes:
         p = subprocess.run([sys.executable, "-c", PROBE, what, a.model, str(a.mem_batch), str(a.mem_seq)],
                            env=env, capture_output=True, text=True, timeout=1200, check=False)
         if p.returncode != 0:
@@ -203,6 +207,49 @@ def memory(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def wire_and_z(tau: int = 200, num_seeds: int = 4096) -> dict[str, Any]:
+    """Round-1 download and τ-step upload sizes (serialized vs payload), z regenerations per ZO step."""
+    import torch
+
+    from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms.base import Instruction, TrainContext, payload_nbytes
+    from fedtune.algorithms.fedkseed import FedKSeedConfig
+    from fedtune.data import ChatFormatter, load_chatterbot
+    from fedtune.models import tiny_llama, tiny_tokenizer
+    from fedtune.training import zo
+    from fedtune.wire import sizes
+
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer()
+    algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=num_seeds, lr=1e-3))
+    state = algo.initialize(tiny_llama(len(tok)), seed=0)
+    base = {"steps": tau, "batch_size": 1, "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.0, "max_grad_norm": 1.0}
+    cfg = dict(algo.configure_round(1, state, ["client-0"], base, ["client-0"])["client-0"], seed=123456789)
+    ins = Instruction(1, "client-0", 0, cfg, sync=algo.sync_payload(state, -1), setup=algo.setup_payload(state))
+    client = algo.make_client()
+    model = client.setup(tiny_llama(len(tok)), ins.setup)
+    client.sync(model, ins.sync)
+    calls = [0]
+    orig = zo.noise
+
+    def counting(params, seed):
+        calls[0] += 1
+        return orig(params, seed)
+
+    zo.noise = counting
+    try:
+        feats = ChatFormatter(tok, 32).many(load_chatterbot()[:50])
+        upd = client.train(model, TrainContext("client-0", feats, tok.pad_token_id), cfg)
+    finally:
+        zo.noise = orig
+    payload = payload_nbytes(upd.tensors)
+    return {"num_seeds": num_seeds, "tau": tau,
+            "round1_download_bytes": sizes.instruction_bytes(ins),
+            "round1_download_payload_bytes": payload_nbytes(ins.sync.tensors) + payload_nbytes(ins.setup.tensors),
+            "upload_bytes": sizes.update_bytes(upd), "upload_payload_bytes": payload,
+            "upload_ratio": sizes.update_bytes(upd) / payload, "z_regenerations_per_step": calls[0] / tau}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_workload_args(ap)
@@ -213,9 +260,11 @@ def main() -> None:
     ap.add_argument("--calib-repeats", type=int, default=2)
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-wire", action="store_true")
     ap.add_argument("--mem-batch", type=int, default=8)
     ap.add_argument("--mem-seq", type=int, default=64)
     ap.add_argument("--mem-threads", type=int, default=1)
+    ap.add_argument("--mem-probes", nargs="+", default=["forward", "zo_step", "fedkseed_round", "first_order"])
     ap.add_argument("--out", default="simulations/bench/results/fedkseed.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -245,6 +294,12 @@ def main() -> None:
                   f"{mem['forward']['weights'] / 2**20:.0f} MiB): inference {mem['inference_bytes'] / 2**20:.0f} MiB; "
                   + " | ".join(f"{k} ÷ inference {v:.3f}" for k, v in r.items())
                   + f"  (goal zo_step ≤ 1.15: {'met' if r.get('zo_step', 9) <= 1.15 else 'NOT met'})")
+    if not a.skip_wire:
+        res["wire"] = w = wire_and_z()
+        print(f"\nwire (K = {w['num_seeds']}, τ = {w['tau']}): round-1 download {w['round1_download_bytes']:,} B "
+              f"(goal ≤ 18 KB) | upload {w['upload_bytes']:,} B serialized ÷ {w['upload_payload_bytes']:,} B payload "
+              f"= {w['upload_ratio']:.3f} (goal ≤ 1.1) | z regenerations per ZO step {w['z_regenerations_per_step']:g} "
+              f"(goal ≤ 3)")
     res["total_wall_s"] = time.perf_counter() - t0
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

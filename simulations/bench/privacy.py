@@ -1,4 +1,5 @@
-"""Sample-level DP: utility vs ε for Fed-SB and FedAvg-LoRA, and the cost of a DP local step.
+"""Sample-level DP: utility vs ε for Fed-SB, FedAvg-LoRA and FedKSeed (DP zeroth-order), and the cost of a DP
+local step (first-order and zeroth-order).
 
 (a) grid: eval loss after the same rounds at ε ∈ --eps (default 1 3 8 inf) for each method. Finite ε:
     [privacy] mode = "sample", target_epsilon = ε, δ default (min(1/N_k, 1e-5)), C = max_grad_norm = 1,
@@ -6,16 +7,24 @@
     the non-private run (mode = "none", AdamW with the usual clipping of the batch gradient). Runs go one
     after another. The default workload is smaller than comm.py's (2 clients, 2 rounds, 3 local steps) so the
     8-run grid fits in minutes on 2 CPUs; every size is a flag. `--model tiny` is a quick smoke mode.
+    Methods "fedkseed-lora" / "fedkseed-full" are FedKSeed (trainable = "lora" q,v r / "full") with DP
+    zeroth-order: C = --zo-clip clips each example's projected-gradient scalar (on g's scale, not a gradient
+    norm); ε = inf is plain FedKSeed. τ = --zo-steps ZO steps per round; 0 = calibrated to the first-order
+    methods' training time per round (fedkseed.py's calibration: τ = local_steps · t_first_order / t_zo).
 (b) step cost: seconds per local step, DP vs non-DP, on the SAME fixed batches (batch × seq), LoRA q,v r=8:
     - nondp: fedtune's `train_local` loop (AdamW, batch-gradient clipping)
     - dp: fedtune's `dp_training` (opacus GradSampleModule + DPOptimizer over AdamW, per-example clipping,
       noise σ = 1) with the same batches, sum of per-example losses backpropagated
     Runs alternate nondp/dp; median of --repeats; ratio dp / nondp. Each timed block includes building the
     optimiser (and, for dp, attaching/detaching opacus), as one local round does.
+(c) ZO step cost per --zo-modes (lora, full): one FedKSeed step (two perturbed forwards, the step's scalar,
+    the update) on the same fixed batches: hf = the old step (HF batch-mean loss, 4 z regenerations), nondp =
+    FedKSeedClient.step without DP (per-example losses, their mean), dp = the same with σ = 1, C = 1.
+    Alternating, median of --repeats; ratios dp / nondp (goal ≤ 1.05) and dp / hf.
 
     python simulations/bench/privacy.py [--model smollm2|tiny] [--eps 1 3 8 inf] [--methods fedsb fedavg]
         [--clients 2] [--rounds 2] [--local-steps 3] [--fedsb-lr X] [--skip-grid] [--skip-step]
-        [--step-steps 3] [--repeats 3]
+        [--step-steps 3] [--repeats 3] [--zo-steps 0] [--zo-clip 1] [--zo-lr 0] [--zo-modes lora full] [--skip-zo-step]
 """
 
 from __future__ import annotations
@@ -36,28 +45,52 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comm import add_workload_args, base_overrides, run_method
 
+from fedtune.algorithms.fedkseed import FedKSeedConfig
 from fedtune.privacy.accounting import noise_for_target
+
+
+def zo_steps(a: argparse.Namespace, mode: str) -> int:
+    """τ for FedKSeed in `mode`: --zo-steps, or calibrated to the first-order step time (fedkseed.py)."""
+    if a.zo_steps:
+        return a.zo_steps
+    if f"zo_{mode}" not in a.calib:
+        from fedkseed import calibrate
+
+        ns = argparse.Namespace(**vars(a), calib_steps=2, calib_repeats=1)
+        a.calib.update(calibrate(ns, [mode]))
+        print("calibration (s/step): " + ", ".join(f"{k} {v:.3f}" for k, v in a.calib.items()), flush=True)
+    return max(1, round(a.local_steps * a.calib["first_order"] / a.calib[f"zo_{mode}"]))
 
 
 def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
     ov = base_overrides(a)
     out = []
     for method in a.methods:
+        algorithm = method.split("-")[0]
         for eps in a.eps:
             o = dict(ov)
             if method == "fedsb" and a.fedsb_lr:
                 o["train.lr"] = a.fedsb_lr
+            if algorithm == "fedkseed":
+                mode = method.split("-")[1]
+                o.update({"fedkseed.trainable": mode, "fedkseed.rank": a.rank, "fedkseed.alpha": 2 * a.rank,
+                          "train.local_steps": zo_steps(a, mode), "privacy.max_grad_norm": a.zo_clip})
+                if a.zo_lr:
+                    o["fedkseed.lr"] = a.zo_lr
             if math.isfinite(eps):
                 o.update({"privacy.mode": "sample", "privacy.target_epsilon": eps, "privacy.noise_seed": a.seed})
             tag = f"{method}_eps{eps:g}"
-            res = run_method(method, o, a.work, tag)
+            res = run_method(algorithm, o, a.work, tag)
             rows = res["rows"]
-            row = {"method": method, "target_epsilon": eps, "lr": o["train.lr"],
+            row = {"method": method, "target_epsilon": eps, "lr": o["train.lr"], "local_steps": o["train.local_steps"],
                    "eval_loss": [r.get("eval_loss") for r in rows],
                    "eval_loss_final": res["summary"]["eval_loss_final"],
                    "epsilon_spent": res["summary"]["epsilon"], "delta": res["summary"]["delta"],
                    "rounds_completed": res["summary"]["rounds_completed"],
                    "stopped_early": res["summary"]["stopped_early"], "wall_s": res["wall_s"]}
+            if algorithm == "fedkseed":
+                row["lr"] = a.zo_lr or FedKSeedConfig(trainable=mode).lr  # FedKSeed's own η, not train.lr
+                row["zo_grad_abs_mean"] = [r.get("fedkseed_grad_abs_mean") for r in rows[1:]]
             out.append(row)
             print(f"done {tag}: eval {row['eval_loss_final']:.4f}, ε spent {row['epsilon_spent']}, "
                   f"{res['wall_s']:.1f} s", flush=True)
@@ -74,14 +107,17 @@ def sigmas(a: argparse.Namespace) -> dict[str, Any]:
     _, tok = load_model(a.model)
     data, _ = prepare_data(cfg, tok)
     out = {}
-    for eps in [e for e in a.eps if math.isfinite(e)]:
-        per = {}
-        for cid, d in data.items():
-            n = len(d.train)
-            q = min(a.batch, n) / n
-            per[cid] = {"n": n, "q": q, "delta": min(1 / n, 1e-5),
-                        "sigma": noise_for_target(eps, min(1 / n, 1e-5), q, a.local_steps * a.rounds, "rdp")}
-        out[f"{eps:g}"] = per
+    steps = {"first_order": a.local_steps}
+    steps.update({m: zo_steps(a, m.split("-")[1]) for m in a.methods if m.startswith("fedkseed")})
+    for name, st in steps.items():
+        for eps in [e for e in a.eps if math.isfinite(e)]:
+            per = {}
+            for cid, d in data.items():
+                n = len(d.train)
+                q = min(a.batch, n) / n
+                per[cid] = {"n": n, "q": q, "delta": min(1 / n, 1e-5), "steps": st * a.rounds,
+                            "sigma": noise_for_target(eps, min(1 / n, 1e-5), q, st * a.rounds, "rdp")}
+            out[f"{name} eps={eps:g}"] = per
     return out
 
 
@@ -132,6 +168,63 @@ def step_cost(a: argparse.Namespace) -> dict[str, Any]:
             "ratio_dp_over_nondp": med["dp"] / med["nondp"], "samples": times}
 
 
+def zo_step_cost(a: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """s/step of a FedKSeed step in `mode`: old HF-loss step vs per-example non-DP vs DP, same fixed batches."""
+    from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms.fedkseed import FedKSeedConfig
+    from fedtune.data import ChatFormatter, collate, load_chatterbot
+    from fedtune.models import load_model
+    from fedtune.privacy.sample import DPRound
+    from fedtune.training import zo
+
+    model, tok = load_model(a.model, seed=a.seed)
+    algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=64, trainable=mode, rank=8, alpha=16))
+    state = algo.initialize(model, seed=a.seed)
+    client = algo.make_client()
+    model = client.setup(model, algo.setup_payload(state))
+    model.eval()
+    params = zo.zo_parameters(model)
+    eps, lr = 5e-4, float(algo.config.lr)
+    pad = tok.pad_token_id
+    feats = [f for f in ChatFormatter(tok, a.seq).many(load_chatterbot()[:800]) if len(f["input_ids"]) >= a.seq]
+    feats = (feats or ChatFormatter(tok, a.seq).many(load_chatterbot()[:64]))[: a.batch * a.step_steps]
+    fixed = [collate(feats[i * a.batch:(i + 1) * a.batch], pad) for i in range(a.step_steps)]
+    seeds = client.seeds[: a.step_steps]
+    dp = DPRound(noise_multiplier=1.0, clip=1.0, sample_rate=0.01, expected_batch=a.batch,
+                 generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def hf():  # the step before per-example losses: g from HF's batch-mean token loss
+        for s, b in zip(seeds, fixed):
+            zo.perturb(params, s, eps)
+            lp = float(model(**b).loss)
+            zo.perturb(params, s, -2 * eps)
+            lm = float(model(**b).loss)
+            zo.perturb(params, s, eps)
+            zo.apply_update(params, s, lr * (lp - lm) / (2 * eps))
+
+    def step(private):
+        def run():
+            for s, b in zip(seeds, fixed):
+                client.step(model, params, [b], s, eps=eps, lr=lr, grad_clip=100.0, dp=private)
+        return run
+
+    fns = {"hf": hf, "nondp": step(None), "dp": step(dp)}
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(a.repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) / a.step_steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"mode": mode, "model": a.model, "batch": [a.batch, int(fixed[0]["input_ids"].shape[1])],
+            "trainable": sum(p.numel() for _, p in params), "steps": a.step_steps, "repeats": a.repeats,
+            "threads": torch.get_num_threads(), "s_per_step": med, "ratio_dp_over_nondp": med["dp"] / med["nondp"],
+            "ratio_dp_over_hf": med["dp"] / med["hf"], "samples": times}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_workload_args(ap, clients=2, rounds=2, local_steps=3)
@@ -142,13 +235,22 @@ def main() -> None:
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--step-steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--zo-steps", type=int, default=0, help="FedKSeed τ per round (0 = calibrated to equal time)")
+    ap.add_argument("--zo-clip", type=float, default=1.0, help="FedKSeed DP: clip C of each example's scalar g_i")
+    ap.add_argument("--zo-lr", type=float, default=0.0, help="FedKSeed η (0 = its default per mode)")
+    ap.add_argument("--zo-modes", nargs="+", default=["lora", "full"], help="modes for the ZO step cost")
+    ap.add_argument("--skip-zo-step", action="store_true")
     ap.add_argument("--out", default="simulations/bench/results/privacy.json")
     a = ap.parse_args()
+    bad = [m for m in a.methods if m not in ("fedsb", "fedavg", "flora", "fedkseed-lora", "fedkseed-full")]
+    if bad:
+        ap.error(f"unknown --methods {bad}: fedsb, fedavg, flora, fedkseed-lora, fedkseed-full")
+    a.calib = {}
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     t0 = time.perf_counter()
     res: dict[str, Any] = {"workload": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
-                                        for k, v in vars(a).items() if k != "eps"},
+                                        for k, v in vars(a).items() if k not in ("eps", "calib")},
                            "eps": [e if math.isfinite(e) else "inf" for e in a.eps]}
     if not a.skip_grid:
         res["sigma"] = sigmas(a)
@@ -156,7 +258,7 @@ def main() -> None:
         print(f"\n{a.model}, {a.clients} clients × {a.rounds} rounds × {a.local_steps} steps, batch {a.batch}×{a.seq}, "
               f"r={a.rank}, q,v; sample-level DP, C=1, δ=min(1/N_k,1e-5), RDP")
         for eps, per in res["sigma"].items():
-            print(f"  ε={eps}: σ per client " + ", ".join(f"{c}:{v['sigma']:.3f} (q={v['q']:.4f})" for c, v in per.items()))
+            print(f"  {eps}: σ per client " + ", ".join(f"{c}:{v['sigma']:.3f} (q={v['q']:.4f})" for c, v in per.items()))
         print(f"{'method':>8} | {'lr':>7} | " + " | ".join(f"{'ε=' + format(e, 'g'):>8}" for e in a.eps)
               + " | (final eval loss; base = round 0)")
         for m in a.methods:
@@ -164,6 +266,10 @@ def main() -> None:
             print(f"{m:>8} | {cells[0]['lr']:>7g} | " + " | ".join(f"{r['eval_loss_final']:>8.4f}" for r in cells)
                   + f" | base {cells[0]['eval_loss'][0]:.4f}")
         bad = [r for r in g if r["stopped_early"] or r["rounds_completed"] != a.rounds]
+        zo = [r for r in g if r["method"].startswith("fedkseed")]
+        if zo:
+            print("FedKSeed τ per round: " + ", ".join(sorted({f"{r['method']} {r['local_steps']}" for r in zo}))
+                  + f"; C = {a.zo_clip} on each example's projected gradient")
         for r in bad:
             print(f"WARNING {r['method']} ε={r['target_epsilon']}: {r['rounds_completed']} rounds, {r['stopped_early']}")
     if not a.skip_step:
@@ -171,6 +277,14 @@ def main() -> None:
         print(f"\nDP step cost ({a.model}, LoRA q,v r=8, batch {s['batch'][0]}×{s['batch'][1]}): "
               f"non-DP {s['s_per_step']['nondp']:.3f} s/step | DP {s['s_per_step']['dp']:.3f} s/step | "
               f"ratio {s['ratio_dp_over_nondp']:.3f}")
+    if not a.skip_zo_step:
+        res["zo_step"] = zs = [zo_step_cost(a, m) for m in a.zo_modes]
+        for s in zs:
+            t = s["s_per_step"]
+            print(f"ZO step cost ({a.model}, {s['mode']}, {s['trainable']:,} trainable, batch {s['batch'][0]}×"
+                  f"{s['batch'][1]}): old HF-loss {t['hf']:.3f} | non-DP {t['nondp']:.3f} | DP {t['dp']:.3f} s/step | "
+                  f"DP ÷ non-DP {s['ratio_dp_over_nondp']:.3f} (goal ≤ 1.05) | DP ÷ old {s['ratio_dp_over_hf']:.3f}")
+    res["calibration_s_per_step"] = a.calib
     res["total_wall_s"] = time.perf_counter() - t0
     for r in res.get("grid", []):
         if not math.isfinite(r["target_epsilon"]):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
@@ -13,6 +14,7 @@ class LoRAConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale s = alpha / r"})
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     dropout: float = 0.0
+    lr: float | None = field(default=None, metadata={"help": "local AdamW lr; None = [train] lr, else DEFAULT_LR"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -23,8 +25,11 @@ class LoRAConfig:
             raise ValueError("lora target_modules is empty; e.g. target_modules = [\"q_proj\", \"v_proj\"]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r} (e.g. lr = 1e-3)")
 
 
 @dataclass
 class FedAvgConfig(LoRAConfig):
+    DEFAULT_LR: ClassVar[float] = 1e-3  # see simulations/results/lr_sweep_fedavg.json
     uniform: bool = field(default=False, metadata={"help": "weight clients equally instead of by examples"})

@@ -7,7 +7,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights, weighted_mean
+from fedtune.algorithms.base import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    TensorSpec,
+    UpdateSpec,
+    example_weights,
+    weighted_mean,
+)
 from fedtune.algorithms.fedavg.config import FedAvgConfig
 from fedtune.algorithms.lora_common import init_lora_factors, lora_shapes
 
@@ -31,6 +40,10 @@ class FedAvg(FedAlgorithm):
         if from_version == state.version:
             return Payload(meta={"version": state.version})
         return Payload(tensors=dict(state.tensors), meta={"version": state.version})
+
+    def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
+        """The client's whole trained adapter: every global A and B, same shapes and dtypes."""
+        return UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.tensors.items()})
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         p = example_weights(updates, uniform=self.config.uniform)

@@ -1,7 +1,8 @@
 """FedKSeed — federated zeroth-order full-parameter tuning with a finite seed set (Qin et al., 2024,
 "Federated Full-Parameter Tuning of Billion-Sized Language Models with Communication Cost under 18 Kilobytes").
 
-K candidate seeds {s_1 … s_K} are drawn once from the run seed. z(s) ~ N(0, I) over all trainable weights is
+K candidate seeds {s_1 … s_K} are drawn once from the run seed, by the server and by every client (only
+that one seed travels, in the setup payload). z(s) ~ N(0, I) over all trainable weights is
 regenerated from s on demand (fedtune.training.zo: CPU generator, sorted parameter order). Client k does
 τ local SPSA steps from the global θ, each on a batch with a seed s_kt from the set:
 
@@ -16,7 +17,12 @@ and keeps every round's pairs (s, η·H[s]). Every client replays θ ← θ − 
 order, so all copies of θ stay bit-identical and no weights ever travel; a client that missed rounds
 replays the pairs it lacks. Replay is linear in g, so it equals applying each client's steps weighted by p_k
 (with weight decay 0). The client's local steps move its own θ between steps; only (s, g) leaves it, and
-its model is restored bit-exactly from a backup copy afterwards.
+its model is restored bit-exactly afterwards from a backup spilled to a temporary file (zo.ParamBackup: no
+second copy of θ in memory; undoing the steps is not exact in fp32).
+
+The step's loss is the mean over the batch's examples of each example's mean token loss, so the same two
+forwards give every per-example g_i; sample-level DP ([privacy] mode = "sample") clips each g_i to [−C, C] and
+releases (Σ_i clip(g_i) + N(0, σ²C²)) / E per step (see client.py; accounting as for DP-SGD).
 
 Choices (see FedKSeedConfig):
 - η: the paper's 3e-7 is for billion-scale full tuning; stable ZO step sizes shrink roughly like 1/d, so the

@@ -1,4 +1,12 @@
-"""FedKSeed client: replay the global (seed, η·H) pairs; train with τ SPSA steps; upload (seed_idx, g)."""
+"""FedKSeed client: replay the global (seed, η·H) pairs; train with τ SPSA steps; upload (seed_idx, g).
+
+Sample-level DP ([privacy] mode = "sample", DP zeroth-order): each step draws a Poisson batch (rate q = E / N,
+E = batch_size), gets g_i for every example from the step's two forwards, and uses
+g = (Σ_i clip(g_i, ±C) + N(0, σ²C²)) / E — one Gaussian-mechanism release of a scalar per step, accounted by the
+client's opacus accountant (SampleLevelDP.run: q, τ steps per round). The noise is O(σC/E) on ONE scalar,
+whatever the number of parameters. The uploaded g is the noised one, and it is what the client applied, so
+replay stays exact; the wire format is unchanged.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
-from fedtune.algorithms.fedkseed.server import PROBS, SEEDS, round_key
+from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds, round_key
 from fedtune.algorithms.lora_common import (
     activate,
     attach_lora,
@@ -18,27 +26,18 @@ from fedtune.algorithms.lora_common import (
     lora_shapes,
     set_lora_state,
 )
+from fedtune.data.format import collate
+from fedtune.privacy.sample import DPRound, poisson_batches, private_scalar_mean
 from fedtune.training.local import batches
-from fedtune.training.zo import apply_update, spsa_step, zo_parameters
+from fedtune.training.zo import ParamBackup, apply_update, finish_step, mean_grad, spsa_example_grads, zo_parameters
 
 ADAPTER = "fedkseed"
 INDEX_STREAM = 0x5EED  # offsets the seed-index RNG from the batch-order RNG (both derive from config["seed"])
-NOISE_STREAM = 0xD9  # offsets the DP-noise RNG
 
 
 def clip_grad(g: float, clip: float) -> float:
     """Clamp the scalar projected gradient to ±clip (clip = 0: unchanged)."""
     return max(-clip, min(clip, g)) if clip > 0 else g
-
-
-def dp_noise(g: float, *, clip: float, sigma: float, gen: torch.Generator) -> float:
-    """Gaussian mechanism on one step's scalar: clip(g, ±C) + N(0, σ²C²).
-
-    TODO(privacy): the privacy module owns the accounting (one release per step, sampling rate of the batch).
-    With batch size > 1 sample-level DP needs per-example clipping of g_i = (L_i(θ+εz) − L_i(θ−εz)) / 2ε
-    (same two forwards, reduction="none") before averaging; this hook clips the batch's g only.
-    """
-    return clip_grad(g, clip) + sigma * clip * float(torch.randn((), generator=gen, dtype=torch.float64))
 
 
 class FedKSeedClient(ClientAlgorithm):
@@ -50,7 +49,11 @@ class FedKSeedClient(ClientAlgorithm):
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
         m = payload.meta
-        self.seeds = payload.tensors[SEEDS].tolist()
+        k, seed_set = m.get("num_seeds"), m.get("seed_set")
+        if not (type(k) is int and 1 <= k <= MAX_SEEDS and type(seed_set) is int and -(2**63) <= seed_set < 2**64):
+            raise ValueError(f"FedKSeed setup payload needs num_seeds in [1, {MAX_SEEDS}] and a 64-bit integer "
+                             f"seed_set, got {k!r}, {seed_set!r}")
+        self.seeds = candidate_seeds(k, seed_set).tolist()
         self.lora = m["trainable"] == "lora"
         if self.lora:
             # A ~ kaiming (seeded by the run seed, identical on every client), B = 0: the model starts at the base.
@@ -91,42 +94,69 @@ class FedKSeedClient(ClientAlgorithm):
     def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
         if self.seeds is None:
             raise RuntimeError("train() before setup(): the client has no candidate seeds")
+        priv = config.get("privacy")
+        if priv and priv.get("mode") == "sample":
+            steps, n = int(config["steps"]), len(ctx.features)
+            expected = min(int(config.get("batch_size", 8)), n)
+            update, privacy = self.dp.run(ctx.client_id, n, expected, steps, int(config.get("seed", 0)), priv,
+                                          lambda dp: self._train(model, ctx, config, dp))
+            update.metrics.update(privacy)
+            return update
+        return self._train(model, ctx, config, None)
+
+    def step(self, model: nn.Module, params, parts: list[dict], seed: int, *, eps: float, lr: float,
+             grad_clip: float, dp: DPRound | None) -> tuple[float, float, bool, bool]:
+        """One ZO step in place, 3 z regenerations: +εz, −2εz (the two forwards), then the restore fused with
+        the update θ ← θ − η·g·z. g = mean of the per-example g_i, or its DP release; clamped to ±grad_clip and
+        rounded to float32 (what is uploaded is what was applied). Returns (g, mean loss, skipped, clamped)."""
+        g_i, plus, minus = spsa_example_grads(model, params, parts, seed, eps, restore=False)
+        loss = float((plus + minus).mean()) / 2 if g_i.numel() else float("nan")  # nan: empty Poisson batch
+        if dp is None:
+            g = mean_grad(g_i)
+            skipped = not math.isfinite(g)
+            g = 0.0 if skipped else g  # diverged forward: skip the step, keep the record
+        else:
+            bad = ~torch.isfinite(g_i)  # a diverged example contributes 0 (still one example: sensitivity C)
+            g = private_scalar_mean(g_i.masked_fill(bad, 0.0), clip=dp.clip, noise_multiplier=dp.noise_multiplier,
+                                    expected_batch=dp.expected_batch, generator=dp.generator)
+            skipped = bool(bad.any())
+        clamped = grad_clip > 0 and abs(g) > grad_clip
+        g = float(torch.tensor(clip_grad(g, grad_clip), dtype=torch.float32))
+        finish_step(params, seed, -eps if parts else 0.0, lr * g)
+        return g, loss, skipped, clamped
+
+    def _train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any], dp: DPRound | None) -> ClientUpdate:
         steps, lr, eps = int(config["steps"]), float(config["lr"]), float(config["eps"])
-        clip, seed = float(config.get("grad_clip", 0.0)), int(config.get("seed", 0))
-        dp_c, dp_sigma = float(config.get("dp_clip", 0.0)), float(config.get("dp_noise_multiplier", 0.0))
-        if dp_sigma > 0 and not dp_c > 0:
-            raise ValueError(f"dp_noise_multiplier = {dp_sigma} needs dp_clip > 0 (the noise is σ·C); set dp_clip")
-        noise_gen = torch.Generator().manual_seed(seed + NOISE_STREAM)
+        clip, seed, bs = float(config.get("grad_clip", 0.0)), int(config.get("seed", 0)), int(config.get("batch_size", 8))
+        if dp is None:
+            stream = ([b] for b in batches(ctx.features, bs, seed, ctx.pad_id))
+        else:  # Poisson batch of the step, in micro-batches of ≤ batch_size (one forward each per sign)
+            feats = ctx.features
+            stream = ([collate([feats[j] for j in ids[i : i + bs]], ctx.pad_id) for i in range(0, len(ids), bs)]
+                      for ids in poisson_batches(len(feats), dp.expected_batch, steps, dp.generator))
         params = zo_parameters(model)
-        backup = [p.detach().clone() for _, p in params]  # exact restore (one model copy in full mode)
+        backup = ParamBackup(params)  # exact restore, spilled to a temp file: no second θ in memory
         idx = self._seed_indices(steps, config)
-        stream = batches(ctx.features, int(config.get("batch_size", 8)), seed, ctx.pad_id)
         was_training, grads, losses, clipped, skipped = model.training, [], [], 0, 0
         model.eval()  # no dropout: both SPSA forwards must see the same function
         try:
             for t in range(steps):
                 s = self.seeds[int(idx[t])]
-                g, loss_plus, loss_minus = spsa_step(model, params, next(stream), s, eps)
-                if not math.isfinite(g):
-                    g, skipped = 0.0, skipped + 1  # diverged forward: skip the step, keep the record
-                clipped += int(clip > 0 and abs(g) > clip)
-                g = clip_grad(g, clip)
-                if dp_sigma > 0:
-                    g = dp_noise(g, clip=dp_c, sigma=dp_sigma, gen=noise_gen)
-                g = float(torch.tensor(g, dtype=torch.float32))  # what is uploaded is what was applied
-                apply_update(params, s, lr * g)
+                g, loss, skip, clamped = self.step(model, params, next(stream), s, eps=eps, lr=lr, grad_clip=clip,
+                                                   dp=dp)
+                skipped, clipped = skipped + int(skip), clipped + int(clamped)
                 grads.append(g)
-                losses.append(0.5 * (loss_plus + loss_minus))
+                losses.append(loss)
                 if ctx.on_step is not None:
-                    ctx.on_step(t, losses[-1])
+                    ctx.on_step(t, loss)
         finally:
-            with torch.no_grad():
-                for (_, p), b in zip(params, backup):
-                    p.copy_(b)
+            backup.restore()
+            backup.close()
             model.train(was_training)
         tensors = {"seed_idx": idx.to(torch.int32), "grad": torch.tensor(grads, dtype=torch.float32)}  # [τ], [τ]
+        seen = [x for x in losses if not math.isnan(x)]
         metrics = {
-            "train_loss": sum(losses) / max(len(losses), 1),
+            "train_loss": sum(seen) / len(seen) if seen else float("nan"),
             "zo_clipped_frac": clipped / max(steps, 1),
             "zo_skipped_steps": float(skipped),
             "zo_grad_abs_mean": sum(map(abs, grads)) / max(steps, 1),

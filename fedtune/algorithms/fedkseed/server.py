@@ -8,11 +8,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights, payload_nbytes
+from fedtune.algorithms.base import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    TensorSpec,
+    UpdateSpec,
+    example_weights,
+    payload_nbytes,
+)
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.lora_common import lora_shapes
 
-SEEDS, ABS_SUM, COUNT, PROBS = "seeds", "pro/abs_sum", "pro/count", "seed_probs"
+ABS_SUM, COUNT, PROBS = "pro/abs_sum", "pro/count", "seed_probs"
+MAX_SEEDS = 2**31 - 1  # FedKSeedConfig's bound on K, also checked on the client
 
 
 def round_key(version: int, name: str) -> str:
@@ -37,9 +47,13 @@ def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tens
 
 
 class FedKSeed(FedAlgorithm):
-    # Zeroth-order steps release one scalar per step; sample-level DP would need per-example clipping of
-    # that scalar and its own accounting, which is not built yet: refuse rather than train without noise.
-    supports_sample_dp = False
+    # Sample-level DP clips each example's projected gradient and noises the step's scalar (client.py).
+    supports_sample_dp = True
+    client_dp_refusal = (
+        "a FedKSeed update is τ (seed, scalar) pairs and the global state is the log of per-seed sums, not a "
+        "model delta; hiding a client's participation would need noise on all K per-seed sums every round, "
+        "since the set of seeds used reveals who took part, so every client would replay K z regenerations "
+        "per round instead of the seeds actually used")
     name = "fedkseed"
     config: FedKSeedConfig
 
@@ -47,19 +61,22 @@ class FedKSeed(FedAlgorithm):
         c = self.config
         if c.trainable == "lora":
             lora_shapes(model, c.target_modules)  # fail early on bad targets
-        tensors = {SEEDS: candidate_seeds(c.num_seeds, seed)}
+        candidate_seeds(c.num_seeds, seed)  # fail early on a duplicate; clients derive the same K seeds themselves
+        tensors: dict[str, torch.Tensor] = {}
         if c.seed_sampling == "pro":
             tensors[ABS_SUM] = torch.zeros(c.num_seeds, dtype=torch.float64)
             tensors[COUNT] = torch.zeros(c.num_seeds, dtype=torch.int64)
             tensors[PROBS] = torch.full((c.num_seeds,), 1.0 / c.num_seeds)
-        return GlobalState(version=0, tensors=tensors, meta={"lora_seed": seed, "lr": c.lr})
+        return GlobalState(version=0, tensors=tensors, meta={"lora_seed": seed, "seed_set": seed, "lr": c.lr})
 
     def setup_payload(self, state: GlobalState) -> Payload:
         c = self.config
-        meta = {"algorithm": self.name, "trainable": c.trainable, "lora_seed": state.meta["lora_seed"]}
+        # one seed instead of K int64: the client draws the K candidates itself (candidate_seeds), 33 KB → ~0.2 KB
+        meta = {"algorithm": self.name, "trainable": c.trainable, "lora_seed": state.meta["lora_seed"],
+                "num_seeds": c.num_seeds, "seed_set": state.meta["seed_set"]}
         if c.trainable == "lora":
             meta.update(rank=c.rank, alpha=c.alpha, target_modules=list(c.target_modules))
-        return Payload(tensors={SEEDS: state.tensors[SEEDS]}, meta=meta)
+        return Payload(meta=meta)
 
     def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
         """The (seed_idx, coeff) pairs of rounds from_version+1 … state.version, to replay in order."""
@@ -73,6 +90,17 @@ class FedKSeed(FedAlgorithm):
         c = self.config  # η is the method's own: the run's generic (AdamW-sized) lr does not apply to ZO
         zo = {"lr": c.lr, "eps": c.eps, "grad_clip": c.grad_clip, "seed_sampling": c.seed_sampling}
         return {cid: dict(base_train, **zo) for cid in client_ids}
+
+    def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
+        """τ = steps (seed index, projected gradient) pairs: indices in [0, K); |g| ≤ grad_clip when the
+        client clips and adds no noise."""
+        tau, c = int(train["steps"]), self.config
+        clip = float(train.get("grad_clip", 0.0))
+        noisy = float(train.get("dp_noise_multiplier", 0.0)) > 0
+        return UpdateSpec({
+            "seed_idx": TensorSpec((tau,), torch.int32, (0, c.num_seeds - 1)),
+            "grad": TensorSpec((tau,), torch.float32, (-clip, clip) if clip > 0 and not noisy else None),
+        })
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         c = self.config

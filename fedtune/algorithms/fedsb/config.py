@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 INIT_MODES = ("sign", "grad")
 
@@ -8,6 +9,8 @@ INIT_MODES = ("sign", "grad")
 @dataclass
 class FedSBConfig:
     """Fed-SB settings ([fedsb] in a run config). The LoRA scale is fixed to 1 (lora_alpha = rank)."""
+
+    DEFAULT_LR: ClassVar[float] = 1e-2  # see simulations/results/lr_sweep_fedsb.json
 
     rank: int = field(default=8, metadata={"help": "r: A r×d_in, R r×r, B d_out×r (upload r² per module)"})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -17,8 +20,11 @@ class FedSBConfig:
     init_mode: str = field(default="sign", metadata={"help": "\"sign\": SVD of −sign(Σ∇W) (reference); \"grad\": of −Σ∇W"})
     svd_niter: int = field(default=10, metadata={"help": "power iterations of torch.svd_lowrank"})
     uniform: bool = field(default=False, metadata={"help": "weight clients equally instead of by examples"})
+    lr: float | None = field(default=None, metadata={"help": "local AdamW lr of R; None = [train] lr, else DEFAULT_LR"})
 
     def __post_init__(self) -> None:
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or self.lr <= 0):
+            raise ValueError(f"fedsb lr must be a number > 0, got {self.lr!r} (e.g. lr = 1e-2)")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"fedsb rank must be a positive integer, got {self.rank!r} (e.g. rank = 8)")
         if isinstance(self.target_modules, str):

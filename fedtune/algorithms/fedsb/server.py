@@ -13,6 +13,8 @@ from fedtune.algorithms.base import (
     FedAlgorithm,
     GlobalState,
     Payload,
+    TensorSpec,
+    UpdateSpec,
     example_weights,
     payload_nbytes,
     weighted_mean,
@@ -86,6 +88,11 @@ class FedSB(FedAlgorithm):
             return Payload(meta={"version": state.version})
         return Payload(tensors={f"{m}.R": state.tensors[f"{m}.R"] for m in modules_of(state)},
                        meta={"version": state.version})
+
+    def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
+        """One r×r R per module, in the global R's dtype (A and B are never uploaded)."""
+        return UpdateSpec({f"{m}.R": TensorSpec(tuple(state.tensors[f"{m}.R"].shape), state.tensors[f"{m}.R"].dtype)
+                           for m in modules_of(state)})
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         """R_g = Σ p_k R_k (exact: B R_g A = Σ p_k B R_k A). A, B carried over unchanged."""

@@ -1,15 +1,17 @@
-"""FLoRA client: merge the stacked global factors into the base; train a fresh LoRA of its own rank."""
+"""FLoRA client: hold the cumulative merged ΔW, set W = W₀ + ΔW; train a fresh LoRA of its own rank."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
+from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
 from fedtune.algorithms.fedavg.client import run_local_training
-from fedtune.algorithms.flora.server import round_key
+from fedtune.algorithms.flora.server import CUM, add_to_cumulative, cumulative_delta, round_key
 from fedtune.algorithms.lora_common import (
     activate,
     attach_lora,
@@ -21,35 +23,48 @@ from fedtune.algorithms.lora_common import (
 )
 from fedtune.training.batched import batchable, train_lora_clients
 
+log = logging.getLogger("fedtune")
+
 
 class FLoRAClient(ClientAlgorithm):
     def __init__(self) -> None:
         super().__init__()
         self.targets: list[str] = []
         self.dropout = 0.0
-        self.merged: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # for export: (version, A_stack, B_stack)
-        self.history: dict[int, dict[str, torch.Tensor]] = {}
+        self.export_rank = 0
+        self.base: TensorDict = {}  # W₀ of every target module, as set up
+        self.cum: TensorDict = {}  # cumulative merged ΔW, same form and bits as the server's cum/
+        self.export_info: dict[str, Any] | None = None
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
         self.targets = list(payload.meta["target_modules"])
         self.dropout = float(payload.meta.get("dropout", 0.0))
+        self.export_rank = int(payload.meta.get("export_rank", 0))
         r, alpha = int(payload.meta["rank"]), float(payload.meta["alpha"])
         model = attach_lora(model, adapter=f"r{r}", rank=r, alpha=alpha, targets=self.targets, dropout=self.dropout)
         for layer in lora_layers(model, f"r{r}").values():  # B = 0: the model equals the base
             layer.lora_B[f"r{r}"].weight.data.zero_()
+        self.base = {n: lin.weight.detach().clone() for n, lin in target_linears(model, self.targets).items()}
+        self.cum = {}
         return model
 
     @torch.no_grad()
     def sync(self, model: nn.Module, payload: Payload) -> None:
-        """W ← W + B_stack·A_stack for every missed round, in order. Shapes: (d_out×R)(R×d_in)."""
+        """Take the server's cumulative ΔW, or add the missed rounds' stacks (d_out×R)(R×d_in) to ours in
+        order; then W = W₀ + ΔW (float64 sum, rounded once), so every copy holds the same weights."""
+        versions = payload.meta.get("merge_versions", [])
+        if payload.meta.get("cumulative"):
+            self.cum = {k: v.clone() for k, v in payload.tensors.items() if k.startswith(CUM)}
+        elif not versions:
+            return
         linears = target_linears(model, self.targets)
-        for v in payload.meta.get("merge_versions", []):
-            for name, lin in linears.items():
-                a = payload.tensors[round_key(v, f"{name}.A")]
-                b = payload.tensors[round_key(v, f"{name}.B")]
-                lin.weight.add_((b.double() @ a.double()).to(lin.weight.dtype))
-                self.history.setdefault(v, {})[name + ".A"] = a.clone()
-                self.history[v][name + ".B"] = b.clone()
+        for v in versions:
+            for name in linears:
+                add_to_cumulative(self.cum, name, payload.tensors[round_key(v, f"{name}.A")].clone(),
+                                  payload.tensors[round_key(v, f"{name}.B")].clone())
+        for name, lin in linears.items():
+            got, w0 = cumulative_delta(self.cum, name), self.base[name]
+            lin.weight.copy_(w0 if got is None else (w0.double() + got[0]).to(w0.dtype))
 
     def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
         rank, alpha = int(config["rank"]), float(config["alpha"])
@@ -95,13 +110,28 @@ class FLoRAClient(ClientAlgorithm):
             out.append(ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss}))
         return out
 
+    @torch.no_grad()
     def export_factors(self, model: nn.Module):
-        """All merged rounds stacked: exact ΔW_total = Σ_v B_v A_v, scale 1."""
-        if not self.history:
-            return None
-        out = {}
+        """The cumulative ΔW per module through its SVD ΔW = U S Vᵀ: A = √S Vᵀ, B = U √S (scale 1), at rank
+        k = min(R, d_in, d_out) (exact), or at most `export_rank` (relative Frobenius error reported)."""
+        out, err2, norm2 = {}, 0.0, 0.0
         for name in target_linears(model, self.targets):
-            a = torch.cat([self.history[v][name + ".A"] for v in sorted(self.history)], 0)
-            b = torch.cat([self.history[v][name + ".B"] for v in sorted(self.history)], 1)
-            out[name] = (a, b)
+            got = cumulative_delta(self.cum, name)
+            if got is None:
+                return None
+            delta, k = got
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            if self.export_rank:
+                k = min(k, self.export_rank)
+            err2 += float((s[k:] ** 2).sum())
+            norm2 += float((s ** 2).sum())
+            root = s[:k].sqrt()
+            out[name] = ((root[:, None] * vh[:k]).float(), (u[:, :k] * root).float())
+        ranks = sorted({a.shape[0] for a, _ in out.values()})
+        rel = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+        self.export_info = {"rank": ranks[-1], "ranks": ranks, "export_rank": self.export_rank or None,
+                            "relative_error": rel}
+        if self.export_rank:
+            log.info("flora export: ΔW truncated to rank ≤ %d, relative error ‖ΔW − ΔW_k‖_F/‖ΔW‖_F = %.3g",
+                     self.export_rank, rel)
         return out

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fedtune.algorithms.fedavg.config import LoRAConfig
 
 
 @dataclass
 class FLoRAConfig(LoRAConfig):
+    DEFAULT_LR: ClassVar[float] = 1e-3  # see simulations/results/lr_sweep_flora.json
     rank: int = 16
     alpha: float = 32.0
     ranks: list[int] = field(
@@ -14,9 +16,18 @@ class FLoRAConfig(LoRAConfig):
         metadata={"help": "per-client ranks in roster order (cycled); empty = `rank` for everyone"},
     )
     uniform: bool = False
+    keep_rounds: int = field(default=4, metadata={
+        "help": "keep this many rounds' stacked factors; a client further behind gets the cumulative ΔW"})
+    export_rank: int = field(default=0, metadata={
+        "help": "0: export the exact cumulative ΔW (rank ≤ min(Σr, d_in, d_out)); k: truncate its SVD to rank k "
+                "and report the relative error"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("keep_rounds", "export_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"flora {name} must be an integer ≥ 0, got {v!r}")
         bad = [r for r in self.ranks if not isinstance(r, int) or r <= 0]
         if bad:
             raise ValueError(f"flora ranks must be positive integers, got {bad} (e.g. ranks = [16, 8, 8, 4])")

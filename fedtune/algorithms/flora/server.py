@@ -1,4 +1,15 @@
-"""FLoRA server side: stack p_k-weighted client factors (see package docstring)."""
+"""FLoRA server side: stack p_k-weighted client factors (see package docstring).
+
+State, bounded in the number of rounds:
+  cum/<module>.{A,B}   the cumulative merged ΔW = Σ_rounds B_stack·A_stack as stacked factors, while its rank
+                       R = Σ r stays below min(d_in, d_out) ...
+  cum/<module>.D       ... then as a dense float64 matrix (d_out × d_in)
+  v<NNNNN>/<module>.{A,B}   the stacks of the last `keep_rounds` rounds only, and only as many as together
+                       are no more bytes than cum/ (older ones would never be sent)
+A client at most keep_rounds behind gets the stacks it missed, any other client the cumulative ΔW
+(whichever is fewer bytes); both are exact. `add_to_cumulative` is the one update rule, used by the server
+and by every client, so all of them hold the same ΔW bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +19,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Payload, example_weights
+from fedtune.algorithms.base import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    TensorDict,
+    UpdateSpec,
+    example_weights,
+    lora_update_spec,
+    payload_nbytes,
+)
 from fedtune.algorithms.flora.config import FLoRAConfig
 from fedtune.algorithms.lora_common import lora_shapes
+
+CUM = "cum/"
 
 
 def round_key(version: int, name: str) -> str:
     return f"v{version:05d}/{name}"
+
+
+def _version_of(key: str) -> int | None:
+    return int(key[1:6]) if key.startswith("v") and key[6:7] == "/" else None
+
+
+def add_to_cumulative(cum: TensorDict, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """cum ← cum + b·a for one module (a: R×d_in, b: d_out×R). Replaces entries, never edits a tensor in
+    place (the server's previous state stays intact). Factors while the rank stays < min(d_in, d_out),
+    dense float64 from then on."""
+    ka, kb, kd = f"{CUM}{module}.A", f"{CUM}{module}.B", f"{CUM}{module}.D"
+    if kd in cum:
+        cum[kd] = cum[kd] + b.double() @ a.double()
+        return
+    if ka in cum:
+        a, b = torch.cat([cum[ka], a], 0), torch.cat([cum[kb], b], 1)
+    else:  # own storage: the round's stack may sit beside it in the same state (safetensors refuses aliases)
+        a, b = a.clone(), b.clone()
+    if a.shape[0] < min(a.shape[1], b.shape[0]):
+        cum[ka], cum[kb] = a, b
+    else:
+        cum.pop(ka, None)
+        cum.pop(kb, None)
+        cum[kd] = b.double() @ a.double()
+
+
+def cumulative_delta(cum: TensorDict, module: str) -> tuple[torch.Tensor, int] | None:
+    """(ΔW float64, its rank bound min(R, d_in, d_out)) of one module, or None before the first merge."""
+    if f"{CUM}{module}.D" in cum:
+        d = cum[f"{CUM}{module}.D"]
+        return d, min(d.shape)
+    if f"{CUM}{module}.A" in cum:
+        a, b = cum[f"{CUM}{module}.A"], cum[f"{CUM}{module}.B"]
+        return b.double() @ a.double(), a.shape[0]
+    return None
 
 
 class FLoRA(FedAlgorithm):
@@ -22,20 +80,29 @@ class FLoRA(FedAlgorithm):
     config: FLoRAConfig
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
-        lora_shapes(model, self.config.target_modules)  # fail early on bad targets
-        return GlobalState(version=0, tensors={}, meta={"stacked_rank": {}})
+        shapes = lora_shapes(model, self.config.target_modules)  # fails early on bad targets
+        # module shapes {m: [d_out, d_in]}: what every client's update is checked against
+        return GlobalState(version=0, tensors={}, meta={"stacked_rank": {}, "total_rank": 0,
+                                                        "modules": {m: list(s) for m, s in sorted(shapes.items())}})
 
     def setup_payload(self, state: GlobalState) -> Payload:
         c = self.config
         return Payload(meta={"algorithm": self.name, "target_modules": list(c.target_modules),
-                             "dropout": c.dropout, "rank": c.rank, "alpha": c.alpha})
+                             "dropout": c.dropout, "rank": c.rank, "alpha": c.alpha, "export_rank": c.export_rank})
 
     def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
-        """The stacked factors of rounds from_version+1 … state.version, to merge in order."""
+        """The stacks of rounds from_version+1 … state.version to merge in order when all are kept and they
+        are fewer bytes than the cumulative ΔW; else the cumulative ΔW (the client resets to base + ΔW)."""
         versions = list(range(max(from_version, 0) + 1, state.version + 1))
+        if not versions:
+            return Payload(meta={"merge_versions": [], "version": state.version})
         prefixes = tuple(round_key(v, "") for v in versions)
-        tensors = {k: v for k, v in state.tensors.items() if k.startswith(prefixes)}
-        return Payload(tensors=tensors, meta={"merge_versions": versions, "version": state.version})
+        stacks = {k: v for k, v in state.tensors.items() if k.startswith(prefixes)}
+        cum = {k: v for k, v in state.tensors.items() if k.startswith(CUM)}
+        kept = {_version_of(k) for k in stacks}
+        if kept == set(versions) and payload_nbytes(stacks) <= payload_nbytes(cum):
+            return Payload(tensors=stacks, meta={"merge_versions": versions, "version": state.version})
+        return Payload(tensors=cum, meta={"cumulative": True, "merge_versions": [], "version": state.version})
 
     def configure_round(self, rnd, state, client_ids, base_train, roster) -> dict[str, dict[str, Any]]:
         out = {}
@@ -44,17 +111,38 @@ class FLoRA(FedAlgorithm):
             out[cid] = dict(base_train, rank=r, alpha=self.config.alpha_for(r))
         return out
 
+    def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
+        """A fresh LoRA of the rank assigned to this client: A (r×d_in), B (d_out×r, scale folded in)."""
+        if "modules" not in state.meta:
+            raise ValueError("flora state has no module shapes (checkpoint from an older fedtune); start a new run")
+        return lora_update_spec(state.meta["modules"], int(train["rank"]))
+
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         p = example_weights(updates, uniform=self.config.uniform)
         modules = sorted({k[:-2] for k in updates[0].tensors})
         v = state.version + 1
+        oldest = v - self.config.keep_rounds + 1  # stacks of older rounds live on in cum/ only
         tensors = dict(state.tensors)
         for mod in modules:
             # clients send s_k·B_k (scale folded in), so B_stack needs no further scaling
-            tensors[round_key(v, f"{mod}.A")] = torch.cat([pk * u.tensors[f"{mod}.A"] for pk, u in zip(p, updates)], 0)
-            tensors[round_key(v, f"{mod}.B")] = torch.cat([u.tensors[f"{mod}.B"] for u in updates], 1)
+            a = torch.cat([pk * u.tensors[f"{mod}.A"] for pk, u in zip(p, updates)], 0)
+            b = torch.cat([u.tensors[f"{mod}.B"] for u in updates], 1)
+            if self.config.keep_rounds > 0:
+                tensors[round_key(v, f"{mod}.A")], tensors[round_key(v, f"{mod}.B")] = a, b
+            add_to_cumulative(tensors, mod, a, b)
+        # a client k rounds behind gets the last k stacks only if they are fewer bytes than cum/: keep no more
+        cum_bytes = payload_nbytes({k: t for k, t in tensors.items() if k.startswith(CUM)})
+        total, kept = 0, set()
+        for w in range(v, oldest - 1, -1):
+            total += payload_nbytes({k: t for k, t in tensors.items() if _version_of(k) == w})
+            if total > cum_bytes:
+                break
+            kept.add(w)
+        tensors = {k: t for k, t in tensors.items() if _version_of(k) in kept or k.startswith(CUM)}
         stacked = sum(u.tensors[f"{modules[0]}.A"].shape[0] for u in updates)
-        meta = dict(state.meta, stacked_rank=dict(state.meta.get("stacked_rank", {}), **{str(v): stacked}))
+        ranks = {k: r for k, r in state.meta.get("stacked_rank", {}).items() if int(k) in kept}
+        meta = dict(state.meta, stacked_rank=dict(ranks, **({str(v): stacked} if v in kept else {})),
+                    total_rank=int(state.meta.get("total_rank", 0)) + stacked)
         return GlobalState(version=v, tensors=tensors, meta=meta), {"flora_stacked_rank": float(stacked)}
 
     def make_client(self):

@@ -1,0 +1,58 @@
+"""Every file fedtune writes goes through here so it gets ordinary permissions: 0666 & ~umask for files
+(0644 under the usual umask 022) and 0777 & ~umask for directories. safetensors' `save_file` (and so
+`save_pretrained`) creates 0600 files, which would make adapters and checkpoints unreadable for anyone
+but the writing user (e.g. the host user when a container wrote them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def umask() -> int:
+    """The process umask, read without changing it (Linux /proc); falls back to set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def publish(path: str | Path) -> Path:
+    """Give `path` (a file, or a directory and everything below it) the umask's default modes."""
+    path = Path(path)
+    mask = umask()
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_dir():
+        os.chmod(path, dmode)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), dmode)
+            for f in files:
+                os.chmod(os.path.join(root, f), fmode)
+    elif path.exists():
+        os.chmod(path, fmode)
+    return path
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return publish(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write to a sibling temp file, then rename: readers see the old or the new content, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    publish(tmp)
+    os.replace(tmp, path)
+    return path

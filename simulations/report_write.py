@@ -1,0 +1,288 @@
+"""Turn the finished report runs into results/matrix.json, results/REPORT.md and PNG plots (see report.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+FEDERATED = ("fedavg", "flora", "fedsb", "fedkseed")
+LABEL = {"fedavg": "FedAvg-LoRA", "flora": "FLoRA", "fedsb": "Fed-SB", "fedkseed": "FedKSeed (lora)",
+         "local": "local-only", "central": "centralized"}
+
+
+def _rows(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not math.isnan(v)
+
+
+def _mean(vs: list[Any]) -> float | None:
+    vs = [v for v in vs if _finite(v)]
+    return sum(vs) / len(vs) if vs else None
+
+
+def peak_rss_mb(rss_log: Path | None, run: Path) -> float | None:
+    """Peak RSS of the process while it ran this entry, from the sampler log (epoch pid rss_kib args):
+    samples between the run dir's first metrics row and its summary.json."""
+    if rss_log is None or not rss_log.is_file() or not (run / "summary.json").is_file():
+        return None
+    t0, t1 = (run / "metrics.jsonl").stat().st_ctime - 120, (run / "summary.json").stat().st_mtime
+    name = run.name.replace("-lr", "@")
+    best = None
+    for line in rss_log.read_text().splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and parts[2].isdigit() and f"--only {name}" in parts[3] and t0 <= int(parts[0]) <= t1:
+            best = max(best or 0, int(parts[2]))
+    return round(best / 1024, 1) if best else None
+
+
+def collect(entries: dict[str, dict[str, Any]], runs: Path, rss_log: Path | None = None) -> list[dict[str, Any]]:
+    out = []
+    for name, spec in entries.items():
+        run = runs / name.replace("@", "-lr")
+        if not (run / "summary.json").is_file():
+            continue
+        s = json.loads((run / "summary.json").read_text())
+        rows = _rows(run)
+        trained = [r for r in rows if r["round"] >= 1]
+        per_client_up = [r["bytes_up"] / r["clients_completed"] for r in trained if r.get("clients_completed")]
+        per_client_down = [r["bytes_down"] / r["clients_completed"] for r in trained if r.get("clients_completed")]
+        cum, acc = [], 0
+        for r in rows:
+            acc += (r.get("bytes_up") or 0) + (r.get("bytes_down") or 0)
+            cum.append(acc)
+        out.append({
+            "name": name, "kind": spec["kind"], "method": spec.get("method"), "lr": spec.get("lr"),
+            "target_epsilon": spec.get("epsilon"), "epsilon_spent": s.get("epsilon"),
+            "label": LABEL.get(spec["kind"], spec["kind"]) + (f" DP ε={spec['epsilon']:g}" if spec.get("epsilon") else ""),
+            "rounds": s.get("rounds_completed"), "test_examples": s.get("test_examples"),
+            "test_loss_base": s.get("test_loss_first"), "test_loss_final": s.get("test_loss_final"),
+            "eval_loss_base": s.get("eval_loss_first"), "eval_loss_final": s.get("eval_loss_final"),
+            "client_eval_loss_final": s.get("client_eval_loss_final") or {},
+            "bytes_up_per_client_round": _mean(per_client_up), "bytes_down_per_client_round": _mean(per_client_down),
+            "bytes_total": acc, "wall_s_per_round": _mean([r.get("wall_s") for r in trained]),
+            "wall_s_total": s.get("wall_s"), "peak_rss_mb": peak_rss_mb(rss_log, run),
+            "test_loss_by_round": [r.get("test_loss") for r in rows], "cum_bytes_by_round": cum,
+            "run_dir": str(run),
+        })
+    return out
+
+
+def pick_defaults(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: the sweep value with the lowest final eval loss (validation), and all values tried."""
+    out = {}
+    for m in FEDERATED:
+        sweep = [r for r in rows if r["kind"] == m and r["lr"] is not None and not r["target_epsilon"]
+                 and _finite(r["eval_loss_final"])]
+        if sweep:
+            best = min(sweep, key=lambda r: r["eval_loss_final"])
+            out[m] = {"lr": best["lr"], "name": best["name"],
+                      "tried": {f"{r['lr']:g}": {"eval": r["eval_loss_final"], "test": r["test_loss_final"]}
+                                for r in sorted(sweep, key=lambda r: r["lr"])}}
+    return out
+
+
+def _fmt(v: Any, f: str = ".4f") -> str:
+    return format(v, f) if _finite(v) else "–"
+
+
+def _kb(v: Any) -> str:
+    return f"{v / 1024:,.1f}" if _finite(v) else "–"
+
+
+def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    dp = [r for r in rows if r["target_epsilon"]]
+    base = [r for r in rows if r["kind"] in ("local", "central")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in chosen + dp + base:
+        pts = [(i, v) for i, v in enumerate(r["test_loss_by_round"]) if _finite(v)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, ls="--" if r in dp else (":" if r in base else "-"),
+                    label=r["label"])
+    ax.set(xlabel="round", ylabel="global test loss", title="Global test loss per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "test_loss_vs_round.png", dpi=110)
+    plt.close(fig)
+    out["round"] = "test_loss_vs_round.png"
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in chosen + dp:
+        pts = [(b, v) for b, v in zip(r["cum_bytes_by_round"], r["test_loss_by_round"], strict=True)
+               if _finite(v) and b > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, ls="--" if r in dp else "-", label=r["label"])
+    ax.set_xscale("log")
+    ax.set(xlabel="cumulative bytes (up + down, all clients)", ylabel="global test loss",
+           title="Global test loss vs communication")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "test_loss_vs_bytes.png", dpi=110)
+    plt.close(fig)
+    out["bytes"] = "test_loss_vs_bytes.png"
+
+    local = next((r for r in rows if r["kind"] == "local"), None)
+    best = min(chosen, key=lambda r: r["test_loss_final"]) if chosen else None
+    if local and best:
+        cids = sorted(local["client_eval_loss_final"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.38
+        xs = range(len(cids))
+        ax.bar([x - w / 2 for x in xs], [best["client_eval_loss_final"].get(c) or 0 for c in cids], w,
+               label=f"global model ({best['label']})")
+        ax.bar([x + w / 2 for x in xs], [local["client_eval_loss_final"].get(c) or 0 for c in cids], w,
+               label="local-only model")
+        ax.set_xticks(list(xs), cids)
+        ax.set(ylabel="loss on the client's own held-out slice", title="Personalisation gap: global vs local-only")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(results / "per_client.png", dpi=110)
+        plt.close(fig)
+        out["clients"] = "per_client.png"
+    return out
+
+
+def prompt_table(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Greedy answers of the base and of each chosen method's global adapter to the first n test prompts."""
+    from fedtune.data.prepare import context_length, prepare_data
+    from fedtune.evaluation import GenConfig, config_from_summary, generate, load_tuned
+
+    if not chosen or n <= 0:
+        return []
+    cfg = config_from_summary(json.loads((Path(chosen[0]["run_dir"]) / "summary.json").read_text()))
+    base = load_tuned(cfg.model.name, seed=cfg.run.seed)
+    test = prepare_data(cfg, base.tokenizer, context_len=context_length(base.model)).test_examples[:n]
+    gc = GenConfig(max_new_tokens=32)
+    table = [{"prompt": ex.prompt, "reference": ex.response, "answers": {}} for ex in test]
+    for t in table:
+        t["answers"]["base"] = generate(base.model, base.tokenizer, [{"role": "user", "content": t["prompt"]}], gc)
+    local = next((r for r in rows if r["kind"] == "central"), None)
+    for r in chosen + ([local] if local else []):
+        adapter = Path(r["run_dir"]) / ("models/central/adapter" if r["kind"] == "central" else "adapter")
+        if not (adapter / "adapter_config.json").is_file():
+            continue
+        m = load_tuned(cfg.model.name, adapter=str(adapter), seed=cfg.run.seed)
+        for t in table:
+            t["answers"][r["label"]] = generate(m.model, m.tokenizer, [{"role": "user", "content": t["prompt"]}], gc)
+    return table
+
+
+def _cell(s: str) -> str:
+    return " ".join(s.replace("|", "\\|").split())[:160]
+
+
+def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, *, prompts: int = 5,
+                 rss_log: Path | None = None, notes: str = "") -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    rows = collect(entries, runs, rss_log)
+    defaults = pick_defaults(rows)
+    chosen = [next(r for r in rows if r["name"] == d["name"]) for d in defaults.values()]
+    dp = [r for r in rows if r["target_epsilon"]]
+    local = next((r for r in rows if r["kind"] == "local"), None)
+    central = next((r for r in rows if r["kind"] == "central"), None)
+    pngs = plots(rows, chosen, results) if rows else {}
+    table = prompt_table(rows, chosen, prompts)
+    base_loss = next((r["test_loss_base"] for r in rows if _finite(r["test_loss_base"])), None)
+    cfg = json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text())["config"] if rows else {}
+    doc = {"generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": cfg,
+           "base_test_loss": base_loss, "defaults": defaults, "runs": rows, "prompts": table}
+    (results / "matrix.json").write_text(json.dumps(doc, indent=1))
+
+    L = ["# fedtune: what federated tuning buys (measured)", "",
+         f"Generated {doc['generated']} by `simulations/report.py` from the runs in `{runs}`. "
+         + (f"Model `{cfg['model']['name']}`, chatterbot-corpus split by category over "
+            f"{cfg['federation']['num_clients']} clients, {cfg['run']['rounds']} rounds × "
+            f"{cfg['train']['local_steps']} local steps (batch {cfg['train']['batch_size']}, max_seq_len "
+            f"{cfg['data']['max_seq_len']}); global test set: {rows[0]['test_examples']} examples drawn before "
+            f"partitioning; each client's held-out slice: "
+            f"{cfg['data']['max_eval_per_client']} examples." if cfg else ""), "",
+         f"Base model global test loss: **{_fmt(base_loss)}**.", ""]
+    if notes:
+        L += [notes, ""]
+    L += ["## Methods at their tuned default", "",
+          ("| method | lr | test loss | Δ vs base | bytes up / client-round (KiB) | bytes down / client-round (KiB) "
+          "| total bytes (MiB) | wall s / round | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
+    for r in chosen + dp + [x for x in (local, central) if x]:
+        d = r["test_loss_final"] - base_loss if _finite(r["test_loss_final"]) and _finite(base_loss) else None
+        lr = f"{r['lr']:g}" if r["lr"] else "default"
+        L.append(f"| {r['label']} | {lr} | {_fmt(r['test_loss_final'])} | {_fmt(d, '+.4f')} | "
+                 f"{_kb(r['bytes_up_per_client_round'])} | {_kb(r['bytes_down_per_client_round'])} | "
+                 f"{r['bytes_total'] / 2**20:,.2f} | {_fmt(r['wall_s_per_round'], '.1f')} | "
+                 f"{_fmt(r['peak_rss_mb'], '.0f')} |")
+    L += ["", "DP rows: sample-level DP-SGD inside each client (opacus), σ calibrated so the planned rounds spend "
+          "the target ε (δ = min(1/N_k, 1e-5)); ε spent: "
+          + ", ".join(f"{r['label']} {_fmt(r['epsilon_spent'], '.2f')}" for r in dp) + "." if dp else "", ""]
+    L += ["## Learning-rate sweep (chose the defaults)", "",
+          ("Same workload for every value; the default is the value with the lowest final loss on the clients' "
+          "held-out slices (validation). Test loss shown for reference only."), "",
+          "| method | lr → final eval loss (test loss) | chosen |", "|---|---|---|"]
+    for m, d in defaults.items():
+        tried = ", ".join(f"{lr}: {_fmt(v['eval'])} ({_fmt(v['test'])})" for lr, v in d["tried"].items())
+        L.append(f"| {LABEL[m]} | {tried} | **{d['lr']:g}** |")
+    L += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in pngs.items()] + [""]
+    L += findings(chosen, dp, local, central, base_loss)
+    if table:
+        L += ["", "## Answers to 5 fixed test prompts (greedy, 32 new tokens)", ""]
+        for i, t in enumerate(table, 1):
+            L += [f"**{i}. {_cell(t['prompt'])}** — reference: _{_cell(t['reference'])}_", "",
+                  "| model | answer |", "|---|---|"]
+            L += [f"| {k} | {_cell(v)} |" for k, v in t["answers"].items()] + [""]
+    path = results / "REPORT.md"
+    path.write_text("\n".join(L) + "\n")
+    return path
+
+
+def findings(chosen, dp, local, central, base_loss) -> list[str]:
+    L = ["## Findings", ""]
+    if not chosen:
+        return L + ["No finished federated runs."]
+    best = min(chosen, key=lambda r: r["test_loss_final"])
+    L.append(f"- **Quality**: best federated method on the global test set: {best['label']} "
+             f"({_fmt(best['test_loss_final'])}; base {_fmt(base_loss)}).")
+    below = [r["label"] for r in chosen if _finite(base_loss) and r["test_loss_final"] < base_loss]
+    above = [r["label"] for r in chosen if r["label"] not in below]
+    L.append(f"- Every method's default below the base: {'yes' if not above else 'no'}"
+             + (f" (not: {', '.join(above)})" if above else "") + ".")
+    cheapest = min(chosen, key=lambda r: r["bytes_total"])
+    fastest = min(chosen, key=lambda r: r["wall_s_per_round"] or math.inf)
+    L.append(f"- **Bytes**: fewest bytes: {cheapest['label']} ({cheapest['bytes_total'] / 2**20:,.3f} MiB in total); "
+             + ", ".join(f"{r['label']} {r['bytes_total'] / 2**20:,.2f} MiB" for r in chosen if r is not cheapest) + ".")
+    L.append(f"- **Time**: fastest round: {fastest['label']} ({_fmt(fastest['wall_s_per_round'], '.1f')} s; wall times "
+             "on a shared, heavily loaded 2-core machine, indicative only).")
+    if central:
+        ratio = best["test_loss_final"] / central["test_loss_final"]
+        L.append(f"- **vs centralized** ({_fmt(central['test_loss_final'])}): best federated / centralized = "
+                 f"{ratio:.3f} (goal ≤ 1.05: {'met' if ratio <= 1.05 else 'not met'}).")
+    if local:
+        lm = local["test_loss_final"]
+        L.append(f"- **vs local-only** (mean global test loss of the 4 local models {_fmt(lm)}): best federated "
+                 f"{'<' if best['test_loss_final'] < lm else '≥'} local-only mean (goal: <).")
+        worse = [c for c, v in local["client_eval_loss_final"].items()
+                 if _finite(v) and _finite(best["client_eval_loss_final"].get(c))
+                 and v < best["client_eval_loss_final"][c]]
+        if worse:
+            L.append(f"- **Where federated loses**: on its own held-out slice, the local-only model beats the global "
+                     f"model for {', '.join(worse)}. With a split by category each client's slice comes from "
+                     "categories no other client holds; the global model spends its updates on everyone's "
+                     "categories, a local model only on its own (the personalisation gap in per_client.png).")
+        else:
+            L.append("- On every client's own held-out slice the global model is at least as good as that "
+                     "client's local-only model: no client loses by joining.")
+    if dp:
+        for r in dp:
+            L.append(f"- {r['label']}: test {_fmt(r['test_loss_final'])} (ε spent {_fmt(r['epsilon_spent'], '.2f')}).")
+    return L

@@ -1,0 +1,121 @@
+"""Held-out evaluation, generation, baselines and per-method lr (issue 11), on the tiny model."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune import config
+from fedtune.cli import main
+from fedtune.evaluation import GenConfig, generate, load_tuned
+from fedtune.simulation import simulate
+
+FAST = {"model.name": "tiny", "federation.num_clients": 2, "run.rounds": 2, "train.local_steps": 6, "train.lr": 5e-3,
+        "data.max_seq_len": 48, "data.max_eval_per_client": 4, "data.max_test_examples": 8, "run.algorithm": "fedavg"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A FedAvg run on a small JSONL file (its own training data for the eval test)."""
+    d = tmp_path_factory.mktemp("eval")
+    data = d / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say hi {i % 4}", "response": "hello there friend"}) + "\n"
+                            for i in range(40)))
+    out = d / "run"
+    summary = simulate(config.load(None, {**FAST, "run.out": str(out), "data.source": "jsonl",
+                                          "data.paths": [str(data)], "data.partition": "iid"}), progress=False)
+    return out, data, summary
+
+
+def test_rows_and_summary_carry_test_loss(trained):
+    out, _, summary = trained
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["test_loss"]) for r in rows)
+    assert summary["test_loss_first"] == rows[0]["test_loss"] and summary["test_loss_final"] == rows[-1]["test_loss"]
+    assert summary["test_examples"] == 4  # round(40 · 0.1), under the cap of 8
+    assert set(summary["client_eval_loss_final"]) == {"client-0", "client-1"}
+
+
+def test_eval_reproduces_the_run_and_beats_base_on_training_data(trained, tmp_path, capsys):
+    out, data, summary = trained
+    assert main(["eval", "--adapter", str(out / "adapter"), "--json", str(tmp_path / "a.json")]) == 0
+    own = json.loads((tmp_path / "a.json").read_text())["sets"]
+    # the run's own config rebuilds the same test set: the exported adapter scores what the engine logged
+    assert own["test"]["loss"] == pytest.approx(summary["test_loss_final"], abs=1e-5)
+    assert own["client-0"]["loss"] == pytest.approx(summary["client_eval_loss_final"]["client-0"], abs=1e-5)
+    assert own["test"]["perplexity"] == pytest.approx(math.exp(own["test"]["loss"]))
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", str(data), "--json", str(tmp_path / "t.json")]) == 0
+    assert main(["eval", "--base", "--run", str(out), "--data", str(data), "--json", str(tmp_path / "b.json")]) == 0
+    tuned = json.loads((tmp_path / "t.json").read_text())["sets"][str(data)]
+    base = json.loads((tmp_path / "b.json").read_text())["sets"][str(data)]
+    assert tuned["examples"] == base["examples"] == 40
+    assert tuned["loss"] < base["loss"] - 0.1
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["eval", "--adapter", str(tmp_path)]) == 2
+    assert main(["eval", "--base"]) == 2
+    assert main(["eval", "--base", "--adapter", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 3
+
+
+def test_greedy_generation_is_deterministic_and_sampling_is_seeded(trained):
+    out, _, _ = trained
+    m = load_tuned("tiny", adapter=str(out / "adapter"))
+    msgs = [{"role": "user", "content": "say hi 1"}]
+    greedy = GenConfig(max_new_tokens=8)
+    assert generate(m.model, m.tokenizer, msgs, greedy) == generate(m.model, m.tokenizer, msgs, greedy)
+    s1, s2 = GenConfig(max_new_tokens=8, sample=True, seed=3), GenConfig(max_new_tokens=8, sample=True, seed=3)
+    assert generate(m.model, m.tokenizer, msgs, s1) == generate(m.model, m.tokenizer, msgs, s2)
+
+
+def test_generate_and_chat_cli(trained, capsys, monkeypatch):
+    out, _, _ = trained
+    args = ["generate", "--adapter", str(out / "adapter"), "--prompt", "say hi 2", "--max-new-tokens", "6"]
+    assert main(args + ["--compare-base"]) == 0
+    text = capsys.readouterr().out
+    assert "[base]" in text and "[tuned]" in text
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("say hi 1\nsay hi 2\n\n"))
+    assert main(["chat", "--adapter", str(out / "adapter"), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("assistant:") == 2
+
+
+def test_test_split_skipped_cleanly(tmp_path):
+    s = simulate(config.load(None, {**FAST, "run.rounds": 1, "train.local_steps": 1, "data.test_fraction": 0.0,
+                                    "run.out": str(tmp_path / "r")}), progress=False)
+    assert s["test_loss_final"] is None and s["test_skipped"] and s["test_examples"] == 0
+
+
+def test_method_lr_resolution():
+    def lr(**ov):
+        return config.load(None, {"model.name": "tiny", **ov}).learning_rate()
+
+    from fedtune.algorithms.fedsb.config import FedSBConfig
+
+    assert lr(**{"run.algorithm": "fedsb"}) == FedSBConfig.DEFAULT_LR  # no lr anywhere: the method's default
+    assert lr(**{"run.algorithm": "fedsb", "train.lr": 2e-3}) == 2e-3  # [train] lr beats the default
+    assert lr(**{"run.algorithm": "fedsb", "train.lr": 2e-3, "fedsb.lr": 7e-2}) == 7e-2  # [fedsb] lr beats both
+    assert lr(**{"run.algorithm": "fedkseed", "train.lr": 2e-3}) != 2e-3  # ZO keeps its own η
+    with pytest.raises(config.ConfigError, match="lr"):
+        lr(**{"run.algorithm": "fedavg", "fedavg.lr": -1.0})
+
+
+def test_baselines_same_budget(tmp_path):
+    from fedtune.baselines import simulate_baseline
+
+    cfg = config.load(None, {**FAST, "federation.num_clients": 3, "run.rounds": 1, "train.local_steps": 2,
+                             "run.out": str(tmp_path / "local")})
+    loc = simulate_baseline(cfg, "local", progress=False)
+    assert loc["steps_per_round"] == {"client-0": 2, "client-1": 2, "client-2": 2}
+    assert set(loc["client_eval_loss_final"]) == {"client-0", "client-1", "client-2"}
+    assert all(Path(m["adapter"]).is_dir() for m in loc["models"].values())
+    cfg.run.out = str(tmp_path / "central")
+    cen = simulate_baseline(cfg, "central", progress=False)
+    assert cen["steps_per_round"] == {"central": 6}  # 3 clients × 2 steps: the same examples seen
+    assert cen["test_loss_first"] == pytest.approx(loc["test_loss_first"])  # both start from the base

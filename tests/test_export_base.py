@@ -1,0 +1,56 @@
+"""`fedtune export-base` + README's peft snippet, run literally in a process that never imports fedtune."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from fedtune import config
+from fedtune.cli import main
+from fedtune.simulation import simulate
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_snippet() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    found = [b for b in blocks if "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in b]
+    assert len(found) == 1, "README must show exactly one PeftModel.from_pretrained snippet"
+    return "\n".join(line.strip() for line in found[0].splitlines())  # the block is indented in a list item
+
+
+CHECK = """
+import sys
+import torch
+from peft import AutoPeftModelForCausalLM
+assert not any(m == "fedtune" or m.startswith("fedtune.") for m in sys.modules), "the snippet imported fedtune"
+ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+merged = AutoModelForCausalLM.from_pretrained("runs/demo/merged")
+auto = AutoPeftModelForCausalLM.from_pretrained("runs/demo/adapter")  # the base named in adapter_config.json
+base = AutoModelForCausalLM.from_pretrained("bases/demo")
+with torch.no_grad():
+    want, got, got_auto = merged(ids).logits, model(ids).logits, auto(ids).logits
+    print(float((got - want).abs().max()), float((got_auto - want).abs().max()), float((base(ids).logits - want).abs().max()))
+"""
+
+
+def test_export_base_and_readme_peft_snippet_on_tiny(tmp_path, capsys):
+    cfg = config.load(None, {"model.name": "tiny", "run.seed": 3, "run.rounds": 1, "federation.num_clients": 2,
+                             "train.local_steps": 2, "train.lr": 0.02, "data.max_train_per_client": 8,
+                             "data.max_seq_len": 32, "data.max_eval_per_client": 4,
+                             "run.out": str(tmp_path / "runs/demo")})
+    simulate(cfg, progress=False, save_merged=True)
+    adapter = tmp_path / "runs/demo/adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    assert main(["export-base", str(tmp_path / "bases/demo"), "--adapter", str(adapter), "--seed", "4"]) == 2
+    assert "not the base the adapter was trained on" in capsys.readouterr().err
+    assert main(["export-base", str(tmp_path / "bases/demo"), "--adapter", str(adapter)]) == 0  # seed 3 from the adapter
+    base_dir = tmp_path / "bases/demo"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "fedtune-base.json"} <= {p.name for p in base_dir.iterdir()}
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir.resolve())
+    proc = subprocess.run([sys.executable, "-c", _readme_snippet() + CHECK], check=False, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, got_auto, base_gap = map(float, proc.stdout.split())
+    assert got <= 1e-5 and got_auto <= 1e-5 and base_gap > 1e-4

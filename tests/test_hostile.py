@@ -1,0 +1,135 @@
+"""A hostile organisation against a real `fedtune server` process on localhost (FLoRA, tiny model): one
+authenticated client pushes a crafted update each round; the coordinator refuses it with INVALID_ARGUMENT,
+stays up and SERVING, the two honest clients finish, and the final adapter is bit-identical to a run in which
+the hostile client never reported (same transport, same honest clients)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+from test_grpc import IDS, TOKENS, Server, _free_port, _health, adapters, agent, rows, run_agents, write_run
+
+from fedtune.algorithms.base import ClientUpdate
+from fedtune.algorithms.fedavg.config import DEFAULT_TARGETS
+from fedtune.algorithms.lora_common import lora_shapes
+from fedtune.models import fingerprint, load_model
+from fedtune.server.security import auth_metadata
+from fedtune.wire import serde
+
+HOSTILE = IDS[2]
+
+
+def _attack(name: str, rank: int, shapes: dict[str, tuple[int, int]]) -> ClientUpdate:
+    """An update of the assigned rank, then broken the named way."""
+    r = 20_000 if name == "rank_20000" else rank
+    t = {}
+    for m, (d_out, d_in) in sorted(shapes.items()):
+        t[f"{m}.A"], t[f"{m}.B"] = torch.full((r, d_in), 0.01), torch.full((d_out, r), 0.01)
+    n = 48
+    first = min(t)
+    if name == "missing_tensor":
+        del t[first]
+    elif name == "shape_4x63":
+        t[first] = torch.zeros(rank, t[first].shape[1] - 1)
+    elif name == "nan_and_2^62_examples":
+        t = {k: torch.full_like(v, float("nan")) for k, v in t.items()}
+        n = 2**62
+    return ClientUpdate(HOSTILE, n, t)
+
+
+ATTACKS = {  # round → (attack, what the refusal names)
+    1: ("missing_tensor", "1 expected tensor(s) missing"),
+    2: ("shape_4x63", "has shape (4, 63), expected (4, 64)"),
+    3: ("nan_and_2^62_examples", f"num_examples = {2**62} exceeds the allowed 48"),
+    4: ("rank_20000", "has shape (20000, 64), expected (4, 64)"),
+}
+
+
+def _task(stub, md, rnd: int, deadline: float) -> serde.Task:
+    while time.monotonic() < deadline:
+        res = serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(HOSTILE, None)), metadata=md, timeout=10),
+                              max_bytes=1 << 30)
+        if isinstance(res, serde.Task) and res.instruction.round == rnd:
+            return res
+        time.sleep(0.05)
+    raise AssertionError(f"no round-{rnd} task for the hostile client")
+
+
+def _refused(stub, md, task_id: str, update: ClientUpdate, code) -> str:
+    """Push `update`; it must be refused with `code`. Returns the error details."""
+    try:
+        stub.PushUpdate(serde.update_to_chunks(update, task_id), metadata=md, timeout=30)
+    except grpc.RpcError as e:
+        assert e.code() == code, (e.code(), e.details())
+        return e.details()
+    raise AssertionError("accepted")
+
+
+def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
+    cfg_path = write_run(tmp_path, algorithm="flora", rounds=len(ATTACKS), extra="[flora]\nrank = 4\nalpha = 8.0\n")
+    port = _free_port()
+    text = cfg_path.read_text().replace('address = "127.0.0.1:0"', f'address = "127.0.0.1:{port}"')
+    cfg_path.write_text(text.replace("lease_timeout_s = 2.0", "lease_timeout_s = 60.0"))  # clients load slowly
+    srv = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "server", "--config", str(cfg_path), "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agents = [agent(cfg_path, port, i) for i in range(2)]  # honest clients load while the server starts
+    ref_agents = [agent(cfg_path, 0, i) for i in range(2)]  # and those of the reference run
+    base, _ = load_model("tiny", seed=0)
+    shapes = lora_shapes(base, DEFAULT_TARGETS)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+        grpc.channel_ready_future(channel).result(timeout=90)
+        threads, results = run_agents(agents)
+        stub, md = serde.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
+        for bogus in ("²", "9" * 5000, "-1", "0"):  # a declared example count must be a plain positive integer
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Join(serde.to_proto(serde.JoinRequest(HOSTILE, fingerprint(base), {"train_examples": bogus}, "x")),
+                          metadata=md, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bogus
+        join = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+            HOSTILE, fingerprint(base), {"train_examples": "48"}, "evil")), metadata=md, timeout=10))
+        assert join.accepted
+        deadline = time.monotonic() + 120
+        for rnd, (name, message) in ATTACKS.items():
+            task = _task(stub, md, rnd, deadline)
+            assert task.instruction.train["rank"] == 4
+            details = _refused(stub, md, task.task_id, _attack(name, 4, shapes), grpc.StatusCode.INVALID_ARGUMENT)
+            assert message in details, (name, details)
+            assert srv.poll() is None, f"{name}: the coordinator died"
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+            # failed for this round: no second try, not even with a valid update
+            _refused(stub, md, task.task_id, _attack("none", 4, shapes), grpc.StatusCode.PERMISSION_DENIED)
+        while not isinstance(serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(HOSTILE, None)),
+                                                           metadata=md, timeout=10), max_bytes=1 << 20), serde.Finished):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # the reference, while the server finishes: the same gRPC run in which client-2 never shows up
+        # (dropped each round when its lease expires), with the same honest clients
+        ref = Server(cfg_path, **{"run.out": str(tmp_path / "ref"), "server.address": "127.0.0.1:0",
+                                  "server.lease_timeout_s": 1.5})
+        for a in ref_agents:
+            a.c.server = f"127.0.0.1:{ref.port}"
+        ref_threads, ref_results = run_agents(ref_agents)
+        out, _ = srv.communicate(timeout=60)
+        assert srv.returncode == 0, out
+        ref.join()
+        for t in [*threads, *ref_threads]:
+            t.join(30)
+    finally:
+        for a in [*agents, *ref_agents]:
+            a.stop.set()  # never leave a client retrying when an assertion fails
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+    assert results == ref_results == dict.fromkeys(IDS[:2], 0) and ref.error is None
+    assert out.count("refused the update of client-2") == len(ATTACKS), out
+    r = rows(tmp_path / "out")[1:]
+    assert [(x["clients_completed"], x["updates_rejected"]) for x in r] == [(2, 1)] * len(ATTACKS)
+    assert [x["clients_completed"] for x in rows(tmp_path / "ref")[1:]] == [2] * len(ATTACKS)
+    assert adapters(tmp_path / "out", tmp_path / "ref") == 0.0  # bit-identical to the honest-only run
