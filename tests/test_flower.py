@@ -25,7 +25,8 @@ FAST = {"model.name": "tiny", "federation.num_clients": 3, "train.local_steps": 
         "data.max_train_per_client": 48, "data.max_seq_len": 64, "run.rounds": 2, "run.seed": 3}
 
 # the fake-grid tests: one local step on a few examples, clients one by one (as Flower nodes compute)
-QUICK = {**FAST, "train.local_steps": 1, "data.max_train_per_client": 16, "federation.batch_clients": False}
+QUICK = {**FAST, "train.local_steps": 1, "data.max_train_per_client": 16, "federation.batch_clients": False,
+         "run.threads": 1}
 
 pytest.importorskip("ray")
 
@@ -516,3 +517,28 @@ def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
     assert "'client-0'" in failed["client-1"] and "KeyError" in failed["client-2"]
     assert "AttributeError" in failed["client-3"]
     assert _rows(tmp_path / "out")[1]["clients_completed"] == 1
+
+
+def test_a_restarted_supernode_is_found_again_at_the_next_round(tmp_path, flower_task):
+    """client-2's SuperNode is offline in round 1 (failed at once, no message); in round 2 a new node (new node
+    id, as a restarted flower-supernode gets) says it hosts client-2 and takes part again."""
+    from fedtune.flower.client import NodeSpec
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2,
+                             "run.out": str(tmp_path / "out")})
+
+    class Restarting(FakeGrid):
+        calls = 0
+
+        def get_node_ids(self):
+            if not self.discovered:
+                return [100, 101, 102]
+            Restarting.calls += 1
+            return [100, 101] if Restarting.calls == 1 else [100, 101, 202]
+
+    specs = _specs(3) | {202: NodeSpec("client-2", partition=2)}
+    summary = run_server(Restarting(cfg, specs), cfg)
+    rows = _rows(tmp_path / "out")
+    assert [(r["clients_completed"], r["clients_failed"]) for r in rows[1:]] == [(2, ["client-2"]), (3, [])]
+    assert summary["flower"]["node_of"]["client-2"] == "202"

@@ -43,7 +43,7 @@ def failure_summary(cfg: RunConfig, error: BaseException, transport: FlowerTrans
         "algorithm": cfg.run.algorithm, "rounds_completed": max([r["round"] for r in rows], default=0),
         "rounds_planned": cfg.run.rounds, "metrics": str(metrics),
         "flower": {"rounds": transport.flower_rounds if transport else [],
-                   "node_of": {c: str(n) for c, n in sorted((node_of or {}).items())}},
+                   "node_of": {c: str(n) for c, n in sorted(((transport.node_of if transport else node_of) or {}).items())}},
         "config": cfg.to_dict(),
     }
 
@@ -79,7 +79,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False, progress: bo
         "message_bytes_down_total": sum(r["down"] for r in t.flower_rounds),
         "message_bytes_up_total": sum(r["up"] for r in t.flower_rounds),
         "resyncs": t.resyncs, "rounds": t.flower_rounds,
-        "node_of": {c: str(n) for c, n in node_of.items()},
+        "node_of": {c: str(n) for c, n in t.node_of.items()},  # as of the last round (restarted nodes)
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     _write_json(Path(summary["metrics"]).parent / "summary.json", summary)
