@@ -135,9 +135,9 @@ class FedKSeedClient(ClientAlgorithm):
             stream = ([collate([feats[j] for j in ids[i : i + bs]], ctx.pad_id) for i in range(0, len(ids), bs)]
                       for ids in poisson_batches(len(feats), dp.expected_batch, steps, dp.generator))
         params = zo_parameters(model)
-        backup = ParamBackup(params)  # exact restore, spilled to a temp file: no second θ in memory
         idx = self._seed_indices(steps, config)
         was_training, grads, losses, clipped, skipped = model.training, [], [], 0, 0
+        backup = ParamBackup(params)  # exact restore, spilled to a temp file: no second θ in memory
         model.eval()  # no dropout: both SPSA forwards must see the same function
         try:
             for t in range(steps):
