@@ -430,8 +430,8 @@ def test_node_data_from_own_file_is_split_like_simulate_splits_client_k(tmp_path
         p.write_text("".join(json.dumps({"prompt": f"q{k}-{i}", "response": f"a{k}-{i}"}) + "\n" for i in range(20)))
         paths.append(str(p))
     cfg = config.load(None, {"federation.num_clients": 3, "data.source": "jsonl", "data.paths": paths,
-                             "data.eval_fraction": 0.25, "run.seed": 5})
-    sim, _ = prepare_data(cfg, tok)
+                             "data.eval_fraction": 0.25, "data.test_fraction": 0.0, "run.seed": 5})
+    sim = prepare_data(cfg, tok).clients  # no global test split: a node never sees the other files
     for k in range(3):
         mine = load_node_data(cfg, NodeSpec(f"org-{k}", data=paths[k]), tok, k)
         assert mine.train == sim[f"client-{k}"].train and mine.eval == sim[f"client-{k}"].eval

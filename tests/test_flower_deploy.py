@@ -39,7 +39,9 @@ def _setup(tmp: Path, **extra):
     nodes = [{"data": p, "client-name": org, "state-dir": str(tmp / "state" / org)} for p, org in zip(paths, ORGS)]
     run_cfg = {"fedtune.run.out": str(tmp / "flower"), "fedtune.run.rounds": 3, "fedtune.run.threads": 1,
                "fedtune.data.source": "jsonl", "fedtune.data.paths": json.dumps(paths),
-               "fedtune.flower.clients": json.dumps(ORGS), "fedtune.federation.round_timeout_s": 900.0, **extra}
+               "fedtune.flower.clients": json.dumps(ORGS), "fedtune.federation.round_timeout_s": 900.0,
+               "fedtune.data.test_fraction": 0.0,  # simulate's global test split is drawn from all files together
+               **extra}
     over = {k[len("fedtune."):]: json.loads(v) if isinstance(v, str) and v.startswith("[") else v
             for k, v in run_cfg.items()}
     return nodes, run_cfg, over
