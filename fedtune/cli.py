@@ -25,6 +25,8 @@ def _simulate(args: argparse.Namespace) -> int:
     }
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
+    if args.partition:
+        overrides["data.partition"] = args.partition
     cfg = config.load(args.config, overrides)
     if args.baseline:
         from fedtune.baselines import simulate_baseline
@@ -253,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help='"tiny" (random test model), "smollm2", an HF dir or a .gguf file')
     s.add_argument("--seed", type=int)
     s.add_argument("--local-steps", type=int)
-    s.add_argument("--data", nargs="+", help="JSONL file(s): one per client, or one to partition")
+    s.add_argument("--data", nargs="+", help="data files or dirs (JSONL/JSON/CSV/Parquet/save_to_disk): one per "
+                   "client, or one to partition")
+    s.add_argument("--partition", choices=["iid", "dirichlet", "by_category", "pathological"],
+                   help="how one data set is split over the clients (overrides data.partition)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

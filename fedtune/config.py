@@ -40,8 +40,9 @@ class DataSection:
     language: str = "english"
     categories: list[str] = field(default_factory=list)  # keep only these categories; empty = all
     paths: list[str] = field(default_factory=list)  # one file (or dir) per client, or one or more to partition
-    partition: str = "by_category"  # iid | dirichlet | by_category
+    partition: str = "by_category"  # iid | dirichlet | by_category | pathological (see README "Your own data")
     dirichlet_alpha: float = 0.5
+    categories_per_client: int = 2  # pathological: categories each client draws
     eval_fraction: float = 0.1
     max_eval_per_client: int = 16
     # global test set: drawn once by run.seed from the whole corpus before partitioning (same for any partitioner
@@ -266,8 +267,8 @@ def validate(cfg: RunConfig) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")
     _require(t.lr is None or t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(d.source in ("chatterbot", "jsonl"), f"data.source must be \"chatterbot\" or \"jsonl\", got {d.source!r}")
-    _require(d.partition in ("iid", "dirichlet", "by_category"),
-             f"data.partition must be iid, dirichlet or by_category, got {d.partition!r}")
+    _require(d.partition in ("iid", "dirichlet", "by_category", "pathological"),
+             f"data.partition must be iid, dirichlet, by_category or pathological, got {d.partition!r}")
     _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     _require(0 <= d.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {d.test_fraction}")
     _require(d.max_test_examples >= 0, f"data.max_test_examples must be ≥ 0 (0 = no cap), got {d.max_test_examples}")

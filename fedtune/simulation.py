@@ -23,7 +23,15 @@ from fedtune import export
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, GlobalState, Instruction, TrainContext, payload_nbytes
 from fedtune.config import ConfigError, RunConfig
-from fedtune.data.prepare import ClientData, Prepared, client_ids, context_length, format_report, prepare_data  # noqa: F401 (re-exported)
+from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_ids re-exported)
+    ClientData,
+    Prepared,
+    client_ids,
+    context_length,
+    format_report,
+    load_corpus,
+    prepare_data,
+)
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
 from fedtune.models import fingerprint, load_model
@@ -172,9 +180,10 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    corpus = load_corpus(cfg)  # bad data fails here, before the model is loaded and before anything is written
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     base_fp = fingerprint(model)
-    prep = prepare_data(cfg, tok, roster, context_len=context_length(model))
+    prep = prepare_data(cfg, tok, roster, context_len=context_length(model), corpus=corpus)
     data, global_eval = prep.clients, prep.global_eval
     log.info("%s", format_report(prep.report))
     algo, budget_check = build_algorithm(cfg)

@@ -80,3 +80,22 @@ def test_simulation_keeps_clientdata_importable():
     from fedtune.simulation import ClientData as Sim
 
     assert Sim is ClientData
+
+
+def test_auto_max_seq_len_is_the_smallest_keeping_99_percent_of_responses_whole(tmp_path, tok):
+    from fedtune.data import ChatFormatter, load_path
+    from fedtune.data.prepare import choose_max_seq_len
+
+    rows = [{"prompt": "why " * (5 + 3 * i), "response": "because " * (2 + i % 17)} for i in range(200)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    cfg = _cfg(**{"data.source": "jsonl", "data.paths": [path], "data.max_seq_len": 0})
+    exs = load_path(path)
+    chosen = choose_max_seq_len(cfg, tok, exs, context_len=None)
+
+    def whole_responses(n):
+        return sum(ChatFormatter(tok, n).format(e).outcome != "truncated_response" for e in exs)
+
+    assert whole_responses(chosen) >= 198 > whole_responses(chosen - 1)
+    assert choose_max_seq_len(cfg, tok, exs, context_len=chosen - 5) == chosen - 5  # capped at the context
+    demo = _cfg(**{"data.max_seq_len": 0})
+    assert choose_max_seq_len(demo, tok, [], context_len=512) == 128

@@ -47,3 +47,27 @@ def test_more_clients_than_examples_is_a_clear_error():
 def test_by_category_needs_enough_categories():
     with pytest.raises(DataError, match="at least as many categories as clients"):
         by_category([Example("a", "b", "x"), Example("c", "d", "x")], 2, 0)
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(4, [574, 366, 586, 723]), (8, [293, 105, 369, 255, 600, 102, 231, 294])])
+def test_dirichlet_equals_flwr_datasets(corpus, n, sizes):
+    """Sizes flwr-datasets 0.6.1 DirichletPartitioner(n, "category", 0.5, min_partition_size=1, seed=0) gives on the
+    demo corpus minus the global test split (simulations/bench/partitioners.py checks the index sets are equal)."""
+    from fedtune import config
+    from fedtune.data.prepare import split_test
+
+    (rest,), _ = split_test([corpus], config.load(None))
+    assert [len(p) for p in dirichlet(rest, n, 0, 0.5)] == sizes
+
+
+def test_pathological_equals_flwr_datasets_and_never_loses_a_category(corpus):
+    from fedtune import config
+    from fedtune.data import pathological
+    from fedtune.data.prepare import split_test
+
+    (rest,), _ = split_test([corpus], config.load(None))
+    # flwr-datasets 0.6.1 PathologicalPartitioner(8, "category", 12, "random", seed=0) sizes on the same corpus
+    assert [len(p) for p in pathological(rest, 8, 0, 12)] == [436, 163, 491, 185, 523, 160, 113, 178]
+    # with 4 clients no one draws "coding" and "health": flwr-datasets drops their 178 examples, we refuse
+    with pytest.raises(DataError, match=r"gives no client the categories \['coding', 'health'\] \(178 examples"):
+        pathological(rest, 4, 0, 12)

@@ -14,7 +14,6 @@ Dropped only when the template (+ system turns) alone is ≥ L. {"text"} example
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,7 +150,7 @@ class ChatFormatter:
         minimal = systems + [("user", "")] + [msgs[-1]] if last_user or not systems else systems + [msgs[-1]]
         r = sum(len(s) for s, _ in self._segments(minimal))  # template + system + response
         p = len(self._ids(last_user))
-        return n_full, min(n_full, r + p, math.ceil(4 * r / 3))
+        return n_full, min(n_full, r + p, (4 * (r - 1)) // 3 + 1)  # smallest L with L - L // 4 ≥ r
 
     # -- API ---------------------------------------------------------------------------------------
     def __call__(self, ex: Example) -> dict[str, list[int]]:

@@ -7,8 +7,10 @@ Schemas (detected per file from its first row, every row must match): SCHEMAS be
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -116,7 +118,9 @@ def row_to_example(row: dict, schema: str, where: str, category: str) -> Example
         last_user = next((c for r, c in reversed(msgs[:-1]) if r == "user"), "")
         return Example(last_user, msgs[-1][1], cat, messages=msgs)
     if schema == "prompt_response" and _str(row.get("prompt")) and _str(row.get("response")):
-        return Example(row["prompt"], row["response"], cat)
+        # an empty prompt is still a chat turn (loss on the response only), not plain text
+        msgs = () if row["prompt"] else (("user", ""), ("assistant", row["response"]))
+        return Example(row["prompt"], row["response"], cat, messages=msgs)
     if schema == "instruction" and _str(row.get("instruction")) and _str(row.get("output")) \
             and (row.get("input") is None or _str(row.get("input"))):
         inp = row.get("input") or ""
@@ -198,7 +202,9 @@ def _dataset_rows(p: Path, kind: str):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if kind == "csv":
-                ds = ds_lib.Dataset.from_csv(str(p), cache_dir=tmp, keep_in_memory=True, dtype=str,
+                header = next(csv.reader(io.StringIO(read_text(p))), [])
+                strings = ds_lib.Features({c: ds_lib.Value("string") for c in header})
+                ds = ds_lib.Dataset.from_csv(str(p), cache_dir=tmp, keep_in_memory=True, features=strings,
                                              keep_default_na=False)
             elif kind == "parquet":
                 ds = ds_lib.Dataset.from_parquet(str(p), cache_dir=tmp, keep_in_memory=True)

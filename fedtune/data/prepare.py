@@ -25,6 +25,7 @@ from fedtune.data.partition import partition, split_eval
 log = logging.getLogger("fedtune")
 CHATTERBOT_SEQ_LEN = 128  # the demo's max_seq_len when [data] max_seq_len = 0 (auto)
 RESPONSE_KEEP = 0.99  # auto max_seq_len keeps at least this share of responses whole
+AUTO_SAMPLE = 20_000  # auto max_seq_len looks at up to this many examples
 TEST_STREAM = 0x7E57  # the test draw uses its own RNG stream: independent of the partition/eval draws
 
 
@@ -68,8 +69,9 @@ def draw_test_indices(n: int, fraction: float, max_examples: int, seed: int) -> 
     return sorted(np.random.default_rng([seed, TEST_STREAM]).choice(n, size=k, replace=False).tolist())
 
 
-def _load_sources(cfg: RunConfig) -> tuple[list[list[Example]], list[str]]:
-    """The corpus as groups: one group per client file (one file per client), else a single group."""
+def load_corpus(cfg: RunConfig) -> tuple[list[list[Example]], list[str]]:
+    """The corpus as (groups, names): one group per client file (one file per client), else a single group.
+    Needs no model or tokenizer, so bad data fails before the model is loaded."""
     d, n = cfg.data, cfg.federation.num_clients
     if d.source == "chatterbot":
         return [load_chatterbot(d.language, d.categories or None)], ["chatterbot"]
@@ -115,6 +117,9 @@ def choose_max_seq_len(cfg: RunConfig, tokenizer, examples: list[Example], conte
     if d.source == "chatterbot":
         return min(CHATTERBOT_SEQ_LEN, context_len or CHATTERBOT_SEQ_LEN)
     fmt = ChatFormatter(tokenizer, 8)
+    if len(examples) > AUTO_SAMPLE:  # a seeded sample bounds the cost on big corpora
+        pick = np.random.default_rng([cfg.run.seed, TEST_STREAM + 1]).choice(len(examples), AUTO_SAMPLE, replace=False)
+        examples = [examples[i] for i in sorted(pick.tolist())]
     needed = sorted(fmt.needed_len(ex)[1] for ex in examples)
     want = max(8, needed[max(0, int(np.ceil(RESPONSE_KEEP * len(needed))) - 1)])
     chosen = min(want, context_len) if context_len else want
@@ -138,17 +143,17 @@ def _merge(a: dict, b: dict) -> dict:
             "lengths": a["lengths"] + b["lengths"]}
 
 
-def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *,
-                 context_len: int | None = None) -> Prepared:
+def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *, context_len: int | None = None,
+                 corpus: tuple[list[list[Example]], list[str]] | None = None) -> Prepared:
     """Per-client (train, eval) features, the global eval set, the global test set and the data report.
     Client i of `ids` (default client-0 … client-N-1) gets partition i (or file i). `context_len` (the model's
-    context length) bounds max_seq_len."""
+    context length) bounds max_seq_len; `corpus` is load_corpus(cfg) when the caller already has it."""
     d, n = cfg.data, cfg.federation.num_clients
     ids = ids or client_ids(n)
     if len(ids) != n:
         raise ConfigError(f"{len(ids)} client ids for federation.num_clients = {n}; make them agree")
     seed = cfg.run.seed
-    groups, names = _load_sources(cfg)
+    groups, names = corpus or load_corpus(cfg)
     max_len = choose_max_seq_len(cfg, tokenizer, [ex for g in groups for ex in g], context_len)
     groups, test_examples = split_test(groups, cfg)
     per_file = len(groups) == n and n > 1
@@ -159,7 +164,8 @@ def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *,
                                 "add data to this file or lower [data] test_fraction")
         shards = groups
     else:
-        shards = partition(groups[0], n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha)
+        shards = partition(groups[0], n, method=d.partition, seed=seed, alpha=d.dirichlet_alpha,
+                           categories_per_client=d.categories_per_client)
     fmt = ChatFormatter(tokenizer, max_len)
     clients: dict[str, ClientData] = {}
     report: dict[str, Any] = {"max_seq_len": max_len, "max_seq_len_auto": not d.max_seq_len, "clients": {}}
