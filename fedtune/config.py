@@ -159,7 +159,7 @@ class RunConfig:
 
     def learning_rate(self) -> float:
         """The local learning rate: [<method>] lr when set, else [train] lr when set, else the method's tuned
-        default (its config's DEFAULT_LR, chosen by simulations/lr_sweep.py). FedKSeed always uses its own η."""
+        default (its config's DEFAULT_LR, chosen by the lr sweep of simulations/report.py). FedKSeed always uses its own η."""
         ac = self.algorithm_config()
         if getattr(ac, "lr", None) is not None:
             return float(ac.lr)
