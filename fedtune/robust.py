@@ -167,7 +167,7 @@ class RobustAggregation(FedAlgorithm):
             raise ValueError("aggregate called with no client updates")
         rc = self.robust
         norms = [self.update_norm(state, u) for u in updates]
-        bound = rc.norm_bound or (rc.norm_bound_median_mult * float(torch.tensor(norms).median())
+        bound = rc.norm_bound or (rc.norm_bound_median_mult * float(torch.tensor(norms, dtype=torch.float64).median())
                                   if rc.norm_bound_median_mult else 0.0)
         kept, clipped, rejected = [], 0, 0
         for u, n in zip(updates, norms, strict=True):

@@ -62,11 +62,11 @@ def test_failed_start_leaves_no_directory(tmp_path, capsys):
 
 def test_resume_refuses_other_config_names_the_key(tmp_path):
     out = tmp_path / "run"
-    simulate(_cfg(out, **{"run.rounds": 1}), progress=False)
+    simulate(_cfg(out, **{"run.rounds": 1, "train.lr": 0.001}), progress=False)
     with pytest.raises(RunDirError, match=r"train\.lr: 0\.001 → 0\.5"):
         simulate(_cfg(out, **{"run.rounds": 2, "train.lr": 0.5}), resume=True, progress=False)
     with pytest.raises(RunDirError, match="base model differs"):  # tiny's weights depend on the seed
-        simulate(_cfg(out, **{"run.rounds": 2, "run.seed": 1}), resume=True, progress=False)
+        simulate(_cfg(out, **{"run.rounds": 2, "run.seed": 1, "train.lr": 0.001}), resume=True, progress=False)
     assert _rounds(out) == [0, 1]  # refused before anything was written
 
 

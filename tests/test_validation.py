@@ -273,9 +273,11 @@ def test_robust_aggregates_stay_near_the_honest_aggregate(attack):
 
 def test_robust_flora_bounds_each_clients_product():
     algo = get_algorithm("flora", FLoRAConfig(rank=2, alpha=4))
-    state = GlobalState(0, {}, {"modules": {"m": [4, 3]}})
+    # modules wide enough that the round's stack (rank 6) is kept beside the cumulative ΔW (FLoRA keeps a stack
+    # only while it is no bigger than the cumulative form)
+    state = GlobalState(0, {}, {"modules": {"m": [40, 30]}})
     g = torch.Generator().manual_seed(0)
-    ups = [ClientUpdate(c, 1, {"m.A": torch.randn(2, 3, generator=g), "m.B": torch.randn(4, 2, generator=g) * s})
+    ups = [ClientUpdate(c, 1, {"m.A": torch.randn(2, 30, generator=g), "m.B": torch.randn(40, 2, generator=g) * s})
            for c, s in (("a", 1.0), ("b", 1.0), ("c", 100.0))]
     robust = RobustAggregation(algo, {"norm_bound_median_mult": 1.5})
     norms = [float(torch.linalg.matrix_norm(u.tensors["m.B"] @ u.tensors["m.A"])) for u in ups]
@@ -341,7 +343,7 @@ def test_robust_in_a_simulated_run(tmp_path):
 
     cfg = config.load(None, {"model.name": "tiny", "run.algorithm": "fedavg", "run.rounds": 1, "run.out": str(tmp_path),
                              "federation.num_clients": 3, "train.local_steps": 2, "data.max_train_per_client": 16,
-                             "data.max_seq_len": 48, "robust.norm_bound_median_mult": 1.0, "robust.aggregator": "median"})
+                             "data.max_seq_len": 48, "train.lr": 1e-3, "robust.norm_bound_median_mult": 1.0, "robust.aggregator": "median"})
     summary = simulate(cfg, progress=False)
     row = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["algorithm"] == "fedavg+robust"
