@@ -31,7 +31,8 @@ log = logging.getLogger("fedtune")
 RECORD = "run.json"
 LOCK = ".fedtune.lock"
 # what a run writes into its directory; --overwrite deletes these and nothing else
-OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints", "adapter", "merged", "plots", "tb")
+OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints", "adapter", "merged", "plots", "tb",
+           "flower-nodes")
 
 # Settings a resume may change (they do not change what the rounds already done computed). Everything else in
 # the resolved config is hashed; run.rounds too when [privacy] calibrates σ to target_epsilon without a fixed

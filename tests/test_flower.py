@@ -542,3 +542,27 @@ def test_a_restarted_supernode_is_found_again_at_the_next_round(tmp_path, flower
     rows = _rows(tmp_path / "out")
     assert [(r["clients_completed"], r["clients_failed"]) for r in rows[1:]] == [(2, ["client-2"]), (3, [])]
     assert summary["flower"]["node_of"]["client-2"] == "202"
+
+
+
+def test_dp_accountants_survive_a_process_per_message(tmp_path, flower_task):
+    """Sample-level DP on a node whose ClientApp process is new for every message (flwr 1.41 deployment; in
+    simulation a node may land on another Ray worker): its accountant lives in the node's state dir, so the
+    ε of every round equals the native simulation's (never under-reported). Without a state dir the node
+    refuses with the fix instead of silently restarting its accountant."""
+    from fedtune.config import ConfigError
+    from fedtune.flower.client import NodeSpec, check_dp_state
+    from fedtune.flower.server import run_server
+    from fedtune.simulation import simulate
+
+    over = {**QUICK, "run.algorithm": "fedavg", "run.rounds": 3, "privacy.mode": "sample",
+            "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "privacy.noise_seed": 3}
+    simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
+    cfg = config.load(None, {**over, "run.out": str(tmp_path / "disk")})
+    run_server(FakeGrid(cfg, _specs(3, state_dir=str(tmp_path / "state")), fresh_process=True), cfg)
+    eps_native = [r["epsilon"] for r in _rows(tmp_path / "native")[1:]]
+    eps_flower = [r["epsilon"] for r in _rows(tmp_path / "disk")[1:]]
+    assert eps_native == sorted(eps_native) and eps_native[0] < eps_native[-1]
+    assert eps_flower == pytest.approx(eps_native, rel=1e-9)
+    with pytest.raises(ConfigError, match="needs a node state dir"):
+        check_dp_state(NodeSpec("client-0", partition=0), cfg)

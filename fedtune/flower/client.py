@@ -28,6 +28,7 @@ version. Nothing is ever trained on a wrong model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -173,11 +174,20 @@ def cached_nodes() -> int:
     return len(_CACHE.nodes)
 
 
+def check_dp_state(spec: NodeSpec, cfg: RunConfig) -> None:
+    """Sample-level DP keeps a per-client accountant: it must survive Flower's process-per-message ClientApp
+    (deployment) and a node moving between Ray workers (simulation), or ε would be under-reported."""
+    if cfg.privacy_config().mode == "sample" and not spec.state_dir:
+        raise ConfigError(f"node of {spec.client_id}: [privacy] mode = \"sample\" needs a node state dir (its DP "
+                          "accountant must outlive the ClientApp process); add state-dir=\"/path\" to --node-config")
+
+
 def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> Message:
     """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply."""
     ins, from_version = serde.record_to_instruction(msg.content)
     cid = ins.client_id
     spec = spec or NodeSpec(cid, partition=int(cid.rsplit("-", 1)[1]))
+    check_dp_state(spec, cfg)
     limit = int(cfg.extra.get("flower", {}).get("client_cache", 0))
     store = NodeStore(spec.state_dir, cid, config_key(cfg.to_dict(), cid)) if spec.state_dir else None
     with _CACHE.lock:  # one message at a time per process (Ray actors are single-threaded anyway)
@@ -212,14 +222,20 @@ def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> 
     return Message(serde.update_to_record(update), reply_to=msg)
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -> ClientApp:
     """The fedtune ClientApp. With `cfg` the config travels with the app object (in-process
-    `run_simulation`); without, it is read from the Flower run config (`flwr run`, see runconfig.py)."""
+    `run_simulation`); without, it is read from the Flower run config (`flwr run`, see runconfig.py).
+    `default_state_dir`: the node state dir of nodes whose node config names none (the simulation engine
+    passes <out>/flower-nodes, so a node keeps its version and DP accountant whichever Ray worker serves it)."""
     app = ClientApp()
 
     def spec_of(context: Context) -> tuple[RunConfig, NodeSpec]:
         run_cfg = cfg if cfg is not None else resolve_config(context.run_config)
-        return run_cfg, node_spec(dict(context.node_config), run_cfg)
+        spec = node_spec(dict(context.node_config), run_cfg)
+        if default_state_dir and not spec.state_dir:
+            spec = dataclasses.replace(spec, state_dir=default_state_dir)
+        check_dp_state(spec, run_cfg)
+        return run_cfg, spec
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
