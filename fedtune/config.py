@@ -295,7 +295,9 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= d.max_drop_fraction <= 1, f"data.max_drop_fraction must be in [0, 1], got {d.max_drop_fraction}")
     if d.source == "jsonl":
         _require(bool(d.paths), "data.source = \"jsonl\" needs data.paths (one file per client, or one file to partition)")
-        _require(len(d.paths) in (1, f.num_clients),
+        # an edge client with partition = -1 trains on all of its own files, whatever the federation's size
+        own_files = "client" in cfg.extra and cfg.section("client", ClientSection).partition < 0
+        _require(own_files or len(d.paths) in (1, f.num_clients),
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()

@@ -99,3 +99,26 @@ def test_auto_max_seq_len_is_the_smallest_keeping_99_percent_of_responses_whole(
     assert choose_max_seq_len(cfg, tok, exs, context_len=chosen - 5) == chosen - 5  # capped at the context
     demo = _cfg(**{"data.max_seq_len": 0})
     assert choose_max_seq_len(demo, tok, [], context_len=512) == 128
+
+
+def test_edge_client_trains_on_all_of_its_own_files(tmp_path, tok):
+    """A gRPC client with partition = -1 holds its own files: any number of them, in a federation of any size
+    (the federation's num_clients says nothing about one organisation's files), all examples, no test split."""
+    import json
+
+    from fedtune import config
+    from fedtune.client.agent import local_data
+    from fedtune.config import ClientSection
+
+    paths = []
+    for i, n in enumerate((7, 5)):
+        p = tmp_path / f"own-{i}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": f"q{i}-{k}", "response": f"a{i}-{k}"}) + "\n" for k in range(n)))
+        paths.append(str(p))
+    over = {"model.name": "tiny", "federation.num_clients": 3, "data.source": "jsonl", "data.paths": paths,
+            "data.eval_fraction": 0.0, "data.max_seq_len": 64, "client.client_id": "org-a", "client.partition": -1}
+    cfg = config.load(None, over)
+    d = local_data(cfg, cfg.section("client", ClientSection), tok)
+    assert len(d.train) == 12 and not d.eval
+    with pytest.raises(config.ConfigError, match="2 files for 3 clients"):  # a server's [data] must still agree
+        config.load(None, {k: v for k, v in over.items() if not k.startswith("client.")})
