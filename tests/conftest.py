@@ -23,3 +23,18 @@ def feats(tok):
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+# FedKSeed tests: a tokenizer and features of their own (max_seq_len 32), and a fresh tiny model per call
+@pytest.fixture(scope="session")
+def ktok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def kfeats(ktok):
+    return ChatFormatter(ktok, 32).many(load_chatterbot()[:120])
+
+
+def fresh(ktok):
+    return tiny_llama(len(ktok), seed=0)

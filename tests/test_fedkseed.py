@@ -9,29 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh
 
 from fedtune.algorithms import ClientUpdate, GlobalState, Payload, TrainContext, get_algorithm
 from fedtune.algorithms.fedkseed import FedKSeedConfig
 from fedtune.algorithms.fedkseed.server import round_key, seed_probabilities
-from fedtune.data import ChatFormatter, load_chatterbot
-from fedtune.models import tiny_llama, tiny_tokenizer
 from fedtune.training import zo
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ktok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def kfeats(ktok):
-    return ChatFormatter(ktok, 32).many(load_chatterbot()[:120])
-
-
-def fresh(ktok):
-    return tiny_llama(len(ktok), seed=0)
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

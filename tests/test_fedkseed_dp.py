@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fresh
 from torch import nn
 
 from fedtune.algorithms import TrainContext, get_algorithm
 from fedtune.algorithms.fedkseed import FedKSeedClient, FedKSeedConfig
-from fedtune.data import ChatFormatter, collate, load_chatterbot
-from fedtune.models import tiny_llama, tiny_tokenizer
+from fedtune.data import collate
 from fedtune.privacy import (
     Accountant,
     DPRound,
@@ -23,20 +23,6 @@ from fedtune.privacy import (
     private_scalar_mean,
 )
 from fedtune.training import zo
-
-
-@pytest.fixture(scope="module")
-def ktok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def kfeats(ktok):
-    return ChatFormatter(ktok, 32).many(load_chatterbot()[:60])
-
-
-def fresh(ktok):
-    return tiny_llama(len(ktok), seed=0)
 
 
 def params_of(model) -> dict[str, torch.Tensor]:
