@@ -215,6 +215,15 @@ def load_tokens(path: str, key: str) -> dict[str, str]:
     return dict(tokens)
 
 
+def dataclass_from_dict(cls, d: dict[str, Any], section: str):
+    """cls(**d) for a section dataclass that validates itself; unknown keys are a ValueError naming them."""
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown [{section}] keys {unknown}; valid: {names}")
+    return cls(**d)
+
+
 def _build(cls, raw: dict[str, Any], section: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

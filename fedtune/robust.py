@@ -65,12 +65,9 @@ class RobustConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | RobustConfig) -> RobustConfig:
-        if isinstance(d, RobustConfig):
-            return d
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown [robust] keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        from fedtune.config import dataclass_from_dict
+
+        return d if isinstance(d, RobustConfig) else dataclass_from_dict(cls, d, "robust")
 
 
 def _base(algo: FedAlgorithm) -> FedAlgorithm:

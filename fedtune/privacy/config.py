@@ -67,9 +67,6 @@ class PrivacyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | PrivacyConfig) -> PrivacyConfig:
-        if isinstance(d, PrivacyConfig):
-            return d
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown [privacy] keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        from fedtune.config import dataclass_from_dict
+
+        return d if isinstance(d, PrivacyConfig) else dataclass_from_dict(cls, d, "privacy")
