@@ -5,8 +5,12 @@ local    each client trains alone: a one-client FedAvg-LoRA run on its own data 
          round as in the federation). Reported per client on its own held-out slice and on the global test set;
          the run's rows are the means over clients (the local models' global test loss is computed at round 0 and at
          the end only: that is 4 test evaluations per round otherwise).
-central  all clients' training data pooled into one client that runs rounds × (num_clients · local_steps) steps:
-         the same number of examples seen as the federation with every client sampled.
+central  all clients' training data pooled into one client that runs rounds × local_steps steps at batch
+         batch_size × (clients per round): the same examples seen *and* the same number of optimiser steps as each
+         client of the federation (the federation's compute, done on one machine with the data in one place).
+central-seq
+         the pooled data, rounds × (clients per round · local_steps) steps at batch batch_size: the same examples
+         seen in K× more sequential steps (a stronger reference than the federation's step budget allows).
 
 Both reuse the round engine and the in-process transport (rows, checkpoints, summary.json, adapters); no bytes
 cross a network, so bytes are 0. Each model lands in <out>/models/<client-id | central>/ (a normal run dir:
@@ -24,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
-from fedtune.engine import GlobalModel, RoundEngine
+from fedtune.engine import GlobalModel, RoundEngine, clients_per_round
 from fedtune.metrics import MetricsWriter
 from fedtune.simulation import ClientData, InProcessTransport, Run, engine_config, execute, finalize_run, prepare_run
 
-KINDS = ("local", "central")
+KINDS = ("local", "central", "central-seq")
 METHOD = "fedavg"  # the baselines train plain LoRA ([lora] / [fedavg] settings and lr)
 
 
@@ -37,13 +41,14 @@ def _mean(values: list[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bool, *,
+def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bool, *, batch_size: int | None = None,
                  test_every_round: bool = True, cache: dict[str, float] | None = None) -> dict[str, Any]:
     """One single-client run on the shared model, from the run's initial global state; returns its summary.
     Without test_every_round the (costly) global test loss is computed at round 0 (once, cached) and at the end."""
     cfg = copy.deepcopy(run.cfg)
     cfg.run.out = str(run.cfg.out_dir / "models" / name)
     cfg.train.local_steps = steps
+    cfg.train.batch_size = batch_size or cfg.train.batch_size
     cfg.federation.num_clients, cfg.federation.min_clients, cfg.federation.fraction = 1, 1, 1.0
     algo, pad, bs = run.algo, run.tokenizer.pad_token_id, cfg.run.eval_batch_size
     gm = GlobalModel(run.gm.model, algo.make_client(), algo=algo, state=run.state)
@@ -93,15 +98,19 @@ def simulate_baseline(cfg: RunConfig, kind: str, *, progress: bool = True) -> di
 
 
 def _baseline(run: Run, cfg: RunConfig, kind: str, progress: bool) -> dict[str, Any]:
+    per_round_clients = clients_per_round(len(run.data), cfg.federation.fraction, cfg.federation.min_clients)
+    bs, tau = cfg.train.batch_size, cfg.train.local_steps
     if kind == "local":
-        subs = {cid: (d, cfg.train.local_steps) for cid, d in run.data.items()}
+        subs = {cid: (d, tau, bs) for cid, d in run.data.items()}
     else:  # note: the pooled set's eval is the union of the clients' slices (the federation's eval set)
         pooled = ClientData(train=[f for d in run.data.values() for f in d.train], eval=run.global_eval,
                             categories=sorted({c for d in run.data.values() for c in d.categories}))
-        subs = {"central": (pooled, cfg.train.local_steps * cfg.federation.num_clients)}
+        subs = {kind: (pooled, tau, bs * per_round_clients) if kind == "central"
+                else (pooled, tau * per_round_clients, bs)}
     cache: dict[str, float] = {}  # every model starts from the same base: its test loss is computed once
-    models = {name: _train_alone(run, name, d, steps, progress, test_every_round=kind == "central", cache=cache)
-              for name, (d, steps) in subs.items()}
+    models = {name: _train_alone(run, name, d, steps, progress, batch_size=b, test_every_round=kind != "local",
+                                 cache=cache)
+              for name, (d, steps, b) in subs.items()}
     per_round = [[json.loads(line) for line in Path(s["metrics"]).read_text().splitlines() if line.strip()]
                  for s in models.values()]
     for rows in zip(*per_round, strict=True):
@@ -114,8 +123,8 @@ def _baseline(run: Run, cfg: RunConfig, kind: str, progress: bool) -> dict[str, 
         client_eval = {cid: models[cid]["client_eval_loss_final"][cid] for cid in run.data}
         client_test = {cid: models[cid]["test_loss_final"] for cid in run.data}
     else:
-        client_eval = models["central"]["client_eval_loss_final"]
-        client_test = {cid: models["central"]["test_loss_final"] for cid in run.data}
+        client_eval = models[kind]["client_eval_loss_final"]
+        client_test = {cid: models[kind]["test_loss_final"] for cid in run.data}
     tests = [r["test_loss"] for r in run.writer.rows if r.get("test_loss") is not None]
     evals = [r["eval_loss"] for r in run.writer.rows if r.get("eval_loss") is not None]
     run.writer.write_csv()
@@ -126,7 +135,8 @@ def _baseline(run: Run, cfg: RunConfig, kind: str, progress: bool) -> dict[str, 
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "test_examples": len(run.test), "client_eval_loss_final": client_eval, "client_test_loss_final": client_test,
         "client_eval_loss_mean": _mean(list(client_eval.values())),
-        "steps_per_round": {name: steps for name, (_, steps) in subs.items()},
+        "steps_per_round": {name: steps for name, (_, steps, _) in subs.items()},
+        "batch_size": {name: b for name, (_, _, b) in subs.items()},
         "bytes_up_total": 0, "bytes_down_total": 0, "epsilon": None,
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},

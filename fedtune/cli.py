@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["native", "flower"], default="native",
                    help="native: fedtune's in-process simulation; flower: Flower's simulation engine (Ray), "
                         "same outputs")
-    s.add_argument("--baseline", choices=["local", "central"],
+    s.add_argument("--baseline", choices=["local", "central", "central-seq"],
                    help="local: each client trains alone (same steps); central: all training data pooled "
                         "(same examples seen). Plain LoRA ([lora]/[fedavg] settings)")
     s.set_defaults(func=_simulate)

@@ -1,15 +1,17 @@
 """The measured answer: every method, the baselines and DP on one workload, written to simulations/results/.
 
-    PYTHONPATH=. python simulations/report.py                 # SmolLM2 matrix (long; resumable: finished runs are kept)
+    PYTHONPATH=. python simulations/report.py --jobs 2        # SmolLM2 matrix (long; resumable: finished runs are kept)
     PYTHONPATH=. python simulations/report.py --only fedavg@0.003 --only local   # run just these entries
     PYTHONPATH=. python simulations/report.py --report-only    # rebuild JSON/MD/PNGs from the finished runs
     PYTHONPATH=. python simulations/report.py --model tiny --quick --runs /tmp/r --results /tmp/res  # seconds (CI)
 
 Workload: simulations/report.toml (SmolLM2-135M-Instruct, chatterbot by category, 4 clients, 5 rounds). Matrix:
-each method at 3 learning rates (the lr sweep: the default is the value with the lowest final *eval* loss, on the
-clients' held-out slices; methods are then compared on the separate global *test* set), FedAvg-LoRA and Fed-SB under
-sample-level DP at ε ∈ {1, 3, 8} and local-only and centralized baselines (plain LoRA) at PRESET_LR.
-Outputs: results/matrix.json (one row per run), results/REPORT.md, results/*.png.
+phase 1 runs each method at 3 learning rates (the lr sweep: the default is the value with the lowest final *eval*
+loss, on the clients' held-out slices; methods are then compared on the separate global *test* set); phase 2 runs
+FedAvg-LoRA and Fed-SB under sample-level DP at ε ∈ {1, 3, 8} at the lr the sweep picked for them, and the
+local-only and centralized baselines (plain LoRA) at FedAvg-LoRA's pick. With --jobs N each entry runs in its own
+process (N at a time; its peak RSS is written beside its run). Outputs: results/matrix.json (one row per run),
+results/REPORT.md, results/*.png.
 """
 
 from __future__ import annotations
@@ -21,14 +23,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SWEEP = {  # FedAvg/FLoRA/Fed-SB: AdamW lr; FedKSeed (trainable = "lora"): the ZO step size η
-    "fedavg": [1e-3, 3e-3, 1e-2],
-    "flora": [1e-3, 3e-3, 1e-2],
-    "fedsb": [3e-3, 1e-2, 3e-2],
-    "fedkseed": [3e-4, 1e-3, 3e-3],
+    "fedavg": [3e-3, 1e-2, 3e-2],
+    "flora": [3e-3, 1e-2, 3e-2],
+    "fedsb": [1e-2, 3e-2, 1e-1],
+    "fedkseed": [1e-3, 3e-3, 1e-2],
 }
-# DP rows and the baselines train at these lrs, fixed when the matrix was launched (in parallel with the sweep, to
-# fit the time budget): FedAvg's and Fed-SB's expected defaults. REPORT.md says whether the sweep agreed.
-PRESET_LR = {"fedavg": 3e-3, "fedsb": 1e-2}
+BASELINES = ("local", "central", "central-seq")
 EPSILONS = [1.0, 3.0, 8.0]
 DP_METHODS = ["fedavg", "fedsb"]
 PROMPTS = 5
@@ -41,40 +41,89 @@ def default_lr(method: str) -> float:
 
 
 def matrix(quick: bool) -> dict[str, dict[str, Any]]:
-    """{entry name: {"kind": method | "local" | "central", "overrides": {...}}}."""
+    """{entry name: {"kind": method | baseline, "method": ..., "phase": 1 | 2, "overrides": {...}}}; phase-2
+    entries (DP, baselines) take their lr from the finished sweep (resolve_lr)."""
     out: dict[str, dict[str, Any]] = {}
     for m, grid in SWEEP.items():
         for lr in grid[:1] if quick else grid:
-            out[f"{m}@{lr:g}"] = {"kind": m, "method": m, "lr": lr, "overrides": {"run.algorithm": m, f"{m}.lr": lr}}
+            out[f"{m}@{lr:g}"] = {"kind": m, "method": m, "lr": lr, "phase": 1,
+                                  "overrides": {"run.algorithm": m, f"{m}.lr": lr}}
     for m in DP_METHODS:
         for eps in EPSILONS[:1] if quick else EPSILONS:
-            out[f"{m}-dp{eps:g}"] = {"kind": m, "method": m, "epsilon": eps, "lr": PRESET_LR[m], "privacy": {
-                "mode": "sample", "target_epsilon": eps, "noise_seed": 0},
-                "overrides": {"run.algorithm": m, f"{m}.lr": PRESET_LR[m]}}
-    for b in ("local", "central"):  # plain LoRA (FedAvg's client)
-        out[b] = {"kind": b, "method": "fedavg", "lr": PRESET_LR["fedavg"], "overrides": {"fedavg.lr": PRESET_LR["fedavg"]}}
+            out[f"{m}-dp{eps:g}"] = {"kind": m, "method": m, "epsilon": eps, "phase": 2, "privacy": {
+                "mode": "sample", "target_epsilon": eps, "noise_seed": 0}, "overrides": {"run.algorithm": m}}
+    for b in BASELINES:  # plain LoRA (FedAvg's client)
+        out[b] = {"kind": b, "method": "fedavg", "phase": 2, "overrides": {}}
     return out
 
 
-def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides: dict[str, Any]) -> Path:
-    """Run one matrix entry into runs/<name> (skipped when its summary.json exists); returns the run dir."""
+def resolve_lr(spec: dict[str, Any], entries: dict[str, dict[str, Any]], runs: Path) -> float:
+    """A sweep entry's own lr; for phase 2 the lr the finished sweep picked for its method (lowest final eval
+    loss), or the method's config default when none of its sweep runs has finished."""
+    if spec.get("lr") is not None:
+        return spec["lr"]
+    import json
+
+    best: tuple[float, float] | None = None
+    for name, e in entries.items():
+        f = runs / name.replace("@", "-lr") / "summary.json"
+        if e["phase"] == 1 and e["method"] == spec["method"] and f.is_file():
+            loss = json.loads(f.read_text()).get("eval_loss_final")
+            if isinstance(loss, float) and (best is None or loss < best[0]):
+                best = (loss, e["lr"])
+    return best[1] if best else default_lr(spec["method"])
+
+
+def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides: dict[str, Any],
+              entries: dict[str, dict[str, Any]]) -> Path:
+    """Run one matrix entry into runs/<name> (skipped when its summary.json exists); returns the run dir.
+    Writes the process's peak RSS to <run>/peak_rss_mb.txt (meaningful when the entry has a process of its own)."""
+    import resource
+
     from fedtune import config
     from fedtune.simulation import simulate
 
     out = runs / name.replace("@", "-lr")
     if (out / "summary.json").is_file():
         return out
-    ov = {**overrides, **spec["overrides"], "run.out": str(out), "run.name": name}
+    lr = resolve_lr(spec, entries, runs)
+    ov = {**overrides, **spec["overrides"], f"{spec['method']}.lr": lr, "run.out": str(out), "run.name": name}
     for k, v in (spec.get("privacy") or {}).items():
         ov[f"privacy.{k}"] = v
     cfg = config.load(base, ov)
-    if spec["kind"] in ("local", "central"):
+    if spec["kind"] in BASELINES:
         from fedtune.baselines import simulate_baseline
 
         simulate_baseline(cfg, spec["kind"], progress=False)
     else:
         simulate(cfg, progress=False)
+    (out / "peak_rss_mb.txt").write_text(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}\n")
     return out
+
+
+def run_all(names: list[str], entries: dict[str, dict[str, Any]], a: argparse.Namespace, runs: Path,
+            overrides: dict[str, Any]) -> None:
+    """Phase 1 (the sweep) before phase 2 (which needs its picks); with --jobs N, N entry processes at a time."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    def child(name: str) -> None:
+        if (runs / name.replace("@", "-lr") / "summary.json").is_file():
+            return
+        cmd = [sys.executable, __file__, "--config", a.config, "--runs", str(runs), "--only", name]
+        cmd += (["--model", a.model] if a.model else []) + (["--quick"] if a.quick else [])
+        r = subprocess.run(cmd, check=False)
+        print(f"{'done' if r.returncode == 0 else f'FAILED ({r.returncode})'} {name}", flush=True)
+
+    for phase in (1, 2):
+        todo = [n for n in names if entries[n]["phase"] == phase]
+        if a.jobs > 1:
+            with ThreadPoolExecutor(a.jobs) as pool:
+                list(pool.map(child, todo))
+        else:
+            for name in todo:
+                run_entry(name, entries[name], Path(a.config), runs, overrides, entries)
+                print(f"done {name}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-prompts", action="store_true", help="skip the generation table")
     p.add_argument("--runs", default="runs/report", help="run dirs go here")
     p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--rss-log", help="RSS sampler log (epoch pid rss_kib args) for the peak-RSS column")
+    p.add_argument("--jobs", type=int, default=1, help="entries run in N processes at once (each its own peak RSS)")
     p.add_argument("--notes", help="markdown file inserted near the top of REPORT.md (how the run went)")
     a = p.parse_args(argv)
     entries = matrix(a.quick)
@@ -105,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown entries {unknown}; see --list")
     if not a.report_only:
-        for name in a.only or entries:
-            run_entry(name, entries[name], Path(a.config), runs, overrides)
-            print(f"done {name}", flush=True)
+        if a.only and a.jobs <= 1:  # also how each --jobs child runs its entry
+            for name in a.only:
+                run_entry(name, entries[name], Path(a.config), runs, overrides, entries)
+            return 0
+        run_all(a.only or list(entries), entries, a, runs, overrides)
         if a.only:
             return 0
     if str(HERE) not in sys.path:  # the sibling module simulations/report_write.py
@@ -115,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     from report_write import write_report
 
     write_report(entries, runs, Path(a.results), prompts=0 if a.no_prompts else PROMPTS,
-                 rss_log=Path(a.rss_log) if a.rss_log else None,
                  notes=Path(a.notes).read_text(encoding="utf-8") if a.notes else "")
     return 0
 

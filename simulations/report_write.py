@@ -10,7 +10,8 @@ from typing import Any
 
 FEDERATED = ("fedavg", "flora", "fedsb", "fedkseed")
 LABEL = {"fedavg": "FedAvg-LoRA", "flora": "FLoRA", "fedsb": "Fed-SB", "fedkseed": "FedKSeed (lora)",
-         "local": "local-only", "central": "centralized"}
+         "local": "local-only", "central": "centralized (same steps)", "central-seq": "centralized (sequential)"}
+BASELINES = ("local", "central", "central-seq")
 
 
 def _rows(run: Path) -> list[dict[str, Any]]:
@@ -26,22 +27,23 @@ def _mean(vs: list[Any]) -> float | None:
     return sum(vs) / len(vs) if vs else None
 
 
-def peak_rss_mb(rss_log: Path | None, run: Path) -> float | None:
-    """Peak RSS of the process while it ran this entry, from the sampler log (epoch pid rss_kib args):
-    samples between the run dir's first metrics row and its summary.json."""
-    if rss_log is None or not rss_log.is_file() or not (run / "summary.json").is_file():
-        return None
-    t0, t1 = (run / "metrics.jsonl").stat().st_ctime - 120, (run / "summary.json").stat().st_mtime
-    name = run.name.replace("-lr", "@")
-    best = None
-    for line in rss_log.read_text().splitlines():
-        parts = line.split(" ", 3)
-        if len(parts) == 4 and parts[2].isdigit() and f"--only {name}" in parts[3] and t0 <= int(parts[0]) <= t1:
-            best = max(best or 0, int(parts[2]))
-    return round(best / 1024, 1) if best else None
+def peak_rss_mb(run: Path) -> float | None:
+    """The entry process's peak RSS, written by report.py beside the run (None when it ran in a shared process)."""
+    f = run / "peak_rss_mb.txt"
+    return float(f.read_text()) if f.is_file() else None
 
 
-def collect(entries: dict[str, dict[str, Any]], runs: Path, rss_log: Path | None = None) -> list[dict[str, Any]]:
+def run_lr(summary: dict[str, Any], method: str | None) -> float | None:
+    """The lr the run trained at (its saved config's effective lr for `method`)."""
+    from fedtune.evaluation import config_from_summary
+
+    cfg = config_from_summary(summary)
+    if method:
+        cfg.run.algorithm = method
+    return cfg.learning_rate()
+
+
+def collect(entries: dict[str, dict[str, Any]], runs: Path) -> list[dict[str, Any]]:
     out = []
     for name, spec in entries.items():
         run = runs / name.replace("@", "-lr")
@@ -57,7 +59,7 @@ def collect(entries: dict[str, dict[str, Any]], runs: Path, rss_log: Path | None
             acc += (r.get("bytes_up") or 0) + (r.get("bytes_down") or 0)
             cum.append(acc)
         out.append({
-            "name": name, "kind": spec["kind"], "method": spec.get("method"), "lr": spec.get("lr"),
+            "name": name, "kind": spec["kind"], "method": spec.get("method"), "lr": run_lr(s, spec.get("method")),
             "target_epsilon": spec.get("epsilon"), "epsilon_spent": s.get("epsilon"),
             "label": LABEL.get(spec["kind"], spec["kind"]) + (f" DP ε={spec['epsilon']:g}" if spec.get("epsilon") else ""),
             "rounds": s.get("rounds_completed"), "test_examples": s.get("test_examples"),
@@ -66,9 +68,9 @@ def collect(entries: dict[str, dict[str, Any]], runs: Path, rss_log: Path | None
             "client_eval_loss_final": s.get("client_eval_loss_final") or {},
             "bytes_up_per_client_round": _mean(per_client_up), "bytes_down_per_client_round": _mean(per_client_down),
             "bytes_total": acc, "wall_s_per_round": _mean([r.get("wall_s") for r in trained]),
-            "wall_s_total": s.get("wall_s"), "peak_rss_mb": peak_rss_mb(rss_log, run),
+            "wall_s_total": s.get("wall_s"), "peak_rss_mb": peak_rss_mb(run),
             "test_loss_by_round": [r.get("test_loss") for r in rows], "cum_bytes_by_round": cum,
-            "run_dir": str(run), "steps_per_round": s.get("steps_per_round"),
+            "run_dir": str(run), "steps_per_round": s.get("steps_per_round"), "batch_size": s.get("batch_size"),
         })
     return out
 
@@ -99,7 +101,7 @@ def same_lr_peer(rows: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> di
     """The federated run to set against the baselines (plain LoRA): the best LoRA method (FedAvg, FLoRA) at the
     baselines' lr (same hyperparameters),
     else the best at its tuned default."""
-    ref = next((r for r in rows if r["kind"] in ("local", "central")), None)
+    ref = next((r for r in rows if r["kind"] in BASELINES), None)
     same = [r for r in rows if r["kind"] in ("fedavg", "flora") and not r["target_epsilon"] and ref and r["lr"] == ref["lr"]
             and _finite(r["test_loss_final"])]
     pool = same or [r for r in chosen if _finite(r["test_loss_final"])]
@@ -114,7 +116,7 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
 
     out = {}
     dp = [r for r in rows if r["target_epsilon"]]
-    base = [r for r in rows if r["kind"] in ("local", "central")]
+    base = [r for r in rows if r["kind"] in BASELINES]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in chosen + dp + base:
         pts = [(i, v) for i, v in enumerate(r["test_loss_by_round"]) if _finite(v)]
@@ -181,9 +183,9 @@ def prompt_table(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], n: in
     table = [{"prompt": ex.prompt, "reference": ex.response, "answers": {}} for ex in test]
     for t in table:
         t["answers"]["base"] = generate(base.model, base.tokenizer, [{"role": "user", "content": t["prompt"]}], gc)
-    local = next((r for r in rows if r["kind"] == "central"), None)
-    for r in chosen + ([local] if local else []):
-        adapter = Path(r["run_dir"]) / ("models/central/adapter" if r["kind"] == "central" else "adapter")
+    central = [r for r in rows if r["kind"] in ("central", "central-seq")]
+    for r in chosen + central:
+        adapter = Path(r["run_dir"]) / (f"models/{r['kind']}/adapter" if r in central else "adapter")
         if not (adapter / "adapter_config.json").is_file():
             continue
         m = load_tuned(cfg.model.name, adapter=str(adapter), seed=cfg.run.seed)
@@ -197,14 +199,15 @@ def _cell(s: str) -> str:
 
 
 def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, *, prompts: int = 5,
-                 rss_log: Path | None = None, notes: str = "") -> Path:
+                 notes: str = "") -> Path:
     results.mkdir(parents=True, exist_ok=True)
-    rows = collect(entries, runs, rss_log)
+    rows = collect(entries, runs)
     defaults = pick_defaults(rows)
     chosen = [next(r for r in rows if r["name"] == d["name"]) for d in defaults.values()]
     dp = [r for r in rows if r["target_epsilon"]]
     local = next((r for r in rows if r["kind"] == "local"), None)
     central = next((r for r in rows if r["kind"] == "central"), None)
+    central_seq = next((r for r in rows if r["kind"] == "central-seq"), None)
     pngs = plots(rows, chosen, results) if rows else {}
     table = prompt_table(rows, chosen, prompts)
     base_loss = next((r["test_loss_base"] for r in rows if _finite(r["test_loss_base"])), None)
@@ -227,7 +230,7 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
     L += ["## Methods at their tuned default", "",
           ("| method | lr | test loss | Δ vs base | bytes up / client-round (KiB) | bytes down / client-round (KiB) "
           "| total bytes (MiB) | wall s / round | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
-    for r in chosen + dp + [x for x in (local, central) if x]:
+    for r in chosen + dp + [x for x in (local, central, central_seq) if x]:
         d = r["test_loss_final"] - base_loss if _finite(r["test_loss_final"]) and _finite(base_loss) else None
         lr = f"{r['lr']:g}" if r["lr"] else "default"
         L.append(f"| {r['label']} | {lr} | {_fmt(r['test_loss_final'])} | {_fmt(d, '+.4f')} | "
@@ -245,7 +248,8 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
         tried = ", ".join(f"{lr}: {_fmt(v['eval'])} ({_fmt(v['test'])})" for lr, v in d["tried"].items())
         L.append(f"| {LABEL[m]} | {tried} | **{d['lr']:g}** |")
     L += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in pngs.items()] + [""]
-    L += findings(rows, chosen, dp, local, central, base_loss)
+    L += baseline_lines(rows, central, central_seq)
+    L += findings(rows, chosen, dp, local, central, central_seq, base_loss)
     if table:
         L += ["", "## Answers to 5 fixed test prompts (greedy, 32 new tokens)", ""]
         for i, t in enumerate(table, 1):
@@ -257,7 +261,19 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
     return path
 
 
-def findings(rows, chosen, dp, local, central, base_loss) -> list[str]:
+def baseline_lines(rows, central, central_seq) -> list[str]:
+    """How much each baseline trained (steps × batch per round), from its summary."""
+    L = []
+    for r in (central, central_seq):
+        if r and r.get("steps_per_round"):
+            steps, bs = next(iter(r["steps_per_round"].values())), next(iter((r.get("batch_size") or {None: None}).values()))
+            L.append(f"- {r['label']}: the pooled training data, {steps} optimiser steps per round at batch {bs}.")
+    return (["## Baseline budgets", "", "Every baseline sees the same examples as the federation with every client "
+             "sampled (rounds × clients × local steps × batch); local-only: each client alone, its τ steps per round.",
+             ""] + L + [""]) if L else []
+
+
+def findings(rows, chosen, dp, local, central, central_seq, base_loss) -> list[str]:
     L = ["## Findings", ""]
     if not chosen:
         return L + ["No finished federated runs."]
@@ -272,33 +288,34 @@ def findings(rows, chosen, dp, local, central, base_loss) -> list[str]:
     fastest = min(chosen, key=lambda r: r["wall_s_per_round"] or math.inf)
     L.append(f"- **Bytes**: fewest bytes: {cheapest['label']} ({cheapest['bytes_total'] / 2**20:,.3f} MiB in total); "
              + ", ".join(f"{r['label']} {r['bytes_total'] / 2**20:,.2f} MiB" for r in chosen if r is not cheapest) + ".")
-    L.append(f"- **Time**: fastest round: {fastest['label']} ({_fmt(fastest['wall_s_per_round'], '.1f')} s; wall times "
-             "on a shared, heavily loaded 2-core machine, indicative only).")
+    L.append(f"- **Time**: fastest round: {fastest['label']} ({_fmt(fastest['wall_s_per_round'], '.1f')} s).")
     peer = same_lr_peer(rows, chosen)
-    for ref, name in ((central, "centralized"), (local, "local-only mean")):
+    for ref, name in ((central, "centralized (same steps)"), (central_seq, "centralized (sequential)"),
+                      (local, "local-only mean")):
         if not ref or not _finite(ref["test_loss_final"]):
             continue
         v = ref["test_loss_final"]
+        cen = name.startswith("centralized")
         line = f"- **vs {name}** ({_fmt(v)}, lr {ref['lr']:g}): "
         parts = []
         for r, tag in ((peer, "best federated at the same lr"), (best, "best federated at its tuned default")):
             if r is None:
                 continue
-            ok = r["test_loss_final"] / v <= 1.05 if name == "centralized" else r["test_loss_final"] < v
+            ok = r["test_loss_final"] / v <= 1.05 if cen else r["test_loss_final"] < v
             parts.append(f"{tag}, {r['label']} @ {r['lr']:g}: {_fmt(r['test_loss_final'])} ("
-                         + (f"ratio {r['test_loss_final'] / v:.3f}, goal ≤ 1.05 " if name == "centralized"
-                            else "goal: below ")
+                         + (f"ratio {r['test_loss_final'] / v:.3f}, ≤ 1.05 " if cen else "below: ")
                          + ("met" if ok else "not met") + ")")
         L.append(line + "; ".join(parts) + ".")
-        if name == "centralized" and peer and peer["test_loss_final"] / v > 1.05:
+        if name == "centralized (sequential)" and best["test_loss_final"] / v > 1.05:
             steps = ref.get("steps_per_round") or {}
-            L.append(f"- **Why federated loses to centralized here**: with the same examples seen, the centralized run "
-                     f"makes {next(iter(steps.values()), 'K·τ')} sequential optimiser steps per round, the federation "
-                     "τ steps per client, averaged: an average of K short parallel runs moves about as far as one of "
-                     "them, so over these few rounds the federation gets ~K× fewer steps of progress. The split by "
-                     "category adds client drift: the clients' updates point different ways and partly cancel in the "
-                     "average. Federated close to centralized (FLoRA paper) is a converged-training result; at this "
-                     "early-training budget the gap is mostly the step count.")
+            L.append(f"- **Why federated trails sequential centralized training**: with the same examples seen, the "
+                     f"sequential run makes {next(iter(steps.values()), 'K·τ')} optimiser steps per round, each "
+                     "client of the federation τ, averaged: an average of K short parallel runs moves about as far "
+                     "as one of them (it is one step of a K× larger batch), so over these few rounds the federation "
+                     "gets ~K× fewer steps of progress. The split by category adds client drift: the clients' "
+                     "updates point different ways and partly cancel in the average. With the federation's own step "
+                     "budget (centralized, same steps) the gap closes; federated close to sequential centralized "
+                     "(FLoRA paper) is a converged-training result.")
     if local:
         g = peer or best
         worse = [c for c, v in local["client_eval_loss_final"].items()

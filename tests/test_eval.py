@@ -117,5 +117,11 @@ def test_baselines_same_budget(tmp_path):
     assert all(Path(m["adapter"]).is_dir() for m in loc["models"].values())
     cfg.run.out = str(tmp_path / "central")
     cen = simulate_baseline(cfg, "central", progress=False)
-    assert cen["steps_per_round"] == {"central": 6}  # 3 clients × 2 steps: the same examples seen
+    # the federation's step budget: 2 steps per round, at 3 clients' batches pooled (the same examples seen)
+    assert cen["steps_per_round"] == {"central": 2} and cen["batch_size"] == {"central": 3 * cfg.train.batch_size}
+    cfg.run.out = str(tmp_path / "central-seq")
+    seq = simulate_baseline(cfg, "central-seq", progress=False)
+    # the same examples in sequential steps: 3 clients × 2 steps at the clients' batch size
+    assert seq["steps_per_round"] == {"central-seq": 6} and seq["batch_size"] == {"central-seq": cfg.train.batch_size}
+    assert Path(seq["models"]["central-seq"]["adapter"]).is_dir()
     assert cen["test_loss_first"] == pytest.approx(loc["test_loss_first"])  # both start from the base

@@ -24,12 +24,33 @@ def test_report_quick_mode(tmp_path):
         assert r["test_loss_base"] == doc["base_test_loss"]  # one test set, one base, for every entry
         assert len(r["test_loss_by_round"]) == 3  # round 0 + 2 rounds
     by = {r["name"]: r for r in doc["runs"]}
-    assert by["local"]["bytes_total"] == by["central"]["bytes_total"] == 0
-    assert by["fedsb@0.003"]["bytes_up_per_client_round"] < by["fedavg@0.001"]["bytes_up_per_client_round"]
+    assert by["local"]["bytes_total"] == by["central"]["bytes_total"] == by["central-seq"]["bytes_total"] == 0
+    assert by["fedsb@0.01"]["bytes_up_per_client_round"] < by["fedavg@0.003"]["bytes_up_per_client_round"]
     assert 0 < by["fedavg-dp1"]["epsilon_spent"] <= 1.0 + 1e-6
+    # phase 2 trains at the sweep's picks: DP at its method's, the baselines at FedAvg-LoRA's
+    assert by["fedavg-dp1"]["lr"] == doc["defaults"]["fedavg"]["lr"] == by["local"]["lr"] == by["central"]["lr"]
+    assert by["fedsb-dp1"]["lr"] == doc["defaults"]["fedsb"]["lr"]
     md = (res / "REPORT.md").read_text()
-    for word in ("FedAvg-LoRA", "FLoRA", "Fed-SB", "FedKSeed", "local-only", "centralized", "Findings", "ε=1"):
+    for word in ("FedAvg-LoRA", "FLoRA", "Fed-SB", "FedKSeed", "local-only", "centralized (same steps)",
+                 "centralized (sequential)", "Findings", "ε=1"):
         assert word in md, word
     for png in ("test_loss_vs_round.png", "test_loss_vs_bytes.png", "per_client.png"):
         assert (res / png).stat().st_size > 1000 and f"]({png})" in md
     assert len(doc["prompts"]) == 5 and all("base" in p["answers"] for p in doc["prompts"])
+
+
+def test_report_jobs_run_each_entry_in_its_own_process(tmp_path):
+    """--jobs 2: entries run as child processes, phase 2 after phase 1 with its pick; each writes its peak RSS."""
+    import subprocess
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "simulations" / "report.py"), "--model", "tiny", "--quick", "--jobs", "2",
+           "--runs", str(runs), "--only", "fedavg@0.003", "--only", "fedavg-dp1", "--only", "local"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done ") == 3 and "FAILED" not in r.stdout
+    for d in ("fedavg-lr0.003", "fedavg-dp1", "local"):
+        assert float((runs / d / "peak_rss_mb.txt").read_text()) > 50  # a process of its own, torch loaded
+    dp = json.loads((runs / "fedavg-dp1" / "summary.json").read_text())
+    assert dp["config"]["algorithms"]["fedavg"]["lr"] == 0.003  # the pick of the (one-value) finished sweep
