@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 SWEEP = {  # FedAvg/FLoRA/Fed-SB: AdamW lr; FedKSeed (trainable = "lora"): the ZO step size η
     "fedavg": [3e-3, 1e-2, 3e-2],
     "flora": [3e-3, 1e-2, 3e-2],
-    "fedsb": [1e-2, 3e-2, 1e-1],
+    "fedsb": [1e-2, 3e-2, 1e-1, 3e-1],  # 0.1 won a 3-value grid: 0.3 brackets it
     "fedkseed": [1e-3, 3e-3, 1e-2],
 }
 BASELINES = ("local", "central", "central-seq")
