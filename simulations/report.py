@@ -29,6 +29,9 @@ SWEEP = {  # FedAvg/FLoRA/Fed-SB: AdamW lr; FedKSeed (trainable = "lora"): the Z
     "fedkseed": [1e-3, 3e-3, 1e-2],
 }
 BASELINES = ("local", "central", "central-seq")
+# the centralized baselines also get a small lr sweep (besides FedAvg-LoRA's pick), so the federation is compared
+# with a tuned centralized run, not one at the federation's lr
+BASELINE_SWEEP = {"central": [3e-3, 3e-2], "central-seq": [3e-3, 3e-2]}
 EPSILONS = [1.0, 3.0, 8.0]
 DP_METHODS = ["fedavg", "fedsb"]
 PROMPTS = 5
@@ -54,6 +57,8 @@ def matrix(quick: bool) -> dict[str, dict[str, Any]]:
                 "mode": "sample", "target_epsilon": eps, "noise_seed": 0}, "overrides": {"run.algorithm": m}}
     for b in BASELINES:  # plain LoRA (FedAvg's client)
         out[b] = {"kind": b, "method": "fedavg", "phase": 2, "overrides": {}}
+        for lr in [] if quick else BASELINE_SWEEP.get(b, []):
+            out[f"{b}@{lr:g}"] = {"kind": b, "method": "fedavg", "lr": lr, "phase": 2, "overrides": {}}
     return out
 
 

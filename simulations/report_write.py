@@ -97,6 +97,12 @@ def _kb(v: Any) -> str:
     return f"{v / 1024:,.1f}" if _finite(v) else "–"
 
 
+def best_baseline(rows: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    """The run of a baseline kind with the lowest final eval loss (validation) over the lrs it ran at."""
+    runs = [r for r in rows if r["kind"] == kind and _finite(r["eval_loss_final"])]
+    return min(runs, key=lambda r: r["eval_loss_final"]) if runs else None
+
+
 def same_lr_peer(rows: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The federated run to set against the baselines (plain LoRA): the best LoRA method (FedAvg, FLoRA) at the
     baselines' lr (same hyperparameters),
@@ -116,7 +122,8 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
 
     out = {}
     dp = [r for r in rows if r["target_epsilon"]]
-    base = [r for r in rows if r["kind"] in BASELINES]
+    base = [r for r in [next((x for x in rows if x["kind"] == "local"), None)]
+            + [best_baseline(rows, k) for k in ("central", "central-seq")] if r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in chosen + dp + base:
         pts = [(i, v) for i, v in enumerate(r["test_loss_by_round"]) if _finite(v)]
@@ -183,7 +190,7 @@ def prompt_table(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], n: in
     table = [{"prompt": ex.prompt, "reference": ex.response, "answers": {}} for ex in test]
     for t in table:
         t["answers"]["base"] = generate(base.model, base.tokenizer, [{"role": "user", "content": t["prompt"]}], gc)
-    central = [r for r in rows if r["kind"] in ("central", "central-seq")]
+    central = [r for r in (best_baseline(rows, k) for k in ("central", "central-seq")) if r]
     for r in chosen + central:
         adapter = Path(r["run_dir"]) / (f"models/{r['kind']}/adapter" if r in central else "adapter")
         if not (adapter / "adapter_config.json").is_file():
@@ -206,8 +213,7 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
     chosen = [next(r for r in rows if r["name"] == d["name"]) for d in defaults.values()]
     dp = [r for r in rows if r["target_epsilon"]]
     local = next((r for r in rows if r["kind"] == "local"), None)
-    central = next((r for r in rows if r["kind"] == "central"), None)
-    central_seq = next((r for r in rows if r["kind"] == "central-seq"), None)
+    central, central_seq = (best_baseline(rows, k) for k in ("central", "central-seq"))
     pngs = plots(rows, chosen, results) if rows else {}
     table = prompt_table(rows, chosen, prompts)
     base_loss = next((r["test_loss_base"] for r in rows if _finite(r["test_loss_base"])), None)
@@ -247,6 +253,11 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
     for m, d in defaults.items():
         tried = ", ".join(f"{lr}: {_fmt(v['eval'])} ({_fmt(v['test'])})" for lr, v in d["tried"].items())
         L.append(f"| {LABEL[m]} | {tried} | **{d['lr']:g}** |")
+    for ref in (central, central_seq):
+        tried = sorted((r for r in rows if ref and r["kind"] == ref["kind"]), key=lambda r: r["lr"])
+        if len(tried) > 1:
+            L.append(f"| {ref['label']} | " + ", ".join(f"{r['lr']:g}: {_fmt(r['eval_loss_final'])} "
+                     f"({_fmt(r['test_loss_final'])})" for r in tried) + f" | **{ref['lr']:g}** |")
     L += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in pngs.items()] + [""]
     L += baseline_lines(rows, central, central_seq)
     L += findings(rows, chosen, dp, local, central, central_seq, base_loss)
