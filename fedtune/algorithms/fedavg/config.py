@@ -31,7 +31,7 @@ class LoRAConfig:
 
 @dataclass
 class FedAvgConfig(LoRAConfig):
-    # lr sweep 1e-3 / 3e-3 / 1e-2 → final eval loss 2.498 / 2.143 / 1.922 (base 3.372): 1e-2, the top of the grid
+    # lr sweep 3e-3 / 1e-2 / 3e-2 → final eval loss 2.143 / 1.922 / 8.18 (diverged) (base 3.372): 1e-2
     # (simulations/report.py, SmolLM2-135M, chatterbot by category, 4 clients × 5 rounds × 2 local steps, batch 4;
     # simulations/results/REPORT.md)
     DEFAULT_LR: ClassVar[float] = 1e-2
