@@ -277,11 +277,12 @@ def baseline_lines(rows, central, central_seq) -> list[str]:
     L = []
     for r in (central, central_seq):
         if r and r.get("steps_per_round"):
-            steps, bs = next(iter(r["steps_per_round"].values())), next(iter((r.get("batch_size") or {None: None}).values()))
+            steps = next(iter(r["steps_per_round"].values()))
+            bs = next(iter((r.get("batch_size") or {None: None}).values()))
             L.append(f"- {r['label']}: the pooled training data, {steps} optimiser steps per round at batch {bs}.")
-    return (["## Baseline budgets", "", "Every baseline sees the same examples as the federation with every client "
-             "sampled (rounds × clients × local steps × batch); local-only: each client alone, its τ steps per round.",
-             ""] + L + [""]) if L else []
+    head = ("Every baseline sees the same examples as the federation with every client sampled (rounds × clients × "
+            "local steps × batch); local-only: each client alone, its τ steps per round.")
+    return (["## Baseline budgets", "", head, ""] + L + [""]) if L else []
 
 
 def findings(rows, chosen, dp, local, central, central_seq, base_loss) -> list[str]:

@@ -41,13 +41,14 @@ def test_report_quick_mode(tmp_path):
 
 def test_report_jobs_run_each_entry_in_its_own_process(tmp_path):
     """--jobs 2: entries run as child processes, phase 2 after phase 1 with its pick; each writes its peak RSS."""
+    import os
     import subprocess
 
     runs = tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "simulations" / "report.py"), "--model", "tiny", "--quick", "--jobs", "2",
            "--runs", str(runs), "--only", "fedavg@0.003", "--only", "fedavg-dp1", "--only", "local"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done ") == 3 and "FAILED" not in r.stdout
     for d in ("fedavg-lr0.003", "fedavg-dp1", "local"):
