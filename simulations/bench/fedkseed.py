@@ -6,12 +6,14 @@
     side on the same batches (alternating, median of --calib-repeats), the seconds per local step of
     - a first-order LoRA q,v r step (what FLoRA's and Fed-SB's clients run; Fed-SB's r×r core adds ~nothing),
     - a FedKSeed ZO step in "lora" mode (ZO over LoRA A/B q,v r) and, if --full, in "full" mode (all
-      134.5M weights: every step regenerates z four times);
+      134.5M weights: every step regenerates z three times); with --calib-before also full mode with the
+      z generation before issue 15 (one mt19937 stream, one core) for a before/after ratio in one run;
+      --calib-only stops after the calibration; --threads sets torch's threads;
     then FLoRA and Fed-SB get --local-steps L and FedKSeed gets τ = round(L · t_fo / t_zo) steps, so every
     client spends about the same training time per round. Reported per round: bytes up/down per client
     (serialized), eval loss, and cumulative wall time (round wall_s includes sync, aggregation and eval),
     so loss vs cumulative wall time can be read directly. FedKSeed runs in "lora" mode by default (full-
-    parameter ZO is ~4 z-regenerations of 135M numbers per step on CPU, plus a replay per (round, seed) on
+    parameter ZO is 3 z-regenerations of 135M numbers per step on CPU, plus a replay per (round, seed) on
     sync); `--full` also runs full mode on its own (calibrated, usually tiny) τ.
 (2) Memory: peak RSS of one ZO step ÷ peak RSS of inference on SmolLM2 (goal ≤ 1.15), each measured in a
     fresh subprocess: VmHWM is reset to the current RSS by writing "5" to /proc/self/clear_refs, the
@@ -26,7 +28,8 @@
     (goal ≤ 1.1), and z regenerations per ZO step counted over a client round (goal ≤ 3).
 
     python simulations/bench/fedkseed.py [--model smollm2|tiny] [--local-steps 4] [--rounds 2] [--clients 4]
-        [--full] [--skip-sim] [--skip-memory] [--skip-wire] [--mem-batch 8] [--mem-seq 64]
+        [--full] [--skip-sim] [--skip-memory] [--skip-wire] [--mem-batch 8] [--mem-seq 64] [--calib-only]
+        [--calib-before] [--threads N]
 """
 
 from __future__ import annotations
