@@ -59,13 +59,45 @@ def test_z_is_deterministic_per_seed_and_generated_on_cpu(ktok):
     assert all(torch.equal(a, b) for a, b in zip(z1, z2))
     assert all(not torch.equal(a, c) for a, c in zip(z1, z3))
     assert [n for n, _ in params] == sorted(n for n, _ in params)  # fixed order: sorted names
-    # definition: one CPU-generator stream over the sorted tensors, then moved to the param's device/dtype
-    g = torch.Generator().manual_seed(7)
-    ref = [torch.randn(p.numel(), generator=g).view_as(p) for _, p in params]
-    assert all(torch.equal(a, r) for a, r in zip(z1, ref))
+    # definition: the sorted tensors as one flat vector, one CPU-generator block of min(CHUNK, total) elements
+    # (here the whole tiny model), then moved to the param's device/dtype
+    total = sum(p.numel() for _, p in params)
+    flat = torch.randn(total, generator=torch.Generator().manual_seed(zo.block_seed(7, 0)))
+    assert torch.equal(torch.cat([z.view(-1) for z in z1]), flat)
     meta = [(n, torch.empty(p.shape, device="meta")) for n, p in params]
     chunks = list(zo.noise(meta, 7))
     assert all(z.device.type == "meta" for _, z in chunks) and len(chunks) == len(params)
+
+
+def test_z_blocks_span_tensors_and_do_not_depend_on_the_thread_count(ktok, monkeypatch):
+    """Blocks of CHUNK elements cut across tensor boundaries; each is its own seeded stream, so perturb gives
+    bit-identical θ on 1 or 3 worker threads; z has mean 0, variance 1 and unrelated blocks/seeds."""
+    monkeypatch.setattr(zo, "CHUNK", 10_000)
+    params = zo.zo_parameters(fresh(ktok))
+    total = sum(p.numel() for _, p in params)
+    size, blocks = zo.layout(params)
+    assert size == 10_000 and len(blocks) == -(-total // 10_000) >= 5
+    assert sum(hi - lo for b in blocks for _, lo, hi in b) == total
+    assert any(len(b) > 1 for b in blocks)  # a block covering pieces of several tensors
+    ref = torch.cat([torch.randn(10_000, generator=torch.Generator().manual_seed(zo.block_seed(3, b)))
+                     for b in range(len(blocks))])[:total]
+    z = torch.cat([t.view(-1) for t in zo.materialize(params, 3)])
+    assert torch.equal(z, ref)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.var()) - 1) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([z, torch.cat([t.view(-1) for t in zo.materialize(params, 4)])]))[0, 1])) < 0.01
+    assert zo.block_seed(3, 0) != zo.block_seed(3, 1) != zo.block_seed(4, 0)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            theta = [(k, p.detach().clone()) for k, p in params]
+            zo.perturb(theta, 3, 1e-3)
+            zo.apply_update(theta, 5, 2e-3)
+            out.append(theta)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*out))
 
 
 def test_perturb_round_trip_and_spsa_matches_directional_derivative(ktok, kfeats):
@@ -85,23 +117,26 @@ def test_perturb_round_trip_and_spsa_matches_directional_derivative(ktok, kfeats
 
 
 def test_zo_step_regenerates_z_three_times_and_matches_the_unfused_step(ktok, kfeats, monkeypatch):
-    """+εz, −2εz, then the restore fused with the update: 3 regenerations (was 4: +εz, −2εz, +εz, −η·g·z);
-    the same g (the forwards see the same θ ± εz) and the same θ up to fp32 rounding."""
+    """+εz, −2εz, then the restore fused with the update: 3 regenerations (was 4: +εz, −2εz, +εz, −η·g·z),
+    counted as generated z blocks; the same g (the forwards see the same θ ± εz) and the same θ up to fp32
+    rounding."""
+    monkeypatch.setattr(zo, "CHUNK", 30_000)  # several blocks, generated on worker threads
     _, _, client, model = start(FedKSeedConfig(num_seeds=8, lr=1e-2), ktok)
     params = zo.zo_parameters(model)
+    nblocks = len(zo.layout(params)[1])
     theta = [p.detach().clone() for _, p in params]
     batch = next(zo_batches(kfeats, ktok))
     calls = []
-    orig = zo.noise
-    monkeypatch.setattr(zo, "noise", lambda ps, seed: calls.append(seed) or orig(ps, seed))
+    orig = zo.block_generator
+    monkeypatch.setattr(zo, "block_generator", lambda seed, b: calls.append((seed, b)) or orig(seed, b))
     g, _, _, _ = client.step(model, params, [batch], 11, eps=1e-3, lr=1e-2, grad_clip=100.0, dp=None)
-    assert calls == [11, 11, 11]
+    assert nblocks >= 3 and sorted(calls) == sorted((11, b) for b in range(nblocks) for _ in range(3))
     fused = [p.detach().clone() for _, p in params]
     for (_, p), t in zip(params, theta):
         p.data.copy_(t)
     g_ref, _, _ = zo.spsa_step(model, params, batch, 11, 1e-3)  # the unfused step: restore, then update
     zo.apply_update(params, 11, 1e-2 * float(torch.tensor(g_ref, dtype=torch.float32)))
-    assert len(calls) == 3 + 4 and g == float(torch.tensor(g_ref, dtype=torch.float32)) != 0
+    assert len(calls) == (3 + 4) * nblocks and g == float(torch.tensor(g_ref, dtype=torch.float32)) != 0
     assert max(max_abs(p, f) for (_, p), f in zip(params, fused)) <= 1e-6
     assert max(max_abs(p, t) for (_, p), t in zip(params, theta)) > 1e-5  # the step did move θ
 

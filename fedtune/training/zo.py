@@ -1,10 +1,13 @@
 """Zeroth-order (SPSA / MeZO-style) primitives with seed-regenerated noise.
 
-z(seed) is one standard-normal draw per trainable tensor, in sorted-name order, from a CPU
-`torch.Generator().manual_seed(seed)` (CPU and CUDA normal streams differ, so the CPU stream is the
-definition and z is moved to the parameter's device and dtype afterwards). Large tensors are drawn in fixed
-chunks of `CHUNK` elements (part of the definition), so at most one chunk of z exists at a time: a ZO step
-needs about the memory of inference. z is never stored: every use regenerates it from the seed.
+z(seed) ~ N(0, I) over the trainable tensors in sorted-name order, seen as one flat vector cut into blocks of
+L = min(CHUNK, total size) elements (blocks span tensor boundaries; the last block is cut short). Block b is
+`torch.randn(L, generator=torch.Generator().manual_seed(block_seed(seed, b)))` on the CPU (CPU and CUDA normal
+streams differ, so the CPU stream is the definition; z is moved to the parameter's device and dtype
+afterwards). Blocks are independent streams, so a regeneration runs on torch.get_num_threads() worker threads
+(mt19937 is sequential: one stream would use one core while the forwards use all), each with one block buffer:
+at most threads × L floats of z exist at a time, a ZO step needs about the memory of inference. z is never
+stored: every use regenerates it from the seed (keeping it between the passes would be a second θ).
 
     g_i = (L_i(θ + εz) − L_i(θ − εz)) / 2ε  (per-example projected gradient, a scalar; L_i = mean token loss
                                              of example i, from the same two forwards over the batch)
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -23,7 +27,8 @@ from torch.nn import functional as F
 
 from fedtune.data.format import IGNORE
 
-CHUNK = 1 << 20  # elements of z drawn at once (4 MiB fp32); changing it changes z(seed)
+CHUNK = 1 << 20  # elements of a z block (4 MiB fp32); changing it changes z(seed)
+_M64 = (1 << 64) - 1
 
 NamedParams = Sequence[tuple[str, torch.Tensor]]
 
@@ -87,22 +92,72 @@ class ParamBackup:
         self.file = self.copy = None
 
 
-def noise(params: NamedParams, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (flat view of a param chunk, z chunk on the param's device/dtype), one chunk at a time."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+def block_seed(seed: int, block: int) -> int:
+    """The generator seed of z(seed)'s block `block`: splitmix64 of (seed, block), so neighbouring seeds and
+    blocks get unrelated streams (torch's mt19937 keeps the low 32 bits of it)."""
+    x = (int(seed) + (block + 1) * 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def block_generator(seed: int, block: int) -> torch.Generator:
+    """The CPU generator of one block (one call per block per regeneration: tests count them)."""
+    return torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
+
+
+def layout(params: NamedParams) -> tuple[int, list[list[tuple[torch.Tensor, int, int]]]]:
+    """(L, blocks): for each block of z the [(flat view of a param slice, start, end in the block)] it covers."""
+    total = sum(p.numel() for _, p in params)
+    size = max(1, min(CHUNK, total))
+    blocks: list[list[tuple[torch.Tensor, int, int]]] = [[] for _ in range(-(-total // size))]
+    pos = 0
     for _, p in params:
         flat = p.view(-1)  # params are contiguous; view shares storage so in-place updates hit p
-        for start in range(0, flat.numel(), CHUNK):
-            part = flat[start : start + CHUNK]
-            z = torch.randn(part.numel(), generator=gen, dtype=torch.float32)  # CPU, device-independent
-            yield part, z.to(p.device, p.dtype)
+        done = 0
+        while done < flat.numel():
+            b, off = divmod(pos, size)
+            n = min(size - off, flat.numel() - done)
+            blocks[b].append((flat[done : done + n], off, off + n))
+            done, pos = done + n, pos + n
+    return size, blocks
+
+
+def _fill(buf: torch.Tensor, seed: int, block: int) -> torch.Tensor:
+    # normal_ on the whole L-element buffer: a shorter draw is not a prefix of a longer one in torch
+    return buf.normal_(generator=block_generator(seed, block))
+
+
+def noise(params: NamedParams, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (flat view of a param slice, its z on the param's device/dtype), block by block, in z order."""
+    size, blocks = layout(params)
+    buf = torch.empty(size, dtype=torch.float32)
+    for b, pieces in enumerate(blocks):
+        _fill(buf, seed, b)
+        for part, lo, hi in pieces:
+            yield part, buf[lo:hi].to(part.device, part.dtype, copy=True)
 
 
 @torch.no_grad()
 def perturb(params: NamedParams, seed: int, scale: float) -> None:
-    """θ ← θ + scale·z(seed), in place."""
-    for part, z in noise(params, seed):
-        part.add_(z, alpha=scale)
+    """θ ← θ + scale·z(seed), in place: one regeneration of z, its blocks on torch.get_num_threads() threads
+    (each block adds into disjoint slices of θ, so the result does not depend on the thread count)."""
+    size, blocks = layout(params)
+
+    @torch.no_grad()  # grad mode is per thread: workers need their own
+    def run(ids: range) -> None:
+        buf = torch.empty(size, dtype=torch.float32)
+        for b in ids:
+            _fill(buf, seed, b)
+            for part, lo, hi in blocks[b]:
+                part.add_(buf[lo:hi].to(part.device, part.dtype), alpha=scale)
+
+    workers = min(torch.get_num_threads(), len(blocks))
+    if workers <= 1:
+        run(range(len(blocks)))
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="fedtune-zo") as pool:
+        list(pool.map(run, [range(w, len(blocks), workers) for w in range(workers)]))  # list(): re-raise
 
 
 @torch.no_grad()
@@ -114,13 +169,9 @@ def apply_update(params: NamedParams, seed: int, coeff: float) -> None:
 @torch.no_grad()
 def materialize(params: NamedParams, seed: int) -> list[torch.Tensor]:
     """z(seed) as full tensors shaped like the params — for tests and debugging only (whole-model memory)."""
-    chunks = [z for _, z in noise(params, seed)]
-    out, i = [], 0
-    for _, p in params:
-        n = -(-p.numel() // CHUNK)  # chunks of this tensor
-        out.append(torch.cat(chunks[i : i + n]).view_as(p))
-        i += n
-    return out
+    zs = [(n, torch.zeros_like(p)) for n, p in params]
+    perturb(zs, seed, 1.0)  # 0 + 1·z is z exactly
+    return [z for _, z in zs]
 
 
 def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,12 +6,14 @@
     side on the same batches (alternating, median of --calib-repeats), the seconds per local step of
     - a first-order LoRA q,v r step (what FLoRA's and Fed-SB's clients run; Fed-SB's r×r core adds ~nothing),
     - a FedKSeed ZO step in "lora" mode (ZO over LoRA A/B q,v r) and, if --full, in "full" mode (all
-      134.5M weights: every step regenerates z four times);
+      134.5M weights: every step regenerates z three times); with --calib-before also full mode with the
+      z generation before issue 15 (one mt19937 stream, one core) for a before/after ratio in one run;
+      --calib-only stops after the calibration; --threads sets torch's threads;
     then FLoRA and Fed-SB get --local-steps L and FedKSeed gets τ = round(L · t_fo / t_zo) steps, so every
     client spends about the same training time per round. Reported per round: bytes up/down per client
     (serialized), eval loss, and cumulative wall time (round wall_s includes sync, aggregation and eval),
     so loss vs cumulative wall time can be read directly. FedKSeed runs in "lora" mode by default (full-
-    parameter ZO is ~4 z-regenerations of 135M numbers per step on CPU, plus a replay per (round, seed) on
+    parameter ZO is 3 z-regenerations of 135M numbers per step on CPU, plus a replay per (round, seed) on
     sync); `--full` also runs full mode on its own (calibrated, usually tiny) τ.
 (2) Memory: peak RSS of one ZO step ÷ peak RSS of inference on SmolLM2 (goal ≤ 1.15), each measured in a
     fresh subprocess: VmHWM is reset to the current RSS by writing "5" to /proc/self/clear_refs, the
@@ -26,7 +28,8 @@
     (goal ≤ 1.1), and z regenerations per ZO step counted over a client round (goal ≤ 3).
 
     python simulations/bench/fedkseed.py [--model smollm2|tiny] [--local-steps 4] [--rounds 2] [--clients 4]
-        [--full] [--skip-sim] [--skip-memory] [--skip-wire] [--mem-batch 8] [--mem-seq 64]
+        [--full] [--skip-sim] [--skip-memory] [--skip-wire] [--mem-batch 8] [--mem-seq 64] [--calib-only]
+        [--calib-before] [--threads N]
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comm import add_workload_args, base_overrides, run_method
@@ -82,6 +87,9 @@ def calibrate(a: argparse.Namespace, modes: list[str]) -> dict[str, float]:
         cfg = algo.configure_round(1, state, ["c"], {"steps": n, "batch_size": a.batch}, ["c"])["c"]
         ctx = TrainContext("c", feats, pad)
         fns[f"zo_{mode}"] = (lambda client=client, m=m, cfg=cfg, ctx=ctx: client.train(m, ctx, dict(cfg, seed=0)))
+        if mode == "full" and getattr(a, "calib_before", False):
+            fns["zo_full_before"] = (lambda client=client, m=m, cfg=cfg, ctx=ctx:
+                                     with_perturb(single_stream_perturb, client.train, m, ctx, dict(cfg, seed=0)))
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -91,6 +99,30 @@ def calibrate(a: argparse.Namespace, modes: list[str]) -> dict[str, float]:
             fn()
             times[k].append((time.perf_counter() - t) / n)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def single_stream_perturb(params, seed: int, scale: float) -> None:
+    """z generation before issue 15: one mt19937 stream over the tensors (randn per ≤ CHUNK piece), one core."""
+    from fedtune.training import zo
+
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for _, p in params:
+            flat = p.view(-1)
+            for start in range(0, flat.numel(), zo.CHUNK):
+                part = flat[start : start + zo.CHUNK]
+                part.add_(torch.randn(part.numel(), generator=gen).to(p.device, p.dtype), alpha=scale)
+
+
+def with_perturb(perturb, fn, *args):
+    """Run fn with zo.perturb (every z regeneration of a step and of a replay) replaced by `perturb`."""
+    from fedtune.training import zo
+
+    orig, zo.perturb = zo.perturb, perturb
+    try:
+        return fn(*args)
+    finally:
+        zo.perturb = orig
 
 
 def cumulative(rows: list[dict[str, Any]]) -> list[float]:
@@ -209,7 +241,6 @@ def memory(a: argparse.Namespace) -> dict[str, Any]:
 
 def wire_and_z(tau: int = 200, num_seeds: int = 4096) -> dict[str, Any]:
     """Round-1 download and τ-step upload sizes (serialized vs payload), z regenerations per ZO step."""
-    import torch
 
     from fedtune.algorithms import get_algorithm
     from fedtune.algorithms.base import Instruction, TrainContext, payload_nbytes
@@ -230,24 +261,25 @@ def wire_and_z(tau: int = 200, num_seeds: int = 4096) -> dict[str, Any]:
     model = client.setup(tiny_llama(len(tok)), ins.setup)
     client.sync(model, ins.sync)
     calls = [0]
-    orig = zo.noise
+    orig = zo.block_generator
+    nblocks = len(zo.layout(zo.zo_parameters(model))[1])
 
-    def counting(params, seed):
+    def counting(seed, block):  # every generated z block; a regeneration = nblocks of them
         calls[0] += 1
-        return orig(params, seed)
+        return orig(seed, block)
 
-    zo.noise = counting
+    zo.block_generator = counting
     try:
         feats = ChatFormatter(tok, 32).many(load_chatterbot()[:50])
         upd = client.train(model, TrainContext("client-0", feats, tok.pad_token_id), cfg)
     finally:
-        zo.noise = orig
+        zo.block_generator = orig
     payload = payload_nbytes(upd.tensors)
     return {"num_seeds": num_seeds, "tau": tau,
             "round1_download_bytes": sizes.instruction_bytes(ins),
             "round1_download_payload_bytes": payload_nbytes(ins.sync.tensors) + payload_nbytes(ins.setup.tensors),
             "upload_bytes": sizes.update_bytes(upd), "upload_payload_bytes": payload,
-            "upload_ratio": sizes.update_bytes(upd) / payload, "z_regenerations_per_step": calls[0] / tau}
+            "upload_ratio": sizes.update_bytes(upd) / payload, "z_regenerations_per_step": calls[0] / nblocks / tau}
 
 
 def main() -> None:
@@ -259,6 +291,10 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=2)
     ap.add_argument("--calib-repeats", type=int, default=2)
     ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--calib-only", action="store_true", help="the step calibration only (no simulations)")
+    ap.add_argument("--calib-before", action="store_true",
+                    help="with --full: also time the full-mode step with the old single-stream z (before issue 15)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-wire", action="store_true")
     ap.add_argument("--mem-batch", type=int, default=8)
@@ -269,10 +305,16 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"workload": vars(a)}
-    if not a.skip_sim:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res: dict[str, Any] = {"workload": vars(a), "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    if not a.skip_sim or a.calib_only:
         res["calibration_s_per_step"] = calib = calibrate(a, ["lora", *(["full"] if a.full else [])])
-        print("calibration (s/step): " + ", ".join(f"{k} {v:.3f}" for k, v in calib.items()), flush=True)
+        print(f"calibration (s/step, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in calib.items())
+              + "".join(f" | {k} ÷ first_order {calib[k] / calib['first_order']:.3f}"
+                        for k in ("zo_full", "zo_full_before") if k in calib), flush=True)
+    if not a.skip_sim and not a.calib_only:
         res["table"] = table = simulations(a, calib)
         print(f"\n{a.model}, {a.clients} clients × {a.rounds} rounds, FO local steps {a.local_steps}, batch "
               f"{a.batch}×{a.seq}, r={a.rank}, q,v; bytes per client per round (serialized)")

@@ -15,8 +15,10 @@ local step (first-order and zeroth-order).
     - nondp: fedtune's `train_local` loop (AdamW, batch-gradient clipping)
     - dp: fedtune's `dp_training` (opacus GradSampleModule + DPOptimizer over AdamW, per-example clipping,
       noise σ = 1) with the same batches, sum of per-example losses backpropagated
-    Runs alternate nondp/dp; median of --repeats; ratio dp / nondp. Each timed block includes building the
-    optimiser (and, for dp, attaching/detaching opacus), as one local round does.
+    - dp_before (--step-before): dp with the per-example loss before issue 15 (cross-entropy over the strided
+      (B, V, T−1) view of the logits), for a before/after ratio in the same run
+    Runs alternate nondp/dp; median of --repeats; ratio dp / nondp (goal ≤ 1.08). Each timed block includes
+    building the optimiser (and, for dp, attaching/detaching opacus), as one local round does.
 (c) ZO step cost per --zo-modes (lora, full): one FedKSeed step (two perturbed forwards, the step's scalar,
     the update) on the same fixed batches: hf = the old step (HF batch-mean loss, 4 z regenerations), nondp =
     FedKSeedClient.step without DP (per-example losses, their mean), dp = the same with σ = 1, C = 1.
@@ -24,7 +26,7 @@ local step (first-order and zeroth-order).
 
     python simulations/bench/privacy.py [--model smollm2|tiny] [--eps 1 3 8 inf] [--methods fedsb fedavg]
         [--clients 2] [--rounds 2] [--local-steps 3] [--fedsb-lr X] [--skip-grid] [--skip-step]
-        [--step-steps 3] [--repeats 3] [--zo-steps 0] [--zo-clip 1] [--zo-lr 0] [--zo-modes lora full] [--skip-zo-step]
+        [--step-steps 3] [--repeats 3] [--step-before] [--threads 0] [--zo-steps 0] [--zo-clip 1] [--zo-lr 0] [--zo-modes lora full] [--skip-zo-step]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -143,29 +146,46 @@ def step_cost(a: argparse.Namespace) -> dict[str, Any]:
         # shuffled stream covers each example once; the cost per step does not depend on which batch it is
         train_local(model, feats, cfg, pad_id=pad)
 
-    def dp():
-        model.train()
-        with dp_training(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=a.batch,
-                         lr=cfg.lr) as (gsm, opt):
-            for batch in fixed:
-                per_example_loss(gsm, batch).sum().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        model.eval()
+    def dp(loss_fn):
+        def run():
+            model.train()
+            with dp_training(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=a.batch,
+                             lr=cfg.lr) as (gsm, opt):
+                for batch in fixed:
+                    loss_fn(gsm, batch).sum().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            model.eval()
+        return run
 
+    fns = {"nondp": nondp, "dp": dp(per_example_loss)}
+    if a.step_before:
+        fns["dp_before"] = dp(strided_example_loss)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    nondp()
-    dp()  # warm-up
-    times: dict[str, list[float]] = {"nondp": [], "dp": []}
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(a.repeats):
-        for name, fn in (("nondp", nondp), ("dp", dp)):
+        for name, fn in fns.items():
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) / a.step_steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": a.model, "batch": [a.batch, int(fixed[0]["input_ids"].shape[1])], "steps": a.step_steps,
-            "repeats": a.repeats, "threads": torch.get_num_threads(), "s_per_step": med,
-            "ratio_dp_over_nondp": med["dp"] / med["nondp"], "samples": times}
+            "repeats": a.repeats, "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "s_per_step": med,
+            "ratio_dp_over_nondp": med["dp"] / med["nondp"],
+            **({"ratio_dp_before_over_nondp": med["dp_before"] / med["nondp"]} if a.step_before else {}),
+            "samples": times}
+
+
+def strided_example_loss(model, batch):
+    """The DP per-example loss before issue 15: cross-entropy over the strided (B, V, T−1) view of the logits."""
+    from fedtune.data.format import IGNORE
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lg, lb = logits[:, :-1].float(), batch["labels"][:, 1:]
+    tok = torch.nn.functional.cross_entropy(lg.transpose(1, 2), lb, ignore_index=IGNORE, reduction="none")
+    return tok.sum(1) / (lb != IGNORE).sum(1).clamp(min=1)
 
 
 def zo_step_cost(a: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -244,6 +264,9 @@ def main() -> None:
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--step-steps", type=int, default=3)
+    ap.add_argument("--step-before", action="store_true",
+                    help="(b) also time the DP step with the old strided per-example loss (before issue 15)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--zo-steps", type=int, default=0, help="FedKSeed τ per round (0 = calibrated to equal time)")
     ap.add_argument("--zo-clip", type=float, default=1.0, help="FedKSeed DP: clip C of each example's scalar g_i")
@@ -256,6 +279,8 @@ def main() -> None:
     if bad:
         ap.error(f"unknown --methods {bad}: fedsb, fedavg, flora, fedkseed-lora, fedkseed-full")
     a.calib = {}
+    if a.threads:
+        torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     t0 = time.perf_counter()
@@ -286,7 +311,10 @@ def main() -> None:
         res["step"] = s = step_cost(a)
         print(f"\nDP step cost ({a.model}, LoRA q,v r=8, batch {s['batch'][0]}×{s['batch'][1]}): "
               f"non-DP {s['s_per_step']['nondp']:.3f} s/step | DP {s['s_per_step']['dp']:.3f} s/step | "
-              f"ratio {s['ratio_dp_over_nondp']:.3f}")
+              f"ratio {s['ratio_dp_over_nondp']:.3f} (goal ≤ 1.08)"
+              + (f" | DP before (strided loss) {s['s_per_step']['dp_before']:.3f} s/step, ratio "
+                 f"{s['ratio_dp_before_over_nondp']:.3f}" if a.step_before else "")
+              + f" | {s['threads']} threads, load {s['loadavg'][0]:.2f}")
     if not a.skip_zo_step:
         res["zo_step"] = zs = [zo_step_cost(a, m) for m in a.zo_modes]
         for s in zs:
