@@ -137,7 +137,7 @@ def main() -> None:
     update = ClientUpdate("client-0", 1000, big, {"train_loss": 1.0})
 
     def chunked():
-        reply = push(serde.update_to_chunks(update, TASK_ID), timeout=120)
+        reply = push(serde.update_to_wire(update, TASK_ID), timeout=120)
         assert reply.accepted and stub.last is not None and len(stub.last.tensors) == len(big)
         stub.last = None
 
@@ -150,7 +150,7 @@ def main() -> None:
         assert raw_send(pack(big), timeout=120) == b"ok" and len(received.pop("tensors")) == len(big)
 
     def chunked_no_net():  # fedtune's serde alone: chunk (pack, sha256, split) → serialize → read_update
-        raw = [m.SerializeToString() for m in serde.update_to_chunks(update, TASK_ID)]
+        raw = list(serde.update_to_wire(update, TASK_ID))
         _, u = serde.read_update(raw, max_bytes=1 << 30, expected_task_id=TASK_ID)
         assert len(u.tensors) == len(big)
 
