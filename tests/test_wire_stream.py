@@ -4,12 +4,14 @@ buffer, zero-copy unpack — and every check still in place (integrity, sizes, t
 import hashlib
 import json
 import os
+import random
 from itertools import chain
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from safetensors.torch import save as st_save
-from test_wire import _never, bits_equal, mixed, sorted_dict, stream
+from test_wire import _never, bits_equal, mixed, mutate, sorted_dict, stream
 
 from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
 from fedtune.wire import serde
@@ -260,3 +262,49 @@ def test_misaligned_and_odd_blobs_unpack_correctly():
     t = unpack(src)["a"]
     t.add_(1)
     assert pack({"a": torch.ones(4) * 2}) == bytes(src)
+
+
+# --- receiving without copying the data out of protobuf ----------------------------------------
+
+
+def _protobuf_view(cls, raw: bytes):
+    try:
+        m = cls.FromString(raw)
+    except (DecodeError, ValueError, RuntimeError):
+        return None
+    return m, m.data
+
+
+def test_lifted_data_agrees_with_protobuf_parse():
+    """`_parse_chunk` on serialized bytes == protobuf's own parse, for our layout, protobuf's layout, a data field
+    given twice, unknown fields, too many fields (protobuf path), and thousands of random mutations."""
+    u = ClientUpdate("org-a", 3, {"a": torch.randn(100)}, {f"m{i}": float(i) for i in range(3)})
+    ours = raw_update(u, chunk_bytes=128)
+    canonical = [pb2.UpdateChunk.FromString(r).SerializeToString() for r in ours]
+    twice = ours[1] + serde._varint(6 << 3 | 2) + serde._varint(3) + b"xyz"  # the last data field wins
+    unknown = ours[1] + serde._varint(99 << 3) + serde._varint(5)  # unknown varint field 99
+    many = pb2.UpdateChunk(task_id="t", data=b"d", metrics={f"k{i}": 1.0 for i in range(100)}).SerializeToString()
+    instr = list(serde.instruction_to_wire(Instruction(1, "c", 0, {}, Payload({"a": torch.randn(50)})), "t", 100))
+    cases = [(pb2.UpdateChunk, r) for r in [*ours, *canonical, twice, unknown, many]]
+    cases += [(pb2.TaskChunk, r) for r in instr]
+    rng = random.Random(5)
+    originals = list(cases)
+    for _ in range(3000):
+        cls, base = originals[rng.randrange(len(originals))]
+        mutated = mutate(rng, [base]) if rng.random() < 0.9 else [base[: rng.randrange(len(base))]]
+        cases.append((cls, mutated[0] if mutated else b""))
+    lifted = 0
+    for cls, raw in cases:
+        want = _protobuf_view(cls, raw)
+        if want is None:
+            with pytest.raises(WireError):
+                serde._parse_chunk(cls, raw)
+            continue
+        msg, data = serde._parse_chunk(cls, raw)
+        lifted += isinstance(data, memoryview)
+        assert bytes(data) == want[1]
+        msg.data = want[1]
+        assert msg == want[0]
+    assert lifted > 500  # many cases took the zero-copy path (most mutations are not valid protobuf)
+    assert bytes(serde._parse_chunk(pb2.UpdateChunk, twice)[1]) == b"xyz"
+    assert not isinstance(serde._parse_chunk(pb2.UpdateChunk, many)[1], memoryview)  # > 64 fields: protobuf

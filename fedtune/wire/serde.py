@@ -318,6 +318,76 @@ def _parse(cls: type[M], item: M | bytes) -> M:
     raise WireError(f"expected {cls.__name__}, got {type(item).__name__}")
 
 
+_MAX_SCAN_FIELDS = 64  # a chunk has ~10 fields (+ metrics); more: let protobuf parse it, at C speed
+
+
+def _lift_data(raw: bytes, number: int) -> tuple[bytes, memoryview] | None:
+    """A serialized chunk split into (the message without its data field, the data as a view of `raw`), so the
+    data goes from what gRPC delivered straight into the hash and the receive buffer (protobuf would copy it
+    twice: into the parsed message, and out again on `.data`). Only the top-level framing is walked here;
+    protobuf still parses and validates everything else. A data field given twice counts once, the last (as
+    protobuf does). None — parse the whole message with protobuf, which reports any error — when the framing
+    is malformed or has more than _MAX_SCAN_FIELDS fields."""
+    view, pos, end = memoryview(raw), 0, len(raw)
+    keep: list[memoryview] = []
+    data: memoryview | None = None
+    kept_from = 0
+
+    def varint(p: int) -> int:  # → value, advances nonlocal pos
+        nonlocal pos
+        value = shift = 0
+        while p < end and shift < 64:
+            byte = view[p]
+            value |= (byte & 0x7F) << shift
+            p += 1
+            if not byte & 0x80:
+                pos = p
+                return value
+            shift += 7
+        raise ValueError
+
+    try:
+        for _ in range(_MAX_SCAN_FIELDS):
+            if pos >= end:
+                break
+            start = pos
+            key = varint(pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                varint(pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length = varint(pos)
+                body, pos = pos, pos + length
+            else:  # groups (deprecated) or invalid
+                return None
+            if pos > end:
+                return None
+            if key == number << 3 | 2:
+                keep.append(view[kept_from:start])
+                data, kept_from = view[body:pos], pos
+        else:
+            if pos < end:
+                return None
+    except ValueError:
+        return None
+    if data is None:
+        return None
+    keep.append(view[kept_from:])
+    return b"".join(keep), data
+
+
+def _parse_chunk(cls: type[M], item: M | bytes) -> tuple[M, bytes | memoryview]:
+    """(the chunk message, its data): from serialized bytes without copying the data (see `_lift_data`)."""
+    if isinstance(item, bytes):
+        lifted = _lift_data(item, cls.DESCRIPTOR.fields_by_name["data"].number)
+        if lifted is not None:
+            return _parse(cls, lifted[0]), lifted[1]
+    msg = _parse(cls, item)
+    return msg, msg.data
+
+
 def safe_str(value: object, limit: int = 80) -> str:
     """A peer-supplied string for logs and error details: repr-quoted (newlines and control characters escaped,
     so it cannot forge a log line) and capped at `limit` characters."""
@@ -360,7 +430,7 @@ class _Assembler:
             raise WireError(f"{self.what}: chunk {index} has a sha256 inconsistent with an earlier chunk")
         self.sha256 = sha256
 
-    def add(self, task_id: str, index: int, total: int, data: bytes, sha256: bytes = b"") -> None:
+    def add(self, task_id: str, index: int, total: int, data: bytes | memoryview, sha256: bytes = b"") -> None:
         if task_id != self.task_id or total != self.total:
             raise WireError(f"{self.what}: chunk {index} has task_id/total inconsistent with chunk 0")
         if index != self.count:
@@ -484,7 +554,7 @@ def read_task(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes: int) -> Tas
     first = next(it, None)
     if first is None:
         raise WireError("PullTask: empty response stream")
-    first = _parse(pb2.TaskChunk, first)
+    first, data = _parse_chunk(pb2.TaskChunk, first)
     if first.kind in (pb2.TaskChunk.WAIT, pb2.TaskChunk.FINISHED):
         if next(it, None) is not None:
             raise WireError("PullTask: messages after a WAIT/FINISHED reply")
@@ -505,9 +575,9 @@ def read_task(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes: int) -> Tas
     while chunk is not None:
         if chunk is not first and (chunk.kind != pb2.TaskChunk.TASK or chunk.HasField("header")):
             raise WireError(f"PullTask: chunk {chunk.index} must be a TASK chunk without header")
-        asm.add(chunk.task_id, chunk.index, chunk.total, chunk.data)
+        asm.add(chunk.task_id, chunk.index, chunk.total, data)
         nxt = next(it, None)
-        chunk = None if nxt is None else _parse(pb2.TaskChunk, nxt)
+        chunk, data = (None, b"") if nxt is None else _parse_chunk(pb2.TaskChunk, nxt)
     return Task(asm.task_id, _instruction(h, asm.finish()))
 
 
@@ -567,7 +637,7 @@ def read_update(
     raw = next(it, None)
     if raw is None:
         raise WireError("PushUpdate: empty request stream")
-    first = _parse(pb2.UpdateChunk, raw)
+    first, data = _parse_chunk(pb2.UpdateChunk, raw)
     task_id = _check_id(first.task_id, "task_id")
     if expected_task_id is not None:
         ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
@@ -586,9 +656,9 @@ def read_update(
     while chunk is not None:
         if chunk.total_bytes != asm.total_bytes:
             raise WireError(f"PushUpdate: chunk {chunk.index} total_bytes inconsistent with chunk 0")
-        asm.add(chunk.task_id, chunk.index, chunk.total, chunk.data, chunk.sha256)
+        asm.add(chunk.task_id, chunk.index, chunk.total, data, chunk.sha256)
         nxt = next(it, None)
-        chunk = None if nxt is None else _parse(pb2.UpdateChunk, nxt)
+        chunk, data = (None, b"") if nxt is None else _parse_chunk(pb2.UpdateChunk, nxt)
     tensors = unpack(asm.finish())
     return task_id, ClientUpdate(first.client_id, first.num_examples, tensors, dict(first.metrics))
 
