@@ -22,10 +22,12 @@
    - chunked_no_net: the chunked path's serde work alone (update_to_wire, read_update) without gRPC, to split
      the chunked path's time into serde and transport.
    MB/s = payload MB (10^6 bytes) ÷ wall seconds; CPU ms = process CPU time of the call (all threads: client,
-   server, gRPC); ratio = chunked MB/s ÷ other MB/s.
+   server, gRPC); ratio = chunked MB/s ÷ other MB/s (wall), and other CPU ÷ chunked CPU (on a loaded machine the
+   CPU ratio is the steadier of the two).
 3. Profile of the chunked path's serde stages, one after another in one thread (best of --repeats), to show
-   where its time goes: pack_parts, sender sha256, chunk serialization (the one copy), receiver protobuf parse +
-   copy into the buffer, receiver sha256, unpack.
+   where its time goes: pack_parts, sender sha256, chunk serialization (the one copy), receiver parse (data left
+   in place) + copy into the buffer, receiver sha256, unpack; and, for reference, what protobuf's own parse +
+   `.data` would cost instead.
 
     python simulations/bench/wire.py [--mb 33] [--repeats 5]
 """
@@ -250,19 +252,21 @@ def main() -> None:
     ratios = {f"{c}/{k}": mbps[c] / mbps[k] for c in ("chunked", "chunked_before")
               for k in ("unary_raw", "unary_pack", "unary_pack_sha", "unary_pack_before")}
     ratios["chunked/chunked_before"] = mbps["chunked"] / mbps["chunked_before"]
+    # the same ratios on process CPU time (other ÷ chunked): what a loaded machine's wall times cannot show
+    cpu_ratios = {k: med_cpu[k.split("/")[1]] / med_cpu[k.split("/")[0]] for k in ratios}
     prof = profile(update, a.repeats)
     res = {"overhead": ov, "throughput": {
         "payload_bytes": payload, "blob_bytes": len(blob), "repeats": a.repeats, "median_s": med,
-        "median_cpu_s": med_cpu, "MB_per_s": mbps, "ratios": ratios,
+        "median_cpu_s": med_cpu, "MB_per_s": mbps, "ratios": ratios, "cpu_ratios": cpu_ratios,
         "ratio_chunked_over_unary_raw": ratios["chunked/unary_raw"],
         "ratio_chunked_over_unary_pack": ratios["chunked/unary_pack"], "samples_s": times, "samples_cpu_s": cpu},
         "profile_ms": prof, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     print(f"\nloopback, {payload / 1e6:.1f} MB payload, median of {a.repeats} (CPU = process CPU time, all threads):")
     for k in paths:
         print(f"  {k:>18}: {med[k] * 1e3:8.1f} ms wall {med_cpu[k] * 1e3:8.1f} ms CPU {mbps[k]:8.1f} MB/s")
-    print("  ratios (MB/s ÷ MB/s):")
+    print(f"  {'ratio':<34} {'wall':>6} {'CPU':>6}   (wall: MB/s ÷ MB/s; CPU: CPU time of the other ÷ this one)")
     for k, r in ratios.items():
-        print(f"    {k:<34} {r:6.3f}")
+        print(f"    {k:<32} {r:6.3f} {cpu_ratios[k]:6.3f}")
     goal = ratios["chunked/unary_raw"]
     print(f"  goal chunked/unary_raw ≥ 0.8: {'met' if goal >= 0.8 else 'NOT met'} ({goal:.3f}; before "
           f"{ratios['chunked_before/unary_raw']:.3f})")
@@ -296,8 +300,9 @@ def profile(update: ClientUpdate, repeats: int) -> dict[str, float]:
 
     stage("sender sha256", lambda: sha(parts))
     raw = stage("sender update_to_wire (all)", lambda: list(serde.update_to_wire(update, TASK_ID)))
-    msgs = stage("receiver protobuf parse", lambda: [serde.pb2.UpdateChunk.FromString(r) for r in raw])
-    data = stage("receiver .data (copy)", lambda: [m.data for m in msgs])
+    stage("(protobuf parse + .data: 2 copies)", lambda: [serde.pb2.UpdateChunk.FromString(r).data for r in raw])
+    lifted = stage("receiver parse (data as views)", lambda: [serde._parse_chunk(serde.pb2.UpdateChunk, r) for r in raw])
+    data = [d for _, d in lifted]
 
     def fill():
         buf = memoryview(torch.empty(sum(map(len, data)), dtype=torch.uint8).numpy())
