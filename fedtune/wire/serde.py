@@ -66,10 +66,14 @@ def _serialize(msg: Message | bytes) -> bytes:
 
 
 class CoordinatorStub(pb2_grpc.CoordinatorStub):
-    """The generated client stub; PushUpdate also takes pre-serialized chunks (`update_to_wire`)."""
+    """The generated client stub, except: PushUpdate also takes pre-serialized chunks (`update_to_wire`), and
+    PullTask yields the serialized chunks as they arrive (bytes, for `read_task`, which then hashes and buffers
+    their data without copying it out of protobuf messages first)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         super().__init__(channel)
+        self.PullTask = channel.unary_stream(f"/{SERVICE_NAME}/PullTask",
+                                             request_serializer=pb2.TaskRequest.SerializeToString)
         self.PushUpdate = channel.stream_unary(f"/{SERVICE_NAME}/PushUpdate", request_serializer=_serialize,
                                                response_deserializer=pb2.PushReply.FromString)
 
