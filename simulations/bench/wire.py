@@ -24,7 +24,8 @@
    MB/s = payload MB (10^6 bytes) ÷ wall seconds; CPU ms = process CPU time of the call (all threads: client,
    server, gRPC); ratio = chunked MB/s ÷ other MB/s (wall), and other CPU ÷ chunked CPU (on a loaded machine the
    CPU ratio is the steadier of the two).
-3. Profile of the chunked path's serde stages, one after another in one thread (best of --repeats), to show
+3. Profile of the chunked path's serde stages, one after another in one thread (thread CPU time, best of
+   --repeats), to show
    where its time goes: pack_parts, sender sha256, chunk serialization (the one copy), receiver parse (data left
    in place) + copy into the buffer, receiver sha256, unpack; and, for reference, what protobuf's own parse +
    `.data` would cost instead.
@@ -270,7 +271,7 @@ def main() -> None:
     goal = ratios["chunked/unary_raw"]
     print(f"  goal chunked/unary_raw ≥ 0.8: {'met' if goal >= 0.8 else 'NOT met'} ({goal:.3f}; before "
           f"{ratios['chunked_before/unary_raw']:.3f})")
-    print("\nchunked serde stages, serially in one thread (best of repeats):")
+    print("\nchunked serde stages, serially in one thread (thread CPU ms, best of repeats):")
     for k, v in prof.items():
         print(f"  {k:>28}: {v:7.1f} ms")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -284,9 +285,9 @@ def profile(update: ClientUpdate, repeats: int) -> dict[str, float]:
     def stage(name, fn):
         best = math.inf
         for _ in range(max(1, repeats)):
-            t = time.perf_counter()
+            t = time.thread_time()
             r = fn()
-            best = min(best, time.perf_counter() - t)
+            best = min(best, time.thread_time() - t)
         out[name] = best * 1e3
         return r
 
