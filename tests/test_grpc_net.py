@@ -318,7 +318,7 @@ def test_stalled_download_is_cut_and_frees_the_slot():
                     break
             time.sleep(0.05)
         stalled = serde.CoordinatorStub(slow).PullTask(req, metadata=md, timeout=30)
-        assert next(stalled).index == 0  # then stop reading
+        assert pb2.TaskChunk.FromString(next(stalled)).index == 0  # then stop reading (the stub yields bytes)
         time.sleep(0.3)
         with pytest.raises(grpc.RpcError) as e:
             list(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=10))

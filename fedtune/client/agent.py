@@ -171,7 +171,7 @@ class Agent:
         attempt = 0
         while True:
             try:
-                return serde.from_proto(stub.PushUpdate(serde.update_to_chunks(update, task_id), metadata=self.meta,
+                return serde.from_proto(stub.PushUpdate(serde.update_to_wire(update, task_id), metadata=self.meta,
                                                         timeout=self.c.rpc_timeout_s))
             except grpc.RpcError as e:
                 attempt += 1

@@ -254,8 +254,8 @@ class GrpcTransport(serde.CoordinatorServicer):
             book = self.book
         ins = task.instruction
         sent = 0
-        for chunk in serde.instruction_to_chunks(ins, task.task_id):
-            sent += chunk.ByteSize()
+        for chunk in serde.instruction_to_wire(ins, task.task_id):
+            sent += len(chunk)
             yield chunk
         with self.lock:
             book.bytes_down += sent

@@ -9,12 +9,16 @@ Streams:
                TaskHeader (round, client_id, base_version, JSON train config, JSON meta of the sync
                and setup payloads, total_bytes, sha256). Blob = safetensors with tensor names
                "sync/<name>" and "setup/<name>".
-  PushUpdate → UpdateChunk 0..total-1, each with task_id, total, total_bytes, sha256 of the whole
-               blob; chunk 0 also carries client_id, num_examples, metrics. Blob = safetensors of
-               ClientUpdate.tensors.
-Receivers check the declared total against `max_bytes` before buffering anything, then order,
-consistency, running size and sha256. Failures raise the WireError family; `status_code` maps
-them to gRPC codes.
+  PushUpdate → UpdateChunk 0..total-1, each with task_id, total, total_bytes; chunk 0 also carries
+               client_id, num_examples, metrics; the LAST chunk carries the sha256 of the whole blob
+               (the sender hashes while it streams; an earlier chunk may repeat it, and every copy
+               must agree). Blob = safetensors of ClientUpdate.tensors.
+Senders (`update_to_wire`, `instruction_to_wire`) build each serialized chunk straight from the
+tensors' memory (one copy per byte, no whole-blob buffer). Receivers check the declared total
+against `max_bytes` before buffering anything, then order, consistency and running size per chunk;
+they hash each chunk as it arrives into one buffer of the declared size and compare the sha256
+before the blob is unpacked (tensors are views of that buffer). Failures raise the WireError family;
+`status_code` maps them to gRPC codes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError, Message
 
 from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict
@@ -38,7 +43,7 @@ from fedtune.wire.tensors import (
     WireLimitError,
     dumps_json,
     loads_json_object,
-    pack,
+    pack_parts,
     unpack,
 )
 
@@ -47,13 +52,30 @@ MAX_HEADER_BYTES = 1 << 20  # serialized TaskHeader (JSON train config + payload
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC message limit: header + chunk + slack
 MAX_ID_CHARS = 256
 
-CoordinatorStub = pb2_grpc.CoordinatorStub
 CoordinatorServicer = pb2_grpc.CoordinatorServicer
 SERVICE_NAME = "fedtune.v1.Coordinator"  # for the health service / reflection
 
 
 class WirePermissionError(WireError):
     """The stream is well-formed but not this client's to send (gRPC: PERMISSION_DENIED)."""
+
+
+def _serialize(msg: Message | bytes) -> bytes:
+    """gRPC serializer for streams of chunks: pre-serialized chunks (`*_to_wire`) pass as they are."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+class CoordinatorStub(pb2_grpc.CoordinatorStub):
+    """The generated client stub, except: PushUpdate also takes pre-serialized chunks (`update_to_wire`), and
+    PullTask yields the serialized chunks as they arrive (bytes, for `read_task`, which then hashes and buffers
+    their data without copying it out of protobuf messages first)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self.PullTask = channel.unary_stream(f"/{SERVICE_NAME}/PullTask",
+                                             request_serializer=pb2.TaskRequest.SerializeToString)
+        self.PushUpdate = channel.stream_unary(f"/{SERVICE_NAME}/PushUpdate", request_serializer=_serialize,
+                                               response_deserializer=pb2.PushReply.FromString)
 
 
 def add_servicer(server: grpc.Server, servicer: CoordinatorServicer) -> None:
@@ -84,7 +106,7 @@ def add_servicer(server: grpc.Server, servicer: CoordinatorServicer) -> None:
         "Join": grpc.unary_unary_rpc_method_handler(
             unary(servicer.Join, pb2.JoinRequest), response_serializer=pb2.JoinReply.SerializeToString),
         "PullTask": grpc.unary_stream_rpc_method_handler(
-            unary_stream(servicer.PullTask, pb2.TaskRequest), response_serializer=pb2.TaskChunk.SerializeToString),
+            unary_stream(servicer.PullTask, pb2.TaskRequest), response_serializer=_serialize),
         "PushUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.PushUpdate, response_serializer=pb2.PushReply.SerializeToString),
         "Heartbeat": grpc.unary_unary_rpc_method_handler(
@@ -121,10 +143,17 @@ def abort_on_wire_error(context: grpc.ServicerContext) -> Iterator[None]:
 
 # --- byte accounting ------------------------------------------------------------------------
 
+M = TypeVar("M", bound=Message | bytes)
 
-def wire_bytes(messages: Iterable[Message]) -> int:
-    """Σ serialized protobuf size (excludes gRPC's 5-byte frame prefix and HTTP/2 framing)."""
-    return sum(m.ByteSize() for m in messages)
+
+def _size(m: Message | bytes) -> int:
+    return len(m) if isinstance(m, bytes) else m.ByteSize()
+
+
+def wire_bytes(messages: Iterable[Message | bytes]) -> int:
+    """Σ serialized protobuf size of messages or pre-serialized chunks (excludes gRPC's 5-byte frame prefix and
+    HTTP/2 framing)."""
+    return sum(map(_size, messages))
 
 
 class ByteCounter:
@@ -134,9 +163,9 @@ class ByteCounter:
         self.bytes = 0
         self.messages = 0
 
-    def wrap(self, messages: Iterable[Message]) -> Iterator[Message]:
+    def wrap(self, messages: Iterable[M]) -> Iterator[M]:
         for m in messages:
-            self.bytes += m.ByteSize()
+            self.bytes += _size(m)
             self.messages += 1
             yield m
 
@@ -240,15 +269,45 @@ def from_proto(msg: Message) -> Unary:
 # --- chunking -------------------------------------------------------------------------------
 
 
-def _split(blob: bytes, chunk_bytes: int) -> tuple[int, Iterator[bytes]]:
+def _runs(parts: list[bytes | memoryview], chunk_bytes: int) -> tuple[int, int, Iterator[list[memoryview]]]:
+    """(blob size, number of chunks, the chunks' data as runs of zero-copy slices of `parts`): the blob
+    `b"".join(parts)` cut every `chunk_bytes` bytes, without ever building it."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    total = max(1, math.ceil(len(blob) / chunk_bytes))
-    view = memoryview(blob)
-    return total, (bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes]) for i in range(total))
+    size = sum(len(p) for p in parts)
+
+    def runs() -> Iterator[list[memoryview]]:
+        run: list[memoryview] = []
+        room = chunk_bytes
+        for part in parts:
+            view = memoryview(part)
+            while len(view):
+                run.append(view[:room])
+                view, room = view[room:], room - len(run[-1])
+                if not room:
+                    yield run
+                    run, room = [], chunk_bytes
+        if run:
+            yield run
+
+    return size, max(1, math.ceil(size / chunk_bytes)), runs()
 
 
-M = TypeVar("M", bound=Message)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _with_data(msg: Message, run: list[memoryview]) -> bytes:
+    """`msg` serialized with its `data` field set to the concatenation of `run`, in one copy (protobuf would copy
+    into the message, then again to serialize). Fields may appear in any order on the wire, so this parses as
+    `msg` with `data` set; for a chunk after the first it is even byte-identical to protobuf's own output."""
+    tag = msg.DESCRIPTOR.fields_by_name["data"].number << 3 | 2  # wire type 2: length-delimited
+    return b"".join([msg.SerializeToString(), _varint(tag), _varint(sum(map(len, run))), *run])
 
 
 def _parse(cls: type[M], item: M | bytes) -> M:
@@ -261,6 +320,76 @@ def _parse(cls: type[M], item: M | bytes) -> M:
         except (DecodeError, ValueError, RuntimeError) as e:
             raise WireError(f"cannot decode {cls.__name__}: {e}") from e
     raise WireError(f"expected {cls.__name__}, got {type(item).__name__}")
+
+
+_MAX_SCAN_FIELDS = 64  # a chunk has ~10 fields (+ metrics); more: let protobuf parse it, at C speed
+
+
+def _lift_data(raw: bytes, number: int) -> tuple[bytes, memoryview] | None:
+    """A serialized chunk split into (the message without its data field, the data as a view of `raw`), so the
+    data goes from what gRPC delivered straight into the hash and the receive buffer (protobuf would copy it
+    twice: into the parsed message, and out again on `.data`). Only the top-level framing is walked here;
+    protobuf still parses and validates everything else. A data field given twice counts once, the last (as
+    protobuf does). None — parse the whole message with protobuf, which reports any error — when the framing
+    is malformed or has more than _MAX_SCAN_FIELDS fields."""
+    view, pos, end = memoryview(raw), 0, len(raw)
+    keep: list[memoryview] = []
+    data: memoryview | None = None
+    kept_from = 0
+
+    def varint(p: int) -> int:  # → value, advances nonlocal pos
+        nonlocal pos
+        value = shift = 0
+        while p < end and shift < 64:
+            byte = view[p]
+            value |= (byte & 0x7F) << shift
+            p += 1
+            if not byte & 0x80:
+                pos = p
+                return value
+            shift += 7
+        raise ValueError
+
+    try:
+        for _ in range(_MAX_SCAN_FIELDS):
+            if pos >= end:
+                break
+            start = pos
+            key = varint(pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                varint(pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length = varint(pos)
+                body, pos = pos, pos + length
+            else:  # groups (deprecated) or invalid
+                return None
+            if pos > end:
+                return None
+            if key == number << 3 | 2:
+                keep.append(view[kept_from:start])
+                data, kept_from = view[body:pos], pos
+        else:
+            if pos < end:
+                return None
+    except ValueError:
+        return None
+    if data is None:
+        return None
+    keep.append(view[kept_from:])
+    return b"".join(keep), data
+
+
+def _parse_chunk(cls: type[M], item: M | bytes) -> tuple[M, bytes | memoryview]:
+    """(the chunk message, its data): from serialized bytes without copying the data (see `_lift_data`)."""
+    if isinstance(item, bytes):
+        lifted = _lift_data(item, cls.DESCRIPTOR.fields_by_name["data"].number)
+        if lifted is not None:
+            return _parse(cls, lifted[0]), lifted[1]
+    msg = _parse(cls, item)
+    return msg, msg.data
 
 
 def safe_str(value: object, limit: int = 80) -> str:
@@ -277,43 +406,66 @@ def _check_id(value: str, what: str) -> str:
 
 
 class _Assembler:
-    """Reassembles one blob; checks limit first, then order, running size, sha256."""
+    """Reassembles one blob; checks limit first, then per chunk order, consistency and running size (before the
+    chunk is buffered), hashing each chunk as it arrives; `finish` compares the sha256 before handing out the blob.
+
+    The buffer has the declared size (bounded by `max_bytes`), allocated at the first chunk (after the caller's
+    reservation) and uninitialised, so its pages are only touched as data arrives. `sha256` is the digest declared
+    so far (b"" if the stream declares it on a later chunk)."""
 
     def __init__(self, what: str, task_id: str, total: int, total_bytes: int, sha256: bytes, max_bytes: int) -> None:
-        self.what, self.task_id, self.total, self.total_bytes, self.sha256 = what, task_id, total, total_bytes, sha256
+        self.what, self.task_id, self.total, self.total_bytes, self.sha256 = what, task_id, total, total_bytes, b""
         if total_bytes > max_bytes:
             raise WireLimitError(f"{what}: declared size {total_bytes} bytes exceeds limit {max_bytes}")
         if total_bytes < 1 or not 1 <= total <= total_bytes:
             raise WireError(f"{what}: invalid total_bytes={total_bytes} / total={total} chunks")
-        if len(sha256) != 32:
-            raise WireError(f"{what}: sha256 must be 32 bytes, got {len(sha256)}")
-        self.parts: list[bytes] = []
+        self._declare(sha256, 0)
+        self.buffer: memoryview | None = None
+        self.hash = hashlib.sha256()
+        self.count = 0  # chunks received
         self.received = 0
 
-    def add(self, task_id: str, index: int, total: int, data: bytes) -> None:
+    def _declare(self, sha256: bytes, index: int) -> None:
+        if not sha256:
+            return
+        if len(sha256) != 32:
+            raise WireError(f"{self.what}: sha256 must be 32 bytes, got {len(sha256)}")
+        if self.sha256 and sha256 != self.sha256:
+            raise WireError(f"{self.what}: chunk {index} has a sha256 inconsistent with an earlier chunk")
+        self.sha256 = sha256
+
+    def add(self, task_id: str, index: int, total: int, data: bytes | memoryview, sha256: bytes = b"") -> None:
         if task_id != self.task_id or total != self.total:
             raise WireError(f"{self.what}: chunk {index} has task_id/total inconsistent with chunk 0")
-        if index != len(self.parts):
-            why = "duplicate or out-of-order" if index < len(self.parts) else "missing or out-of-order"
-            raise WireError(f"{self.what}: expected chunk {len(self.parts)}, got {index} ({why})")
+        if index != self.count:
+            why = "duplicate or out-of-order" if index < self.count else "missing or out-of-order"
+            raise WireError(f"{self.what}: expected chunk {self.count}, got {index} ({why})")
         if index >= self.total:
             raise WireError(f"{self.what}: chunk index {index} beyond declared total {self.total}")
         if not data:
             raise WireError(f"{self.what}: empty chunk {index}")
-        self.received += len(data)
-        if self.received > self.total_bytes:
+        end = self.received + len(data)
+        if end > self.total_bytes:
             raise WireIntegrityError(f"{self.what}: more data than the declared {self.total_bytes} bytes")
-        self.parts.append(data)
+        self._declare(sha256, index)
+        if index == self.total - 1 and not self.sha256:
+            raise WireError(f"{self.what}: no sha256 declared by the last chunk")
+        if self.buffer is None:
+            self.buffer = memoryview(torch.empty(self.total_bytes, dtype=torch.uint8).numpy())
+        self.hash.update(data)  # releases the GIL on large chunks: overlaps with receiving the next one
+        self.buffer[self.received : end] = data
+        self.received, self.count = end, self.count + 1
 
-    def finish(self) -> bytes:
-        if len(self.parts) != self.total:
-            raise WireError(f"{self.what}: stream ended after {len(self.parts)} of {self.total} chunks")
-        if self.received != self.total_bytes:
+    def finish(self) -> memoryview:
+        """The whole blob (writable; `unpack` makes views of it), after the sha256 matched."""
+        if self.count != self.total:
+            raise WireError(f"{self.what}: stream ended after {self.count} of {self.total} chunks")
+        if self.received != self.total_bytes or self.buffer is None:
             raise WireIntegrityError(f"{self.what}: got {self.received} bytes, declared {self.total_bytes}")
-        blob = b"".join(self.parts)
-        self.parts = []
-        if hashlib.sha256(blob).digest() != self.sha256:
+        if self.hash.digest() != self.sha256:
+            self.buffer = None
             raise WireIntegrityError(f"{self.what}: sha256 mismatch")
+        blob, self.buffer = self.buffer, None
         return blob
 
 
@@ -347,14 +499,18 @@ def finished_chunks(reason: str = "") -> Iterator[pb2.TaskChunk]:
     yield pb2.TaskChunk(kind=pb2.TaskChunk.FINISHED, message=reason)
 
 
-def instruction_to_chunks(instr: Instruction, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.TaskChunk]:
-    """Instruction → TASK chunks (chunk 0 carries the header). Lazy: one chunk in memory at a time
-    besides the blob."""
+def instruction_to_wire(instr: Instruction, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Instruction → serialized TASK chunks (chunk 0 carries the header, so the blob is hashed before it).
+    Lazy: one chunk in memory at a time, built from the tensors' memory (which must not change meanwhile)."""
     _check_id(task_id, "task_id")
     tensors: TensorDict = {f"sync/{k}": v for k, v in instr.sync.tensors.items()}
     if instr.setup is not None:
         tensors.update({f"setup/{k}": v for k, v in instr.setup.tensors.items()})
-    blob = pack(tensors)
+    parts = pack_parts(tensors)
+    size, total, runs = _runs(parts, chunk_bytes)
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
     header = pb2.TaskHeader(
         round=instr.round,
         client_id=instr.client_id,
@@ -363,21 +519,25 @@ def instruction_to_chunks(instr: Instruction, task_id: str, chunk_bytes: int = C
         sync_meta_json=dumps_json(instr.sync.meta, "sync Payload.meta"),
         has_setup=instr.setup is not None,
         setup_meta_json=dumps_json(instr.setup.meta, "setup Payload.meta") if instr.setup is not None else "",
-        total_bytes=len(blob),
-        sha256=hashlib.sha256(blob).digest(),
+        total_bytes=size,
+        sha256=digest.digest(),
     )
     if header.ByteSize() > MAX_HEADER_BYTES:
         raise WireLimitError(
             f"task header is {header.ByteSize()} bytes; limit {MAX_HEADER_BYTES} (move meta into tensors)"
         )
-    total, parts = _split(blob, chunk_bytes)
-    for i, data in enumerate(parts):
-        yield pb2.TaskChunk(
-            kind=pb2.TaskChunk.TASK, task_id=task_id, index=i, total=total, header=header if i == 0 else None, data=data
-        )
+    for i, run in enumerate(runs):
+        msg = pb2.TaskChunk(kind=pb2.TaskChunk.TASK, task_id=task_id, index=i, total=total,
+                            header=header if i == 0 else None)
+        yield _with_data(msg, run)
 
 
-def _instruction(h: pb2.TaskHeader, blob: bytes) -> Instruction:
+def instruction_to_chunks(instr: Instruction, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.TaskChunk]:
+    """`instruction_to_wire` as protobuf messages."""
+    return map(pb2.TaskChunk.FromString, instruction_to_wire(instr, task_id, chunk_bytes))
+
+
+def _instruction(h: pb2.TaskHeader, blob: memoryview) -> Instruction:
     sync = Payload(meta=loads_json_object(h.sync_meta_json, "sync meta"))
     setup = Payload(meta=loads_json_object(h.setup_meta_json, "setup meta")) if h.has_setup else None
     for name, t in unpack(blob).items():
@@ -398,7 +558,7 @@ def read_task(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes: int) -> Tas
     first = next(it, None)
     if first is None:
         raise WireError("PullTask: empty response stream")
-    first = _parse(pb2.TaskChunk, first)
+    first, data = _parse_chunk(pb2.TaskChunk, first)
     if first.kind in (pb2.TaskChunk.WAIT, pb2.TaskChunk.FINISHED):
         if next(it, None) is not None:
             raise WireError("PullTask: messages after a WAIT/FINISHED reply")
@@ -413,13 +573,15 @@ def read_task(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes: int) -> Tas
         raise WireError("PullTask: chunk 0 lacks the task header")
     h = first.header
     asm = _Assembler("task", _check_id(first.task_id, "task_id"), first.total, h.total_bytes, h.sha256, max_bytes)
+    if not asm.sha256:
+        raise WireError("PullTask: the task header lacks the sha256")
     chunk: pb2.TaskChunk | None = first
     while chunk is not None:
         if chunk is not first and (chunk.kind != pb2.TaskChunk.TASK or chunk.HasField("header")):
             raise WireError(f"PullTask: chunk {chunk.index} must be a TASK chunk without header")
-        asm.add(chunk.task_id, chunk.index, chunk.total, chunk.data)
+        asm.add(chunk.task_id, chunk.index, chunk.total, data)
         nxt = next(it, None)
-        chunk = None if nxt is None else _parse(pb2.TaskChunk, nxt)
+        chunk, data = (None, b"") if nxt is None else _parse_chunk(pb2.TaskChunk, nxt)
     return Task(asm.task_id, _instruction(h, asm.finish()))
 
 
@@ -434,21 +596,31 @@ def chunks_to_instruction(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes:
 # --- PushUpdate -----------------------------------------------------------------------------
 
 
-def update_to_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.UpdateChunk]:
-    """ClientUpdate → UpdateChunks (chunk 0 carries client_id, num_examples, metrics)."""
+def update_to_wire(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """ClientUpdate → serialized UpdateChunks (chunk 0 carries client_id, num_examples, metrics; the last one the
+    sha256, hashed chunk by chunk as they go out). Lazy: one chunk in memory at a time, built from the tensors'
+    memory (which must not change meanwhile). Send with `CoordinatorStub.PushUpdate`."""
     _check_id(task_id, "task_id")
     if update.num_examples < 0:
         raise WireError(f"num_examples must be >= 0, got {update.num_examples}")
-    blob = pack(update.tensors)
-    digest = hashlib.sha256(blob).digest()
-    total, parts = _split(blob, chunk_bytes)
-    for i, data in enumerate(parts):
-        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=total, total_bytes=len(blob), sha256=digest, data=data)
+    size, total, runs = _runs(pack_parts(update.tensors), chunk_bytes)
+    digest = hashlib.sha256()
+    for i, run in enumerate(runs):
+        for piece in run:
+            digest.update(piece)
+        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=total, total_bytes=size)
+        if i == total - 1:
+            msg.sha256 = digest.digest()
         if i == 0:
             msg.client_id = update.client_id
             msg.num_examples = update.num_examples
             msg.metrics.update({k: float(v) for k, v in update.metrics.items()})
-        yield msg
+        yield _with_data(msg, run)
+
+
+def update_to_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.UpdateChunk]:
+    """`update_to_wire` as protobuf messages."""
+    return map(pb2.UpdateChunk.FromString, update_to_wire(update, task_id, chunk_bytes))
 
 
 def read_update(
@@ -469,7 +641,7 @@ def read_update(
     raw = next(it, None)
     if raw is None:
         raise WireError("PushUpdate: empty request stream")
-    first = _parse(pb2.UpdateChunk, raw)
+    first, data = _parse_chunk(pb2.UpdateChunk, raw)
     task_id = _check_id(first.task_id, "task_id")
     if expected_task_id is not None:
         ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
@@ -486,11 +658,11 @@ def read_update(
         reserve(asm.total_bytes)
     chunk: pb2.UpdateChunk | None = first
     while chunk is not None:
-        if chunk.total_bytes != asm.total_bytes or chunk.sha256 != asm.sha256:
-            raise WireError(f"PushUpdate: chunk {chunk.index} total_bytes/sha256 inconsistent with chunk 0")
-        asm.add(chunk.task_id, chunk.index, chunk.total, chunk.data)
+        if chunk.total_bytes != asm.total_bytes:
+            raise WireError(f"PushUpdate: chunk {chunk.index} total_bytes inconsistent with chunk 0")
+        asm.add(chunk.task_id, chunk.index, chunk.total, data, chunk.sha256)
         nxt = next(it, None)
-        chunk = None if nxt is None else _parse(pb2.UpdateChunk, nxt)
+        chunk, data = (None, b"") if nxt is None else _parse_chunk(pb2.UpdateChunk, nxt)
     tensors = unpack(asm.finish())
     return task_id, ClientUpdate(first.client_id, first.num_examples, tensors, dict(first.metrics))
 

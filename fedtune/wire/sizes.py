@@ -4,14 +4,14 @@ transport reports bytes_up/bytes_down the same way; the in-process simulation us
 from __future__ import annotations
 
 from fedtune.algorithms.base import ClientUpdate, Instruction
-from fedtune.wire.serde import instruction_to_chunks, update_to_chunks, wire_bytes
+from fedtune.wire.serde import instruction_to_wire, update_to_wire, wire_bytes
 
 TASK_ID_LEN = 32  # task ids are uuid4 hex strings
 
 
 def instruction_bytes(ins: Instruction) -> int:
-    return wire_bytes(instruction_to_chunks(ins, "0" * TASK_ID_LEN))
+    return wire_bytes(instruction_to_wire(ins, "0" * TASK_ID_LEN))
 
 
 def update_bytes(update: ClientUpdate) -> int:
-    return wire_bytes(update_to_chunks(update, "0" * TASK_ID_LEN))
+    return wire_bytes(update_to_wire(update, "0" * TASK_ID_LEN))

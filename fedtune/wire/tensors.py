@@ -5,23 +5,40 @@ of JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}},
 little-endian tensor data. A payload blob stores `Payload.meta` as JSON in
 `__metadata__["fedtune.meta"]`; an update blob stores client_id / num_examples / metrics as JSON in
 `__metadata__["fedtune.update"]`. Output is deterministic: keys sorted, tensors contiguous on CPU.
+
+The format is written and read here rather than through `safetensors.torch`, whose bytes API copies every tensor
+twice each way; the output is byte-identical to `safetensors.torch.save` (same layout: tensors ordered by dtype
+rank then name, header padded to 8 bytes) and `unpack` applies the same validation as safetensors' loader
+(contiguous, in-bounds, size-consistent offsets) before it makes any tensor. `pack_parts` gives the blob as
+zero-copy pieces (header + each tensor's memory); `unpack` of a writable buffer returns tensors that are views
+into it (each with its own storage over its own bytes), so a received blob is never copied again.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from fedtune.algorithms.base import ClientUpdate, Payload, TensorDict
 
 META_KEY = "fedtune.meta"
 UPDATE_KEY = "fedtune.update"
 MAX_JSON_BYTES = 1 << 20  # per JSON document carried in a header or message field
+# safetensors dtype names in safetensors' own rank order: the writer lays tensors out by descending rank, then
+# name, which keeps every tensor aligned to its element size (the header is padded to a multiple of 8).
+_ST_NAMES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32", torch.float64: "F64",
+    torch.int64: "I64", torch.uint64: "U64",
+}
+_RANK = {dt: i for i, dt in enumerate(_ST_NAMES)}
+_ST_DTYPES = {name: dt for dt, name in _ST_NAMES.items()}
+_MAX_DIMS = 64
 
 
 class WireError(ValueError):
@@ -36,34 +53,54 @@ class WireIntegrityError(WireError):
     """Data does not match its declared sha256 / size (gRPC: DATA_LOSS)."""
 
 
+def _little_endian() -> None:
+    if sys.byteorder != "little":  # safetensors data is little-endian; raw views would be wrong on this host
+        raise WireError("fedtune's wire format needs a little-endian host")
+
+
 def _prepare(tensors: TensorDict) -> TensorDict:
-    """Sorted, detached, contiguous CPU tensors that own their storage (safetensors refuses
-    views and shared storage)."""
+    """Sorted, detached, contiguous CPU tensors (views and shared storage are fine: only their bytes are read)."""
     out: TensorDict = {}
-    seen: set[int] = set()
     for name in sorted(tensors):
         t = tensors[name]
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise WireError(f"tensor dict must map str -> torch.Tensor; got {name!r}: {type(t).__name__}")
+        if name == "__metadata__":
+            raise WireError("'__metadata__' is reserved by safetensors and cannot name a tensor")
         if t.layout != torch.strided:
             raise WireError(f"tensor {name!r}: only dense tensors can be sent (layout {t.layout})")
-        t = t.detach().to("cpu").contiguous()
-        storage = t.untyped_storage()
-        if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in seen:
-            t = t.clone()
-        if t.numel():
-            seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
+        if t.dtype not in _ST_NAMES:
+            raise WireError(f"cannot serialize tensors: tensor {name!r} has unsupported dtype {t.dtype}")
+        out[name] = t.detach().to("cpu").contiguous().resolve_conj().resolve_neg()
     return out
 
 
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def pack_parts(tensors: TensorDict, metadata: dict[str, str] | None = None) -> list[bytes | memoryview]:
+    """The safetensors blob as pieces: [8-byte length + JSON header, then each non-empty tensor's memory].
+    `b"".join(parts)` is the blob; the pieces are views (no copy), valid while the tensors are unchanged."""
+    _little_endian()
+    prepared = _prepare(tensors)
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    parts: list[bytes | memoryview] = []
+    offset = 0
+    for name, t in sorted(prepared.items(), key=lambda kv: (-_RANK[kv[1].dtype], kv[0])):
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        if n:
+            parts.append(_raw(t))
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    return [len(head).to_bytes(8, "little") + head, *parts]
+
+
 def _save(tensors: TensorDict, metadata: dict[str, str] | None) -> bytes:
-    try:
-        return _st_save(_prepare(tensors), metadata=metadata)
-    except WireError:
-        raise
-    except Exception as e:  # unsupported dtype etc.
-        raise WireError(f"cannot serialize tensors: {e}") from e
+    return b"".join(pack_parts(tensors, metadata))
 
 
 def dumps_json(obj: Any, what: str) -> str:
@@ -92,32 +129,107 @@ def loads_json_object(s: str | bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob (validates the header framing)."""
-    if not isinstance(data, bytes):
-        raise WireError(f"expected bytes, got {type(data).__name__}")
+Blob = bytes | bytearray | memoryview
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise WireError("malformed safetensors blob: duplicate key in the header")
+    return out
+
+
+def _header(data: memoryview) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, parsed JSON header) with the framing checked."""
     if len(data) < 8:
         raise WireError(f"not a safetensors blob: {len(data)} bytes, need at least 8")
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
         raise WireError(f"not a safetensors blob: header length {n} exceeds blob size {len(data)}")
-    header = loads_json_object(data[8 : 8 + n], "safetensors header")
+    if n > MAX_JSON_BYTES:
+        raise WireLimitError(f"safetensors header: {n} bytes of JSON exceeds limit {MAX_JSON_BYTES}")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise WireError(f"safetensors header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise WireError(f"safetensors header must be a JSON object, got {type(header).__name__}")
+    return 8 + n, header
+
+
+def _metadata(header: dict[str, Any]) -> dict[str, str]:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise WireError("safetensors __metadata__ must be a {str: str} object")
     return meta
 
 
-def _load(data: bytes) -> TensorDict:
+def read_metadata(data: Blob) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (validates the header framing)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"expected bytes, got {type(data).__name__}")
+    return _metadata(_header(memoryview(data).cast("B"))[1])
+
+
+def _entries(header: dict[str, Any], size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """Validated (name, dtype, shape, begin, end) of every tensor: the checks of safetensors' own loader — known
+    dtype, non-negative shape, offsets contiguous from 0 to the end of the data, each exactly numel·itemsize."""
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise WireError(f"malformed safetensors blob: tensor {name[:80]!r} needs exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = _ST_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise WireError(f"malformed safetensors blob: tensor {name[:80]!r} has unknown dtype {info['dtype']!r:.40}")
+        ints = (lambda xs: isinstance(xs, list) and all(type(x) is int and 0 <= x < 1 << 62 for x in xs))
+        if not ints(shape) or len(shape) > _MAX_DIMS or not ints(offsets) or len(offsets) != 2:
+            raise WireError(f"malformed safetensors blob: tensor {name[:80]!r} has an invalid shape or data_offsets")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise WireError(f"malformed safetensors blob: tensor {name[:80]!r}: data_offsets {offsets} do not hold "
+                            f"shape {shape[:8]} of {info['dtype']}")
+        out.append((name, dtype, shape, begin, end))
+    position = 0
+    for name, _, _, begin, end in sorted(out, key=lambda e: (e[3], e[4])):
+        if begin != position:
+            raise WireError(f"malformed safetensors blob: tensor {name[:80]!r} starts at {begin}, expected {position}")
+        position = end
+    if position != size:
+        raise WireError(f"malformed safetensors blob: tensors cover {position} bytes of a {size}-byte data section")
+    return sorted(out)
+
+
+def _load(data: Blob) -> TensorDict:
+    """Tensors of a validated blob, sorted by name. A writable buffer is not copied: each tensor is a view of its
+    own bytes in it (aligned ones; a misaligned one, which only a hand-made blob can have, gets a copy). A
+    read-only one (bytes) is copied once first, so the tensors are always writable."""
+    _little_endian()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"expected bytes, got {type(data).__name__}")
+    view = memoryview(data).cast("B")
+    start, header = _header(view)
+    _metadata(header)
+    entries = _entries(header, len(view) - start)
+    if view.readonly and len(view) > start:
+        view = memoryview(bytearray(view))
+    base = torch.frombuffer(view, dtype=torch.uint8).data_ptr() if len(view) > start else 0
+    out: TensorDict = {}
     try:
-        tensors = _st_load(data)
-    except SafetensorError as e:
+        for name, dtype, shape, begin, end in entries:
+            if begin == end:
+                t = torch.empty(shape, dtype=dtype)
+            elif (base + start + begin) % dtype.itemsize == 0:
+                t = torch.frombuffer(view, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+            else:
+                t = torch.frombuffer(bytearray(view[start + begin : start + end]), dtype=dtype)
+            if dtype == torch.bool:  # a byte other than 0/1 is not a valid bool: normalise
+                t = t.view(torch.uint8).ne(0)
+            out[name] = t.view(shape)
+    except (RuntimeError, ValueError, OverflowError) as e:
         raise WireError(f"malformed safetensors blob: {e}") from e
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # a Rust panic (pyo3 PanicException) is a BaseException
-        raise WireError(f"malformed safetensors blob: {type(e).__name__}: {e}") from e
-    return dict(sorted(tensors.items()))
+    return out
 
 
 def pack(tensors: TensorDict) -> bytes:
@@ -125,9 +237,9 @@ def pack(tensors: TensorDict) -> bytes:
     return _save(tensors, None)
 
 
-def unpack(data: bytes) -> TensorDict:
-    """safetensors bytes → tensors (CPU, sorted by name). WireError on malformed input."""
-    read_metadata(data)
+def unpack(data: Blob) -> TensorDict:
+    """safetensors bytes → tensors (CPU, sorted by name, writable; views into `data` if it is writable).
+    WireError on malformed input."""
     return _load(data)
 
 
@@ -136,7 +248,7 @@ def pack_payload(payload: Payload) -> bytes:
     return _save(payload.tensors, {META_KEY: dumps_json(payload.meta, "Payload.meta")})
 
 
-def unpack_payload(data: bytes) -> Payload:
+def unpack_payload(data: Blob) -> Payload:
     meta = read_metadata(data)
     if META_KEY not in meta:
         raise WireError(f"not a payload blob: header metadata lacks {META_KEY!r}")
@@ -149,7 +261,7 @@ def pack_update(update: ClientUpdate) -> bytes:
     return _save(update.tensors, {UPDATE_KEY: dumps_json(info, "ClientUpdate fields")})
 
 
-def unpack_update(data: bytes) -> ClientUpdate:
+def unpack_update(data: Blob) -> ClientUpdate:
     meta = read_metadata(data)
     if UPDATE_KEY not in meta:
         raise WireError(f"not an update blob: header metadata lacks {UPDATE_KEY!r}")

@@ -5,17 +5,30 @@
    576-wide model on all 7 projections) and for a ~1 KB update (four 8×8 Fed-SB-like R matrices), both as an
    update (`update_to_chunks`) and as an instruction sync payload (`instruction_to_chunks`). Goal ≤ 1.01 for
    the large one. (gRPC adds 5 bytes of length prefix per message and HTTP/2 framing on top; not counted.)
-2. Throughput on 127.0.0.1, side by side (runs alternate, median of --repeats):
-   - chunked: fedtune's PushUpdate path — client `serde.update_to_chunks` (safetensors pack, sha256, 1 MiB
-     chunks) → server registered with `serde.add_servicer` → `serde.read_update` (order/size/sha256 checks,
-     unpack). End to end, tensors in → tensors out.
+2. Throughput on 127.0.0.1, side by side (runs alternate, median of --repeats), one process (client and
+   server share the CPUs, as on one machine):
+   - chunked: fedtune's PushUpdate path — client `serde.update_to_wire` (1 MiB chunks serialized straight from
+     the tensors' memory, sha256 while streaming) → server registered with `serde.add_servicer` →
+     `serde.read_update` (order/size checks, sha256 per chunk into one buffer, compare, zero-copy unpack). End to
+     end, tensors in → tensors out, fedtune's default 4 MiB message limits.
+   - chunked_before: the same path as it was before (kept here as a reference implementation): safetensors.torch
+     save, sha256 of the blob, 1 MiB chunk copies, protobuf messages; the server joins the chunks, hashes the
+     blob, safetensors.torch.load.
    - unary_raw: one plain gRPC unary call carrying the same packed blob (bytes in → bytes out; pack/unpack
      excluded), max message sizes raised to fit.
-   - unary_pack: the unary call including safetensors pack on the client and unpack on the server (the
-     like-for-like comparison with "chunked", which includes them).
-   - chunked_no_net: the chunked path's serde work alone (chunk, serialize, read_update) without gRPC, to
-     split the chunked path's time into serde and transport.
-   MB/s = payload MB (10^6 bytes) ÷ seconds; ratio = chunked MB/s ÷ unary MB/s.
+   - unary_pack: the unary call including pack on the client and unpack on the server (fedtune's
+     `wire.tensors` pack/unpack; unary_pack_before: safetensors.torch save/load).
+   - unary_pack_sha: unary_pack plus a sha256 of the blob on each side (the unary call with chunked's safety).
+   - chunked_no_net: the chunked path's serde work alone (update_to_wire, read_update) without gRPC, to split
+     the chunked path's time into serde and transport.
+   MB/s = payload MB (10^6 bytes) ÷ wall seconds; CPU ms = process CPU time of the call (all threads: client,
+   server, gRPC); ratio = chunked MB/s ÷ other MB/s (wall), and other CPU ÷ chunked CPU (on a loaded machine the
+   CPU ratio is the steadier of the two).
+3. Profile of the chunked path's serde stages, one after another in one thread (thread CPU time, best of
+   --repeats), to show
+   where its time goes: pack_parts, sender sha256, chunk serialization (the one copy), receiver parse (data left
+   in place) + copy into the buffer, receiver sha256, unpack; and, for reference, what protobuf's own parse +
+   `.data` would cost instead.
 
     python simulations/bench/wire.py [--mb 33] [--repeats 5]
 """
@@ -23,24 +36,29 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import statistics
 import time
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+import safetensors.torch
 import torch
 
 from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, payload_nbytes
 from fedtune.wire import serde
-from fedtune.wire.tensors import pack, unpack
+from fedtune.wire.tensors import pack, pack_parts, unpack
 
 HIDDEN, INTER, LAYERS = 576, 1536, 30  # SmolLM2-135M shapes
 MODULES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, 192), "v_proj": (HIDDEN, 192), "o_proj": (HIDDEN, HIDDEN),
            "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}
 TASK_ID = "0" * 32
 RAW_METHOD = "/bench.Raw/Send"
+BEFORE_METHOD = "/bench.Before/PushUpdate"
 
 
 def adapter_like(mb: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,6 +108,43 @@ class StubCoordinator(serde.CoordinatorServicer):
         return serde.to_proto(serde.PushReply(True))
 
 
+# --- the chunked path before (reference; same checks, the old data handling) -------------------------------
+
+
+def before_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = serde.CHUNK_BYTES):
+    blob = safetensors.torch.save(update.tensors)
+    digest = hashlib.sha256(blob).digest()
+    total, view = max(1, math.ceil(len(blob) / chunk_bytes)), memoryview(blob)
+    for i in range(total):
+        msg = serde.pb2.UpdateChunk(task_id=task_id, index=i, total=total, total_bytes=len(blob), sha256=digest,
+                                    data=bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes]))
+        if i == 0:
+            msg.client_id, msg.num_examples = update.client_id, update.num_examples
+            msg.metrics.update(update.metrics)
+        yield msg
+
+
+def before_unpack(blob: bytes) -> dict[str, torch.Tensor]:
+    return dict(sorted(safetensors.torch.load(blob).items()))
+
+
+def before_read(chunks, max_bytes: int) -> ClientUpdate:
+    parts, received, first = [], 0, None
+    for raw in chunks:
+        c = serde.pb2.UpdateChunk.FromString(raw)
+        first = first or c
+        if c.total_bytes > max_bytes or c.index != len(parts) or c.sha256 != first.sha256 or c.task_id != TASK_ID:
+            raise serde.WireError("bad chunk")
+        received += len(c.data)
+        if received > c.total_bytes:
+            raise serde.WireError("too much data")
+        parts.append(c.data)
+    blob = b"".join(parts)
+    if len(parts) != first.total or hashlib.sha256(blob).digest() != first.sha256:
+        raise serde.WireError("bad stream")
+    return ClientUpdate(first.client_id, first.num_examples, before_unpack(blob), dict(first.metrics))
+
+
 def start_server(max_msg: int, max_bytes: int):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=serde.channel_options(max_msg))
     stub = StubCoordinator(max_bytes)
@@ -98,12 +153,20 @@ def start_server(max_msg: int, max_bytes: int):
 
     def raw_send(blob: bytes, context) -> bytes:
         received["n"] = len(blob)
+        if received.get("sha") is not None and hashlib.sha256(blob).digest() != received["sha"]:
+            raise ValueError("sha256 mismatch")
         if received.get("unpack"):
-            received["tensors"] = unpack(blob)
+            received["tensors"] = received["unpack"](blob)
         return b"ok"
 
+    def before_push(request_iterator, context) -> bytes:
+        stub.last = before_read(request_iterator, max_bytes)
+        return serde.to_proto(serde.PushReply(True)).SerializeToString()
+
     raw = grpc.method_handlers_generic_handler("bench.Raw", {"Send": grpc.unary_unary_rpc_method_handler(raw_send)})
-    server.add_generic_rpc_handlers((raw,))
+    before = grpc.method_handlers_generic_handler(
+        "bench.Before", {"PushUpdate": grpc.stream_unary_rpc_method_handler(before_push)})
+    server.add_generic_rpc_handlers((raw, before))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port, stub, received
@@ -136,50 +199,125 @@ def main() -> None:
     raw_send = unary_ch.unary_unary(RAW_METHOD)
     update = ClientUpdate("client-0", 1000, big, {"train_loss": 1.0})
 
+    push_before = chunk_ch.stream_unary(BEFORE_METHOD, request_serializer=serde.pb2.UpdateChunk.SerializeToString)
+
+    def check(tensors: dict[str, torch.Tensor]) -> None:
+        assert list(tensors) == sorted(big) and tensors[last_key].shape == big[last_key].shape
+
+    last_key = max(big)
+
     def chunked():
-        reply = push(serde.update_to_chunks(update, TASK_ID), timeout=120)
-        assert reply.accepted and stub.last is not None and len(stub.last.tensors) == len(big)
+        reply = push(serde.update_to_wire(update, TASK_ID), timeout=120)
+        assert reply.accepted and stub.last is not None
+        check(stub.last.tensors)
         stub.last = None
 
-    def unary_raw():
-        received["unpack"] = False
-        assert raw_send(blob, timeout=120) == b"ok" and received["n"] == len(blob)
+    def chunked_before():
+        assert push_before(before_chunks(update, TASK_ID), timeout=120)
+        check(stub.last.tensors)
+        stub.last = None
 
-    def unary_pack():
-        received["unpack"] = True
-        assert raw_send(pack(big), timeout=120) == b"ok" and len(received.pop("tensors")) == len(big)
+    def unary(payload_blob: bytes, unpack_fn=None, sha: bool = False) -> None:
+        received["unpack"] = unpack_fn
+        received["sha"] = hashlib.sha256(payload_blob).digest() if sha else None
+        assert raw_send(payload_blob, timeout=120) == b"ok" and received["n"] == len(payload_blob)
+        if unpack_fn is not None:
+            check(received.pop("tensors"))
 
-    def chunked_no_net():  # fedtune's serde alone: chunk (pack, sha256, split) → serialize → read_update
-        raw = [m.SerializeToString() for m in serde.update_to_chunks(update, TASK_ID)]
-        _, u = serde.read_update(raw, max_bytes=1 << 30, expected_task_id=TASK_ID)
-        assert len(u.tensors) == len(big)
+    def chunked_no_net():  # fedtune's serde alone: update_to_wire → read_update
+        _, u = serde.read_update(list(serde.update_to_wire(update, TASK_ID)), max_bytes=1 << 30,
+                                 expected_task_id=TASK_ID)
+        check(u.tensors)
 
-    paths = {"chunked": chunked, "unary_raw": unary_raw, "unary_pack": unary_pack, "chunked_no_net": chunked_no_net}
+    paths = {"chunked": chunked, "chunked_before": chunked_before, "unary_raw": lambda: unary(blob),
+             "unary_pack": lambda: unary(pack(big), unpack),
+             "unary_pack_sha": lambda: unary(pack(big), unpack, sha=True),
+             "unary_pack_before": lambda: unary(safetensors.torch.save(big), before_unpack),
+             "chunked_no_net": chunked_no_net}
     for fn in paths.values():  # warm-up: connections, allocator
         fn()
     times: dict[str, list[float]] = {k: [] for k in paths}
+    cpu: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(a.repeats):
         for name, fn in paths.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     chunk_ch.close()
     unary_ch.close()
     server.stop(0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     mbps = {k: payload / 1e6 / v for k, v in med.items()}
+    ratios = {f"{c}/{k}": mbps[c] / mbps[k] for c in ("chunked", "chunked_before")
+              for k in ("unary_raw", "unary_pack", "unary_pack_sha", "unary_pack_before")}
+    ratios["chunked/chunked_before"] = mbps["chunked"] / mbps["chunked_before"]
+    # the same ratios on process CPU time (other ÷ chunked): what a loaded machine's wall times cannot show
+    cpu_ratios = {k: med_cpu[k.split("/")[1]] / med_cpu[k.split("/")[0]] for k in ratios}
+    prof = profile(update, a.repeats)
     res = {"overhead": ov, "throughput": {
-        "payload_bytes": payload, "blob_bytes": len(blob), "repeats": a.repeats, "median_s": med, "MB_per_s": mbps,
-        "ratio_chunked_over_unary_raw": mbps["chunked"] / mbps["unary_raw"],
-        "ratio_chunked_over_unary_pack": mbps["chunked"] / mbps["unary_pack"], "samples_s": times},
-        "threads": torch.get_num_threads()}
-    print(f"\nloopback, {payload / 1e6:.1f} MB payload, median of {a.repeats}:")
+        "payload_bytes": payload, "blob_bytes": len(blob), "repeats": a.repeats, "median_s": med,
+        "median_cpu_s": med_cpu, "MB_per_s": mbps, "ratios": ratios, "cpu_ratios": cpu_ratios,
+        "ratio_chunked_over_unary_raw": ratios["chunked/unary_raw"],
+        "ratio_chunked_over_unary_pack": ratios["chunked/unary_pack"], "samples_s": times, "samples_cpu_s": cpu},
+        "profile_ms": prof, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    print(f"\nloopback, {payload / 1e6:.1f} MB payload, median of {a.repeats} (CPU = process CPU time, all threads):")
     for k in paths:
-        print(f"  {k:>10}: {med[k] * 1e3:8.1f} ms  {mbps[k]:8.1f} MB/s")
-    print(f"  ratio chunked/unary_raw {res['throughput']['ratio_chunked_over_unary_raw']:.3f} | "
-          f"chunked/unary_pack {res['throughput']['ratio_chunked_over_unary_pack']:.3f}")
+        print(f"  {k:>18}: {med[k] * 1e3:8.1f} ms wall {med_cpu[k] * 1e3:8.1f} ms CPU {mbps[k]:8.1f} MB/s")
+    print(f"  {'ratio':<34} {'wall':>6} {'CPU':>6}   (wall: MB/s ÷ MB/s; CPU: CPU time of the other ÷ this one)")
+    for k, r in ratios.items():
+        print(f"    {k:<32} {r:6.3f} {cpu_ratios[k]:6.3f}")
+    goal = ratios["chunked/unary_raw"]
+    print(f"  goal chunked/unary_raw ≥ 0.8: {'met' if goal >= 0.8 else 'NOT met'} ({goal:.3f}; before "
+          f"{ratios['chunked_before/unary_raw']:.3f})")
+    print("\nchunked serde stages, serially in one thread (thread CPU ms, best of repeats):")
+    for k, v in prof.items():
+        print(f"  {k:>28}: {v:7.1f} ms")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+def profile(update: ClientUpdate, repeats: int) -> dict[str, float]:
+    """The chunked path's stages one after another (ms, best of `repeats`): where its CPU time goes."""
+    out: dict[str, float] = {}
+
+    def stage(name, fn):
+        best = math.inf
+        for _ in range(max(1, repeats)):
+            t = time.thread_time()
+            r = fn()
+            best = min(best, time.thread_time() - t)
+        out[name] = best * 1e3
+        return r
+
+    parts = stage("sender pack_parts", lambda: pack_parts(update.tensors))
+
+    def sha(pieces):
+        d = hashlib.sha256()
+        for p in pieces:
+            d.update(p)
+        return d.digest()
+
+    stage("sender sha256", lambda: sha(parts))
+    raw = stage("sender update_to_wire (all)", lambda: list(serde.update_to_wire(update, TASK_ID)))
+    stage("(protobuf parse + .data: 2 copies)", lambda: [serde.pb2.UpdateChunk.FromString(r).data for r in raw])
+    lifted = stage("receiver parse (data as views)", lambda: [serde._parse_chunk(serde.pb2.UpdateChunk, r) for r in raw])
+    data = [d for _, d in lifted]
+
+    def fill():
+        buf = memoryview(torch.empty(sum(map(len, data)), dtype=torch.uint8).numpy())
+        pos = 0
+        for d in data:
+            buf[pos : pos + len(d)] = d
+            pos += len(d)
+        return buf
+
+    buf = stage("receiver copy into buffer", fill)
+    stage("receiver sha256", lambda: sha(data))
+    stage("receiver unpack (views)", lambda: unpack(buf))
+    stage("receiver read_update (all)", lambda: serde.read_update(raw, max_bytes=1 << 30))
+    return out
 
 
 if __name__ == "__main__":
