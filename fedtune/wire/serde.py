@@ -11,7 +11,10 @@ Streams:
                "sync/<name>" and "setup/<name>".
   PushUpdate → UpdateChunk 0..total-1, each with task_id, total, total_bytes, sha256 of the whole
                blob; chunk 0 also carries client_id, num_examples, metrics. Blob = safetensors of
-               ClientUpdate.tensors.
+               ClientUpdate.tensors, or for a small update (raw payload ≤ COMPACT_MAX_BYTES) a compact
+               record: chunk 0 lists the tensors (RawTensor: name, dtype enum, shape; a few bytes each)
+               and the blob is their raw bytes back to back, with no safetensors header (~70 B + ~70 B
+               per tensor, a third of a Fed-SB upload or a tenth of a FedKSeed one).
 Receivers check the declared total against `max_bytes` before buffering anything, then order,
 consistency, running size and sha256. Failures raise the WireError family; `status_code` maps
 them to gRPC codes.
@@ -21,15 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError, Message
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict, payload_nbytes
 from fedtune.wire import fedtune_pb2 as pb2
 from fedtune.wire import fedtune_pb2_grpc as pb2_grpc
 from fedtune.wire.tensors import (
@@ -39,6 +43,8 @@ from fedtune.wire.tensors import (
     dumps_json,
     loads_json_object,
     pack,
+    raw_pack,
+    raw_unpack,
     unpack,
 )
 
@@ -46,6 +52,16 @@ CHUNK_BYTES = 1 << 20  # data bytes per chunk
 MAX_HEADER_BYTES = 1 << 20  # serialized TaskHeader (JSON train config + payload metas)
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC message limit: header + chunk + slack
 MAX_ID_CHARS = 256
+COMPACT_MAX_BYTES = 64 << 10  # updates with at most this many raw tensor bytes travel as a compact record
+MAX_RAW_TENSORS = 1 << 16  # tensors in one compact record
+MAX_RAW_DIMS = 16
+_RAW_DTYPES = {
+    torch.float32: pb2.RawTensor.F32, torch.float64: pb2.RawTensor.F64, torch.float16: pb2.RawTensor.F16,
+    torch.bfloat16: pb2.RawTensor.BF16, torch.int64: pb2.RawTensor.I64, torch.int32: pb2.RawTensor.I32,
+    torch.int16: pb2.RawTensor.I16, torch.int8: pb2.RawTensor.I8, torch.uint8: pb2.RawTensor.U8,
+    torch.bool: pb2.RawTensor.BOOL,
+}
+_RAW_TORCH = {v: k for k, v in _RAW_DTYPES.items()}
 
 CoordinatorStub = pb2_grpc.CoordinatorStub
 CoordinatorServicer = pb2_grpc.CoordinatorServicer
@@ -434,12 +450,44 @@ def chunks_to_instruction(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes:
 # --- PushUpdate -----------------------------------------------------------------------------
 
 
+def _compact(tensors: TensorDict) -> list[pb2.RawTensor] | None:
+    """The compact record's tensor list for a small update (sorted by name), or None: use safetensors."""
+    if not 0 < payload_nbytes(tensors) <= COMPACT_MAX_BYTES or not all(
+        isinstance(t, torch.Tensor) and t.dtype in _RAW_DTYPES for t in tensors.values()
+    ):
+        return None
+    return [pb2.RawTensor(name=k, dtype=_RAW_DTYPES[tensors[k].dtype], shape=tensors[k].shape) for k in sorted(tensors)]
+
+
+def _raw_layout(records: Sequence[pb2.RawTensor], total_bytes: int) -> list[tuple[str, torch.dtype, tuple, int]]:
+    """Check a compact record's tensor list (hostile input) against the declared blob size, before any data."""
+    if len(records) > MAX_RAW_TENSORS:
+        raise WireLimitError(f"PushUpdate: compact record lists {len(records)} tensors; limit {MAX_RAW_TENSORS}")
+    layout, names = [], set()
+    for r in records:
+        if not r.name or len(r.name) > 1024 or r.name in names:
+            raise WireError(f"PushUpdate: compact record: empty, too long or duplicate tensor name {safe_str(r.name)}")
+        if r.dtype not in _RAW_TORCH:
+            raise WireError(f"PushUpdate: compact record: tensor {safe_str(r.name)} has unknown dtype {r.dtype}")
+        if len(r.shape) > MAX_RAW_DIMS:
+            raise WireError(f"PushUpdate: compact record: tensor {safe_str(r.name)} has {len(r.shape)} dimensions")
+        dtype, shape = _RAW_TORCH[r.dtype], tuple(r.shape)
+        names.add(r.name)
+        layout.append((r.name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    if sum(n for *_, n in layout) != total_bytes:
+        raise WireError(f"PushUpdate: compact record: its tensors take {sum(n for *_, n in layout)} bytes, the "
+                        f"stream declares {total_bytes}")
+    return layout
+
+
 def update_to_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.UpdateChunk]:
-    """ClientUpdate → UpdateChunks (chunk 0 carries client_id, num_examples, metrics)."""
+    """ClientUpdate → UpdateChunks (chunk 0 carries client_id, num_examples, metrics, and for a small update the
+    compact record's tensor list)."""
     _check_id(task_id, "task_id")
     if update.num_examples < 0:
         raise WireError(f"num_examples must be >= 0, got {update.num_examples}")
-    blob = pack(update.tensors)
+    raw = _compact(update.tensors)
+    blob = pack(update.tensors) if raw is None else raw_pack({r.name: update.tensors[r.name] for r in raw})
     digest = hashlib.sha256(blob).digest()
     total, parts = _split(blob, chunk_bytes)
     for i, data in enumerate(parts):
@@ -448,6 +496,8 @@ def update_to_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUN
             msg.client_id = update.client_id
             msg.num_examples = update.num_examples
             msg.metrics.update({k: float(v) for k, v in update.metrics.items()})
+            if raw is not None:
+                msg.raw_tensors.extend(raw)
         yield msg
 
 
@@ -482,16 +532,19 @@ def read_update(
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
     asm = _Assembler("update", task_id, first.total, first.total_bytes, first.sha256, max_bytes)
+    layout = _raw_layout(first.raw_tensors, asm.total_bytes) if first.raw_tensors else None
     if reserve is not None:
         reserve(asm.total_bytes)
     chunk: pb2.UpdateChunk | None = first
     while chunk is not None:
         if chunk.total_bytes != asm.total_bytes or chunk.sha256 != asm.sha256:
             raise WireError(f"PushUpdate: chunk {chunk.index} total_bytes/sha256 inconsistent with chunk 0")
+        if chunk is not first and chunk.raw_tensors:
+            raise WireError(f"PushUpdate: chunk {chunk.index} lists raw_tensors (chunk 0 only)")
         asm.add(chunk.task_id, chunk.index, chunk.total, chunk.data)
         nxt = next(it, None)
         chunk = None if nxt is None else _parse(pb2.UpdateChunk, nxt)
-    tensors = unpack(asm.finish())
+    tensors = unpack(asm.finish()) if layout is None else raw_unpack(asm.finish(), layout)
     return task_id, ClientUpdate(first.client_id, first.num_examples, tensors, dict(first.metrics))
 
 
