@@ -480,13 +480,16 @@ def _raw_layout(records: Sequence[pb2.RawTensor], total_bytes: int) -> list[tupl
     return layout
 
 
-def update_to_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.UpdateChunk]:
+def update_to_chunks(
+    update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES, *, compact: bool = True
+) -> Iterator[pb2.UpdateChunk]:
     """ClientUpdate → UpdateChunks (chunk 0 carries client_id, num_examples, metrics, and for a small update the
-    compact record's tensor list)."""
+    compact record's tensor list). compact=False: always safetensors (what every update was before the compact
+    record; benchmarks compare the two)."""
     _check_id(task_id, "task_id")
     if update.num_examples < 0:
         raise WireError(f"num_examples must be >= 0, got {update.num_examples}")
-    raw = _compact(update.tensors)
+    raw = _compact(update.tensors) if compact else None
     blob = pack(update.tensors) if raw is None else raw_pack({r.name: update.tensors[r.name] for r in raw})
     digest = hashlib.sha256(blob).digest()
     total, parts = _split(blob, chunk_bytes)
