@@ -172,7 +172,8 @@ RT = serde.pb2.RawTensor
     ([RT(name="a", dtype=RT.F32, shape=[1]), RT(name="a", dtype=RT.F32, shape=[2])], b"\0" * 12, "duplicate"),
     ([RT(name="", dtype=RT.F32, shape=[3])], b"\0" * 12, "empty, too long or duplicate"),
     ([RT(name="a", dtype=RT.U8, shape=[1] * 17)], b"\0", "17 dimensions"),
-    ([RT(name="a", dtype=RT.F32, shape=[2**62, 2**62])], b"\0" * 12, "the stream declares 12"),
+    ([RT(name="a", dtype=RT.U8, shape=[1]), RT(name="b", dtype=RT.U8, shape=[0, 2**63 + 5])], b"\0", "≥ 2\\^48"),
+    ([RT(name="a", dtype=RT.F32, shape=[2**40, 2**40])], b"\0" * 12, "the stream declares 12"),
     ([RT(name="a", dtype=RT.BOOL, shape=[3])], b"\0\1\2", "bool tensor 'a' holds bytes other than 0 and 1"),
 ])
 def test_malformed_compact_records_are_refused(records, blob, match):

@@ -153,7 +153,7 @@ def raw_unpack(data: bytes, layout: list[tuple[str, torch.dtype, tuple[int, ...]
         try:
             t = (torch.frombuffer(bytearray(data[off : off + n]), dtype=dtype) if n else torch.empty(0, dtype=dtype))
             out[name] = t.reshape(shape)
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             raise WireError(f"compact record: tensor {name!r} {dtype} {list(shape)}: {e}") from e
         if dtype == torch.bool and n and int(t.view(torch.uint8).max()) > 1:
             raise WireError(f"compact record: bool tensor {name!r} holds bytes other than 0 and 1")
