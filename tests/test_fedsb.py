@@ -110,10 +110,11 @@ def test_round_delta_w_equals_weighted_client_deltas(one_round, tiny):
     fresh_cl.sync(fresh, algo.sync_payload(st1, -1))
     for m in (model, fresh):
         layers = sb_layers(m)
-        assert sorted(layers) == sorted(k[:-2] for k in st0.tensors if k.endswith(".R"))
-        for name, layer in layers.items():
+        assert sorted(layers) == sorted(k[:-2] for k in st0.tensors if k.endswith(".A"))
+        for i, name in enumerate(sorted(layers)):  # R of module i (sorted names) at R[i]
+            layer = layers[name]
             A, B = st0.tensors[f"{name}.A"].double(), st0.tensors[f"{name}.B"].double()
-            client_deltas = [B @ u.tensors[f"{name}.R"].double() @ A for u in ups]
+            client_deltas = [B @ u.tensors["R"][i].double() @ A for u in ups]
             expected = sum(pk * d for pk, d in zip(p, client_deltas))
             assert expected.abs().max() > 1e-4  # training moved R
             assert (delta_w(layer) - expected).abs().max() <= 1e-6, name
@@ -121,22 +122,34 @@ def test_round_delta_w_equals_weighted_client_deltas(one_round, tiny):
 
 def test_aggregate_by_hand():
     A, B = torch.zeros(2, 3), torch.zeros(4, 2)  # r=2, d_in=3, d_out=4
-    st = GlobalState(version=7, tensors={"m.A": A, "m.B": B, "m.R": torch.zeros(2, 2)})
+    st = GlobalState(version=7, tensors={"m.A": A, "m.B": B, "R": torch.zeros(1, 2, 2)})
     Rs = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 3.0], [0.0, 0.0]]),
           torch.tensor([[0.0, 0.0], [6.0, -6.0]])]
-    ups = [ClientUpdate(f"c{i}", n, {"m.R": R}) for i, (n, R) in enumerate(zip((1, 2, 3), Rs))]
+    ups = [ClientUpdate(f"c{i}", n, {"R": R[None]}) for i, (n, R) in enumerate(zip((1, 2, 3), Rs))]
     algo = FedSB(FedSBConfig(rank=2, target_modules=["m"]))
     new, metrics = algo.aggregate(1, st, ups)
     # (1·R1 + 2·R2 + 3·R3) / 6 = [[1/6, 6/6], [18/6, -18/6]]
-    assert torch.allclose(new.tensors["m.R"], torch.tensor([[1 / 6, 1.0], [3.0, -3.0]]), atol=1e-7)
+    assert torch.allclose(new.tensors["R"], torch.tensor([[[1 / 6, 1.0], [3.0, -3.0]]]), atol=1e-7)
     assert new.version == 8 and new.tensors["m.A"] is A and new.tensors["m.B"] is B
-    assert torch.equal(st.tensors["m.R"], torch.zeros(2, 2))  # pure: the input state is untouched
+    assert torch.equal(st.tensors["R"], torch.zeros(1, 2, 2))  # pure: the input state is untouched
     assert metrics["fedsb_upload_bytes"] == 2 * 2 * 4
     assert metrics["fedsb_vs_lora_upload_ratio"] == pytest.approx(4 / (2 * (3 + 4)))
     uni, _ = FedSB(FedSBConfig(rank=2, target_modules=["m"], uniform=True)).aggregate(1, st, ups)
-    assert torch.allclose(uni.tensors["m.R"], torch.tensor([[1 / 3, 1.0], [2.0, -2.0]]), atol=1e-7)
-    with pytest.raises(ValueError, match="keys that differ"):
-        algo.aggregate(1, st, [ClientUpdate("x", 1, {"other.R": torch.zeros(2, 2)})])
+    assert torch.allclose(uni.tensors["R"], torch.tensor([[[1 / 3, 1.0], [2.0, -2.0]]]), atol=1e-7)
+    with pytest.raises(ValueError, match="exactly one tensor 'R'"):
+        algo.aggregate(1, st, [ClientUpdate("x", 1, {"m.R": torch.zeros(2, 2)})])
+    with pytest.raises(ValueError, match=r"R has shape \(2, 2, 2\), expected \(1, 2, 2\)"):
+        algo.aggregate(1, st, [ClientUpdate("x", 1, {"R": torch.zeros(2, 2, 2)})])
+
+
+def test_packed_R_is_the_per_module_average_bit_for_bit(one_round):
+    """Aggregating the packed [n, r, r] gives, module by module, exactly the weighted mean of that module's R."""
+    from fedtune.algorithms.base import weighted_mean
+
+    _, _, _, st1, ups, _, _ = one_round
+    p = example_weights(ups)
+    for i in range(st1.tensors["R"].shape[0]):
+        assert torch.equal(st1.tensors["R"][i], weighted_mean([u.tensors["R"][i] for u in ups], p))
 
 
 # ---------------------------------------------------------------- init
@@ -150,13 +163,13 @@ def test_init_orthonormal_and_reproducible(tiny, mode):
     _, s3 = make_algo(tiny, init_mode=mode, init_seed=123)
     assert s1.meta["init"] == f"data-{mode}"
     eye = torch.eye(RANK)
-    mods = sorted(k[:-2] for k in s1.tensors if k.endswith(".R"))
+    mods = sorted(k[:-2] for k in s1.tensors if k.endswith(".A"))
     assert len(mods) == 4  # q_proj, v_proj × 2 layers
+    assert torch.equal(s1.tensors["R"], torch.zeros(4, RANK, RANK))
     for m in mods:
         A, B = s1.tensors[f"{m}.A"], s1.tensors[f"{m}.B"]
         assert (A @ A.T - eye).abs().max() <= 1e-5 and (B.T @ B - eye).abs().max() <= 1e-5
         assert torch.equal(A, s2.tensors[f"{m}.A"]) and torch.equal(B, s2.tensors[f"{m}.B"])
-        assert torch.equal(s1.tensors[f"{m}.R"], torch.zeros(RANK, RANK))
     assert any(not torch.equal(s1.tensors[f"{m}.A"], s3.tensors[f"{m}.A"]) for m in mods)  # batches/SVD seeded
     # the init read the model without changing it
     assert fingerprint(base) == fp and [p.requires_grad for p in base.parameters()] == flags
@@ -167,7 +180,7 @@ def test_random_init_fallback_warns(tiny, caplog):
     with caplog.at_level(logging.WARNING):
         st = FedSB(FedSBConfig(rank=RANK)).initialize(tiny[0], seed=5)
     assert "no init data" in caplog.text and st.meta["init"] == "random"
-    for m in (k[:-2] for k in st.tensors if k.endswith(".R")):
+    for m in (k[:-2] for k in st.tensors if k.endswith(".A")):
         A, B = st.tensors[f"{m}.A"], st.tensors[f"{m}.B"]
         assert (A @ A.T - torch.eye(RANK)).abs().max() <= 1e-5 and (B.T @ B - torch.eye(RANK)).abs().max() <= 1e-5
 
@@ -196,7 +209,8 @@ def test_only_R_trains_and_model_is_restored(tiny):
 
     up = cl.train(model, TrainContext("a", feats[:20], tok.pad_token_id, on_step=on_step), dict(TRAIN, seed=3))
     assert len(checked) == TRAIN["steps"] and checked[-1] == 4  # exactly the 4 R matrices moved
-    assert all(up.tensors[k].abs().sum() > 0 for k in up.tensors)
+    assert list(up.tensors) == ["R"] and up.tensors["R"].shape == (4, RANK, RANK)
+    assert all(r.abs().sum() > 0 for r in up.tensors["R"])  # every module's R moved
     for n, p in model.named_parameters():  # train() left the model at the synced global state
         assert torch.equal(p, before[n]), n
     assert torch.equal(model(**batch).logits, logits0)
@@ -207,7 +221,7 @@ def test_payload_bytes(one_round):
     algo, _, st0, st1, ups, metrics, _ = one_round
     n_mod = 4
     for u in ups:
-        assert sorted(u.tensors) == sorted(k for k in st0.tensors if k.endswith(".R"))
+        assert list(u.tensors) == ["R"] and u.tensors["R"].shape == (n_mod, RANK, RANK)
         assert sum(t.numel() * t.element_size() for t in u.tensors.values()) == n_mod * RANK**2 * 4
     assert metrics["fedsb_upload_bytes"] == n_mod * RANK**2 * 4
     # tiny Llama: q_proj 64→64, v_proj 64→32; LoRA would send r·(d_in+d_out) per module
@@ -215,7 +229,7 @@ def test_payload_bytes(one_round):
         n_mod * RANK**2 / (RANK * (2 * (64 + 64) + 2 * (64 + 32))))
     setup, sync = algo.setup_payload(st0), algo.sync_payload(st1, 0)
     assert all(k.endswith((".A", ".B")) for k in setup.tensors) and len(setup.tensors) == 2 * n_mod
-    assert sorted(sync.tensors) == sorted(ups[0].tensors) and setup.meta["rank"] == RANK
+    assert list(sync.tensors) == ["R"] and sync.tensors["R"] is st1.tensors["R"] and setup.meta["rank"] == RANK
 
 
 def test_export_is_a_peft_lora_adapter(one_round, tiny):

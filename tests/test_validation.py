@@ -91,11 +91,21 @@ def test_flora_expects_the_assigned_rank_per_client(tiny):
 
 def test_fedsb_and_fedavg_specs_follow_the_global_state():
     fedsb = get_algorithm("fedsb")
-    state = GlobalState(0, {"m.A": torch.zeros(4, 8), "m.B": torch.zeros(8, 4), "m.R": torch.zeros(4, 4)})
+    state = GlobalState(0, {"m.A": torch.zeros(4, 8), "m.B": torch.zeros(8, 4), "n.A": torch.zeros(4, 8),
+                            "n.B": torch.zeros(8, 4), "R": torch.zeros(2, 4, 4)})
     spec = fedsb.expected_update(state, {})
-    assert spec.tensors == {"m.R": TensorSpec((4, 4), torch.float32)}  # r×r only: A and B are never uploaded
-    with pytest.raises(UpdateRejected, match=r"m.R has shape \(3, 3\), expected \(4, 4\)"):
-        validate_update(spec, ClientUpdate("c", 1, {"m.R": torch.zeros(3, 3)}))
+    assert spec.tensors == {"R": TensorSpec((2, 4, 4), torch.float32)}  # packed r×r per module; A, B never uploaded
+    validate_update(spec, ClientUpdate("c", 1, {"R": torch.ones(2, 4, 4)}))
+    for bad, match in [(torch.zeros(3, 4, 4), r"R has shape \(3, 4, 4\), expected \(2, 4, 4\)"),  # wrong n
+                       (torch.zeros(2, 3, 3), r"R has shape \(2, 3, 3\), expected \(2, 4, 4\)"),  # wrong r
+                       (torch.zeros(8, 4), r"R has shape \(8, 4\), expected \(2, 4, 4\)"),  # per-module, flattened
+                       (torch.zeros(2, 4, 4, dtype=torch.float64), "R has dtype torch.float64, expected torch.float32"),
+                       (torch.zeros(2, 4, 4).index_fill_(0, torch.tensor([1]), float("nan")),
+                        r"R has 16 non-finite value\(s\) \(NaN/inf\)")]:
+        with pytest.raises(UpdateRejected, match=match):
+            validate_update(spec, ClientUpdate("c", 1, {"R": bad}))
+    with pytest.raises(UpdateRejected, match="2 expected tensor|1 expected tensor"):  # the old per-module layout
+        validate_update(spec, ClientUpdate("c", 1, {"m.R": torch.zeros(4, 4), "n.R": torch.zeros(4, 4)}))
     fedavg = get_algorithm("fedavg")
     spec = fedavg.expected_update(GlobalState(0, {"m.A": torch.zeros(2, 8), "m.B": torch.zeros(8, 2)}), {})
     assert set(spec.tensors) == {"m.A", "m.B"} and spec.tensors["m.B"].shape == (8, 2)

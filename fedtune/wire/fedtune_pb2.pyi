@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -114,8 +114,42 @@ class TaskChunk(_message.Message):
     data: bytes
     def __init__(self, kind: _Optional[_Union[TaskChunk.Kind, str]] = ..., retry_after_s: _Optional[float] = ..., message: _Optional[str] = ..., task_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class RawTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DTYPE_UNSPECIFIED: _ClassVar[RawTensor.DType]
+        F32: _ClassVar[RawTensor.DType]
+        F64: _ClassVar[RawTensor.DType]
+        F16: _ClassVar[RawTensor.DType]
+        BF16: _ClassVar[RawTensor.DType]
+        I64: _ClassVar[RawTensor.DType]
+        I32: _ClassVar[RawTensor.DType]
+        I16: _ClassVar[RawTensor.DType]
+        I8: _ClassVar[RawTensor.DType]
+        U8: _ClassVar[RawTensor.DType]
+        BOOL: _ClassVar[RawTensor.DType]
+    DTYPE_UNSPECIFIED: RawTensor.DType
+    F32: RawTensor.DType
+    F64: RawTensor.DType
+    F16: RawTensor.DType
+    BF16: RawTensor.DType
+    I64: RawTensor.DType
+    I32: RawTensor.DType
+    I16: RawTensor.DType
+    I8: RawTensor.DType
+    U8: RawTensor.DType
+    BOOL: RawTensor.DType
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: RawTensor.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[RawTensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class UpdateChunk(_message.Message):
-    __slots__ = ("task_id", "index", "total", "total_bytes", "sha256", "data", "client_id", "num_examples", "metrics")
+    __slots__ = ("task_id", "index", "total", "total_bytes", "sha256", "data", "client_id", "num_examples", "metrics", "raw_tensors")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +166,7 @@ class UpdateChunk(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    RAW_TENSORS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     index: int
     total: int
@@ -141,7 +176,8 @@ class UpdateChunk(_message.Message):
     client_id: str
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, task_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., data: _Optional[bytes] = ..., client_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    raw_tensors: _containers.RepeatedCompositeFieldContainer[RawTensor]
+    def __init__(self, task_id: _Optional[str] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., data: _Optional[bytes] = ..., client_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., raw_tensors: _Optional[_Iterable[_Union[RawTensor, _Mapping]]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "reason")

@@ -12,20 +12,23 @@ Streams:
   PushUpdate → UpdateChunk 0..total-1, each with task_id, total, total_bytes; chunk 0 also carries
                client_id, num_examples, metrics; the LAST chunk carries the sha256 of the whole blob
                (the sender hashes while it streams; an earlier chunk may repeat it, and every copy
-               must agree). Blob = safetensors of ClientUpdate.tensors.
+               must agree). Blob = safetensors of ClientUpdate.tensors, or for a small update (raw
+               payload ≤ COMPACT_MAX_BYTES) a compact record: chunk 0 lists the tensors (RawTensor: name,
+               dtype enum, shape; a few bytes each) and the blob is their raw bytes back to back, with no
+               safetensors header (8 B + its JSON, padded: 136 B on a 1,600 B FedKSeed upload).
 Senders (`update_to_wire`, `instruction_to_wire`) build each serialized chunk straight from the
 tensors' memory (one copy per byte, no whole-blob buffer). Receivers check the declared total
-against `max_bytes` before buffering anything, then order, consistency and running size per chunk;
-they hash each chunk as it arrives into one buffer of the declared size and compare the sha256
-before the blob is unpacked (tensors are views of that buffer). Failures raise the WireError family;
-`status_code` maps them to gRPC codes.
+against `max_bytes` (and a compact record's tensor list against the declared total) before buffering
+anything, then order, consistency and running size per chunk; they hash each chunk as it arrives into
+one buffer of the declared size and compare the sha256 before the blob is unpacked (safetensors tensors
+are views of that buffer). Failures raise the WireError family; `status_code` maps them to gRPC codes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -34,7 +37,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict, payload_nbytes
 from fedtune.wire import fedtune_pb2 as pb2
 from fedtune.wire import fedtune_pb2_grpc as pb2_grpc
 from fedtune.wire.tensors import (
@@ -44,6 +47,8 @@ from fedtune.wire.tensors import (
     dumps_json,
     loads_json_object,
     pack_parts,
+    raw_pack,
+    raw_unpack,
     unpack,
 )
 
@@ -51,6 +56,16 @@ CHUNK_BYTES = 1 << 20  # data bytes per chunk
 MAX_HEADER_BYTES = 1 << 20  # serialized TaskHeader (JSON train config + payload metas)
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC message limit: header + chunk + slack
 MAX_ID_CHARS = 256
+COMPACT_MAX_BYTES = 64 << 10  # updates with at most this many raw tensor bytes travel as a compact record
+MAX_RAW_TENSORS = 1 << 16  # tensors in one compact record
+MAX_RAW_DIMS = 16
+_RAW_DTYPES = {
+    torch.float32: pb2.RawTensor.F32, torch.float64: pb2.RawTensor.F64, torch.float16: pb2.RawTensor.F16,
+    torch.bfloat16: pb2.RawTensor.BF16, torch.int64: pb2.RawTensor.I64, torch.int32: pb2.RawTensor.I32,
+    torch.int16: pb2.RawTensor.I16, torch.int8: pb2.RawTensor.I8, torch.uint8: pb2.RawTensor.U8,
+    torch.bool: pb2.RawTensor.BOOL,
+}
+_RAW_TORCH = {v: k for k, v in _RAW_DTYPES.items()}
 
 CoordinatorServicer = pb2_grpc.CoordinatorServicer
 SERVICE_NAME = "fedtune.v1.Coordinator"  # for the health service / reflection
@@ -596,14 +611,51 @@ def chunks_to_instruction(chunks: Iterable[pb2.TaskChunk | bytes], *, max_bytes:
 # --- PushUpdate -----------------------------------------------------------------------------
 
 
-def update_to_wire(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """ClientUpdate → serialized UpdateChunks (chunk 0 carries client_id, num_examples, metrics; the last one the
-    sha256, hashed chunk by chunk as they go out). Lazy: one chunk in memory at a time, built from the tensors'
-    memory (which must not change meanwhile). Send with `CoordinatorStub.PushUpdate`."""
+def _compact(tensors: TensorDict) -> list[pb2.RawTensor] | None:
+    """The compact record's tensor list for a small update (sorted by name), or None: use safetensors."""
+    if not all(isinstance(t, torch.Tensor) and t.dtype in _RAW_DTYPES for t in tensors.values()):
+        return None  # safetensors reports what is wrong, or carries a dtype the record does not list
+    if not 0 < payload_nbytes(tensors) <= COMPACT_MAX_BYTES:
+        return None
+    return [pb2.RawTensor(name=k, dtype=_RAW_DTYPES[tensors[k].dtype], shape=tensors[k].shape) for k in sorted(tensors)]
+
+
+def _raw_layout(records: Sequence[pb2.RawTensor], total_bytes: int) -> list[tuple[str, torch.dtype, tuple, int]]:
+    """Check a compact record's tensor list (hostile input) against the declared blob size, before any data."""
+    if len(records) > MAX_RAW_TENSORS:
+        raise WireLimitError(f"PushUpdate: compact record lists {len(records)} tensors; limit {MAX_RAW_TENSORS}")
+    layout, names = [], set()
+    for r in records:
+        if not r.name or len(r.name) > 1024 or r.name in names:
+            raise WireError(f"PushUpdate: compact record: empty, too long or duplicate tensor name {safe_str(r.name)}")
+        if r.dtype not in _RAW_TORCH:
+            raise WireError(f"PushUpdate: compact record: tensor {safe_str(r.name)} has unknown dtype {r.dtype}")
+        if len(r.shape) > MAX_RAW_DIMS or any(d >= 2**48 for d in r.shape):
+            raise WireError(f"PushUpdate: compact record: tensor {safe_str(r.name)} has {len(r.shape)} dimensions "
+                            f"or one ≥ 2^48")
+        dtype, shape = _RAW_TORCH[r.dtype], tuple(r.shape)
+        names.add(r.name)
+        layout.append((r.name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    if sum(n for *_, n in layout) != total_bytes:
+        raise WireError(f"PushUpdate: compact record: its tensors take {sum(n for *_, n in layout)} bytes, the "
+                        f"stream declares {total_bytes}")
+    return layout
+
+
+def update_to_wire(
+    update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES, *, compact: bool = True
+) -> Iterator[bytes]:
+    """ClientUpdate → serialized UpdateChunks (chunk 0 carries client_id, num_examples, metrics, and for a small
+    update the compact record's tensor list; the last one the sha256, hashed chunk by chunk as they go out). Lazy:
+    one chunk in memory at a time, built from the tensors' memory (which must not change meanwhile). compact=False:
+    always safetensors (what every update was before the compact record; benchmarks compare the two). Send with
+    `CoordinatorStub.PushUpdate`."""
     _check_id(task_id, "task_id")
     if update.num_examples < 0:
         raise WireError(f"num_examples must be >= 0, got {update.num_examples}")
-    size, total, runs = _runs(pack_parts(update.tensors), chunk_bytes)
+    raw = _compact(update.tensors) if compact else None
+    parts = pack_parts(update.tensors) if raw is None else [raw_pack({r.name: update.tensors[r.name] for r in raw})]
+    size, total, runs = _runs(parts, chunk_bytes)
     digest = hashlib.sha256()
     for i, run in enumerate(runs):
         for piece in run:
@@ -615,12 +667,16 @@ def update_to_wire(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_
             msg.client_id = update.client_id
             msg.num_examples = update.num_examples
             msg.metrics.update({k: float(v) for k, v in update.metrics.items()})
+            if raw is not None:
+                msg.raw_tensors.extend(raw)
         yield _with_data(msg, run)
 
 
-def update_to_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb2.UpdateChunk]:
+def update_to_chunks(
+    update: ClientUpdate, task_id: str, chunk_bytes: int = CHUNK_BYTES, *, compact: bool = True
+) -> Iterator[pb2.UpdateChunk]:
     """`update_to_wire` as protobuf messages."""
-    return map(pb2.UpdateChunk.FromString, update_to_wire(update, task_id, chunk_bytes))
+    return map(pb2.UpdateChunk.FromString, update_to_wire(update, task_id, chunk_bytes, compact=compact))
 
 
 def read_update(
@@ -654,16 +710,20 @@ def read_update(
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
     asm = _Assembler("update", task_id, first.total, first.total_bytes, first.sha256, max_bytes)
+    layout = _raw_layout(first.raw_tensors, asm.total_bytes) if first.raw_tensors else None
     if reserve is not None:
         reserve(asm.total_bytes)
     chunk: pb2.UpdateChunk | None = first
     while chunk is not None:
         if chunk.total_bytes != asm.total_bytes:
             raise WireError(f"PushUpdate: chunk {chunk.index} total_bytes inconsistent with chunk 0")
+        if chunk is not first and chunk.raw_tensors:
+            raise WireError(f"PushUpdate: chunk {chunk.index} lists raw_tensors (chunk 0 only)")
         asm.add(chunk.task_id, chunk.index, chunk.total, data, chunk.sha256)
         nxt = next(it, None)
         chunk, data = (None, b"") if nxt is None else _parse_chunk(pb2.UpdateChunk, nxt)
-    tensors = unpack(asm.finish())
+    blob = asm.finish()
+    tensors = unpack(blob) if layout is None else raw_unpack(blob, layout)
     return task_id, ClientUpdate(first.client_id, first.num_examples, tensors, dict(first.metrics))
 
 

@@ -243,6 +243,36 @@ def unpack(data: Blob) -> TensorDict:
     return _load(data)
 
 
+def raw_pack(tensors: TensorDict) -> bytes:
+    """The tensors' raw C-order bytes (native = little-endian on every supported host), concatenated in the given
+    order; the compact update record (wire/serde.py) describes names, dtypes and shapes itself."""
+    parts = []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise WireError(f"tensor {name!r}: only dense tensors can be sent")
+        parts.append(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
+
+
+def raw_unpack(data: bytes, layout: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> TensorDict:
+    """Inverse of `raw_pack` for `layout` = [(name, dtype, shape, nbytes)] whose nbytes sum to len(data) (checked
+    by the caller before the data arrived). Tensors own their memory; sorted by name like `unpack`."""
+    if sum(n for *_, n in layout) != len(data):
+        raise WireError(f"compact record: {len(data)} bytes, its tensors take {sum(n for *_, n in layout)}")
+    out: TensorDict = {}
+    off = 0
+    for name, dtype, shape, n in layout:
+        try:
+            t = (torch.frombuffer(bytearray(data[off : off + n]), dtype=dtype) if n else torch.empty(0, dtype=dtype))
+            out[name] = t.reshape(shape)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise WireError(f"compact record: tensor {name!r} {dtype} {list(shape)}: {e}") from e
+        if dtype == torch.bool and n and int(t.view(torch.uint8).max()) > 1:
+            raise WireError(f"compact record: bool tensor {name!r} holds bytes other than 0 and 1")
+        off += n
+    return dict(sorted(out.items()))
+
+
 def pack_payload(payload: Payload) -> bytes:
     """Payload → one blob: its tensors plus `meta` as JSON in the header."""
     return _save(payload.tensors, {META_KEY: dumps_json(payload.meta, "Payload.meta")})

@@ -10,8 +10,16 @@ process (never concurrently).
 Fed-SB trains only r² parameters per module, so with the LoRA lr it may barely move in a few steps;
 `--fedsb-tuned-lr X` adds a "fedsb@lr=X" line (a single extra run, not a sweep).
 
+`--wire-only` (seconds, no model, no training) measures just the serialized ÷ payload ratios of the small
+uploads, before and after side by side (issue 15): Fed-SB with SmolLM2-135M shapes (q_proj, v_proj on 30
+layers, rank --rank) — before: 60 tensors "<module>.R" in a safetensors blob, after: one "R" [60, r, r] in
+the compact record — upload and round-2 download (the sync payload: the global R); FedKSeed at τ = --tau —
+before: "seed_idx"/"grad" in safetensors plus the four client metrics, after: the compact record plus
+train_loss (zo_* counters only when nonzero). Same messages the gRPC transport sends (32-char task id).
+
     python simulations/bench/comm.py [--model smollm2|tiny] [--rounds 2] [--local-steps 4] [--clients 4]
         [--rank 8] [--lr 1e-3] [--seq 64] [--eval-per-client 16] [--fedsb-tuned-lr 1e-2]
+    python simulations/bench/comm.py --wire-only [--rank 8] [--tau 200]
 """
 
 from __future__ import annotations
@@ -107,14 +115,86 @@ def print_table(table: list[dict[str, Any]], ref: str = "fedavg") -> None:
               f"{t['bytes_down_by_round'][0]:>8,.0f}/{t['bytes_down_by_round'][-1]:<8,.0f} | {ratio:>12.4f} | {ev:<34} | {t['wall_s']:>7.1f}")
 
 
+SMOLLM2_QV = {"q_proj": (576, 576), "v_proj": (192, 576)}  # (d_out, d_in), 30 layers
+SMOLLM2_LAYERS = 30
+
+
+def wire_only(rank: int, tau: int, num_seeds: int = 4096) -> list[dict[str, Any]]:
+    """Serialized upload (and Fed-SB download) bytes ÷ payload, before and after the packed R / compact record."""
+    import torch
+
+    from fedtune.algorithms import get_algorithm
+    from fedtune.algorithms.base import ClientUpdate, GlobalState, Instruction, payload_nbytes
+    from fedtune.algorithms.fedkseed import FedKSeedConfig
+    from fedtune.algorithms.fedsb import FedSBConfig
+    from fedtune.wire import serde
+
+    task = "0" * 32
+    g = torch.Generator().manual_seed(0)
+    loss = {"train_loss": 2.3456}
+
+    def up(u: ClientUpdate, compact: bool) -> int:
+        return serde.wire_bytes(serde.update_to_chunks(u, task, compact=compact))
+
+    def down(ins: Instruction) -> int:
+        return serde.wire_bytes(serde.instruction_to_chunks(ins, task))
+
+    mods = sorted(f"model.layers.{i}.self_attn.{m}" for i in range(SMOLLM2_LAYERS) for m in SMOLLM2_QV)
+    t = {f"{m}.A": torch.zeros(rank, SMOLLM2_QV[m.rsplit(".", 1)[1]][1]) for m in mods}
+    t |= {f"{m}.B": torch.zeros(SMOLLM2_QV[m.rsplit(".", 1)[1]][0], rank) for m in mods}
+    R = torch.randn(len(mods), rank, rank, generator=g)
+    sb = get_algorithm("fedsb", FedSBConfig(rank=rank))
+    state = GlobalState(1, t | {"R": R}, {})
+    sync_after = sb.sync_payload(state, 0)  # the method's own payload and update layout
+    spec = sb.expected_update(state, {})
+    after_u = ClientUpdate("client-0", 50, {k: R.clone() for k in spec.tensors}, dict(loss))
+    before_u = ClientUpdate("client-0", 50, {f"{m}.R": R[i].clone() for i, m in enumerate(mods)}, dict(loss))
+    sync_before = type(sync_after)({f"{m}.R": R[i] for i, m in enumerate(mods)}, dict(sync_after.meta))
+    train = {"steps": 4, "batch_size": 8, "lr": 1e-3, "seed": 123456789}
+    rows = [{"figure": f"Fed-SB upload, SmolLM2 q,v r={rank}", "payload": payload_nbytes(after_u.tensors),
+             "before": up(before_u, False), "after": up(after_u, True), "goal": 1.05},
+            {"figure": f"Fed-SB round-2 download (sync R), r={rank}", "payload": payload_nbytes(sync_after.tensors),
+             "before": down(Instruction(2, "client-0", 1, train, sync_before)),
+             "after": down(Instruction(2, "client-0", 1, train, sync_after)), "goal": None}]
+    ks = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=num_seeds))
+    kstate = ks.initialize(torch.nn.Linear(2, 2), seed=0)
+    kspec = ks.expected_update(kstate, {"steps": tau})
+    pairs = {"seed_idx": torch.randint(0, num_seeds, (tau,), generator=g, dtype=torch.int32),
+             "grad": torch.randn(tau, generator=g)}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in pairs.items()} == {
+        k: (s.shape, s.dtype) for k, s in kspec.tensors.items()}
+    old_metrics = dict(loss, zo_clipped_frac=0.0, zo_skipped_steps=0.0,
+                       zo_grad_abs_mean=float(pairs["grad"].abs().mean()))
+    rows.append({"figure": f"FedKSeed upload, τ = {tau}", "payload": payload_nbytes(pairs),
+                 "before": up(ClientUpdate("client-0", 50, pairs, old_metrics), False),
+                 "after": up(ClientUpdate("client-0", 50, pairs, dict(loss)), True), "goal": 1.1})
+    for r in rows:
+        r["ratio_before"], r["ratio_after"] = r["before"] / r["payload"], r["after"] / r["payload"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_workload_args(ap)
     ap.add_argument("--methods", nargs="+", default=["fedavg", "flora", "fedsb"])
     ap.add_argument("--fedsb-tuned-lr", type=float, default=0.0, help="also run Fed-SB with this lr (0 = skip)")
+    ap.add_argument("--wire-only", action="store_true", help="only the serialized ÷ payload ratios, before/after")
+    ap.add_argument("--tau", type=int, default=200, help="FedKSeed local steps for --wire-only")
     ap.add_argument("--out", default="simulations/bench/results/comm.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if a.wire_only:
+        rows = wire_only(a.rank, a.tau)
+        print(f"{'figure':>42} | {'payload B':>9} | {'before B':>8} | {'after B':>8} | {'ratio before':>12} | "
+              f"{'ratio after':>11} | goal")
+        for r in rows:
+            goal = f"≤ {r['goal']}: {'met' if r['ratio_after'] <= r['goal'] else 'NOT met'}" if r["goal"] else ""
+            print(f"{r['figure']:>42} | {r['payload']:>9,} | {r['before']:>8,} | {r['after']:>8,} | "
+                  f"{r['ratio_before']:>12.4f} | {r['ratio_after']:>11.4f} | {goal}")
+        out = Path(a.out).with_name(Path(a.out).stem + "_wire.json") if a.out.endswith("comm.json") else Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rank": a.rank, "tau": a.tau, "rows": rows}, indent=2))
+        return
     ov = base_overrides(a)
     runs = [(m, m, ov) for m in a.methods]
     if a.fedsb_tuned_lr:

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
+from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
 from fedtune.algorithms.fedavg.client import run_local_training
 from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
+from fedtune.algorithms.fedsb.server import R_KEY
 
 
 class FedSBClient(ClientAlgorithm):
@@ -17,7 +18,7 @@ class FedSBClient(ClientAlgorithm):
 
     def __init__(self) -> None:
         super().__init__()
-        self.global_R: TensorDict | None = None
+        self.global_R: torch.Tensor | None = None  # packed [n_modules, r, r]
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
         t = payload.tensors
@@ -28,15 +29,17 @@ class FedSBClient(ClientAlgorithm):
 
     def sync(self, model: nn.Module, payload: Payload) -> None:
         if payload.tensors:
-            set_R(model, payload.tensors)
-            self.global_R = {k: v.detach().clone() for k, v in payload.tensors.items()}
+            if set(payload.tensors) != {R_KEY}:
+                raise ValueError(f"fedsb sync payload must hold exactly the packed {R_KEY!r}, got {sorted(payload.tensors)[:3]}")
+            set_R(model, payload.tensors[R_KEY])
+            self.global_R = payload.tensors[R_KEY].detach().clone()
 
     def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
         if self.global_R is None:
             raise RuntimeError("train() before the first sync: the client has no global R")
         freeze_all_but_r(model)
         res, privacy = run_local_training(model, ctx, config, self.dp)
-        update = get_R(model)  # {"<m>.R": r×r}: the whole upload
+        update = {R_KEY: get_R(model)}  # [n_modules, r, r]: the whole upload
         set_R(model, self.global_R)  # leave the model at the global state
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from fedtune.algorithms.base import TensorDict
 from fedtune.algorithms.lora_common import PEFT_PREFIX
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A r×d_in, B d_out×r)}
@@ -69,17 +68,21 @@ def freeze_all_but_r(model: nn.Module) -> None:
         p.requires_grad_(name.endswith(".sb_R.weight"))
 
 
-def get_R(model: nn.Module) -> TensorDict:
-    """{"<module>.R": r×r} copies."""
-    return {f"{n}.R": m.sb_R.weight.detach().clone() for n, m in sb_layers(model).items()}
+def get_R(model: nn.Module) -> torch.Tensor:
+    """A copy of every R, stacked [n_modules, r, r] in sorted module-name order (the order the server derives
+    from its own state: the sorted names of the A/B factors it sent in the setup payload)."""
+    layers = sb_layers(model)
+    return torch.stack([layers[n].sb_R.weight.detach() for n in sorted(layers)])
 
 
 @torch.no_grad()
-def set_R(model: nn.Module, tensors: TensorDict) -> None:
+def set_R(model: nn.Module, R: torch.Tensor) -> None:
+    """Load a packed R [n_modules, r, r] (sorted module-name order, as `get_R`)."""
     layers = sb_layers(model)
-    expected = {f"{n}.R" for n in layers}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise ValueError(f"fedsb R tensors do not match the model (missing {missing}, unexpected {extra})")
-    for n, m in layers.items():
-        m.sb_R.weight.copy_(tensors[f"{n}.R"])
+    shape = (len(layers), *next(iter(layers.values())).sb_R.weight.shape) if layers else (0,)
+    if not isinstance(R, torch.Tensor) or tuple(R.shape) != shape:
+        got = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
+        raise ValueError(f"fedsb packed R has shape {got}; this model has {len(layers)} Fed-SB modules, expected "
+                         f"{shape} (one r×r R per module, sorted by module name)")
+    for i, n in enumerate(sorted(layers)):
+        layers[n].sb_R.weight.copy_(R[i])

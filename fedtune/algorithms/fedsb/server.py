@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -26,8 +27,12 @@ from fedtune.algorithms.lora_common import target_linears
 log = logging.getLogger(__name__)
 
 
+R_KEY = "R"  # all R matrices packed [n_modules, r, r], sorted module-name order (one tensor: one header on the wire)
+
+
 def modules_of(state: GlobalState) -> list[str]:
-    return sorted(k[:-2] for k in state.tensors if k.endswith(".R"))
+    """The adapted modules in packing order: the sorted names of the A factors (known to every client)."""
+    return sorted(k[:-2] for k in state.tensors if k.endswith(".A"))
 
 
 class FedSB(FedAlgorithm):
@@ -47,7 +52,8 @@ class FedSB(FedAlgorithm):
         self._init_data = (list(features), int(pad_id))
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
-        """State: "<m>.A" (r×d_in), "<m>.B" (d_out×r) frozen and never aggregated; "<m>.R" (r×r) = 0."""
+        """State: "<m>.A" (r×d_in), "<m>.B" (d_out×r) frozen and never aggregated; "R" [n_modules, r, r] = 0, the
+        R of module i of modules_of(state) at R[i]."""
         c = self.config
         linears = target_linears(model, c.target_modules)
         found = {n.rsplit(".", 1)[-1] for n in linears}
@@ -73,7 +79,8 @@ class FedSB(FedAlgorithm):
         for name, (a, b) in sorted(factors.items()):
             dtype = linears[name].weight.dtype
             tensors[f"{name}.A"], tensors[f"{name}.B"] = a.to(dtype), b.to(dtype)
-            tensors[f"{name}.R"] = torch.zeros(c.rank, c.rank, dtype=dtype)
+        r_dtype = functools.reduce(torch.promote_types, (lin.weight.dtype for lin in linears.values()))
+        tensors[R_KEY] = torch.zeros(len(factors), c.rank, c.rank, dtype=r_dtype)
         return GlobalState(version=0, tensors=tensors, meta={"init": how, "init_seed": init_seed})
 
     def setup_payload(self, state: GlobalState) -> Payload:
@@ -83,31 +90,30 @@ class FedSB(FedAlgorithm):
                                          "target_modules": list(self.config.target_modules)})
 
     def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
-        """The global R of every module (it replaces the local one, so one step catches up from any version)."""
+        """The packed global R (it replaces the local one, so one step catches up from any version)."""
         if from_version == state.version:
             return Payload(meta={"version": state.version})
-        return Payload(tensors={f"{m}.R": state.tensors[f"{m}.R"] for m in modules_of(state)},
-                       meta={"version": state.version})
+        return Payload(tensors={R_KEY: state.tensors[R_KEY]}, meta={"version": state.version})
 
     def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
-        """One r×r R per module, in the global R's dtype (A and B are never uploaded)."""
-        return UpdateSpec({f"{m}.R": TensorSpec(tuple(state.tensors[f"{m}.R"].shape), state.tensors[f"{m}.R"].dtype)
-                           for m in modules_of(state)})
+        """One tensor "R" [n_modules, r, r] (module order: modules_of) in the global R's dtype; A and B are never
+        uploaded."""
+        r = state.tensors[R_KEY]
+        return UpdateSpec({R_KEY: TensorSpec(tuple(r.shape), r.dtype)})
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         """R_g = Σ p_k R_k (exact: B R_g A = Σ p_k B R_k A). A, B carried over unchanged."""
         p = example_weights(updates, uniform=self.config.uniform)
-        mods = modules_of(state)
-        keys = [f"{m}.R" for m in mods]
+        mods, want = modules_of(state), tuple(state.tensors[R_KEY].shape)
         for u in updates:
-            if set(u.tensors) != set(keys):
-                raise ValueError(f"update from {u.client_id} has keys that differ from the global R matrices "
-                                 f"(expected {len(keys)} keys like {keys[0]!r})")
-            if bad := [k for k in keys if u.tensors[k].shape != state.tensors[k].shape]:
-                raise ValueError(f"update from {u.client_id}: {bad[0]} has shape {tuple(u.tensors[bad[0]].shape)}, "
-                                 f"expected {tuple(state.tensors[bad[0]].shape)}")
+            if set(u.tensors) != {R_KEY}:
+                raise ValueError(f"update from {u.client_id} must hold exactly one tensor {R_KEY!r} (the packed R), "
+                                 f"got {sorted(u.tensors)[:3]}")
+            if tuple(u.tensors[R_KEY].shape) != want:
+                raise ValueError(f"update from {u.client_id}: {R_KEY} has shape {tuple(u.tensors[R_KEY].shape)}, "
+                                 f"expected {want} ([n_modules, r, r])")
         tensors = dict(state.tensors)
-        tensors.update({k: weighted_mean([u.tensors[k] for u in updates], p) for k in keys})
+        tensors[R_KEY] = weighted_mean([u.tensors[R_KEY] for u in updates], p)  # element-wise: each R_m exactly
         sb = lora = 0
         for m in mods:
             r, d_in = state.tensors[f"{m}.A"].shape
