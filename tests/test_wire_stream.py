@@ -49,8 +49,9 @@ def many_dtypes() -> dict[str, torch.Tensor]:
     }
 
 
-def raw_update(u: ClientUpdate, task_id: str = "t", chunk_bytes: int = 256) -> list[bytes]:
-    return list(serde.update_to_wire(u, task_id, chunk_bytes=chunk_bytes))
+def raw_update(u: ClientUpdate, task_id: str = "t", chunk_bytes: int = 256, compact: bool = False) -> list[bytes]:
+    """The streaming safetensors path (small updates default to the compact record: tests/test_wire_compact.py)."""
+    return list(serde.update_to_wire(u, task_id, chunk_bytes=chunk_bytes, compact=compact))
 
 
 def edit(raw: bytes, **fields) -> bytes:
