@@ -65,6 +65,10 @@ class FederationSection:
     # simulation: train a round's clients in one batched loop (FedAvg, FLoRA). Faster for small models, but K×
     # the activation memory (SmolLM2 demo: 12 GB peak and 2.2× the wall time on a CPU), so opt-in.
     batch_clients: bool = False
+    # simulation: worker threads that train a round's clients in parallel, each on its own adapter copy of the
+    # one shared base (torch threads split between them). 0 = auto: one per CPU thread ([run] threads, else the
+    # CPUs); 1 = one by one. Results are bit-identical whatever the number.
+    workers: int = 0
 
 
 @dataclass
@@ -290,6 +294,7 @@ def validate(cfg: RunConfig) -> None:
     _require(0 < f.fraction <= 1, f"federation.fraction must be in (0, 1], got {f.fraction}")
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
+    _require(0 <= f.workers <= 256, f"federation.workers must be in [0, 256] (0 = one per CPU), got {f.workers}")
     _require(t.local_steps >= 1, f"train.local_steps must be ≥ 1, got {t.local_steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
     _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")
