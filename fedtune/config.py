@@ -66,8 +66,8 @@ class FederationSection:
     # the activation memory (SmolLM2 demo: 12 GB peak and 2.2× the wall time on a CPU), so opt-in.
     batch_clients: bool = False
     # simulation: worker threads that train a round's clients in parallel, each on its own adapter copy of the
-    # one shared base (torch threads split between them). 0 = auto: one per CPU thread ([run] threads, else the
-    # CPUs); 1 = one by one. Results are bit-identical whatever the number.
+    # one shared base ([run] threads split between them, ≥ 1 each). 0 = auto: one per usable CPU; 1 = one by
+    # one. Bit-identical to one by one at the same torch threads per client.
     workers: int = 0
 
 

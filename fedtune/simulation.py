@@ -9,6 +9,7 @@ the gRPC transport would send them, so bytes_up/bytes_down are real wire sizes.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import time
@@ -202,13 +203,19 @@ def dropout_active(model: nn.Module) -> bool:
     return any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout"))
 
 
-def plan_workers(requested: int, threads: int) -> tuple[int, int]:
-    """(worker threads, torch threads per worker) for [federation] workers = `requested` (0: auto) and a
-    budget of `threads` CPU threads (torch's intra-op count: [run] threads, else the CPUs). Auto: one worker
-    per CPU thread of the budget, each with one torch thread — small per-client matmuls use a core better
-    each on its own than split across cores."""
-    threads = max(1, threads)
-    workers = threads if requested == 0 else requested
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def plan_workers(requested: int, threads: int, cpus: int) -> tuple[int, int]:
+    """(worker threads, torch threads per worker) for [federation] workers = `requested` (0: auto), torch's
+    intra-op `threads` ([run] threads, else torch's default) and `cpus` usable CPUs. Auto: one worker per CPU,
+    each with threads ÷ workers torch threads (at least 1): small per-client matmuls use a core better each
+    on its own than split across cores, and single-threaded ops do not stall on a busy machine."""
+    workers = max(1, cpus) if requested == 0 else requested
     return workers, max(1, threads // workers)
 
 
@@ -451,7 +458,7 @@ def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sav
     run = prepare_run(cfg, resume=resume, roster=roster)
     try:
         if transport_factory is None:
-            workers, per_worker = plan_workers(cfg.federation.workers, torch.get_num_threads())
+            workers, per_worker = plan_workers(cfg.federation.workers, torch.get_num_threads(), usable_cpus())
             run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
                                                       batch_clients=cfg.federation.batch_clients, workers=workers,
                                                       threads_per_worker=per_worker)

@@ -54,5 +54,6 @@ def test_threaded_equals_one_by_one(tmp_path, algorithm, keep_threads, caplog):
 
 
 def test_plan_workers():
-    assert plan_workers(0, 2) == (2, 1) and plan_workers(0, 8) == (8, 1) and plan_workers(0, 1) == (1, 1)
-    assert plan_workers(2, 8) == (2, 4) and plan_workers(1, 4) == (1, 4) and plan_workers(4, 2) == (4, 1)
+    """(workers, torch threads each) from ([federation] workers, torch threads, CPUs); 0 = one per CPU."""
+    assert plan_workers(0, 2, 2) == (2, 1) and plan_workers(0, 1, 2) == (2, 1) and plan_workers(0, 8, 4) == (4, 2)
+    assert plan_workers(0, 4, 1) == (1, 4) and plan_workers(1, 4, 8) == (1, 4) and plan_workers(4, 2, 2) == (4, 1)
