@@ -57,3 +57,20 @@ def test_plan_workers():
     """(workers, torch threads each) from ([federation] workers, torch threads, CPUs); 0 = one per CPU."""
     assert plan_workers(0, 2, 2) == (2, 1) and plan_workers(0, 1, 2) == (2, 1) and plan_workers(0, 8, 4) == (4, 2)
     assert plan_workers(0, 4, 1) == (1, 4) and plan_workers(1, 4, 8) == (1, 4) and plan_workers(4, 2, 2) == (4, 1)
+
+
+def test_threaded_batched_groups_match_one_by_one(tmp_path, keep_threads, caplog):
+    """batch_clients with 2 workers: each thread batches its group of 2 clients; equal up to float rounding."""
+    caplog.set_level(logging.INFO, logger="fedtune")
+    seq = _run(tmp_path, "seq", "fedavg", **{"run.threads": 1, "federation.workers": 1})
+    bat = _run(tmp_path, "bat", "fedavg", **{"run.threads": 1, "federation.workers": 2,
+                                              "federation.batch_clients": True})
+    assert "round 1: clients on 2 worker threads" in caplog.text and "batched loop per thread" in caplog.text
+    assert max((seq.tensors[k] - bat.tensors[k]).abs().max().item() for k in seq.tensors) <= 1e-4
+    assert any(not torch.equal(seq.tensors[k], bat.tensors[k]) for k in seq.tensors)  # really the batched path
+
+
+def test_full_parameter_fedkseed_falls_back_to_one_by_one(tmp_path, keep_threads, caplog):
+    caplog.set_level(logging.INFO, logger="fedtune")
+    _run(tmp_path, "full", "fedkseed", **{"fedkseed.trainable": "full", "federation.workers": 2, "run.rounds": 1})
+    assert "one by one (FedKSeedClient cannot train clients on forks of the model)" in caplog.text
