@@ -62,8 +62,9 @@ class FederationSection:
     min_clients: int = 1  # fewer reporting updates → the round is aborted and retried
     round_timeout_s: float = 600.0
     max_round_retries: int = 3
-    # simulation: train a round's clients in one batched loop (FedAvg, FLoRA). Faster for small models, but K×
-    # the activation memory (SmolLM2 demo: 12 GB peak and 2.2× the wall time on a CPU), so opt-in.
+    # simulation: train a round's clients in one batched loop per worker thread (FedAvg, FLoRA). Faster for small
+    # models, but (clients ÷ workers)× the decoder's activation memory and equal to one by one only up to float
+    # rounding (SmolLM2 demo before worker threads and the chunked loss: 12 GB peak, 2.2× the wall time), so opt-in.
     batch_clients: bool = False
     # simulation: worker threads that train a round's clients in parallel, each on its own adapter copy of the
     # one shared base ([run] threads split between them, ≥ 1 each). 0 = auto: one per usable CPU; 1 = one by
