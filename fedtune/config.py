@@ -62,9 +62,14 @@ class FederationSection:
     min_clients: int = 1  # fewer reporting updates → the round is aborted and retried
     round_timeout_s: float = 600.0
     max_round_retries: int = 3
-    # simulation: train a round's clients in one batched loop (FedAvg, FLoRA). Faster for small models, but K×
-    # the activation memory (SmolLM2 demo: 12 GB peak and 2.2× the wall time on a CPU), so opt-in.
+    # simulation: train a round's clients in one batched loop per worker thread (FedAvg, FLoRA). Faster for small
+    # models, but (clients ÷ workers)× the decoder's activation memory and equal to one by one only up to float
+    # rounding (SmolLM2 demo before worker threads and the chunked loss: 12 GB peak, 2.2× the wall time), so opt-in.
     batch_clients: bool = False
+    # simulation: worker threads that train a round's clients in parallel, each on its own adapter copy of the
+    # one shared base ([run] threads split between them, ≥ 1 each). 0 = auto: one per usable CPU; 1 = one by
+    # one. Bit-identical to one by one at the same torch threads per client.
+    workers: int = 0
 
 
 @dataclass
@@ -290,6 +295,7 @@ def validate(cfg: RunConfig) -> None:
     _require(0 < f.fraction <= 1, f"federation.fraction must be in (0, 1], got {f.fraction}")
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
+    _require(0 <= f.workers <= 256, f"federation.workers must be in [0, 256] (0 = one per CPU), got {f.workers}")
     _require(t.local_steps >= 1, f"train.local_steps must be ≥ 1, got {t.local_steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
     _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")

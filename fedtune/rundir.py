@@ -40,6 +40,7 @@ OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints"
 RESUMABLE = (
     "run.name", "run.out", "run.rounds", "run.threads", "run.eval_batch_size", "model.name",
     "federation.round_timeout_s", "federation.max_round_retries", "federation.batch_clients",
+    "federation.workers",
     "algorithm.export_rank", "algorithm.keep_rounds",
 )
 

@@ -61,3 +61,23 @@ def test_batched_flora_heterogeneous_ranks_equal_sequential(tiny, feats, tok):
         assert all(b.tensors[k].shape == a.tensors[k].shape for k in a.tensors)
         assert min(b.tensors).endswith(".A") and b.tensors[min(b.tensors)].shape[0] == r
         assert max(max_abs(a.tensors[k], b.tensors[k]) for k in a.tensors) <= 1e-4
+
+
+def test_chunked_loss_equals_full_logits_loss(tiny, feats, tok):
+    """The batched loss from hidden states, projected in chunks over response tokens only, equals the loss
+    from the full (K·b, T, vocab) logits, values and gradients (float rounding)."""
+    from fedtune.data.format import collate
+    from fedtune.training.batched import decoder_and_head, per_client_loss, per_client_loss_chunked
+
+    _, model = _setup(tiny)
+    batch = collate(feats[:6], tok.pad_token_id)  # K = 3 clients × 2 rows
+    dec, head = decoder_and_head(model)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    full = per_client_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                           batch["labels"], 3)
+    g_full = torch.autograd.grad(full.sum(), lora)
+    hidden = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    part = per_client_loss_chunked(hidden, head, batch["labels"], 3, chunk=7)  # several chunks, a ragged last one
+    g_part = torch.autograd.grad(part.sum(), lora)
+    assert part.shape == (3,) and max_abs(full, part) <= 1e-5
+    assert max(max_abs(a, b) for a, b in zip(g_full, g_part)) <= 1e-6

@@ -170,6 +170,13 @@ class ClientAlgorithm(ABC):
     def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
         """Train from the synced global model; return the update; restore the global model."""
 
+    def fork(self, model: nn.Module) -> nn.Module | None:
+        """Optional (simulation worker threads): a copy of the synced `model` that shares every frozen base
+        tensor with it and owns what `train` writes (adapter weights, their optimiser), so that clients can
+        train on forks in parallel threads; `train(fork, ...)` must give the same update, bit for bit, as
+        `train(model, ...)`. None: the method cannot train clients concurrently (e.g. full-parameter ZO)."""
+        return None
+
     def export_factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """Optional: the current global adapter as {module: (A (r×d_in), B (d_out×r))}, scale folded
         into B. None if the method cannot export a LoRA adapter."""

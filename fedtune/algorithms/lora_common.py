@@ -6,8 +6,9 @@ module's name in the unwrapped base model. A and B are told apart by name, never
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -101,3 +102,13 @@ def activate(model: nn.Module, adapter: str) -> None:
     model.base_model.set_adapter(adapter)
     for name, p in model.named_parameters():
         p.requires_grad_(f".{adapter}." in name and ".lora_" in name)
+
+
+def fork_model(model: nn.Module, owned: Callable[[str], bool] = lambda name: ".lora_" in name) -> nn.Module:
+    """A copy of `model`'s module tree whose parameters and buffers are the model's own tensor objects (shared,
+    no copy) except those whose name satisfies `owned` (copied: e.g. every LoRA factor, active or not). Only
+    the owned tensors cost memory; the fork's modules have their own train/eval flags and adapter lists, so a
+    thread can train its fork while another thread trains another one on the same frozen base."""
+    shared = {id(t): t for n, t in [*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False)] if not owned(n)}
+    return copy.deepcopy(model, memo=shared)

@@ -10,6 +10,10 @@ K independent ones; gradient clipping is per client. Same batches, same seeds: t
 runs up to float rounding (checked by tests/test_batched.py at 1e-5).
 
 Shapes: x (K·b, T, d_in) → view (K, b·T, d_in) → bmm W_kᵀ → (K, b·T, d_out) → view (K·b, T, d_out).
+
+Memory: the K clients' logits (K·b, T, vocab) would dominate (SmolLM2: 8 clients × 8 × 512 tokens × 49152 ×
+4 B = 6.4 GB). The loss is computed from the decoder's hidden states instead, projecting only response
+positions, LOSS_CHUNK rows at a time, each chunk recomputed in the backward (per_client_loss_chunked).
 """
 
 from __future__ import annotations
@@ -54,6 +58,40 @@ def per_client_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch
     return tok.sum(1) / count.clamp(min=1)
 
 
+LOSS_CHUNK = 1024  # response tokens per chunk of the vocabulary projection in the batched loss
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, LM head) of a Hugging Face causal LM (peft-wrapped or not) whose logits are plainly
+    head(hidden), else None (the batched loss then takes the model's full logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    dec, head = getattr(base, "model", None), base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return (dec, head) if isinstance(dec, nn.Module) and isinstance(head, nn.Module) else None
+
+
+def per_client_loss_chunked(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, k: int,
+                            chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """per_client_loss from the last hidden states (K·b, T, d) without the (K·b, T, V) logits: only response
+    positions are projected, `chunk` rows at a time, each chunk's logits recomputed in the backward
+    (torch.utils.checkpoint), so at most one chunk of logits exists at once."""
+    lb = labels[:, 1:].reshape(-1)
+    owner = torch.arange(k).repeat_interleave(lb.numel() // k)  # client of each position
+    idx = (lb != IGNORE).nonzero().squeeze(1)
+    h, lb, owner = hidden[:, :-1].reshape(-1, hidden.shape[-1])[idx], lb[idx], owner[idx]
+
+    def part_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(x).float(), y, reduction="none")
+
+    total = hidden.new_zeros(k, dtype=torch.float32)
+    for i in range(0, len(idx), chunk):
+        part = torch.utils.checkpoint.checkpoint(part_loss, h[i:i + chunk], lb[i:i + chunk], use_reentrant=False)
+        total = total.index_add(0, owner[i:i + chunk], part)
+    return total / torch.bincount(owner, minlength=k).clamp(min=1)
+
+
 def batchable(configs: Sequence[dict[str, Any]], sizes: Sequence[int]) -> list[LocalTrainConfig] | None:
     """The clients' parsed configs if they can train in one batched loop, else None: it needs one shared
     schedule, equal batch sizes (every client has ≥ batch_size examples) and no DP (per-client accounting)."""
@@ -93,6 +131,7 @@ def train_lora_clients(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         streams = [batches(f, c.batch_size, c.seed, pad_id) for f, c in zip(features, cfgs, strict=True)]
         losses: list[list[float]] = [[] for _ in range(k)]
+        split = decoder_and_head(model)
         model.train()
         for _ in range(cfg.steps):
             for _ in range(cfg.grad_accum):
@@ -100,8 +139,12 @@ def train_lora_clients(
                 t = max(p["input_ids"].shape[1] for p in parts)
                 parts = [_pad_to(p, t, pad_id) for p in parts]
                 batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_k = per_client_loss(logits, batch["labels"], k)  # (K,)
+                if split is None:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss_k = per_client_loss(logits, batch["labels"], k)  # (K,)
+                else:  # no (K·b, T, vocab) logits: the projection and loss chunked over response tokens
+                    hidden = split[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+                    loss_k = per_client_loss_chunked(hidden, split[1], batch["labels"], k)
                 (loss_k.sum() / cfg.grad_accum).backward()
                 for i, v in enumerate(loss_k.tolist()):
                     losses[i].append(v)

@@ -10,10 +10,13 @@ data, Ray start-up, round 1), wall per round (engine-measured `wall_s`, round 1 
 total process wall, peak tree RSS (Σ RSS over processes: shared pages count once per process, so it
 overstates; it is what `top` would add up), bytes up/down per round.
 
-Engines: native (clients one by one, torch's default intra-op threads, = CPUs), native-1t
-(torch.set_num_threads(1), what each 1-CPU Ray actor gets), native-batched / native-batched-1t (a round's
-clients in one batched forward/backward: [federation] batch_clients = true), flower (run_simulation, Ray,
---actors actors × 1 CPU; clients train in parallel).
+Engines: native (clients one by one, torch's default intra-op threads, = CPUs: [federation] workers = 1),
+native-1t (torch.set_num_threads(1), what each 1-CPU Ray actor gets), native-batched / native-batched-1t (a
+round's clients in one batched forward/backward: [federation] batch_clients = true, workers = 1),
+native-threads (the default, workers = 0: one worker thread per CPU, 1 torch thread each, each client on its
+own adapter fork of the shared base; bit-identical to one by one), native-threads-batched (the same with
+batch_clients: one batched loop per worker over its group of clients), flower (run_simulation, Ray, --actors
+actors × 1 CPU; clients train in parallel).
 
     python simulations/bench/engines.py --rounds 3 [--engines native native-1t flower] [--actors 2]
 """
@@ -31,7 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINES = ["native", "native-1t", "native-batched", "native-batched-1t", "flower"]
+ENGINES = ["native", "native-1t", "native-batched", "native-batched-1t", "native-threads", "native-threads-batched",
+           "flower"]
 
 
 def workload(rounds: int, out: str, actors: int) -> dict:
@@ -50,6 +54,7 @@ def worker(engine: str, rounds: int, out: str, actors: int) -> None:
 
     over = workload(rounds, out, actors)
     over["federation.batch_clients"] = "batched" in engine  # one batched forward/backward per step for all clients
+    over["federation.workers"] = 0 if "threads" in engine else 1  # 0: one worker thread per CPU (the default)
     cfg = config.load(None, over)
     if engine.endswith("-1t"):  # Ray gives each 1-CPU actor OMP_NUM_THREADS=1; this is native on equal terms
         import torch
@@ -65,7 +70,9 @@ def worker(engine: str, rounds: int, out: str, actors: int) -> None:
         run_flower_simulation(cfg)
 
 
-def tree_rss(pid: int) -> tuple[int, int]:
+def tree_rss(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
+    """(Σ RSS, process count) of `pid` and its descendants; records each one's CPU seconds (user + system)
+    so far into `cpu` (by pid: a process's last sample stands for it after it exits)."""
     import psutil
 
     try:
@@ -77,6 +84,9 @@ def tree_rss(pid: int) -> tuple[int, int]:
     for p in procs:
         try:
             total += p.memory_info().rss
+            if cpu is not None:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
         except psutil.Error:
             pass
     return total, len(procs)
@@ -89,13 +99,14 @@ def measure(engine: str, rounds: int, actors: int) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--worker", engine, "--rounds", str(rounds), "--out", out,
                              "--actors", str(actors)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"rss": 0, "procs": 0}
+    cpu: dict[int, float] = {}
     first_round: list[float] = []
     metrics = Path(out) / "metrics.jsonl"
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            rss, n = tree_rss(proc.pid)
+            rss, n = tree_rss(proc.pid, cpu)
             peak["rss"] = max(peak["rss"], rss)
             peak["procs"] = max(peak["procs"], n)
             if not first_round and metrics.exists() and '"round": 1' in metrics.read_text():
@@ -116,7 +127,7 @@ def measure(engine: str, rounds: int, actors: int) -> dict:
         "engine": engine, "rounds": len(rows), "time_to_first_round_s": round(first_round[0], 2) if first_round else None,
         "round1_wall_s": walls[0], "later_round_wall_s_mean": round(sum(walls[1:]) / max(len(walls) - 1, 1), 3),
         "round_wall_s": walls, "process_wall_s": round(total, 2), "peak_tree_rss_mb": round(peak["rss"] / 2**20, 1),
-        "max_processes": peak["procs"], "bytes_up_per_round": rows[-1]["bytes_up"],
+        "max_processes": peak["procs"], "tree_cpu_s": round(sum(cpu.values()), 1), "bytes_up_per_round": rows[-1]["bytes_up"],
         "bytes_down_per_round": [r["bytes_down"] for r in rows], "final_eval_loss": rows[-1]["eval_loss"],
         "out": out,
     }
@@ -136,17 +147,27 @@ def main() -> None:
         return
     import torch
 
+    load = [os.getloadavg()[0]]
     res = [measure(e, a.rounds, a.actors) for e in a.engines]
+    load.append(os.getloadavg()[0])
+    ref = next((r for r in res if r["engine"] == "flower"), None)
+    for r in res:  # the goals are ratios to Flower/Ray in the same run
+        for key, name in [("later_round_wall_s_mean", "s_per_round"), ("peak_tree_rss_mb", "peak_rss"),
+                          ("time_to_first_round_s", "first_round")]:
+            r[f"{name}_vs_flower"] = round(r[key] / ref[key], 3) if ref and r[key] and ref[key] else None
     cols = [("engine", "engine", "{}"), ("first round s", "time_to_first_round_s", "{}"),
             ("round 1 s", "round1_wall_s", "{:.2f}"), ("later rounds s", "later_round_wall_s_mean", "{:.2f}"),
-            ("total s", "process_wall_s", "{:.1f}"), ("peak RSS MB", "peak_tree_rss_mb", "{:.0f}"),
-            ("procs", "max_processes", "{}"), ("eval loss", "final_eval_loss", "{:.4f}")]
+            ("total s", "process_wall_s", "{:.1f}"), ("CPU s", "tree_cpu_s", "{:.1f}"),
+            ("peak RSS MB", "peak_tree_rss_mb", "{:.0f}"), ("procs", "max_processes", "{}"),
+            ("eval loss", "final_eval_loss", "{:.4f}"), ("s/round ÷ flower", "s_per_round_vs_flower", "{}"),
+            ("RSS ÷ flower", "peak_rss_vs_flower", "{}"), ("first round ÷ flower", "first_round_vs_flower", "{}")]
+    print(f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} CPUs")
     print(" | ".join(c[0] for c in cols))
     for r in res:
-        print(" | ".join(f.format(r[k]) for _, k, f in cols))
+        print(" | ".join("-" if r[k] is None else f.format(r[k]) for _, k, f in cols))
     doc = {"workload": "fedavg LoRA q,v r=8, tiny-256x4 Llama, 8 clients x 10 steps x batch 8x32",
            "rounds": a.rounds, "flower_actors": a.actors, "cpus": os.cpu_count(), "torch": torch.__version__,
-           "native_torch_threads": torch.get_num_threads(), "results": res}
+           "native_torch_threads": torch.get_num_threads(), "load_average_1min": load, "results": res}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(doc, indent=2))
     print(f"wrote {a.json}")

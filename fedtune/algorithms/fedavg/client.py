@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
-from fedtune.algorithms.lora_common import activate, attach_lora, get_lora_state, lora_layers, set_lora_state
+from fedtune.algorithms.lora_common import (
+    activate,
+    attach_lora,
+    fork_model,
+    get_lora_state,
+    lora_layers,
+    set_lora_state,
+)
 from fedtune.privacy.sample import SampleLevelDP
 from fedtune.training.batched import batchable, train_lora_clients
 from fedtune.training.local import LocalTrainConfig, TrainResult, train_local
@@ -56,6 +63,9 @@ class LoRAClient(ClientAlgorithm):
         update = get_lora_state(model, ADAPTER)
         set_lora_state(model, ADAPTER, self.global_tensors)  # leave the model at the global state
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
+
+    def fork(self, model: nn.Module) -> nn.Module:
+        return fork_model(model)  # own LoRA factors (at the global adapter), shared frozen base
 
     def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]]):
         """All of a round's clients in one batched loop (simulation), or None when they cannot share one

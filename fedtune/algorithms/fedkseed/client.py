@@ -21,6 +21,7 @@ from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds
 from fedtune.algorithms.lora_common import (
     activate,
     attach_lora,
+    fork_model,
     get_lora_state,
     init_lora_factors,
     lora_shapes,
@@ -163,6 +164,11 @@ class FedKSeedClient(ClientAlgorithm):
         if skipped:
             metrics["zo_skipped_steps"] = float(skipped)
         return ClientUpdate(ctx.client_id, len(ctx.features), tensors, metrics)
+
+    def fork(self, model: nn.Module) -> nn.Module | None:
+        """LoRA mode: own LoRA factors (perturbed in place by the SPSA steps), shared frozen base. Full mode:
+        None (every weight is perturbed in place: a fork would be a whole second model)."""
+        return fork_model(model) if self.lora else None
 
     def export_factors(self, model: nn.Module):
         """LoRA mode: the global adapter {module: (A, s·B)}; full mode: None (the result is the merged model)."""

@@ -11,6 +11,7 @@ from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, Trai
 from fedtune.algorithms.fedavg.client import run_local_training
 from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
 from fedtune.algorithms.fedsb.server import R_KEY
+from fedtune.algorithms.lora_common import fork_model
 
 
 class FedSBClient(ClientAlgorithm):
@@ -42,6 +43,9 @@ class FedSBClient(ClientAlgorithm):
         update = {R_KEY: get_R(model)}  # [n_modules, r, r]: the whole upload
         set_R(model, self.global_R)  # leave the model at the global state
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
+
+    def fork(self, model: nn.Module) -> nn.Module:
+        return fork_model(model, lambda name: ".sb_R." in name)  # own R (at the global R); A, B, base shared
 
     @torch.no_grad()
     def export_factors(self, model: nn.Module):

@@ -15,6 +15,7 @@ from fedtune.algorithms.flora.server import CUM, add_to_cumulative, cumulative_d
 from fedtune.algorithms.lora_common import (
     activate,
     attach_lora,
+    fork_model,
     get_lora_state,
     init_lora_factors,
     lora_layers,
@@ -78,6 +79,9 @@ class FLoRAClient(ClientAlgorithm):
         for layer in lora_layers(model, adapter).values():  # B = 0: the adapter adds nothing until next round
             layer.lora_B[adapter].weight.data.zero_()
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
+
+    def fork(self, model: nn.Module) -> nn.Module:
+        return fork_model(model)  # own LoRA adapters (every rank's, B = 0), shared W = W₀ + ΔW
 
     def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]]):
         """A round's clients in one batched loop (simulation). Heterogeneous ranks share the largest rank R:
