@@ -319,3 +319,14 @@ def test_empty_poisson_batches_are_noise_only_steps(lora_model):
     lora1 = get_lora_state(model, "default")
     assert any(not torch.equal(lora0[k], lora1[k]) for k in lora0)
     _no_opacus_traces(model)
+
+
+def test_runs_without_dp_do_not_import_opacus():
+    """opacus (+ scipy) costs ~1.5 s per process start; only DP code paths import it."""
+    import subprocess
+    import sys
+
+    code = "import sys, fedtune.cli, fedtune.simulation, fedtune.server.coordinator, fedtune.client.agent; " \
+           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('opacus', 'scipy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+# opacus is imported where it is used: it costs ~1.5 s per process start (scipy), which every run without DP
+# (and every CLI command) would otherwise pay
 
 
 class Accountant:
@@ -14,6 +14,8 @@ class Accountant:
 
     def __init__(self, mechanism: str = "rdp") -> None:
         self.mechanism = mechanism
+        from opacus.accountants import create_accountant
+
         self._acc = create_accountant(mechanism=mechanism)
 
     @property
@@ -82,5 +84,7 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
     """Smallest σ (opacus' binary search, tolerance 0.01) with ε(σ, q, steps) ≤ target_epsilon."""
     if steps <= 0:
         raise ValueError(f"steps must be > 0 to calibrate noise, got {steps}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))

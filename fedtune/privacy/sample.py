@@ -26,12 +26,9 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from fedtune.data.format import collate
@@ -39,6 +36,10 @@ from fedtune.privacy.accounting import Accountant, noise_for_target
 from fedtune.privacy.config import PrivacyConfig
 from fedtune.training.local import LocalTrainConfig, TrainResult, trainable_parameters
 from fedtune.training.zo import example_losses as per_example_loss  # (B,) mean token loss of each example
+
+if TYPE_CHECKING:  # opacus is imported where it is used (see fedtune/privacy/accounting.py)
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 _MODULE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks")
 R = TypeVar("R")
@@ -69,6 +70,9 @@ def dp_training(
     Yields (wrapped model, DP optimiser over AdamW). Backprop a SUM of per-example losses; `step()` then
     applies (Σ clip_C(g_i) + N(0, σ²C²)) / expected_batch_size. On exit every hook and opacus attribute is
     removed and `model.grad` is cleared, whether or not the block raised."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     params = trainable_parameters(model)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
     try:
@@ -99,6 +103,8 @@ def private_train_local(
         raise ValueError("no training examples for this client")
     n = len(features)
     expected = min(cfg.batch_size * cfg.grad_accum, n)
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
     g = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=expected / n, generator=g, steps=cfg.steps)
     losses: list[float] = []
@@ -134,6 +140,8 @@ def private_train_local(
 def poisson_batches(num_examples: int, expected_batch: int, steps: int,
                     generator: torch.Generator) -> Iterator[list[int]]:
     """`steps` Poisson batches of example indices: each example independently with rate expected / N (opacus)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
     return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=expected_batch / num_examples,
                                               generator=generator, steps=steps))
 
