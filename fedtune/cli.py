@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: fedtune's in-process simulation; flower: Flower's simulation engine (Ray), "
                         "same outputs")
     s.add_argument("--baseline", choices=["local", "central", "central-seq"],
-                   help="local: each client trains alone (same steps); central: all training data pooled "
-                        "(same examples seen). Plain LoRA ([lora]/[fedavg] settings)")
+                   help="local: each client trains alone (same steps); central: all training data pooled, the "
+                        "same examples and optimiser steps (batch × clients per round); central-seq: the pooled data "
+                        "in clients× more sequential steps. Plain LoRA ([lora]/[fedavg] settings)")
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
