@@ -38,3 +38,19 @@ def kfeats(ktok):
 
 def fresh(ktok):
     return tiny_llama(len(ktok), seed=0)
+
+
+def params_of(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def start_fedkseed(cfg, ktok):
+    """(algo, state, client, model) of FedKSeed synced to version 0 — the engine's opening moves."""
+    from fedtune.algorithms import get_algorithm
+
+    algo = get_algorithm("fedkseed", cfg)
+    state = algo.initialize(fresh(ktok), seed=0)
+    client = algo.make_client()
+    model = client.setup(fresh(ktok), algo.setup_payload(state))
+    client.sync(model, algo.sync_payload(state, -1))
+    return algo, state, client, model

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fresh
+from conftest import fresh, params_of
+from conftest import start_fedkseed as start
 
 from fedtune.algorithms import ClientUpdate, GlobalState, Payload, TrainContext, get_algorithm
 from fedtune.algorithms.fedkseed import FedKSeedConfig
@@ -21,20 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
-
-
-def params_of(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def start(cfg: FedKSeedConfig, ktok):
-    """(algo, state, client, model) synced to version 0 — the engine's opening moves."""
-    algo = get_algorithm("fedkseed", cfg)
-    state = algo.initialize(fresh(ktok), seed=0)
-    client = algo.make_client()
-    model = client.setup(fresh(ktok), algo.setup_payload(state))
-    client.sync(model, algo.sync_payload(state, -1))
-    return algo, state, client, model
 
 
 def run_round(algo, state, client, model, rnd, parts, ktok, steps=3):

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import fresh
+from conftest import fresh, params_of
+from conftest import start_fedkseed as start
 from torch import nn
 
 from fedtune.algorithms import TrainContext, get_algorithm
@@ -23,19 +24,6 @@ from fedtune.privacy import (
     private_scalar_mean,
 )
 from fedtune.training import zo
-
-
-def params_of(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def start(cfg: FedKSeedConfig, ktok):
-    algo = get_algorithm("fedkseed", cfg)
-    state = algo.initialize(fresh(ktok), seed=0)
-    client = algo.make_client()
-    model = client.setup(fresh(ktok), algo.setup_payload(state))
-    client.sync(model, algo.sync_payload(state, -1))
-    return algo, state, client, model
 
 
 def priv(**kw) -> dict:
