@@ -62,27 +62,32 @@ def matrix(quick: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _writer():
+    """The sibling module simulations/report_write.py (collect, pick_defaults, write_report)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import report_write
+
+    return report_write
+
+
 def resolve_lr(spec: dict[str, Any], entries: dict[str, dict[str, Any]], runs: Path) -> float:
-    """A sweep entry's own lr; for phase 2 the lr the finished sweep picked for its method (lowest final eval
-    loss), or the method's config default when none of its sweep runs has finished."""
+    """A sweep entry's own lr; for phase 2 the lr the finished sweep picked for its method (report_write's
+    pick_defaults: lowest finite final eval loss), or the method's config default when none of its sweep runs has
+    finished."""
     if spec.get("lr") is not None:
         return spec["lr"]
-    import json
-
-    best: tuple[float, float] | None = None
-    for name, e in entries.items():
-        f = runs / name.replace("@", "-lr") / "summary.json"
-        if e["phase"] == 1 and e["method"] == spec["method"] and f.is_file():
-            loss = json.loads(f.read_text()).get("eval_loss_final")
-            if isinstance(loss, float) and (best is None or loss < best[0]):
-                best = (loss, e["lr"])
-    return best[1] if best else default_lr(spec["method"])
+    w = _writer()
+    sweep = {n: e for n, e in entries.items() if e["phase"] == 1 and e["method"] == spec["method"]}
+    picks = w.pick_defaults(w.collect(sweep, runs))
+    return picks[spec["method"]]["lr"] if spec["method"] in picks else default_lr(spec["method"])
 
 
 def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides: dict[str, Any],
-              entries: dict[str, dict[str, Any]]) -> Path:
+              entries: dict[str, dict[str, Any]], *, own_process: bool = False) -> Path:
     """Run one matrix entry into runs/<name> (skipped when its summary.json exists); returns the run dir.
-    Writes the process's peak RSS to <run>/peak_rss_mb.txt (meaningful when the entry has a process of its own)."""
+    With own_process (the entry is the only one this process runs) writes the process's peak RSS to
+    <run>/peak_rss_mb.txt; entries sharing a process get none (their peak would be the process's so far)."""
     import resource
 
     from fedtune import config
@@ -102,7 +107,8 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
         simulate_baseline(cfg, spec["kind"], progress=False)
     else:
         simulate(cfg, progress=False)
-    (out / "peak_rss_mb.txt").write_text(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}\n")
+    if own_process:
+        (out / "peak_rss_mb.txt").write_text(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}\n")
     return out
 
 
@@ -161,16 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if not a.report_only:
         if a.only and a.jobs <= 1:  # also how each --jobs child runs its entry
             for name in a.only:
-                run_entry(name, entries[name], Path(a.config), runs, overrides, entries)
+                run_entry(name, entries[name], Path(a.config), runs, overrides, entries, own_process=len(a.only) == 1)
             return 0
         run_all(a.only or list(entries), entries, a, runs, overrides)
         if a.only:
             return 0
-    if str(HERE) not in sys.path:  # the sibling module simulations/report_write.py
-        sys.path.insert(0, str(HERE))
-    from report_write import write_report
-
-    write_report(entries, runs, Path(a.results), prompts=0 if a.no_prompts else PROMPTS,
+    _writer().write_report(entries, runs, Path(a.results), prompts=0 if a.no_prompts else PROMPTS,
                  notes=Path(a.notes).read_text(encoding="utf-8") if a.notes else "")
     return 0
 

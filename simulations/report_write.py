@@ -120,6 +120,15 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, ax, name: str, legend_size: int, **grid) -> str:
+        """Grid, legend, layout; write results/<name> and close the figure."""
+        ax.grid(alpha=0.3, **grid)
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(results / name, dpi=110)
+        plt.close(fig)
+        return name
+
     out = {}
     dp = [r for r in rows if r["target_epsilon"]]
     base = [r for r in [next((x for x in rows if x["kind"] == "local"), None)]
@@ -131,12 +140,7 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, ls="--" if r in dp else (":" if r in base else "-"),
                     label=r["label"])
     ax.set(xlabel="round", ylabel="global test loss", title="Global test loss per round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results / "test_loss_vs_round.png", dpi=110)
-    plt.close(fig)
-    out["round"] = "test_loss_vs_round.png"
+    out["round"] = save(fig, ax, "test_loss_vs_round.png", 7)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in chosen + dp:
@@ -147,12 +151,7 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
     ax.set_xscale("log")
     ax.set(xlabel="cumulative bytes (up + down, all clients)", ylabel="global test loss",
            title="Global test loss vs communication")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results / "test_loss_vs_bytes.png", dpi=110)
-    plt.close(fig)
-    out["bytes"] = "test_loss_vs_bytes.png"
+    out["bytes"] = save(fig, ax, "test_loss_vs_bytes.png", 7, which="both")
 
     local = next((r for r in rows if r["kind"] == "local"), None)
     best = same_lr_peer(rows, chosen)
@@ -167,12 +166,7 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
                label=f"local-only model (lr {local['lr']:g})")
         ax.set_xticks(list(xs), cids)
         ax.set(ylabel="loss on the client's own held-out slice", title="Personalisation gap: global vs local-only")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(results / "per_client.png", dpi=110)
-        plt.close(fig)
-        out["clients"] = "per_client.png"
+        out["clients"] = save(fig, ax, "per_client.png", 8, axis="y")
     return out
 
 
