@@ -12,8 +12,8 @@ central-seq
          the pooled data, rounds × (clients per round · local_steps) steps at batch batch_size: the same examples
          seen in K× more sequential steps (a stronger reference than the federation's step budget allows).
 
-Both reuse the round engine and the in-process transport (rows, checkpoints, summary.json, adapters); no bytes
-cross a network, so bytes are 0. Each model lands in <out>/models/<client-id | central>/ (a normal run dir:
+All three reuse the round engine and the in-process transport (rows, checkpoints, summary.json, adapters); no bytes
+cross a network, so bytes are 0. Each model lands in <out>/models/<client-id | central | central-seq>/ (a normal run dir:
 `fedtune eval --adapter <out>/models/client-0/adapter` works).
 """
 
@@ -41,14 +41,14 @@ def _mean(values: list[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bool, *, batch_size: int | None = None,
+def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bool, *, batch_size: int,
                  test_every_round: bool = True, cache: dict[str, float] | None = None) -> dict[str, Any]:
     """One single-client run on the shared model, from the run's initial global state; returns its summary.
     Without test_every_round the (costly) global test loss is computed at round 0 (once, cached) and at the end."""
     cfg = copy.deepcopy(run.cfg)
     cfg.run.out = str(run.cfg.out_dir / "models" / name)
     cfg.train.local_steps = steps
-    cfg.train.batch_size = batch_size or cfg.train.batch_size
+    cfg.train.batch_size = batch_size
     cfg.federation.num_clients, cfg.federation.min_clients, cfg.federation.fraction = 1, 1, 1.0
     algo, pad, bs = run.algo, run.tokenizer.pad_token_id, cfg.run.eval_batch_size
     gm = GlobalModel(run.gm.model, algo.make_client(), algo=algo, state=run.state)
