@@ -53,6 +53,15 @@ def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
 
 
+def _train_loss(updates: list[ClientUpdate]) -> float:
+    """Example-weighted mean of the clients' reported train losses; clients that report none (or NaN) are left
+    out instead of counting as 0. NaN when no client reports one."""
+    rep = [(u.metrics["train_loss"], u.num_examples) for u in updates
+           if math.isfinite(u.metrics.get("train_loss", math.nan))]
+    n = sum(w for _, w in rep)
+    return sum(v * w for v, w in rep) / n if n else math.nan
+
+
 @dataclass
 class RoundResult:
     updates: list[ClientUpdate]
@@ -249,13 +258,12 @@ class RoundEngine:
             self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
         deltas = _finite([agg_metrics.pop("delta", None), *(u.metrics.get("delta") for u in updates)])
         checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, self.engine_state()))
-        n = sum(u.num_examples for u in updates)
         row = {
             "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
             "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)),
             "updates_rejected": len(res.rejected), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
-            "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
+            "train_loss": _train_loss(updates),
             **losses,
             "epsilon": self.epsilon_max, "delta": max(deltas) if deltas else None,
             "wall_s": round(time.perf_counter() - t0, 3),

@@ -1,7 +1,8 @@
 """A hostile organisation against a real `fedtune server` process on localhost (FLoRA, tiny model): one
-authenticated client pushes a crafted update each round; the coordinator refuses it with INVALID_ARGUMENT,
-stays up and SERVING, the two honest clients finish, and the final adapter is bit-identical to a run in which
-the hostile client never reported (same transport, same honest clients)."""
+authenticated client pushes a crafted update each round (broken tensors, or valid tensors with lying metrics);
+the coordinator refuses it with INVALID_ARGUMENT, stays up and SERVING, the two honest clients finish, and the
+final adapter and the reported train loss and ε are identical to a run in which the hostile client never
+reported (same transport, same honest clients)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _attack(name: str, rank: int, shapes: dict[str, tuple[int, int]]) -> ClientU
     elif name == "nan_and_2^62_examples":
         t = {k: torch.full_like(v, float("nan")) for k, v in t.items()}
         n = 2**62
-    return ClientUpdate(HOSTILE, n, t)
+    metrics = {"train_loss": -1e30, "epsilon": 0.5} if name == "poisoned_metrics" else {"train_loss": 1.0}
+    return ClientUpdate(HOSTILE, n, t, metrics)
 
 
 ATTACKS = {  # round → (attack, what the refusal names)
@@ -48,6 +50,7 @@ ATTACKS = {  # round → (attack, what the refusal names)
     2: ("shape_4x63", "has shape (4, 63), expected (4, 64)"),
     3: ("nan_and_2^62_examples", f"num_examples = {2**62} exceeds the allowed 48"),
     4: ("rank_20000", "has shape (20000, 64), expected (4, 64)"),
+    5: ("poisoned_metrics", "metric train_loss = -1e+30 is outside [0, inf]"),  # valid tensors, lying metrics
 }
 
 
@@ -133,3 +136,5 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
     assert [(x["clients_completed"], x["updates_rejected"]) for x in r] == [(2, 1)] * len(ATTACKS)
     assert [x["clients_completed"] for x in rows(tmp_path / "ref")[1:]] == [2] * len(ATTACKS)
     assert adapters(tmp_path / "out", tmp_path / "ref") == 0.0  # bit-identical to the honest-only run
+    # and so is what the run reports: the refused metrics reached neither the train loss nor ε
+    assert [(x["train_loss"], x["epsilon"]) for x in r] == [(x["train_loss"], x["epsilon"]) for x in rows(tmp_path / "ref")[1:]]

@@ -49,9 +49,19 @@ SPEC = lora_update_spec({"m": (64, 64)}, 4)
     (lambda u: u.tensors["m.B"].__setitem__((0, 0), float("inf")), "m.B has 1 non-finite value(s)"),
     (lambda u: setattr(u, "num_examples", 0), "num_examples must be a positive integer, got 0"),
     (lambda u: setattr(u, "num_examples", 2**62), f"num_examples = {2**62} exceeds the allowed 48"),
+    # client-reported metrics: the server prints train loss and ε/δ from them
+    (lambda u: u.metrics.update(train_loss=-1e9), "metric train_loss = -1000000000.0 is outside [0, inf]"),
+    (lambda u: u.metrics.update(epsilon=float("nan")), "metric epsilon = nan is outside [0, inf]"),
+    (lambda u: u.metrics.update(delta=2.0), "metric delta = 2.0 is outside [0, 1]"),
+    (lambda u: u.metrics.update(zo_clipped_frac=-0.5), "metric zo_clipped_frac = -0.5 is outside [0, 1]"),
+    (lambda u: u.metrics.update({f"m{i}": 0.0 for i in range(40)}), "45 metrics, at most 32 allowed"),
+    (lambda u: u.metrics.update({"x" * 65: 1.0}), "is not an identifier of at most 64 characters"),
+    (lambda u: u.metrics.update({"bad name\n": 1.0}), "metric name 'bad name\\n' is not an identifier"),
+    (lambda u: u.metrics.update(train_loss="1.0"), "metric train_loss is a str, not a number"),
 ])
 def test_validator_names_the_problem(mutate, message):
     u = _lora()
+    u.metrics = {"train_loss": 2.5, "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.1}
     validate_update(SPEC, u, max_examples=48)  # the honest update passes
     mutate(u)
     with pytest.raises(UpdateRejected) as e:
@@ -175,6 +185,25 @@ def test_engine_drops_invalid_updates_for_every_transport(tmp_path):
     assert torch.equal(new.tensors["m.A"], torch.ones(2, 8))  # the mean of a alone
     row = writer.rows[-1]
     assert row["clients_completed"] == 1 and row["updates_rejected"] == 3
+    writer.close()
+
+
+def test_round_train_loss_is_the_weighted_mean_of_the_reported_losses(tmp_path):
+    """Clients that report no train loss (or NaN: a FedKSeed client whose DP batches were all empty) are left
+    out of the mean instead of counting as 0; a hostile value is refused with its update."""
+    ups = [_fedavg_update("a", 1, 1.0), _fedavg_update("b", 3, 3.0), _fedavg_update("c", 5, 5.0)]
+    ups[0].metrics, ups[1].metrics, ups[2].metrics = {"train_loss": 2.0}, {"train_loss": 4.0}, {}
+    transport = FixedTransport(ups)
+    transport.run_round = lambda rnd, ins, t: RoundResult(updates=ups)
+    engine, writer = _engine(tmp_path, transport), MetricsWriter(tmp_path)
+    engine.run_round(1, STATE, writer)
+    assert writer.rows[-1]["train_loss"] == (2.0 * 1 + 4.0 * 3) / 4
+    ups[2].metrics = {"train_loss": float("nan")}
+    engine.run_round(2, engine.resume()[0], writer)
+    assert writer.rows[-1]["train_loss"] == 3.5 and writer.rows[-1]["updates_rejected"] == 0
+    ups[2].metrics = {"train_loss": -1e30}  # would drag the mean to -5.6e29
+    engine.run_round(3, engine.resume()[0], writer)
+    assert writer.rows[-1]["train_loss"] == 3.5 and writer.rows[-1]["updates_rejected"] == 1
     writer.close()
 
 

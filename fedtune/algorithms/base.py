@@ -15,6 +15,8 @@ method assigned that client this round) by `validate_update` before `aggregate` 
 
 from __future__ import annotations
 
+import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,9 +99,45 @@ class UpdateRejected(ValueError):
     """A client update does not match what was assigned; the message names the problem (one line)."""
 
 
+MAX_METRICS = 32  # honest clients send ≤ 7 (train_loss, epsilon, delta, noise_multiplier, sample_rate, zo_*)
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+# The values the server reads (train loss in the round row, ε/δ in the privacy report), with the range an honest
+# client can produce; NaN allowed where an honest client can report it (a FedKSeed client whose DP Poisson
+# batches were all empty has no train loss).
+METRIC_RANGES: dict[str, tuple[float, float, bool]] = {  # name: (lo, hi, NaN allowed), inclusive
+    "train_loss": (0.0, math.inf, True),
+    "epsilon": (0.0, math.inf, False),
+    "delta": (0.0, 1.0, False),
+    "noise_multiplier": (0.0, math.inf, False),
+    "sample_rate": (0.0, 1.0, False),
+    "zo_clipped_frac": (0.0, 1.0, False),
+    "zo_skipped_steps": (0.0, 2.0**31, False),
+}
+
+
+def validate_metrics(update: ClientUpdate) -> None:
+    """Refuse (UpdateRejected) client-reported metrics the server cannot trust: more than MAX_METRICS, a name
+    that is not an identifier of ≤ 64 characters, a value that is not a number, or a known metric outside
+    METRIC_RANGES (a negative or NaN loss, ε < 0, δ ∉ [0, 1], ...). Unknown names are kept but never read."""
+    who, m = f"update from {update.client_id!r}", update.metrics
+    if not isinstance(m, dict) or len(m) > MAX_METRICS:
+        raise UpdateRejected(f"{who}: {len(m) if isinstance(m, dict) else type(m).__name__} metrics, at most "
+                             f"{MAX_METRICS} allowed")
+    for k, v in m.items():
+        if not isinstance(k, str) or not _METRIC_NAME.fullmatch(k):
+            raise UpdateRejected(f"{who}: metric name {str(k)[:80]!r} is not an identifier of at most 64 characters")
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise UpdateRejected(f"{who}: metric {k} is a {type(v).__name__}, not a number")
+        if k in METRIC_RANGES:
+            lo, hi, nan_ok = METRIC_RANGES[k]
+            if math.isnan(v) and not nan_ok or not math.isnan(v) and not lo <= v <= hi:
+                raise UpdateRejected(f"{who}: metric {k} = {v!r} is outside [{lo:g}, {hi:g}]")
+
+
 def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int | None = None) -> None:
     """Refuse (UpdateRejected) an update whose tensor names, shapes or dtypes differ from `spec`, that holds
-    a non-finite or out-of-bounds value, or whose num_examples is not in [1, max_examples]."""
+    a non-finite or out-of-bounds value, whose num_examples is not in [1, max_examples], or whose metrics fail
+    validate_metrics."""
     who = f"update from {update.client_id!r}"
     n = update.num_examples
     if not isinstance(n, int) or n < 1:
@@ -107,6 +145,7 @@ def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int
     if max_examples is not None and n > max_examples:
         raise UpdateRejected(f"{who}: num_examples = {n} exceeds the allowed {max_examples} "
                              "(what the client declared at Join, or [server] max_examples_per_client)")
+    validate_metrics(update)
     missing, extra = sorted(set(spec.tensors) - set(update.tensors)), sorted(set(update.tensors) - set(spec.tensors))
     if missing:
         raise UpdateRejected(f"{who}: {len(missing)} expected tensor(s) missing, e.g. {missing[0]!r}")
