@@ -487,13 +487,14 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_t
 
 
 def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
-    """A node's reply is hostile input: a reply for another client, one without the fedtune header and one
-    with an undecodable tensor each fail their client with the reason; the round goes on."""
+    """A node's reply is hostile input: a reply for another client, one without the fedtune header, one with an
+    undecodable tensor and ones whose metrics are not a map of numbers each fail their client with the reason;
+    the round goes on."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
     from fedtune.flower.server import run_server
 
-    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 4,
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 6,
                              "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
 
     class Hostile(FakeGrid):
@@ -509,13 +510,19 @@ def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
             elif node == 103:
                 bad = Array(dtype="no_such_dtype", shape=(2,), stype="fedtune.torch.raw", data=b"\0" * 8)
                 reply.content["update"] = ArrayRecord({"lora.A": bad})
+            elif node == 104:
+                reply.content.config_records["fedtune"]["metrics"] = '{"train_loss": [1e30]}'
+            elif node == 105:
+                reply.content.config_records["fedtune"]["metrics"] = "[" * 100_000 + "]" * 100_000
             return reply
 
-    summary = run_server(Hostile(cfg, _specs(4)), cfg)
+    summary = run_server(Hostile(cfg, _specs(6)), cfg)
     failed = summary["flower"]["rounds"][0]["failed"]
-    assert sorted(failed) == ["client-1", "client-2", "client-3"] and summary["status"] == "completed"
+    assert sorted(failed) == [f"client-{i}" for i in range(1, 6)] and summary["status"] == "completed"
     assert "'client-0'" in failed["client-1"] and "KeyError" in failed["client-2"]
     assert "AttributeError" in failed["client-3"]
+    assert "metric train_loss is a list, not a number" in failed["client-4"]
+    assert "RecursionError" in failed["client-5"]
     assert _rows(tmp_path / "out")[1]["clients_completed"] == 1
 
 

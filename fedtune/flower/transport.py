@@ -32,7 +32,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction, payload_nbytes
+from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction, payload_nbytes, validate_metrics
 from fedtune.engine import RoundEngine, RoundResult
 from fedtune.flower import serde
 from fedtune.wire import sizes as wire_size
@@ -225,6 +225,7 @@ class FlowerTransport:
                     update: ClientUpdate = serde.record_to_update(reply.content)
                     if update.client_id != cid:
                         raise ValueError(f"the reply is for {update.client_id!r}")
+                    validate_metrics(update)  # arbitrary JSON: check before it is sized (update_bytes) below
                 except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # hostile: never crash
                     self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {e}", rnd)
                     continue
