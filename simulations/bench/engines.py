@@ -18,6 +18,12 @@ own adapter fork of the shared base; bit-identical to one by one), native-thread
 batch_clients: one batched loop per worker over its group of clients), flower (run_simulation, Ray, --actors
 actors × 1 CPU; clients train in parallel).
 
+Bound (printed when flower and native-1t or native-batched-1t ran): the one-thread engine's round is all of a
+round's work on one core; split perfectly over the CPUs it is the least wall per round any in-process schedule of
+the same client steps can take, and the import time of a fresh interpreter plus that split of round 1 the least
+time to the first round. Each ÷ Flower's figure is the best ratio reachable without cheaper client steps (which
+Flower's actors, running the same client code, would get too).
+
     python simulations/bench/engines.py --rounds 3 [--engines native native-1t flower] [--actors 2]
 """
 
@@ -133,6 +139,36 @@ def measure(engine: str, rounds: int, actors: int) -> dict:
     }
 
 
+def import_floor(repeats: int = 3) -> float:
+    """Seconds a fresh interpreter takes to import what a simulated run imports (fedtune, torch, transformers'
+    Llama, peft), best of `repeats`: every engine pays it before its first round."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    code = "import fedtune.simulation, fedtune.models.loading, transformers.models.llama.modeling_llama, peft"
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bounds(res: list[dict], cpus: int, imports_s: float) -> dict | None:
+    """Floors for any in-process schedule of the same client steps: a one-thread engine's round (all of a round's
+    work on one core) split perfectly over `cpus`, and for the first round the import time plus that split of
+    round 1; each ÷ Flower's figure is the best ratio such a schedule can reach here."""
+    by = {r["engine"]: r for r in res}
+    one = [by[e] for e in ("native-1t", "native-batched-1t") if e in by]
+    if "flower" not in by or not one:
+        return None
+    fl, best = by["flower"], min(one, key=lambda r: r["later_round_wall_s_mean"])
+    later, first = best["later_round_wall_s_mean"] / cpus, imports_s + best["round1_wall_s"] / cpus
+    return {"from_engine": best["engine"], "cpus": cpus, "imports_s": round(imports_s, 2),
+            "later_round_floor_s": round(later, 3), "best_s_per_round_vs_flower": round(later / fl["later_round_wall_s_mean"], 3),
+            "first_round_floor_s": round(first, 2),
+            "best_first_round_vs_flower": round(first / fl["time_to_first_round_s"], 3)
+            if fl["time_to_first_round_s"] else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -165,8 +201,15 @@ def main() -> None:
     print(" | ".join(c[0] for c in cols))
     for r in res:
         print(" | ".join("-" if r[k] is None else f.format(r[k]) for _, k, f in cols))
+    cpus = len(os.sched_getaffinity(0))
+    floor = bounds(res, cpus, import_floor())
+    if floor:
+        print(f"bound ({floor['from_engine']}'s round split over {cpus} CPUs; imports {floor['imports_s']} s): "
+              f"later rounds ≥ {floor['later_round_floor_s']} s → s/round ÷ flower ≥ "
+              f"{floor['best_s_per_round_vs_flower']}; first round ≥ {floor['first_round_floor_s']} s → first round "
+              f"÷ flower ≥ {floor['best_first_round_vs_flower']} (for the same client steps)")
     doc = {"workload": "fedavg LoRA q,v r=8, tiny-256x4 Llama, 8 clients x 10 steps x batch 8x32",
-           "rounds": a.rounds, "flower_actors": a.actors, "cpus": os.cpu_count(), "torch": torch.__version__,
+           "bounds": floor, "rounds": a.rounds, "flower_actors": a.actors, "cpus": os.cpu_count(), "torch": torch.__version__,
            "native_torch_threads": torch.get_num_threads(), "load_average_1min": load, "results": res}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(doc, indent=2))
