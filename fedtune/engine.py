@@ -282,7 +282,8 @@ class RoundEngine:
 
     def engine_state(self) -> dict[str, Any]:
         extra = self.extra_state() if self.extra_state is not None else {}
-        return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max, **extra}
+        return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max,
+                "state_format": self.algo.state_format, **extra}
 
     def resume(self, run_id: str | None = None) -> tuple[GlobalState, int, dict[str, Any]] | None:
         """(state, next round, engine state) from the newest complete checkpoint (of run `run_id`), or None."""

@@ -115,6 +115,7 @@ class RobustAggregation(FedAlgorithm):
         self.inner, self.robust = inner, rc
         self.name = f"{inner.name}+robust"  # type: ignore[misc]
         self.supports_sample_dp = inner.supports_sample_dp  # type: ignore[misc]
+        self.state_format = inner.state_format  # type: ignore[misc]
 
     def __getattr__(self, name: str):  # delegation: initialize's helpers, DP accounting, set_init_data, ...
         if name == "inner":

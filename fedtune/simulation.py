@@ -49,7 +49,7 @@ from fedtune.models import fingerprint, load_model
 from fedtune.privacy import ClientLevelDP
 from fedtune.privacy.sample import PrivacyBudgetExhausted
 from fedtune.robust import RobustAggregation
-from fedtune.rundir import RunDir, identity
+from fedtune.rundir import RunDir, RunDirError, identity
 from fedtune.wire import sizes as wire_size
 
 log = logging.getLogger("fedtune")
@@ -330,6 +330,30 @@ def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | Non
         raise
 
 
+def check_resumed_state(algo: FedAlgorithm, fresh: GlobalState, resumed: GlobalState, engine_state: dict[str, Any],
+                        where: Path) -> None:
+    """Refuse (RunDirError: exit 2) a checkpoint this fedtune would misread: stamped with another state format
+    than `algo.state_format` (or unstamped, for a method whose format changed since checkpoints carry one), or
+    missing a tensor / meta key that the fresh state has, or holding such a tensor with another shape or dtype
+    (a damaged or foreign checkpoint). Said before anything is trained, never as a traceback mid-round."""
+    fmt, want = engine_state.get("state_format"), algo.state_format
+    if fmt != want and not (fmt is None and want == 1):
+        held = f"format {fmt}" if fmt is not None else "a format from before fedtune stamped checkpoints"
+        raise RunDirError(f"cannot resume {where}: its {algo.name} state has {held}, this fedtune reads format "
+                          f"{want} (see state_format in fedtune/algorithms); start a new run (another --out, or "
+                          "--overwrite) or resume it with the fedtune that wrote it")
+    for k, t in sorted(fresh.tensors.items()):
+        r = resumed.tensors.get(k)
+        if r is None or tuple(r.shape) != tuple(t.shape) or r.dtype != t.dtype:
+            got = "no such tensor" if r is None else f"{tuple(r.shape)} {r.dtype}"
+            raise RunDirError(f"cannot resume {where}: its checkpoint's {algo.name} state does not fit this run: "
+                              f"{k!r} should be {tuple(t.shape)} {t.dtype}, found {got} (damaged, or written by "
+                              "another fedtune); start a new run (another --out, or --overwrite)")
+    if missing := sorted(set(fresh.meta) - set(resumed.meta)):
+        raise RunDirError(f"cannot resume {where}: its checkpoint's {algo.name} state lacks {missing} (damaged, or "
+                          "written by another fedtune); start a new run (another --out, or --overwrite)")
+
+
 def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] | None, deployment: bool) -> Run:
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
@@ -353,7 +377,8 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] 
     rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume)
     start, client_state = 1, {}
     if resume and (ck := engine.resume(rec["run_id"])) is not None:
-        state, start, engine_state = ck
+        fresh, (state, start, engine_state) = state, ck
+        check_resumed_state(algo, fresh, state, engine_state, cfg.out_dir)
         client_state = engine_state.get("client_state", {})
         log.info("resuming from the checkpoint of round %d (run %s)", start - 1, rec["run_id"][:8])
     if resume:

@@ -107,6 +107,60 @@ def test_resume_cuts_metrics_and_summary_to_the_checkpoint(tmp_path):
         run.close()
 
 
+@pytest.mark.parametrize("algorithm", ["fedavg", "flora", "fedsb", "fedkseed"])
+def test_resume_checks_the_checkpoints_state_format_and_layout(tmp_path, algorithm):
+    """A checkpoint stamps its method's state format; resume refuses another format, an unstamped one for a
+    method whose format changed (Fed-SB, FedKSeed), and a state whose tensors do not fit: with exit 2 before
+    anything runs, never a KeyError mid-round."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    kw = {"run.algorithm": algorithm, "run.rounds": 1}
+    simulate(_cfg(out, **kw), progress=False)
+    ck = out / "checkpoints/round-0001"
+    meta, tensors = json.loads((ck / "state.json").read_text()), load_file(ck / "global.safetensors")
+    fmt = {"fedavg": 1, "flora": 1, "fedsb": 2, "fedkseed": 2}[algorithm]
+    assert meta["engine"]["state_format"] == fmt
+
+    def write(engine_format, t):
+        m = json.loads(json.dumps(meta))
+        if engine_format is None:
+            del m["engine"]["state_format"]
+        else:
+            m["engine"]["state_format"] = engine_format
+        (ck / "state.json").write_text(json.dumps(m))
+        save_safetensors(t, ck / "global.safetensors")
+
+    def resume():
+        run = prepare_run(_cfg(out, **{**kw, "run.rounds": 2}), resume=True)
+        run.close()
+        return run.start_round
+
+    write(fmt + 1, tensors)
+    with pytest.raises(RunDirError, match=f"its {algorithm} state has format {fmt + 1}, this fedtune reads format {fmt}"):
+        resume()
+    write(None, tensors)  # written before checkpoints were stamped: fine where the format never changed
+    if fmt == 1:
+        assert resume() == 2
+    else:
+        with pytest.raises(RunDirError, match="a format from before fedtune stamped checkpoints"):
+            resume()
+    if algorithm == "fedsb":  # the old layout (one R per module) under the current stamp: named, not a KeyError
+        old = {k: v for k, v in tensors.items() if k != "R"}
+        modules = sorted({k.rsplit(".", 1)[0] for k in old})
+        old.update({f"{m}.R": tensors["R"][i].clone() for i, m in enumerate(modules)})
+        write(fmt, old)
+        with pytest.raises(RunDirError, match=r"'R' should be \(4, 8, 8\) torch.float32, found no such tensor"):
+            resume()
+    if algorithm == "fedavg":
+        name = min(tensors)
+        write(fmt, {**tensors, name: tensors[name].double()})
+        with pytest.raises(RunDirError, match=f"'{name}' should be .* torch.float32, found .* torch.float64"):
+            resume()
+    write(fmt, tensors)
+    assert resume() == 2 and _rounds(out) == [0, 1]
+
+
 def test_every_written_file_is_world_readable(tmp_path):
     """safetensors writes 0600; every fedtune output ends up 0666 & ~umask (0644 under umask 022)."""
     old = os.umask(0o022)

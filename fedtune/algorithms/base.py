@@ -226,6 +226,9 @@ class FedAlgorithm(ABC):
     """Server side of a method. `aggregate` must be pure and deterministic."""
 
     name: ClassVar[str]
+    # Layout and meaning of the global state; bump it when either changes: a checkpoint stamped with another
+    # format is refused on resume instead of being misread (see simulation.check_resumed_state).
+    state_format: ClassVar[int] = 1
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -69,6 +69,7 @@ class ClientLevelDP(FedAlgorithm):
         super().__init__(inner.config)
         self.inner, self.privacy, self.os_noise = inner, pc, os_noise
         self.name = f"{inner.name}+client_dp"  # type: ignore[misc]
+        self.state_format = inner.state_format  # type: ignore[misc]
         self.clients_per_round, self.num_clients = clients_per_round, num_clients
         self.sample_rate = clients_per_round / num_clients
         self.delta = pc.client_delta(num_clients)

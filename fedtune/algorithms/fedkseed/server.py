@@ -55,6 +55,7 @@ class FedKSeed(FedAlgorithm):
         "since the set of seeds used reveals who took part, so every client would replay K z regenerations "
         "per round instead of the seeds actually used")
     name = "fedkseed"
+    state_format = 2  # 2: z(seed) drawn in seeded 2^20-number blocks (1: one stream), so replayed pairs mean another θ
     config: FedKSeedConfig
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:

@@ -37,6 +37,7 @@ def modules_of(state: GlobalState) -> list[str]:
 
 class FedSB(FedAlgorithm):
     name = "fedsb"
+    state_format = 2  # 2: all R in one packed [n_modules, r, r] tensor "R" (1: one "<module>.R" each)
     supports_tensor_average = True
     config: FedSBConfig
 
