@@ -8,6 +8,7 @@ section overrides them. Unknown keys are errors (typos must not pass silently).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,9 @@ class ServerSection:
     insecure: bool = False  # allow plaintext (tokens in clear text; only for tests on a trusted network)
     heartbeat_interval_s: float = 5.0
     lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
+    # once min_clients valid updates are in, wait at most this long for the rest (0: until round_timeout_s or
+    # their leases expire); bounds what a client that heartbeats but never uploads can hold a round for
+    straggler_timeout_s: float = 0.0
     poll_interval_s: float = 1.0  # how soon an idle client asks again
     max_upload_mb: float = 512.0
     max_examples_per_client: int = 1_000_000  # cap on an update's num_examples (its aggregation weight); 0 = none
@@ -323,6 +327,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("heartbeat_interval_s", "lease_timeout_s", "poll_interval_s", "max_upload_mb", "stream_idle_timeout_s",
                 "stream_timeout_s", "max_inflight_mb"):
         _require(getattr(sv, key) > 0, f"server.{key} must be > 0, got {getattr(sv, key)}")
+    _require(sv.straggler_timeout_s >= 0 and math.isfinite(sv.straggler_timeout_s),
+             f"server.straggler_timeout_s must be ≥ 0 (0 = off), got {sv.straggler_timeout_s}")
     _require(sv.max_inflight_mb >= sv.max_upload_mb,
              f"server.max_inflight_mb ({sv.max_inflight_mb:g}) must be ≥ server.max_upload_mb ({sv.max_upload_mb:g})")
     cl = cfg.section("client", ClientSection)

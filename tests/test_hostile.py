@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -138,3 +139,58 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
     assert adapters(tmp_path / "out", tmp_path / "ref") == 0.0  # bit-identical to the honest-only run
     # and so is what the run reports: the refused metrics reached neither the train loss nor ε
     assert [(x["train_loss"], x["epsilon"]) for x in r] == [(x["train_loss"], x["epsilon"]) for x in rows(tmp_path / "ref")[1:]]
+
+
+def test_a_client_that_heartbeats_but_never_uploads_cannot_hold_the_rounds(tmp_path):
+    """A hostile client keeps its lease alive (heartbeats) and pulls its task but never uploads: without
+    [server] straggler_timeout_s each round would wait round_timeout_s (here 120 s) for it; with 1 s the rounds
+    end 1 s after the min_clients = 2 honest updates, the hostile client failed, the run completes."""
+    cfg_path = write_run(tmp_path, rounds=2)
+    port = _free_port()
+    text = cfg_path.read_text().replace('address = "127.0.0.1:0"', f'address = "127.0.0.1:{port}"')
+    text = text.replace("lease_timeout_s = 2.0", "lease_timeout_s = 60.0\nstraggler_timeout_s = 1.0")
+    cfg_path.write_text(text.replace("max_round_retries = 0", "max_round_retries = 0\nround_timeout_s = 120"))
+    srv = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "server", "--config", str(cfg_path), "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agents = [agent(cfg_path, port, i) for i in range(2)]
+    stop = threading.Event()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+        grpc.channel_ready_future(channel).result(timeout=90)
+        stub, md = serde.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
+        base, _ = load_model("tiny", seed=0)
+        assert serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+            HOSTILE, fingerprint(base), {"train_examples": "48"}, "idle")), metadata=md, timeout=10)).accepted
+
+        def hold() -> None:  # pull each round's task, then only heartbeat
+            while not stop.is_set():
+                try:
+                    res = serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(HOSTILE, None)), metadata=md,
+                                                        timeout=10), max_bytes=1 << 24)
+                    task_id = res.task_id if isinstance(res, serde.Task) else ""
+                    stub.Heartbeat(serde.to_proto(serde.HeartbeatRequest(HOSTILE, task_id)), metadata=md, timeout=10)
+                except grpc.RpcError:
+                    pass  # the server is gone at the end
+                stop.wait(0.2)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        t0 = time.monotonic()
+        threads, results = run_agents(agents)
+        out, _ = srv.communicate(timeout=300)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        for a in agents:
+            a.stop.set()
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+    assert srv.returncode == 0, out
+    assert results == dict.fromkeys(IDS[:2], 0)
+    r = rows(tmp_path / "out")[1:]
+    assert [(x["clients_completed"], x["clients_failed"]) for x in r] == [(2, [HOSTILE])] * 2
+    assert all(x["wall_s"] < 60 for x in r) and took < 120, (took, [x["wall_s"] for x in r])
+    assert out.count("(straggler_timeout_s); not waiting for ['client-2']") == 2, out

@@ -52,6 +52,7 @@ class _RoundBook:
     started: float = field(default_factory=time.monotonic)
     tasks: dict[str, _Task] = field(default_factory=dict)  # by client id
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
+    quorum_at: float | None = None  # when the min_clients-th valid update came in
     rejected: set[str] = field(default_factory=set)  # sent an invalid update: failed for this round
     bytes_up: int = 0
     bytes_down: int = 0
@@ -84,8 +85,9 @@ class GrpcTransport(serde.CoordinatorServicer):
     """The Coordinator servicer and the engine's Transport in one object (they share the round book)."""
 
     def __init__(self, *, roster: list[str], tokens: dict[str, str], fingerprint: str, model_name: str,
-                 run_name: str, algorithm: str, cfg: ServerSection) -> None:
+                 run_name: str, algorithm: str, cfg: ServerSection, min_clients: int = 1) -> None:
         self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
+        self.min_clients = min_clients  # with cfg.straggler_timeout_s: when a round may stop waiting for the rest
         self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
         self.auth = TokenAuthInterceptor(tokens)
         self.mtls = bool(cfg.tls_cert and cfg.tls_client_ca)
@@ -130,7 +132,18 @@ class GrpcTransport(serde.CoordinatorServicer):
                     if all(now - t > self.cfg.lease_timeout_s for t in seen.values()):
                         log.warning("round %d: lease expired for %s", rnd, sorted(pending))
                         break
-                    self.lock.wait(timeout=min(0.5, deadline - now))
+                    wait = min(0.5, deadline - now)
+                    if (grace := self.cfg.straggler_timeout_s) > 0 and len(self.book.updates) >= self.min_clients:
+                        # a client that heartbeats but never uploads would hold every round until its timeout
+                        if self.book.quorum_at is None:
+                            self.book.quorum_at = now
+                        if now - self.book.quorum_at >= grace:
+                            log.warning("round %d: %d valid updates (min_clients %d) for %g s (straggler_timeout_s); "
+                                        "not waiting for %s", rnd, len(self.book.updates), self.min_clients, grace,
+                                        sorted(pending))
+                            break
+                        wait = min(wait, self.book.quorum_at + grace - now)
+                    self.lock.wait(timeout=wait)
                 book = self.book
                 self.book = None  # late pushes for this round are refused from here on
         except BaseException:
@@ -382,7 +395,8 @@ def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], toke
     if not scfg.evaluate:
         run.engine.evaluate_fn = run.engine.test_fn = None
     transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
-                              model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg)
+                              model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg,
+                              min_clients=cfg.federation.min_clients)
     transport.instruction_for = run.engine.instruction_for
     transport.check_update = run.engine.check_update
     if stop is not None:
