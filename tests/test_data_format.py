@@ -132,3 +132,28 @@ def test_directory_of_files_reads_them_in_name_order(tmp_path):
     _jsonl(d / "a.jsonl", ROWS[:1])
     (d / "notes.txt").write_text("ignored")
     assert [e.response for e in load_path(d)] == ["4", "hi, there", "007"]
+
+
+@pytest.mark.parametrize("max_len", [16, 48, 128, 512])
+def test_prefetched_formatting_equals_one_tokenizer_call_per_text(tok, max_len):
+    """format_each / needed_lens render each conversation once and tokenize a block's texts in one batched
+    backend call; the features, outcomes, lengths and needed lengths are exactly those of the per-example
+    path with one `tokenizer(text)` call per text (every schema, multi-turn with system turns, all outcomes)."""
+    from fedtune.data.loaders import load_chatterbot
+
+    exs = list(load_chatterbot("english", ["ai", "food", "literature"]))
+    exs += [Example(_text(n, n), _text(n // 2 + 1, n + 1)) for n in range(0, 300, 7)]
+    exs += [Example("", _text(n, 3)) for n in (1, 40, 400)]  # {"text"}
+    turns = (("system", _text(9, 1)), ("user", _text(30, 2)), ("assistant", _text(20, 3)), ("user", _text(60, 4)),
+             ("assistant", _text(40, 5)))
+    exs += [Example("", "", messages=turns[:k]) for k in (3, 5)] + [Example("", "", messages=turns[1:])]
+    exs += exs[:5]  # repeats share memo entries
+    ref = ChatFormatter(tok, max_len)
+    ref._encode_many = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    want = [ref.format(ex) for ex in exs]
+    fmt = ChatFormatter(tok, max_len)
+    got = list(fmt.format_each(exs))
+    assert [(f.feature, f.outcome, f.length, f.reason) for f in got] == \
+           [(f.feature, f.outcome, f.length, f.reason) for f in want]
+    assert fmt.needed_lens(exs) == [ref.needed_len(ex) for ex in exs]
+    assert {f.outcome for f in got} >= {"whole", "truncated_response"} and fmt._tokens is None  # memo released

@@ -15,7 +15,8 @@ Dropped only when the template (+ system turns) alone is ≥ L. {"text"} example
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from fedtune.data.loaders import Example
 
 IGNORE = -100  # label value that HF causal LMs skip in the loss
+BLOCK = 1024  # examples prefetched together: one batched tokenizer call per block; bounds the memo's memory
 OUTCOMES = ("whole", "truncated_prompt", "truncated_response", "dropped")
 
 
@@ -44,9 +46,54 @@ class ChatFormatter:
         self.max_seq_len = max_seq_len
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.eos = tokenizer.eos_token or ""
+        self._renders: dict | None = None  # memos, filled by prefetched() for one block of examples
+        self._tokens: dict[str, list[int]] | None = None
+
+    @contextmanager
+    def prefetched(self, examples: Sequence[Example], *, lengths: bool = False) -> Iterator[None]:
+        """Within the block, format() (and needed_len() if `lengths`) of `examples` find the renders and token ids
+        they need already made: each conversation rendered once, all texts tokenized in one batched call (the
+        tokenizer's batched path encodes each text exactly as a call per text does; test_data_format checks it).
+        A text the truncation steps make later is tokenized on demand, as before."""
+        self._renders, self._tokens = {}, {}
+        try:
+            texts: list[str] = []
+            for ex in examples:
+                if not ex.messages and not ex.prompt:
+                    texts.append(ex.response + self.eos)
+                    continue
+                msgs = self.conversation(ex)
+                texts += [t for t, _ in self._segment_texts(msgs)]
+                if lengths:
+                    minimal, last_user = self._minimal(msgs)
+                    texts += [t for t, _ in self._segment_texts(minimal)] + [last_user]
+            todo = [t for t in dict.fromkeys(texts) if t]
+            if todo:
+                self._tokens.update(zip(todo, self._encode_many(todo), strict=True))
+            yield
+        finally:
+            self._renders = self._tokens = None
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added): the tokenizer's batched call, or, for a fast tokenizer
+        whose backend has no padding, truncation or special-token splitting set (where that call runs exactly
+        backend.encode_batch and reads .ids), the backend call itself: skips a Python conversion per text."""
+        be = getattr(self.tok, "_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
+        if (be is not None and be.padding is None and be.truncation is None
+                and not getattr(be, "encode_special_tokens", True) and not getattr(self.tok, "split_special_tokens", True)):
+            return [e.ids for e in be.encode_batch(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     # -- rendering ---------------------------------------------------------------------------------
     def _render(self, msgs: Sequence[tuple[str, str]], gen: bool) -> str:
+        if self._renders is not None:
+            key = (tuple(msgs), gen)
+            if (text := self._renders.get(key)) is None:
+                text = self._renders[key] = self._render_now(msgs, gen)
+            return text
+        return self._render_now(msgs, gen)
+
+    def _render_now(self, msgs: Sequence[tuple[str, str]], gen: bool) -> str:
         if self.has_template:
             return self.tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs], tokenize=False,
                                                 add_generation_prompt=gen)
@@ -54,10 +101,18 @@ class ChatFormatter:
         return text + (("\n" if msgs else "") + "Assistant: " if gen else "")
 
     def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        if not text:
+            return []
+        if self._tokens is not None and (ids := self._tokens.get(text)) is not None:
+            return list(ids)  # a copy: features may be cut in place
+        return self._encode_many([text])[0]
 
     def _segments(self, msgs: Sequence[tuple[str, str]]) -> list[tuple[list[int], bool]]:
-        """Token segments (ids, is_assistant). A template that rewrites earlier turns (not prefix-stable)
+        """Token segments (ids, is_assistant)."""
+        return [(self._ids(t), lab) for t, lab in self._segment_texts(msgs)]
+
+    def _segment_texts(self, msgs: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+        """Text segments (text, is_assistant). A template that rewrites earlier turns (not prefix-stable)
         falls back to loss on the last assistant turn only."""
         segs: list[tuple[str, bool]] = []
         prev = ""
@@ -71,7 +126,7 @@ class ChatFormatter:
                 break
             segs += [(head[len(prev):], False), (full[len(head):], True)]
             prev = full
-        return [(self._ids(t), lab) for t, lab in segs]
+        return segs
 
     @staticmethod
     def _feature(segs: list[tuple[list[int], bool]]) -> dict[str, list[int]]:
@@ -145,12 +200,26 @@ class ChatFormatter:
             return n, n
         msgs = self.conversation(ex)
         n_full = sum(len(s) for s, _ in self._segments(msgs))
-        last_user = next((c for r, c in reversed(msgs[:-1]) if r == "user"), "")
-        systems = [m for m in msgs if m[0] == "system"]
-        minimal = systems + [("user", "")] + [msgs[-1]] if last_user or not systems else systems + [msgs[-1]]
+        minimal, last_user = self._minimal(msgs)
         r = sum(len(s) for s, _ in self._segments(minimal))  # template + system + response
         p = len(self._ids(last_user))
         return n_full, min(n_full, r + p, (4 * (r - 1)) // 3 + 1)  # smallest L with L - L // 4 ≥ r
+
+    @staticmethod
+    def _minimal(msgs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
+        """(system turns + an empty user turn + the answer, the last user turn's content): what needed_len measures."""
+        last_user = next((c for r, c in reversed(msgs[:-1]) if r == "user"), "")
+        systems = [m for m in msgs if m[0] == "system"]
+        minimal = systems + [("user", "")] + [msgs[-1]] if last_user or not systems else systems + [msgs[-1]]
+        return minimal, last_user
+
+    def needed_lens(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        """needed_len of each example, prefetched block by block."""
+        out: list[tuple[int, int]] = []
+        for i in range(0, len(examples), BLOCK):
+            with self.prefetched(examples[i : i + BLOCK], lengths=True):
+                out += [self.needed_len(ex) for ex in examples[i : i + BLOCK]]
+        return out
 
     # -- API ---------------------------------------------------------------------------------------
     def __call__(self, ex: Example) -> dict[str, list[int]]:
@@ -164,8 +233,7 @@ class ChatFormatter:
     def format_all(self, examples: Sequence[Example]) -> tuple[list[dict[str, list[int]]], dict]:
         """(kept features, stats): stats = counts per outcome, drop reasons, untruncated token lengths."""
         feats, counts, reasons, lengths = [], Counter({o: 0 for o in OUTCOMES}), Counter(), []
-        for ex in examples:
-            f = self.format(ex)
+        for f in self.format_each(examples):
             counts[f.outcome] += 1
             lengths.append(f.length)
             if f.feature is None:
@@ -173,6 +241,12 @@ class ChatFormatter:
             else:
                 feats.append(f.feature)
         return feats, {"counts": dict(counts), "drop_reasons": dict(reasons), "lengths": lengths}
+
+    def format_each(self, examples: Sequence[Example]) -> Iterator[Formatted]:
+        """format() of each example in order, prefetched block by block."""
+        for i in range(0, len(examples), BLOCK):
+            with self.prefetched(examples[i : i + BLOCK]):
+                yield from (self.format(ex) for ex in examples[i : i + BLOCK])
 
 
 def collate(features: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -120,7 +120,7 @@ def choose_max_seq_len(cfg: RunConfig, tokenizer, examples: list[Example], conte
     if len(examples) > AUTO_SAMPLE:  # a seeded sample bounds the cost on big corpora
         pick = np.random.default_rng([cfg.run.seed, TEST_STREAM + 1]).choice(len(examples), AUTO_SAMPLE, replace=False)
         examples = [examples[i] for i in sorted(pick.tolist())]
-    needed = sorted(fmt.needed_len(ex)[1] for ex in examples)
+    needed = sorted(n for _, n in fmt.needed_lens(examples))
     want = max(8, needed[max(0, int(np.ceil(RESPONSE_KEEP * len(needed))) - 1)])
     chosen = min(want, context_len) if context_len else want
     log.info("[data] max_seq_len = auto: %d tokens (keeps %.1f %% of responses whole%s)", chosen,
@@ -199,8 +199,7 @@ def prepare_data(cfg: RunConfig, tokenizer, ids: list[str] | None = None, *, con
     global_eval = [f for c in clients.values() for f in c.eval]
     test_feats, test_kept = [], []
     test_stats = {"counts": dict.fromkeys(OUTCOMES, 0)}
-    for ex in test_examples:  # test features stay aligned with test_examples
-        f = fmt.format(ex)
+    for ex, f in zip(test_examples, fmt.format_each(test_examples), strict=True):  # features aligned with examples
         test_stats["counts"][f.outcome] += 1
         if f.feature is not None:
             test_feats.append(f.feature)
