@@ -573,3 +573,31 @@ def test_dp_accountants_survive_a_process_per_message(tmp_path, flower_task):
     assert eps_flower == pytest.approx(eps_native, rel=1e-9)
     with pytest.raises(ConfigError, match="needs a node state dir"):
         check_dp_state(NodeSpec("client-0", partition=0), cfg)
+
+
+def test_straggler_timeout_stops_waiting_for_a_node_that_never_answers(tmp_path, flower_task):
+    """A node that never replies holds a round until federation.round_timeout_s (here 60 s); with [flower]
+    straggler_timeout_s = 0.5 the round ends 0.5 s after min_clients = 2 replies, that client failed."""
+    import time
+
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 3,
+                             "federation.min_clients": 2, "federation.round_timeout_s": 60.0,
+                             "run.out": str(tmp_path / "out")})
+    cfg.extra["flower"] = {"straggler_timeout_s": 0.5}
+
+    class Silent(FakeGrid):  # node 102 (client-2) answers discovery, then never a training message
+        def _answer(self, msg):
+            reply = super()._answer(msg)
+            if msg.metadata.message_type != "query" and msg.metadata.dst_node_id == 102:
+                reply.metadata.__dict__["_reply_to_message_id"] = "never-delivered"
+            return reply
+
+    t0 = time.monotonic()
+    summary = run_server(Silent(cfg, _specs(3)), cfg)
+    assert time.monotonic() - t0 < 45 and summary["status"] == "completed"
+    failed = summary["flower"]["rounds"][0]["failed"]
+    assert list(failed) == ["client-2"] and "straggler_timeout_s" in failed["client-2"]
+    row = _rows(tmp_path / "out")[1]
+    assert row["clients_completed"] == 2 and row["wall_s"] < 30

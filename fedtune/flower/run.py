@@ -4,7 +4,8 @@
 [flower] config section (optional): num_actors (2), cpus_per_actor (1), backend ("ray"), client_cache (0 =
 unbounded per-process node-model cache, see client.py); deployment: clients (the run's client ids in roster
 order; default: the ids the SuperNodes report, sorted), node_timeout_s (120: how long the ServerApp waits for
-federation.num_clients SuperNodes to connect)."""
+federation.num_clients SuperNodes to connect), straggler_timeout_s (0 = off: once federation.min_clients nodes
+have replied, wait at most this long for the rest of the round's nodes)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 from fedtune.config import ConfigError, RunConfig
 
 log = logging.getLogger("fedtune")
-KEYS = {"num_actors", "cpus_per_actor", "backend", "client_cache", "clients", "node_timeout_s"}
+KEYS = {"num_actors", "cpus_per_actor", "backend", "client_cache", "clients", "node_timeout_s", "straggler_timeout_s"}
 
 
 def flower_options(cfg: RunConfig) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def flower_options(cfg: RunConfig) -> dict[str, Any]:
     if unknown := sorted(set(raw) - KEYS):
         raise ConfigError(f"[flower] has unknown keys {unknown}; valid: {sorted(KEYS)}")
     opts = {"num_actors": 2, "cpus_per_actor": 1.0, "backend": "ray", "client_cache": 0, "clients": [],
-            "node_timeout_s": 120.0} | raw
+            "node_timeout_s": 120.0, "straggler_timeout_s": 0.0} | raw
     if int(opts["num_actors"]) < 1 or float(opts["cpus_per_actor"]) <= 0:
         raise ConfigError("[flower] num_actors must be ≥ 1 and cpus_per_actor > 0")
     clients = opts["clients"]
@@ -37,6 +38,8 @@ def flower_options(cfg: RunConfig) -> dict[str, Any]:
                           f"{cfg.federation.num_clients}")
     if not float(opts["node_timeout_s"]) > 0:
         raise ConfigError("[flower] node_timeout_s must be > 0")
+    if not 0 <= float(opts["straggler_timeout_s"]) < float("inf"):
+        raise ConfigError("[flower] straggler_timeout_s must be ≥ 0 (0 = off)")
     return opts
 
 

@@ -63,7 +63,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False, progress: bo
         log.info("flower: %d nodes host clients %s", len(node_of), list(node_of))
 
         def factory(engine, gm, data, pad_id):
-            holder["t"] = FlowerTransport(grid, node_of, engine.algo).attach(engine)
+            holder["t"] = FlowerTransport(grid, node_of, engine.algo,
+                                          straggler_timeout_s=float(opts["straggler_timeout_s"])).attach(engine)
             return holder["t"]
 
         summary = simulate(cfg, resume=resume, progress=progress, save_merged=save_merged, transport_factory=factory,

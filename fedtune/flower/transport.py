@@ -45,9 +45,10 @@ POLL_S = 0.5  # how often replies are pulled (Grid.send_and_receive waits 3 s be
 
 
 def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: float = POLL_S,
-             ) -> dict[str, Message]:
+             quorum: int = 0, straggler_s: float = 0.0) -> dict[str, Message]:
     """Push `msgs` (key → message), pull until each is answered or `timeout_s` passes; key → reply.
-    Replies are matched by `reply_to_message_id`; unknown or duplicate replies are dropped."""
+    Replies are matched by `reply_to_message_id`; unknown or duplicate replies are dropped. With `straggler_s`
+    > 0, stop waiting `straggler_s` after `quorum` non-error replies are in."""
     if not msgs:
         return {}
     pushed = {i for i in grid.push_messages(list(msgs.values())) if i}
@@ -57,6 +58,7 @@ def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: 
             log.warning("%s: the message could not be pushed to the SuperLink", k)
     replies: dict[str, Message] = {}
     deadline = time.monotonic() + max(timeout_s, 0.0)
+    quorum_at = None
     while True:
         pending = [mid for mid, k in key_of.items() if k not in replies]
         if not pending:
@@ -67,6 +69,11 @@ def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: 
                 replies[k] = reply
         if len(replies) == len(key_of) or time.monotonic() >= deadline:
             break
+        if straggler_s > 0 and quorum_at is None and sum(not r.has_error() for r in replies.values()) >= quorum:
+            quorum_at = time.monotonic()
+            deadline = min(deadline, quorum_at + straggler_s)
+            log.info("flower: %d replies in, waiting at most %g s more (straggler_timeout_s)", len(replies),
+                     straggler_s)
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
     return replies
 
@@ -137,9 +144,11 @@ def discover(grid: Grid, num_clients: int, roster: list[str] | None = None, *, t
 
 class FlowerTransport:
     def __init__(self, grid: Grid, node_of: dict[str, int], algo: FedAlgorithm, *, poll_s: float = POLL_S,
-                 query_timeout_s: float = 30.0) -> None:
+                 query_timeout_s: float = 30.0, straggler_timeout_s: float = 0.0) -> None:
         self.grid, self.node_of, self.algo = grid, dict(node_of), algo
         self.poll_s, self.query_timeout_s = poll_s, query_timeout_s
+        # once min_clients replies are in, wait at most this long for the rest (0: until the round timeout)
+        self.straggler_timeout_s = straggler_timeout_s
         self.engine: RoundEngine | None = None
         self.flower_rounds: list[dict[str, Any]] = []
         self.resyncs = 0
@@ -174,7 +183,7 @@ class FlowerTransport:
 
     # -- one round --------------------------------------------------------------------------------
     def _send(self, rnd: int, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
-              timeout: float) -> dict[str, Message]:
+              timeout: float, *, quorum: int = 0) -> dict[str, Message]:
         msgs = {}
         for cid, (ins, from_v) in batch.items():
             res.bytes_down += wire_size.instruction_bytes(ins)
@@ -182,7 +191,8 @@ class FlowerTransport:
             content = serde.instruction_to_record(ins, from_version=from_v, client_index=self.roster_index(cid))
             msgs[cid] = Message(content, self.node_of[cid], TRAIN, group_id=str(rnd))
             fl["down"] += serde.message_nbytes(content)
-        return exchange(self.grid, msgs, timeout, poll_s=self.poll_s)
+        straggler = self.straggler_timeout_s if quorum else 0.0
+        return exchange(self.grid, msgs, timeout, poll_s=self.poll_s, quorum=quorum, straggler_s=straggler)
 
     def _fail(self, res: RoundResult, fl: dict, cid: str, why: str, rnd: int) -> None:
         log.warning("round %d: %s failed: %s", rnd, cid, why)
@@ -202,12 +212,13 @@ class FlowerTransport:
         batch = {cid: (ins, self.engine.client_versions.get(cid, -1)) for cid, ins in instructions.items()
                  if cid not in gone}
         for attempt in range(2):
-            replies = self._send(rnd, batch, res, fl, deadline - time.monotonic())
+            quorum = self.engine.cfg.min_clients if attempt == 0 else 0  # resends wait for the round timeout
+            replies = self._send(rnd, batch, res, fl, deadline - time.monotonic(), quorum=quorum)
             retry: dict[str, tuple[Instruction, int]] = {}
             for cid in batch:
                 reply = replies.get(cid)
                 if reply is None:
-                    self._fail(res, fl, cid, "no reply within the round timeout", rnd)
+                    self._fail(res, fl, cid, "no reply within the round timeout (or straggler_timeout_s)", rnd)
                     continue
                 if reply.has_error():
                     self._fail(res, fl, cid, _error_text(reply), rnd)
