@@ -20,7 +20,7 @@ import grpc
 
 from fedtune import __version__
 from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.base import ClientAlgorithm, TrainContext
+from fedtune.algorithms.base import ClientAlgorithm, InstructionRejected, TrainContext, validate_instruction
 from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
 from fedtune.data.prepare import context_length
 from fedtune.fileio import write_text_atomic
@@ -140,13 +140,18 @@ class Agent:
             self.stop.wait(res.retry_after_s)
             return True
         ins = res.instruction
-        if ins.setup is not None:
-            self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
-            self.model = self.client.setup(self.base, ins.setup)
-            self._load_state()
-        elif self.client is None:
-            raise RuntimeError("server sent a task without setup to a client that is not set up")
-        self.client.sync(self.model, ins.sync)
+        try:  # the coordinator's task is input from another organisation: check it before acting on it
+            validate_instruction(ins)
+            if ins.setup is not None:
+                self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
+                self.model = self.client.setup(self.base, ins.setup)
+                self._load_state()
+            elif self.client is None:
+                raise InstructionRejected("a task without setup for a client that is not set up")
+            self.client.sync(self.model, ins.sync)
+        except (ValueError, LookupError, TypeError, RuntimeError) as e:  # InstructionRejected, shapes, missing keys
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise Refused(f"refused the coordinator's task for round {ins.round}: {serde.safe_str(why, 300)}") from None
         self.version = ins.base_version
         self.task_id = res.task_id
         ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
