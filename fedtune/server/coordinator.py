@@ -98,6 +98,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.stop_event = threading.Event()
         self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
         self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
+        self.expected_update = None  # set by the engine owner: cid -> UpdateSpec (or UpdateRejected)
         self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
         # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
         self.streams: dict[tuple[str, str], _Stream] = {}
@@ -285,7 +286,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         with serde.abort_on_wire_error(context):
             if not open_ids:
                 raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
-            _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
+            _, update = serde.read_update(counted(), max_bytes=self._upload_limit(cid), expected_task_id=open_ids,
                                           reserve=lambda n: self._reserve(st, n), expected_client_id=cid)
         with self.lock:
             if self.book is not book or cid in book.updates or cid in book.rejected:
@@ -306,6 +307,14 @@ class GrpcTransport(serde.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
         return serde.to_proto(serde.PushReply(True))
+
+    def _upload_limit(self, cid: str) -> int:
+        """The largest blob `cid` may declare: what its assigned update takes (a few KB for a LoRA update), so one
+        client cannot reserve max_upload_mb of the shared in-flight budget and hold it with a trickle."""
+        try:
+            return min(self.max_upload, serde.max_update_blob_bytes(self.expected_update(cid)))
+        except (UpdateRejected, TypeError):  # not sampled / no engine hook: the update is refused after reading
+            return self.max_upload
 
     def Heartbeat(self, request, context):
         req = serde.from_proto(request)
@@ -385,6 +394,7 @@ def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], toke
                               model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg)
     transport.instruction_for = run.engine.instruction_for
     transport.check_update = run.engine.check_update
+    transport.expected_update = run.engine.expected_update
     if stop is not None:
         transport.stop_event = stop
     run.engine.transport = transport
