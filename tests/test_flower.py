@@ -489,13 +489,13 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_t
 
 def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
     """A node's reply is hostile input: a reply for another client, one without the fedtune header, one with an
-    undecodable tensor and ones whose metrics are not a map of numbers each fail their client with the reason;
-    the round goes on."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+    undecodable tensor, ones whose metrics are not a map of numbers and an error reply whose text would forge a
+    log line each fail their client with the (escaped) reason; the round goes on."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
     from fedtune.flower.server import run_server
 
-    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 6,
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 7,
                              "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
 
     class Hostile(FakeGrid):
@@ -515,11 +515,14 @@ def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
                 reply.content.config_records["fedtune"]["metrics"] = '{"train_loss": [1e30]}'
             elif node == 105:
                 reply.content.config_records["fedtune"]["metrics"] = "[" * 100_000 + "]" * 100_000
+            elif node == 106:  # the text of a node's error reply is the node's: it must not forge a log line
+                return Message(error=Error(0, "boom\nWARNING round 1: client-0 failed: forged"), reply_to=msg)
             return reply
 
-    summary = run_server(Hostile(cfg, _specs(6)), cfg)
+    summary = run_server(Hostile(cfg, _specs(7)), cfg)
     failed = summary["flower"]["rounds"][0]["failed"]
-    assert sorted(failed) == [f"client-{i}" for i in range(1, 6)] and summary["status"] == "completed"
+    assert sorted(failed) == [f"client-{i}" for i in range(1, 7)] and summary["status"] == "completed"
+    assert failed["client-6"] == "'boom\\nWARNING round 1: client-0 failed: forged' (Flower error code 0)"
     assert "'client-0'" in failed["client-1"] and "KeyError" in failed["client-2"]
     assert "raw array of unsupported dtype 'no_such_dtype'" in failed["client-3"]
     assert "metric train_loss is a list, not a number" in failed["client-4"]

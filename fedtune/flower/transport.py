@@ -36,6 +36,7 @@ from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction, pay
 from fedtune.engine import RoundEngine, RoundResult
 from fedtune.flower import serde
 from fedtune.wire import sizes as wire_size
+from fedtune.wire.serde import safe_str
 
 log = logging.getLogger("fedtune")
 
@@ -72,7 +73,8 @@ def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: 
 
 
 def _error_text(reply: Message) -> str:
-    return f"{reply.error.reason or 'error'} (Flower error code {reply.error.code})"
+    """A node's error reply (its text is the node's: escaped and capped, it cannot forge log lines)."""
+    return f"{safe_str(reply.error.reason or 'error', 300)} (Flower error code {reply.error.code})"
 
 
 def query_nodes(grid: Grid, nodes: Iterable[int], timeout_s: float) -> tuple[dict[int, dict], dict[int, str]]:
@@ -228,7 +230,7 @@ class FlowerTransport:
                     validate_metrics(update)  # arbitrary JSON: check before it is sized (update_bytes) below
                     up = wire_size.update_bytes(update)
                 except Exception as e:  # noqa: BLE001 - hostile input: one node's reply must never end the run
-                    self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {str(e)[:300]}", rnd)
+                    self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {safe_str(e, 300)}", rnd)
                     continue
                 res.bytes_up += up
                 res.payload_bytes_up += payload_nbytes(update.tensors)
