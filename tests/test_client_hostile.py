@@ -4,6 +4,7 @@ field (`fedtune client` prints it and exits 3, no traceback) — and nothing is 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -152,3 +153,24 @@ def test_fedtune_client_prints_one_line_and_exits_3(tmp_path, coordinator):
     assert p.returncode == 3, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert "error: refused the coordinator's task for round 1: \"train.batch_size = '0' is not an integer in [1, 4096]\"" in p.stderr
+
+
+def test_the_coordinator_cannot_switch_off_a_clients_sample_level_dp(tmp_path, coordinator):
+    """Sample-level DP protects a client's examples against the server too: a client whose own config says
+    [privacy] mode = "sample" refuses a task without it (before: it trained without DP and uploaded the update)
+    or with a weaker setting; the exact [privacy] of its config (plus the planned rounds) is accepted."""
+    servicer, port = coordinator
+    cfg_path = write_run(tmp_path, rounds=1, extra='[privacy]\nmode = "sample"\nnoise_multiplier = 1.0\n')
+    a = agent(cfg_path, port, 0)
+    own = a.cfg.privacy_config().to_dict()
+    honest = honest_task("fedavg", a.cfg)
+    for privacy, shown in [(None, "the task has no sample-level DP"),
+                           ({**own, "noise_multiplier": 0.01}, "the task differs in noise_multiplier = 0.01 (own 1.0)")]:
+        servicer.task, pushed = honest if privacy is None else _mutate(honest, train={"privacy": privacy}), servicer.pushed
+        a.stop.clear()
+        with pytest.raises(Refused, match="this client trains only under its own \\[privacy\\]") as e:
+            a.run()
+        assert shown in str(e.value) and servicer.pushed == pushed
+    from fedtune.simulation import train_config
+
+    a._check_privacy(json.loads(json.dumps(train_config(a.cfg))))  # what a server with this config sends: accepted

@@ -142,6 +142,7 @@ class Agent:
         ins = res.instruction
         try:  # the coordinator's task is input from another organisation: check it before acting on it
             validate_instruction(ins)
+            self._check_privacy(ins.train)
             if ins.setup is not None:
                 self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
                 self.model = self.client.setup(self.base, ins.setup)
@@ -170,6 +171,23 @@ class Agent:
         log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,
                  update.metrics.get("train_loss", float("nan")), "accepted" if reply.accepted else f"refused: {reply.reason}")
         return True
+
+    def _check_privacy(self, train: dict) -> None:
+        """Sample-level DP protects this client's examples against the server too, so the server cannot switch it
+        off: with [privacy] mode = "sample" in this client's own config, a task must train under exactly that
+        [privacy] (the planned `rounds` it adds for σ calibration aside; the accountant caps ε either way)."""
+        own = self.cfg.privacy_config()
+        if own.mode != "sample":
+            return
+        got = train.get("privacy")
+        got = {k: v for k, v in got.items() if k != "rounds"} if isinstance(got, dict) else None
+        want = own.to_dict()
+        if got is None:
+            raise InstructionRejected("this client trains only under its own [privacy] (mode = \"sample\"); the task "
+                                      "has no sample-level DP")
+        if diff := sorted(k for k in {*want, *got} if got.get(k, "<unset>") != want.get(k, "<unset>")):
+            raise InstructionRejected("this client trains only under its own [privacy]; the task differs in " + ", ".join(
+                f"{str(k)[:40]} = {str(got.get(k, '<unset>'))[:40]} (own {want.get(k, '<unset>')})" for k in diff[:4]))
 
     def _push(self, stub, update, task_id: str, attempts: int = 5):
         """PushUpdate; a busy server (ABORTED) is asked again after a backoff instead of training again."""
