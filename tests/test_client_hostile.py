@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class HostileCoordinator(serde.CoordinatorServicer):
-    """Accepts every Join, hands out `self.task` (an Instruction) on every PullTask, records pushes."""
+    """Accepts every Join, hands out `self.task` (an Instruction, or a float: WAIT that long) on every PullTask,
+    records pushes."""
 
     def __init__(self) -> None:
         self.task: Instruction | None = None
@@ -39,6 +40,9 @@ class HostileCoordinator(serde.CoordinatorServicer):
         return serde.to_proto(serde.JoinReply(True, "", request.base_fingerprint, "evil", "fedavg", 5.0))
 
     def PullTask(self, request, context):
+        if isinstance(self.task, float):  # WAIT this long
+            yield from serde.wait_chunks(self.task, "later")
+            return
         yield from serde.instruction_to_wire(self.task, "t" * 32)
 
     def PushUpdate(self, request_iterator, context):
@@ -174,3 +178,20 @@ def test_the_coordinator_cannot_switch_off_a_clients_sample_level_dp(tmp_path, c
     from fedtune.simulation import train_config
 
     a._check_privacy(json.loads(json.dumps(train_config(a.cfg))))  # what a server with this config sends: accepted
+
+
+def test_a_wait_of_1e9_seconds_does_not_park_the_client(tmp_path, coordinator, monkeypatch):
+    """PullTask answered WAIT retry_after_s = 1e9 (finite, so the wire accepts it): the client polls again after
+    at most MAX_WAIT_S (made 0.2 s here) instead of sleeping for 31 years."""
+    import time
+
+    from fedtune.client import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "MAX_WAIT_S", 0.2)
+    servicer, port = coordinator
+    a = agent(write_run(tmp_path, rounds=1), port, 0)
+    monkeypatch.setattr(servicer, "task", 1e9)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        t0 = time.monotonic()
+        assert a.step(serde.CoordinatorStub(channel)) is True
+        assert time.monotonic() - t0 < 5

@@ -43,6 +43,7 @@ class GaveUp(RuntimeError):
 
 
 TOKEN_ENV = "FEDTUNE_TOKEN"
+MAX_WAIT_S = 300.0  # longest WAIT a coordinator can impose before the next task poll (like the heartbeat interval cap)
 
 
 def resolve_token(c: ClientSection) -> str:
@@ -137,7 +138,7 @@ class Agent:
             self.finished = True
             return False
         if isinstance(res, serde.Wait):
-            self.stop.wait(res.retry_after_s)
+            self.stop.wait(min(res.retry_after_s, MAX_WAIT_S))  # a coordinator saying "wait 1e9 s" must not park us
             return True
         ins = res.instruction
         try:  # the coordinator's task is input from another organisation: check it before acting on it
