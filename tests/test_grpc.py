@@ -284,6 +284,26 @@ def test_push_to_another_clients_task_bad_hash_and_huge_upload(live_server):
     assert reply.accepted
 
 
+def test_a_metrics_map_of_100k_entries_is_refused_cleanly(live_server):
+    """3e5 metrics do not fit in chunk 0 (the 4 MiB message limit): refused by the server's limit (RESOURCE_EXHAUSTED,
+    the task stays open); 1e5 fit (~2 MB): refused by validation (INVALID_ARGUMENT, one line; the client has failed
+    the round). The server keeps serving."""
+    srv, channel = live_server
+    md = auth_metadata(TOKENS[IDS[0]])
+    task = pull_until_task(serde.CoordinatorStub(channel), IDS[0], md)
+    tensors = {k: v.clone() for k, v in task.instruction.sync.tensors.items()}
+    big = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    for n, code, details in [(300_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
+                             (100_000, grpc.StatusCode.INVALID_ARGUMENT,
+                              "\"update from 'client-0': 100000 metrics, at most 32 allowed\"")]:
+        upd = ClientUpdate(IDS[0], 5, tensors, {f"m{i}": 1.0 for i in range(n)})
+        with pytest.raises(grpc.RpcError) as e:
+            serde.CoordinatorStub(big).PushUpdate(serde.update_to_wire(upd, task.task_id), metadata=md, timeout=30)
+        assert e.value.code() == code and details in e.value.details(), (n, e.value.code(), e.value.details())
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    big.close()
+
+
 def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
     """client-1 and client-2 each declare a 512 MiB upload at chunk 0, then stall: together they would hold the
     whole in-flight budget (max_inflight_mb = 1024) for up to stream_timeout_s, and every other upload would be
