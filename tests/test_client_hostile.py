@@ -111,7 +111,15 @@ def test_client_refuses_an_absurd_task(tmp_path, coordinator, case):
         assert a.model is None  # refused before peft allocated 10^6-row factors
 
 
+def _fedsb_rank(ins: Instruction, r: int) -> Instruction:
+    """Fed-SB setup whose shared A/B have rank r (each client then allocates an r×r R per module)."""
+    t = {k: torch.zeros(r, v.shape[1]) if k.endswith(".A") else torch.zeros(v.shape[0], r)
+         for k, v in ins.setup.tensors.items()}
+    return Instruction(ins.round, ins.client_id, ins.base_version, ins.train, ins.sync, Payload(t, ins.setup.meta))
+
+
 @pytest.mark.parametrize("algorithm, mutate, message", [
+    ("fedsb", lambda ins: _fedsb_rank(ins, 2000), "fedsb setup payload: A factors of ranks [2000]; expected one rank"),
     ("flora", lambda ins: _mutate(ins, train={"rank": 5000}), "train.rank = '5000' is not an integer in [1, 1024]"),
     ("fedkseed", lambda ins: _mutate(ins, train={"eps": 0.0}), "train.eps = '0.0' is not a number in (0, 1]"),
     ("fedkseed", lambda ins: _mutate(ins, train={"seed_sampling": "all"}),
