@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from concurrent import futures
@@ -203,3 +204,18 @@ def test_a_wait_of_1e9_seconds_does_not_park_the_client(tmp_path, coordinator, m
         t0 = time.monotonic()
         assert a.step(serde.CoordinatorStub(channel)) is True
         assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.local_steps": 100_001}, "train.local_steps must be in [1, 100000], got 100001"),
+    ({"train.batch_size": 4097}, "train.batch_size must be in [1, 4096], got 4097"),
+    ({"train.grad_accum": 2000}, "train.grad_accum must be in [1, 1024], got 2000"),
+    ({"lora.rank": 2000}, "lora rank must be a positive integer, got 2000 (at most 1024"),
+    ({"run.algorithm": "flora", "flora.ranks": [4, 1025]}, "flora ranks must be positive integers, got [1025] (at most 1024"),
+    ({"run.algorithm": "fedsb", "fedsb.rank": 1025}, "fedsb rank must be a positive integer, got 1025 (at most 1024"),
+])
+def test_the_run_config_refuses_what_clients_would_refuse(override, message):
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(None, override).algorithm_config()
