@@ -4,6 +4,7 @@ field (`fedtune client` prints it and exits 3, no traceback) — and nothing is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -120,6 +121,7 @@ def _fedsb_rank(ins: Instruction, r: int) -> Instruction:
 
 
 @pytest.mark.parametrize("algorithm, mutate, message", [
+    ("fedavg", lambda ins: dataclasses.replace(ins, client_id="client-1"), "the task is for 'client-1', not this client"),
     ("fedsb", lambda ins: _fedsb_rank(ins, 2000), "fedsb setup payload: A factors of ranks [2000]; expected one rank"),
     ("flora", lambda ins: _mutate(ins, train={"rank": 5000}), "train.rank = '5000' is not an integer in [1, 1024]"),
     ("fedkseed", lambda ins: _mutate(ins, train={"eps": 0.0}), "train.eps = '0.0' is not a number in (0, 1]"),

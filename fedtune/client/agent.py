@@ -143,6 +143,8 @@ class Agent:
         ins = res.instruction
         try:  # the coordinator's task is input from another organisation: check it before acting on it
             validate_instruction(ins)
+            if ins.client_id != self.c.client_id:
+                raise InstructionRejected(f"the task is for {serde.safe_str(ins.client_id, 40)}, not this client")
             self._check_privacy(ins.train)
             if ins.setup is not None:
                 self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
