@@ -308,7 +308,7 @@ def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
     """client-1 and client-2 each declare a 512 MiB upload at chunk 0, then stall: together they would hold the
     whole in-flight budget (max_inflight_mb = 1024) for up to stream_timeout_s, and every other upload would be
     ABORTED "server busy" for the round. Their assigned FedAvg update is a few KB: both are refused at chunk 0
-    (RESOURCE_EXHAUSTED, naming the limit) and client-0's honest upload goes through."""
+    (INVALID_ARGUMENT, naming the limit; they have failed the round) and client-0's honest upload goes through."""
     cfg_path = write_run(tmp_path, rounds=1)
     srv = Server(cfg_path, **{"federation.round_timeout_s": 60.0, "server.lease_timeout_s": 60.0})
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=serde.channel_options())
@@ -353,8 +353,8 @@ def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
     limit = serde.max_update_blob_bytes(UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in honest.tensors.items()}))
     assert reply.accepted, reply.reason
     for c in IDS[1:]:
-        assert results[c] == (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"update: declared size {512 << 20} bytes exceeds limit {limit}"), results[c]
+        want = f"\"update from '{c}': declares {512 << 20} bytes; the update assigned to it this round takes at most {limit}\""
+        assert results[c] == (grpc.StatusCode.INVALID_ARGUMENT, want), results[c]
     assert limit == sum(len(p) for p in pack_parts(honest.tensors)) < 20_000
 
 

@@ -283,19 +283,32 @@ class GrpcTransport(serde.CoordinatorServicer):
                 counter.bytes += len(msg)  # raw chunk bytes, parsed by read_update
                 yield msg
 
-        with serde.abort_on_wire_error(context):
-            if not open_ids:
-                raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
-            _, update = serde.read_update(counted(), max_bytes=self._upload_limit(cid), expected_task_id=open_ids,
-                                          reserve=lambda n: self._reserve(st, n), expected_client_id=cid)
+        assigned = self._assigned_bytes(cid) if open_ids else None
+
+        def reserve(nbytes: int) -> None:  # chunk 0 passed the wire checks; nothing buffered yet
+            if assigned is not None and nbytes > assigned:  # no update of the assigned shapes is that large
+                raise UpdateRejected(f"update from {cid!r}: declares {nbytes} bytes; the update assigned to it this "
+                                     f"round takes at most {assigned}")
+            self._reserve(st, nbytes)
+
+        refused = None
+        try:
+            with serde.abort_on_wire_error(context):
+                if not open_ids:
+                    raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
+                _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
+                                              reserve=reserve, expected_client_id=cid)
+        except UpdateRejected as e:
+            refused = safe_str(str(e), 1000)
         with self.lock:
             if self.book is not book or cid in book.updates or cid in book.rejected:
                 return serde.to_proto(serde.PushReply(False, "round already closed or update already received"))
-            refused = None
             try:  # against what this client was assigned this round (the engine checks again before aggregate)
-                self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
+                if refused is None:
+                    self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
             except UpdateRejected as e:
                 refused = safe_str(str(e), 1000)
+            if refused is not None:
                 book.rejected.add(cid)
             else:
                 book.updates[cid] = update
@@ -308,13 +321,14 @@ class GrpcTransport(serde.CoordinatorServicer):
         log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
         return serde.to_proto(serde.PushReply(True))
 
-    def _upload_limit(self, cid: str) -> int:
-        """The largest blob `cid` may declare: what its assigned update takes (a few KB for a LoRA update), so one
-        client cannot reserve max_upload_mb of the shared in-flight budget and hold it with a trickle."""
+    def _assigned_bytes(self, cid: str) -> int | None:
+        """The largest blob `cid` may declare this round: what its assigned update takes (a few KB for a LoRA
+        update), so a client cannot reserve max_upload_mb of the shared in-flight budget and hold it with a trickle.
+        None: unknown (not sampled, no engine hook): the update is checked after it is read."""
         try:
-            return min(self.max_upload, serde.max_update_blob_bytes(self.expected_update(cid)))
-        except (UpdateRejected, TypeError):  # not sampled / no engine hook: the update is refused after reading
-            return self.max_upload
+            return serde.max_update_blob_bytes(self.expected_update(cid))
+        except (UpdateRejected, TypeError):
+            return None
 
     def Heartbeat(self, request, context):
         req = serde.from_proto(request)
