@@ -92,6 +92,7 @@ CASES = {  # id: (mutation, what the refusal says)
     "negative_seed": ({"train": {"seed": -5}}, "train.seed = '-5' is not an integer in [0, 9.22337e+18]"),
     "float_steps": ({"train": {"steps": 2.5}}, "train.steps = '2.5' is not an integer"),
     "unknown_key": ({"train": {"dp_off": True}}, "train config has unknown keys ['dp_off']"),
+    "regex_targets": ({"meta": {"target_modules": ".*"}}, "setup.target_modules = '.*' is not a list of at most 64"),
     "sync_row_broadcast": ({"sync": {A0: torch.zeros(1, 64)}},
                            f"adapter tensor {A0[:-2]}.A is torch.float32 (1, 64), this model's is torch.float32 (8, 64)"),
 }

@@ -233,6 +233,11 @@ def validate_instruction(ins: Instruction) -> None:
                                        "dropout": ("float", 0.0, 1.0, False)}.items():
         if k in meta:
             check_number(meta[k], f"setup.{k}", kind, lo, hi, lo_open)
+    targets = meta.get("target_modules", [])  # peft reads a str as a regex over every module name
+    if not isinstance(targets, list) or len(targets) > 64 or not all(
+            isinstance(x, str) and _METRIC_NAME.fullmatch(x) for x in targets):
+        raise InstructionRejected(f"setup.target_modules = {str(targets)[:80]!r} is not a list of at most 64 module "
+                                  "names")
 
 
 def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32) -> UpdateSpec:
