@@ -300,9 +300,11 @@ def validate(cfg: RunConfig) -> None:
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
     _require(0 <= f.workers <= 256, f"federation.workers must be in [0, 256] (0 = one per CPU), got {f.workers}")
-    _require(t.local_steps >= 1, f"train.local_steps must be ≥ 1, got {t.local_steps}")
-    _require(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
-    _require(t.grad_accum >= 1, f"train.grad_accum must be ≥ 1, got {t.grad_accum}")
+    from fedtune.algorithms.base import MAX_BATCH_SIZE, MAX_GRAD_ACCUM, MAX_LOCAL_STEPS  # what clients accept
+
+    _require(1 <= t.local_steps <= MAX_LOCAL_STEPS, f"train.local_steps must be in [1, {MAX_LOCAL_STEPS}], got {t.local_steps}")
+    _require(1 <= t.batch_size <= MAX_BATCH_SIZE, f"train.batch_size must be in [1, {MAX_BATCH_SIZE}], got {t.batch_size}")
+    _require(1 <= t.grad_accum <= MAX_GRAD_ACCUM, f"train.grad_accum must be in [1, {MAX_GRAD_ACCUM}], got {t.grad_accum}")
     _require(t.lr is None or t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(d.source in ("chatterbot", "jsonl"), f"data.source must be \"chatterbot\" or \"jsonl\", got {d.source!r}")
     _require(d.partition in ("iid", "dirichlet", "by_category", "pathological"),

@@ -33,6 +33,7 @@ from fedtune.algorithms.base import (
     GlobalState,
     Instruction,
     UpdateRejected,
+    UpdateSpec,
     validate_update,
 )
 from fedtune.metrics import MetricsWriter
@@ -172,17 +173,20 @@ class RoundEngine:
     def check_update(self, cid: str, update: ClientUpdate, *, max_examples: int | None = None) -> None:
         """Raise UpdateRejected unless `update` is what `cid` was assigned this round (names, shapes,
         dtypes, finite values, 1 ≤ num_examples ≤ the smaller of `max_examples` and the configured cap)."""
-        _, state, configs = self._current
         if update.client_id != cid:
             raise UpdateRejected(f"update names client {update.client_id!r}, sent by {cid!r}")
+        caps = [c for c in (max_examples, self.cfg.max_examples_per_client) if c]
+        validate_update(self.expected_update(cid), update, max_examples=min(caps) if caps else None)
+
+    def expected_update(self, cid: str) -> UpdateSpec:
+        """What `cid` must send this round (UpdateRejected if it was not sampled or the method cannot say)."""
+        _, state, configs = self._current
         if cid not in configs:
             raise UpdateRejected(f"{cid!r} was not sampled for this round")
-        caps = [c for c in (max_examples, self.cfg.max_examples_per_client) if c]
         try:
-            spec = self.algo.expected_update(state, configs[cid])
+            return self.algo.expected_update(state, configs[cid])
         except (KeyError, TypeError, ValueError) as e:  # a config the method cannot describe: refuse, do not crash
             raise UpdateRejected(f"cannot tell what {cid!r} should send: {type(e).__name__}: {e}") from None
-        validate_update(spec, update, max_examples=min(caps) if caps else None)
 
     def accept(self, res: RoundResult) -> list[ClientUpdate]:
         """The valid updates of a round, sorted by client id; invalid ones are logged and their clients

@@ -3,6 +3,7 @@ global model as the in-process simulation; the Flower app starts under the `flwr
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -488,13 +489,13 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_t
 
 def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
     """A node's reply is hostile input: a reply for another client, one without the fedtune header, one with an
-    undecodable tensor and ones whose metrics are not a map of numbers each fail their client with the reason;
-    the round goes on."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+    undecodable tensor, ones whose metrics are not a map of numbers and an error reply whose text would forge a
+    log line each fail their client with the (escaped) reason; the round goes on."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
     from fedtune.flower.server import run_server
 
-    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 6,
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 7,
                              "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
 
     class Hostile(FakeGrid):
@@ -514,16 +515,93 @@ def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
                 reply.content.config_records["fedtune"]["metrics"] = '{"train_loss": [1e30]}'
             elif node == 105:
                 reply.content.config_records["fedtune"]["metrics"] = "[" * 100_000 + "]" * 100_000
+            elif node == 106:  # the text of a node's error reply is the node's: it must not forge a log line
+                return Message(error=Error(0, "boom\nWARNING round 1: client-0 failed: forged"), reply_to=msg)
             return reply
 
-    summary = run_server(Hostile(cfg, _specs(6)), cfg)
+    summary = run_server(Hostile(cfg, _specs(7)), cfg)
     failed = summary["flower"]["rounds"][0]["failed"]
-    assert sorted(failed) == [f"client-{i}" for i in range(1, 6)] and summary["status"] == "completed"
+    assert sorted(failed) == [f"client-{i}" for i in range(1, 7)] and summary["status"] == "completed"
+    assert failed["client-6"] == "'boom\\nWARNING round 1: client-0 failed: forged' (Flower error code 0)"
     assert "'client-0'" in failed["client-1"] and "KeyError" in failed["client-2"]
-    assert "AttributeError" in failed["client-3"]
+    assert "raw array of unsupported dtype 'no_such_dtype'" in failed["client-3"]
     assert "metric train_loss is a list, not a number" in failed["client-4"]
     assert "RecursionError" in failed["client-5"]
     assert _rows(tmp_path / "out")[1]["clients_completed"] == 1
+
+
+def test_reply_numbers_and_array_headers_are_checked_before_use(tmp_path, flower_task):
+    """Each of these replies ended the whole run (an exception outside the transport's guard): num_examples =
+    1e400 (a float inf: OverflowError in int()), -1 (WireError when the reply was sized); a "stale" reply
+    with have_version = inf; an update array whose .npy header declares 10^12 floats over 0 data bytes (np.load
+    allocated the declared 3.6 TiB first: MemoryError). Now each fails only its client, with the reason."""
+    import io
+
+    import numpy as np
+    from flwr.app import Array, ConfigRecord, Message, RecordDict
+
+    from fedtune.flower.server import run_server
+
+    cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 5,
+                             "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+
+    class Hostile(FakeGrid):
+        def _answer(self, msg):
+            reply = super()._answer(msg)
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "query" or node == 100:
+                return reply
+            head = reply.content.config_records["fedtune"]
+            if node in (101, 102):
+                head["num_examples"] = {101: float("1e400"), 102: -1}[node]
+            elif node == 103:
+                return Message(RecordDict({"fedtune": ConfigRecord({"status": "stale", "client_id": "client-3",
+                                                                    "have_version": float("inf")})}), reply_to=msg)
+            elif node == 104:
+                name = next(iter(reply.content.array_records["update"]))
+                reply.content.array_records["update"][name] = Array(
+                    dtype="float32", shape=(10**12,), stype="numpy.ndarray", data=npy.getvalue())
+            return reply
+
+    summary = run_server(Hostile(cfg, _specs(5)), cfg)
+    failed = summary["flower"]["rounds"][0]["failed"]
+    assert summary["status"] == "completed" and sorted(failed) == [f"client-{i}" for i in range(1, 5)]
+    assert "num_examples must be an integer in [0, 9223372036854775807], got 'inf'" in failed["client-1"]
+    assert "num_examples must be an integer in [0, 9223372036854775807], got '-1'" in failed["client-2"]
+    assert "have_version must be an integer in [-1, 9223372036854775807], got 'inf'" in failed["client-3"]
+    assert "shape (1000000000000,) of torch.float32 does not match its 0 data bytes" in failed["client-4"]
+    assert _rows(tmp_path / "out")[1]["clients_completed"] == 1
+
+
+def test_array_decoding_refuses_what_fedtune_never_sends():
+    """dtype whitelist and shape ↔ data length, both encodings, before any allocation."""
+    import io
+
+    import numpy as np
+    from flwr.app import Array
+
+    def npy(descr, shape, data):
+        b = io.BytesIO()
+        np.lib.format.write_array_header_1_0(b, {"descr": descr, "fortran_order": False, "shape": shape})
+        return Array(dtype="x", shape=shape, stype=serde.NUMPY_STYPE, data=b.getvalue() + data)
+
+    raw = lambda dtype, shape, n: Array(dtype=dtype, shape=shape, stype=serde.RAW_STYPE, data=b"\0" * n)
+    for a, msg in [(raw("Tensor", (2,), 8), "raw array of unsupported dtype 'Tensor'"),
+                   (raw("qint8", (8,), 8), "unsupported dtype 'qint8'"),
+                   (raw("float32", (-1,), 8), "shape (-1,) of torch.float32 does not match its 8 data bytes"),
+                   (raw("bfloat16", (3,), 8), "shape (3,) of torch.bfloat16 does not match its 8 data bytes"),
+                   (npy("|O", (1,), b"\0" * 8), "numpy array of unsupported dtype '|O'"),
+                   (npy(">f4", (2,), b"\0" * 8), "unsupported dtype '>f4'"),
+                   (npy("<f8", (2, 3), b"\0" * 40), "shape (2, 3) of torch.float64 does not match its 40 data bytes"),
+                   (Array(dtype="x", shape=(1,), stype=serde.NUMPY_STYPE, data=b"\x93NUMPY"), "EOF"),
+                   (Array(dtype="x", shape=(1,), stype="pickle", data=b""), "unsupported stype 'pickle'")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            serde.array_to_tensor(a)
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
+    assert torch.equal(serde.array_to_tensor(Array(fortran)), torch.arange(6, dtype=torch.int16).reshape(2, 3))
+    assert torch.equal(serde.array_to_tensor(Array(np.array([True, False]))), torch.tensor([True, False]))
 
 
 def test_a_restarted_supernode_is_found_again_at_the_next_round(tmp_path, flower_task):

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
 from fedtune import config
-from fedtune.algorithms.base import ClientUpdate
+from fedtune.algorithms.base import ClientUpdate, TensorSpec, UpdateSpec
 from fedtune.certs import make_dev_certs
 from fedtune.client.agent import Agent
 from fedtune.config import ClientSection
@@ -30,6 +30,7 @@ from fedtune.server.security import auth_metadata
 from fedtune.simulation import simulate
 from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
 from fedtune.wire import serde
+from fedtune.wire.tensors import pack_parts
 
 IDS = ["client-0", "client-1", "client-2"]
 TOKENS = {c: f"token-{c}-0123456789abcdef" for c in IDS}
@@ -281,6 +282,80 @@ def test_push_to_another_clients_task_bad_hash_and_huge_upload(live_server):
     assert e.value.code() == grpc.StatusCode.DATA_LOSS
     reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(upd0, task0.task_id), metadata=md0, timeout=10))
     assert reply.accepted
+
+
+def test_a_metrics_map_of_100k_entries_is_refused_cleanly(live_server):
+    """3e5 metrics do not fit in chunk 0 (the 4 MiB message limit): refused by the server's limit (RESOURCE_EXHAUSTED,
+    the task stays open); 1e5 fit (~2 MB): refused by validation (INVALID_ARGUMENT, one line; the client has failed
+    the round). The server keeps serving."""
+    srv, channel = live_server
+    md = auth_metadata(TOKENS[IDS[0]])
+    task = pull_until_task(serde.CoordinatorStub(channel), IDS[0], md)
+    tensors = {k: v.clone() for k, v in task.instruction.sync.tensors.items()}
+    big = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    for n, code, details in [(300_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
+                             (100_000, grpc.StatusCode.INVALID_ARGUMENT,
+                              "\"update from 'client-0': 100000 metrics, at most 32 allowed\"")]:
+        upd = ClientUpdate(IDS[0], 5, tensors, {f"m{i}": 1.0 for i in range(n)})
+        with pytest.raises(grpc.RpcError) as e:
+            serde.CoordinatorStub(big).PushUpdate(serde.update_to_wire(upd, task.task_id), metadata=md, timeout=30)
+        assert e.value.code() == code and details in e.value.details(), (n, e.value.code(), e.value.details())
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    big.close()
+
+
+def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
+    """client-1 and client-2 each declare a 512 MiB upload at chunk 0, then stall: together they would hold the
+    whole in-flight budget (max_inflight_mb = 1024) for up to stream_timeout_s, and every other upload would be
+    ABORTED "server busy" for the round. Their assigned FedAvg update is a few KB: both are refused at chunk 0
+    (INVALID_ARGUMENT, naming the limit; they have failed the round) and client-0's honest upload goes through."""
+    cfg_path = write_run(tmp_path, rounds=1)
+    srv = Server(cfg_path, **{"federation.round_timeout_s": 60.0, "server.lease_timeout_s": 60.0})
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=serde.channel_options())
+    stub = serde.CoordinatorStub(channel)
+    md = {c: auth_metadata(TOKENS[c]) for c in IDS}
+    release, sent, results = threading.Event(), {c: threading.Event() for c in IDS}, {}
+    try:
+        tasks = {c: pull_until_task(stub, c, md[c]) for c in IDS}
+
+        def stalled(cid):
+            yield pb2.UpdateChunk(task_id=tasks[cid].task_id, index=0, total=512, total_bytes=512 << 20,
+                                  data=b"x" * 1024, client_id=cid, num_examples=1)
+            sent[cid].set()
+            release.wait(30)
+
+        def hog(cid):
+            try:
+                stub.PushUpdate(stalled(cid), metadata=md[cid], timeout=40)
+            except grpc.RpcError as e:
+                results[cid] = (e.code(), e.details())
+
+        hogs = [threading.Thread(target=hog, args=(c,), daemon=True) for c in IDS[1:]]
+        for t in hogs:
+            t.start()
+        deadline = time.monotonic() + 10
+        while not all(sent[c].is_set() or c in results for c in IDS[1:]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # chunk 0 of both reached the server
+        honest = ClientUpdate(IDS[0], 5, {k: v.clone() for k, v in tasks[IDS[0]].instruction.sync.tensors.items()})
+        try:
+            reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(honest, tasks[IDS[0]].task_id),
+                                                     metadata=md[IDS[0]], timeout=10))
+        except grpc.RpcError as e:
+            reply = serde.PushReply(False, f"{e.code().name}: {e.details()}")
+        release.set()
+        for t in hogs:
+            t.join(30)
+    finally:
+        release.set()
+        srv.stop.set()
+        srv.join(60)
+    limit = serde.max_update_blob_bytes(UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in honest.tensors.items()}))
+    assert reply.accepted, reply.reason
+    for c in IDS[1:]:
+        want = f"\"update from '{c}': declares {512 << 20} bytes; the update assigned to it this round takes at most {limit}\""
+        assert results[c] == (grpc.StatusCode.INVALID_ARGUMENT, want), results[c]
+    assert limit == sum(len(p) for p in pack_parts(honest.tensors)) < 20_000
 
 
 def _rss_mb(pid: int) -> float:

@@ -194,11 +194,11 @@ def _server_fingerprint(stub, md) -> str:
 MiB = 1 << 20
 
 
-def _stalled(task_id: str, cid: str, release: threading.Event, *, chunks: int = 7):
-    """An upload declaring 7.5 MiB in 8 chunks that sends 7 and then withholds the last one."""
+def _stalled(task_id: str, cid: str, release: threading.Event, size: int, *, chunks: int = 7):
+    """An upload declaring `size` bytes (a multiple of 8) in 8 chunks that sends 7 and then withholds the last one."""
     for i in range(chunks):
-        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=8, total_bytes=15 * MiB // 2, sha256=b"\0" * 32,
-                              data=b"x" * MiB)
+        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=8, total_bytes=size, sha256=b"\0" * 32,
+                              data=b"x" * (size // 8))
         if i == 0:
             msg.client_id, msg.num_examples = cid, 1
         yield msg
@@ -223,13 +223,20 @@ def _timed(call) -> float:
 
 
 def test_stalled_uploads_cannot_hold_the_server(tmp_path):
-    """20 uploads that withhold their last chunk (from all three clients, each holding an open task): one
-    upload per client at a time and a 16 MiB in-flight budget leave 2 open, 18 are refused (ABORTED) at once;
-    Heartbeat, Join and the health check answer within 1 s meanwhile; the 2 are cut 2 s after their last chunk
+    """20 uploads that withhold their last chunk (from all three clients, each holding an open task), each
+    declaring the size of the client's assigned update (no more is accepted at chunk 0): one upload per client at
+    a time and an in-flight budget of 2.5 updates leave 2 open, 18 are refused (ABORTED) at once; Heartbeat,
+    Join and the health check answer within 1 s meanwhile; the 2 are cut 2 s after their last chunk
     (stream_idle_timeout_s), a dribbling upload at stream_timeout_s; server RSS grows by < 50 MB; then an
     honest upload is accepted."""
+    from fedtune.algorithms import get_algorithm
+    from fedtune.models import load_model
+    from fedtune.wire.tensors import pack_parts
+
+    size = sum(map(len, pack_parts(get_algorithm("fedavg").initialize(load_model("tiny", seed=0)[0], seed=0).tensors)))
     port = _free_port()
-    cfg_path = write_run(tmp_path, rounds=1, server="max_upload_mb = 8\nmax_inflight_mb = 16\n"
+    budget = f"{2.5 * size / MiB:.6f}"
+    cfg_path = write_run(tmp_path, rounds=1, server=f"max_upload_mb = {budget}\nmax_inflight_mb = {budget}\n"
                                                     "stream_idle_timeout_s = 2.0\nstream_timeout_s = 4.0\n")
     _fixed_port(cfg_path, port, **{"lease_timeout_s = 2.0": "lease_timeout_s = 900.0"})
     log_path = tmp_path / "server.log"
@@ -243,7 +250,7 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
         grpc.channel_ready_future(channel).result(timeout=180)  # a server process starts slowly on a busy machine
         tasks = {cid: pull_until_task(stub, cid, md[cid]) for cid in IDS}
         rss0 = _rss_mb(srv.pid)
-        calls = [stub.PushUpdate.future(_stalled(tasks[IDS[i % 3]].task_id, IDS[i % 3], release),
+        calls = [stub.PushUpdate.future(_stalled(tasks[IDS[i % 3]].task_id, IDS[i % 3], release, size),
                                         metadata=md[IDS[i % 3]], timeout=60) for i in range(20)]
         t_open = time.monotonic()
         while sum(c.done() for c in calls) < 18:
@@ -252,7 +259,7 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
         refused = [c.exception() for c in calls if c.done()]
         assert {e.code() for e in refused} == {grpc.StatusCode.ABORTED}
         details = " ".join(e.details() for e in refused)
-        assert "already in flight" in details and "max_inflight_mb = 16" in details
+        assert "already in flight" in details and f"max_inflight_mb = {float(budget):g}" in details
         time.sleep(0.3)  # the two survivors have sent their 7 chunks by now
         held = [c for c in calls if not c.done()]
         assert len(held) == 2

@@ -50,7 +50,7 @@ ATTACKS = {  # round → (attack, what the refusal names)
     1: ("missing_tensor", "1 expected tensor(s) missing"),
     2: ("shape_4x63", "has shape (4, 63), expected (4, 64)"),
     3: ("nan_and_2^62_examples", f"num_examples = {2**62} exceeds the allowed 48"),
-    4: ("rank_20000", "has shape (20000, 64), expected (4, 64)"),
+    4: ("rank_20000", "bytes; the update assigned to it this round takes at most"),  # refused at chunk 0
     5: ("poisoned_metrics", "metric train_loss = -1e+30 is outside [0, inf]"),  # valid tensors, lying metrics
 }
 

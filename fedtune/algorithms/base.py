@@ -169,6 +169,77 @@ def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int
         spec.check(update)
 
 
+class InstructionRejected(ValueError):
+    """A task from the coordinator that this client will not run; the message names the field (one line)."""
+
+
+# What a client accepts from the coordinator (hostile or buggy input: absurd values would allocate GBs, train for
+# days or crash mid-round). Generous for real runs; `fedtune` refuses configs beyond them before a run starts.
+MAX_LOCAL_STEPS = 100_000
+MAX_BATCH_SIZE = 4096
+MAX_GRAD_ACCUM = 1024
+MAX_RANK = 1024  # LoRA rank: r·(d_in + d_out) floats per target module
+_INT63 = 2**63 - 1
+# key: (kind, lo, hi, lo excluded); every key any method's configure_round sends. Unknown keys are refused: a
+# setting this client does not know (say a newer privacy knob) must not be silently ignored.
+TRAIN_FIELDS: dict[str, tuple[str, float, float, bool]] = {
+    "steps": ("int", 1, MAX_LOCAL_STEPS, False),
+    "batch_size": ("int", 1, MAX_BATCH_SIZE, False),
+    "grad_accum": ("int", 1, MAX_GRAD_ACCUM, False),
+    "seed": ("int", 0, _INT63, False),
+    "rank": ("int", 1, MAX_RANK, False),
+    "lr": ("float", 0.0, 10.0, False),
+    "weight_decay": ("float", 0.0, 1e3, False),
+    "max_grad_norm": ("float", 0.0, 1e6, False),
+    "alpha": ("float", 0.0, 1e6, True),
+    "eps": ("float", 0.0, 1.0, True),  # FedKSeed perturbation scale
+    "grad_clip": ("float", 0.0, 1e6, False),
+    "seed_sampling": ("choice", 0, 0, False),
+    "privacy": ("dict", 0, 0, False),
+}
+_CHOICES = {"seed_sampling": ("uniform", "pro")}
+
+
+def check_number(value: Any, what: str, kind: str, lo: float, hi: float, lo_open: bool = False) -> None:
+    """InstructionRejected unless `value` is an int (kind "int") or a finite int/float in [lo, hi] (lo excluded
+    when lo_open). bool is not a number here."""
+    ok_type = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not (lo < value if lo_open else lo <= value) or not value <= hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise InstructionRejected(f"{what} = {str(value)[:40]!r} is not {'an integer' if kind == 'int' else 'a number'}"
+                                  f" in {interval}")
+
+
+def validate_instruction(ins: Instruction) -> None:
+    """Refuse (InstructionRejected) a task whose train config has an unknown key or a value outside TRAIN_FIELDS,
+    or whose setup asks for a LoRA rank/alpha/dropout out of range; before anything is allocated or trained.
+    (Tensor shapes are checked where each method applies its setup/sync payload.)"""
+    t = ins.train
+    if not isinstance(t, dict):
+        raise InstructionRejected(f"train config is a {type(t).__name__}, not a map")
+    if unknown := sorted(set(t) - set(TRAIN_FIELDS)):
+        raise InstructionRejected(f"train config has unknown keys {[str(k)[:40] for k in unknown[:5]]}; this client "
+                                  f"knows {sorted(TRAIN_FIELDS)} (is it older than the coordinator?)")
+    for k, v in t.items():
+        kind, lo, hi, lo_open = TRAIN_FIELDS[k]
+        if kind == "choice" and v not in _CHOICES[k]:
+            raise InstructionRejected(f"train.{k} = {str(v)[:40]!r} is not one of {list(_CHOICES[k])}")
+        elif kind == "dict" and not isinstance(v, dict):
+            raise InstructionRejected(f"train.{k} is a {type(v).__name__}, not a map")
+        elif kind in ("int", "float"):
+            check_number(v, f"train.{k}", kind, lo, hi, lo_open)
+    meta = ins.setup.meta if ins.setup is not None else {}
+    for k, (kind, lo, hi, lo_open) in {"rank": ("int", 1, MAX_RANK, False), "alpha": ("float", 0.0, 1e6, True),
+                                       "dropout": ("float", 0.0, 1.0, False)}.items():
+        if k in meta:
+            check_number(meta[k], f"setup.{k}", kind, lo, hi, lo_open)
+    targets = meta.get("target_modules", [])  # peft reads a str as a regex over every module name
+    if not isinstance(targets, list) or len(targets) > 64 or not all(
+            isinstance(x, str) and _METRIC_NAME.fullmatch(x) for x in targets):
+        raise InstructionRejected(f"setup.target_modules = {str(targets)[:80]!r} is not a list of at most 64 module "
+                                  "names")
+
+
 def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32) -> UpdateSpec:
     """A LoRA update: "<m>.A" (r×d_in) and "<m>.B" (d_out×r) for every module {m: (d_out, d_in)}."""
     out = {}

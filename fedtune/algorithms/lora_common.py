@@ -92,6 +92,12 @@ def set_lora_state(model: nn.Module, adapter: str, tensors: TensorDict) -> None:
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
         raise ValueError(f"adapter tensors do not match the model (missing {missing}, unexpected {extra})")
+    for name, layer in layers.items():  # copy_ would broadcast a (1, d_in) A over every row: shapes must match
+        for ab, w in (("A", layer.lora_A[adapter].weight), ("B", layer.lora_B[adapter].weight)):
+            t = tensors[f"{name}.{ab}"]
+            if tuple(t.shape) != tuple(w.shape) or not t.is_floating_point():
+                raise ValueError(f"adapter tensor {name}.{ab} is {t.dtype} {tuple(t.shape)}, this model's is "
+                                 f"{w.dtype} {tuple(w.shape)}")
     for name, layer in layers.items():
         layer.lora_A[adapter].weight.copy_(tensors[f"{name}.A"])
         layer.lora_B[adapter].weight.copy_(tensors[f"{name}.B"])

@@ -20,7 +20,7 @@ import grpc
 
 from fedtune import __version__
 from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.base import ClientAlgorithm, TrainContext
+from fedtune.algorithms.base import ClientAlgorithm, InstructionRejected, TrainContext, validate_instruction
 from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
 from fedtune.data.prepare import context_length
 from fedtune.fileio import write_text_atomic
@@ -43,6 +43,7 @@ class GaveUp(RuntimeError):
 
 
 TOKEN_ENV = "FEDTUNE_TOKEN"
+MAX_WAIT_S = 300.0  # longest WAIT a coordinator can impose before the next task poll (like the heartbeat interval cap)
 
 
 def resolve_token(c: ClientSection) -> str:
@@ -137,16 +138,24 @@ class Agent:
             self.finished = True
             return False
         if isinstance(res, serde.Wait):
-            self.stop.wait(res.retry_after_s)
+            self.stop.wait(min(res.retry_after_s, MAX_WAIT_S))  # a coordinator saying "wait 1e9 s" must not park us
             return True
         ins = res.instruction
-        if ins.setup is not None:
-            self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
-            self.model = self.client.setup(self.base, ins.setup)
-            self._load_state()
-        elif self.client is None:
-            raise RuntimeError("server sent a task without setup to a client that is not set up")
-        self.client.sync(self.model, ins.sync)
+        try:  # the coordinator's task is input from another organisation: check it before acting on it
+            validate_instruction(ins)
+            if ins.client_id != self.c.client_id:
+                raise InstructionRejected(f"the task is for {serde.safe_str(ins.client_id, 40)}, not this client")
+            self._check_privacy(ins.train)
+            if ins.setup is not None:
+                self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
+                self.model = self.client.setup(self.base, ins.setup)
+                self._load_state()
+            elif self.client is None:
+                raise InstructionRejected("a task without setup for a client that is not set up")
+            self.client.sync(self.model, ins.sync)
+        except (ValueError, LookupError, TypeError, RuntimeError) as e:  # InstructionRejected, shapes, missing keys
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise Refused(f"refused the coordinator's task for round {ins.round}: {serde.safe_str(why, 300)}") from None
         self.version = ins.base_version
         self.task_id = res.task_id
         ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
@@ -165,6 +174,23 @@ class Agent:
         log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,
                  update.metrics.get("train_loss", float("nan")), "accepted" if reply.accepted else f"refused: {reply.reason}")
         return True
+
+    def _check_privacy(self, train: dict) -> None:
+        """Sample-level DP protects this client's examples against the server too, so the server cannot switch it
+        off: with [privacy] mode = "sample" in this client's own config, a task must train under exactly that
+        [privacy] (the planned `rounds` it adds for σ calibration aside; the accountant caps ε either way)."""
+        own = self.cfg.privacy_config()
+        if own.mode != "sample":
+            return
+        got = train.get("privacy")
+        got = {k: v for k, v in got.items() if k != "rounds"} if isinstance(got, dict) else None
+        want = own.to_dict()
+        if got is None:
+            raise InstructionRejected("this client trains only under its own [privacy] (mode = \"sample\"); the task "
+                                      "has no sample-level DP")
+        if diff := sorted(k for k in {*want, *got} if got.get(k, "<unset>") != want.get(k, "<unset>")):
+            raise InstructionRejected("this client trains only under its own [privacy]; the task differs in " + ", ".join(
+                f"{str(k)[:40]} = {str(got.get(k, '<unset>'))[:40]} (own {want.get(k, '<unset>')})" for k in diff[:4]))
 
     def _push(self, stub, update, task_id: str, attempts: int = 5):
         """PushUpdate; a busy server (ABORTED) is asked again after a backoff instead of training again."""

@@ -43,7 +43,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.base import ClientAlgorithm, TrainContext
+from fedtune.algorithms.base import ClientAlgorithm, TrainContext, validate_instruction
 from fedtune.config import ConfigError, RunConfig
 from fedtune.flower import serde
 from fedtune.flower.nodestate import NodeStore, PayloadLog, config_key
@@ -185,6 +185,7 @@ def check_dp_state(spec: NodeSpec, cfg: RunConfig) -> None:
 def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> Message:
     """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply."""
     ins, from_version = serde.record_to_instruction(msg.content)
+    validate_instruction(ins)  # the server's config is input from another organisation too
     cid = ins.client_id
     spec = spec or NodeSpec(cid, partition=int(cid.rsplit("-", 1)[1]))
     check_dp_state(spec, cfg)

@@ -16,7 +16,9 @@ Instruction ⇄ RecordDict and ClientUpdate ⇄ RecordDict:
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,11 @@ RAW_STYPE = "fedtune.torch.raw"
 NUMPY_STYPE = "numpy.ndarray"
 _NUMPY_OK = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
              torch.uint8, torch.bool}
+# what a received Array may hold (hostile input: anything else is refused before a byte is allocated)
+_NUMPY_DTYPES = {np.dtype(torch.empty(0, dtype=d).numpy().dtype).newbyteorder("<").str: d for d in _NUMPY_OK}
+_RAW_DTYPES = {str(d).removeprefix("torch."): d for d in (*_NUMPY_OK, torch.bfloat16)}
+MAX_NPY_HEADER = 10_000
+INT64_MAX = 2**63 - 1  # numpy's own default limit
 
 
 def tensor_to_array(t: torch.Tensor) -> Array:
@@ -39,12 +46,38 @@ def tensor_to_array(t: torch.Tensor) -> Array:
     return Array(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), stype=RAW_STYPE, data=data)
 
 
+def _checked_shape(shape, dtype: torch.dtype, nbytes: int, what: str) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if any(not isinstance(d, int) or d < 0 for d in shape) or math.prod(shape) * dtype.itemsize != nbytes:
+        raise ValueError(f"{what}: shape {shape[:8]} of {dtype} does not match its {nbytes} data bytes")
+    return shape
+
+
 def array_to_tensor(a: Array) -> torch.Tensor:
+    """The tensor an Array carries. Arrays come from other organisations: only the dtypes fedtune sends are
+    accepted, and the declared shape must match the data length (checked before anything is allocated:
+    np.load would allocate a hostile header's declared shape first); ValueError otherwise."""
     if a.stype == RAW_STYPE:
-        dtype = getattr(torch, a.dtype)
+        dtype = _RAW_DTYPES.get(a.dtype)
+        if dtype is None:
+            raise ValueError(f"raw array of unsupported dtype {str(a.dtype)[:40]!r}")
+        shape = _checked_shape(a.shape, dtype, len(a.data), "raw array")
         flat = torch.frombuffer(bytearray(a.data), dtype=torch.uint8) if a.data else torch.empty(0, dtype=torch.uint8)
-        return flat.view(dtype).reshape(a.shape).clone()
-    return torch.from_numpy(np.array(a.numpy(), copy=True, order="C"))  # np.ascontiguousarray would turn 0-d into 1-d
+        return flat.view(dtype).reshape(shape).clone()
+    if a.stype != NUMPY_STYPE:
+        raise ValueError(f"array of unsupported stype {str(a.stype)[:40]!r}")
+    f = io.BytesIO(a.data)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+        np.lib.format.read_magic(f))
+    if read is None:
+        raise ValueError("numpy array: unsupported .npy format version")
+    shape, fortran, np_dtype = read(f, max_header_size=MAX_NPY_HEADER)
+    dtype = _NUMPY_DTYPES.get(np_dtype.str if np_dtype.itemsize > 1 else np_dtype.newbyteorder("<").str)
+    if dtype is None:
+        raise ValueError(f"numpy array of unsupported dtype {np_dtype.str[:40]!r}")
+    shape = _checked_shape(shape, dtype, len(a.data) - f.tell(), "numpy array")
+    arr = np.frombuffer(a.data, dtype=np_dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    return torch.from_numpy(np.array(arr, copy=True, order="C"))  # np.ascontiguousarray would turn 0-d into 1-d
 
 
 def tensors_to_record(td: TensorDict) -> ArrayRecord:
@@ -104,9 +137,18 @@ def update_to_record(u: ClientUpdate) -> RecordDict:
     return RecordDict({"fedtune": head, "update": tensors_to_record(u.tensors), "metrics": metrics})
 
 
+def header_int(h: ConfigRecord, key: str, lo: int, hi: int = INT64_MAX) -> int:
+    """An integer field of a received header, in [lo, hi] (ValueError otherwise: a float such as 1e400 = inf,
+    a bool or a string is refused, not converted)."""
+    v = h[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{key} must be an integer in [{lo}, {hi}], got {str(v)[:40]!r}")
+    return v
+
+
 def record_to_update(rd: RecordDict) -> ClientUpdate:
     h = rd.config_records["fedtune"]
-    return ClientUpdate(client_id=str(h["client_id"]), num_examples=int(h["num_examples"]),
+    return ClientUpdate(client_id=str(h["client_id"]), num_examples=header_int(h, "num_examples", 0),
                         tensors=record_to_tensors(rd.array_records["update"]), metrics=json.loads(str(h["metrics"])))
 
 

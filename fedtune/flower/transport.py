@@ -36,6 +36,7 @@ from fedtune.algorithms.base import ClientUpdate, FedAlgorithm, Instruction, pay
 from fedtune.engine import RoundEngine, RoundResult
 from fedtune.flower import serde
 from fedtune.wire import sizes as wire_size
+from fedtune.wire.serde import safe_str
 
 log = logging.getLogger("fedtune")
 
@@ -79,7 +80,8 @@ def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: 
 
 
 def _error_text(reply: Message) -> str:
-    return f"{reply.error.reason or 'error'} (Flower error code {reply.error.code})"
+    """A node's error reply (its text is the node's: escaped and capped, it cannot forge log lines)."""
+    return f"{safe_str(reply.error.reason or 'error', 300)} (Flower error code {reply.error.code})"
 
 
 def query_nodes(grid: Grid, nodes: Iterable[int], timeout_s: float) -> tuple[dict[int, dict], dict[int, str]]:
@@ -223,12 +225,12 @@ class FlowerTransport:
                 if reply.has_error():
                     self._fail(res, fl, cid, _error_text(reply), rnd)
                     continue
-                fl["up"] += serde.message_nbytes(reply.content)
                 try:
+                    fl["up"] += serde.message_nbytes(reply.content)
                     head = reply.content.config_records["fedtune"]
                     status = str(head["status"])
                     if status == "stale" and attempt == 0:
-                        have = int(head["have_version"])
+                        have = serde.header_int(head, "have_version", -1)  # > the server's: instruction_for refuses
                         retry[cid] = (self.engine.instruction_for(cid, have), have)
                         continue
                     if status != "ok":
@@ -237,10 +239,11 @@ class FlowerTransport:
                     if update.client_id != cid:
                         raise ValueError(f"the reply is for {update.client_id!r}")
                     validate_metrics(update)  # arbitrary JSON: check before it is sized (update_bytes) below
-                except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # hostile: never crash
-                    self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {e}", rnd)
+                    up = wire_size.update_bytes(update)
+                except Exception as e:  # noqa: BLE001 - hostile input: one node's reply must never end the run
+                    self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {safe_str(e, 300)}", rnd)
                     continue
-                res.bytes_up += wire_size.update_bytes(update)
+                res.bytes_up += up
                 res.payload_bytes_up += payload_nbytes(update.tensors)
                 res.updates.append(update)
             if not retry:

@@ -100,6 +100,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.stop_event = threading.Event()
         self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
         self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
+        self.expected_update = None  # set by the engine owner: cid -> UpdateSpec (or UpdateRejected)
         self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
         # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
         self.streams: dict[tuple[str, str], _Stream] = {}
@@ -295,19 +296,32 @@ class GrpcTransport(serde.CoordinatorServicer):
                 counter.bytes += len(msg)  # raw chunk bytes, parsed by read_update
                 yield msg
 
-        with serde.abort_on_wire_error(context):
-            if not open_ids:
-                raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
-            _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
-                                          reserve=lambda n: self._reserve(st, n), expected_client_id=cid)
+        assigned = self._assigned_bytes(cid) if open_ids else None
+
+        def reserve(nbytes: int) -> None:  # chunk 0 passed the wire checks; nothing buffered yet
+            if assigned is not None and nbytes > assigned:  # no update of the assigned shapes is that large
+                raise UpdateRejected(f"update from {cid!r}: declares {nbytes} bytes; the update assigned to it this "
+                                     f"round takes at most {assigned}")
+            self._reserve(st, nbytes)
+
+        refused = None
+        try:
+            with serde.abort_on_wire_error(context):
+                if not open_ids:
+                    raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
+                _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
+                                              reserve=reserve, expected_client_id=cid)
+        except UpdateRejected as e:
+            refused = safe_str(str(e), 1000)
         with self.lock:
             if self.book is not book or cid in book.updates or cid in book.rejected:
                 return serde.to_proto(serde.PushReply(False, "round already closed or update already received"))
-            refused = None
             try:  # against what this client was assigned this round (the engine checks again before aggregate)
-                self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
+                if refused is None:
+                    self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
             except UpdateRejected as e:
                 refused = safe_str(str(e), 1000)
+            if refused is not None:
                 book.rejected.add(cid)
             else:
                 book.updates[cid] = update
@@ -319,6 +333,15 @@ class GrpcTransport(serde.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
         return serde.to_proto(serde.PushReply(True))
+
+    def _assigned_bytes(self, cid: str) -> int | None:
+        """The largest blob `cid` may declare this round: what its assigned update takes (a few KB for a LoRA
+        update), so a client cannot reserve max_upload_mb of the shared in-flight budget and hold it with a trickle.
+        None: unknown (not sampled, no engine hook): the update is checked after it is read."""
+        try:
+            return serde.max_update_blob_bytes(self.expected_update(cid))
+        except (UpdateRejected, TypeError):
+            return None
 
     def Heartbeat(self, request, context):
         req = serde.from_proto(request)
@@ -399,6 +422,7 @@ def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], toke
                               min_clients=cfg.federation.min_clients)
     transport.instruction_for = run.engine.instruction_for
     transport.check_update = run.engine.check_update
+    transport.expected_update = run.engine.expected_update
     if stop is not None:
         transport.stop_event = stop
     run.engine.transport = transport

@@ -37,13 +37,14 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict, payload_nbytes
+from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, TensorDict, UpdateSpec, payload_nbytes
 from fedtune.wire import fedtune_pb2 as pb2
 from fedtune.wire import fedtune_pb2_grpc as pb2_grpc
 from fedtune.wire.tensors import (
     WireError,
     WireIntegrityError,
     WireLimitError,
+    blob_size,
     dumps_json,
     loads_json_object,
     pack_parts,
@@ -640,6 +641,12 @@ def _raw_layout(records: Sequence[pb2.RawTensor], total_bytes: int) -> list[tupl
         raise WireError(f"PushUpdate: compact record: its tensors take {sum(n for *_, n in layout)} bytes, the "
                         f"stream declares {total_bytes}")
     return layout
+
+
+def max_update_blob_bytes(spec: UpdateSpec) -> int:
+    """The blob size an honest sender of an update matching `spec` declares (safetensors: `update_to_wire`
+    never makes a larger one; a compact record is smaller). A receiver refuses more at chunk 0."""
+    return blob_size({k: (tuple(t.shape), t.dtype) for k, t in spec.tensors.items()})
 
 
 def update_to_wire(

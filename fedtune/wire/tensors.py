@@ -99,6 +99,19 @@ def pack_parts(tensors: TensorDict, metadata: dict[str, str] | None = None) -> l
     return [len(head).to_bytes(8, "little") + head, *parts]
 
 
+def blob_size(layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Exact size of the safetensors blob `pack_parts` makes of tensors with these {name: (shape, dtype)}, without
+    the tensors (a receiver's bound on what an honest sender of them declares)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (shape, dtype) in sorted(layout.items(), key=lambda kv: (-_RANK[kv[1][1]], kv[0])):
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + head + (-head % 8) + offset
+
+
 def _save(tensors: TensorDict, metadata: dict[str, str] | None) -> bytes:
     return b"".join(pack_parts(tensors, metadata))
 

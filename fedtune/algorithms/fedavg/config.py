@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from fedtune.algorithms.base import MAX_RANK  # what clients accept
+
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
 
@@ -17,8 +19,8 @@ class LoRAConfig:
     lr: float | None = field(default=None, metadata={"help": "local AdamW lr; None = [train] lr, else DEFAULT_LR"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r} (e.g. rank = 8)")
+        if not isinstance(self.rank, int) or not 0 < self.rank <= MAX_RANK:
+            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r} (at most {MAX_RANK}; e.g. rank = 8)")
         if self.alpha <= 0:
             raise ValueError(f"lora alpha must be > 0, got {self.alpha!r} (e.g. alpha = 2 * rank)")
         if not self.target_modules:

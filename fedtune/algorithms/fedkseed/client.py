@@ -78,7 +78,23 @@ class FedKSeedClient(ClientAlgorithm):
         if self.seeds is None:
             raise RuntimeError("sync() before setup(): the client has no candidate seeds")
         params = zo_parameters(model)
-        for v in payload.meta.get("replay_versions", []):
+        versions = payload.meta.get("replay_versions", [])
+        for v in versions:  # check every round before replaying any: a bad one must not leave θ half-updated
+            idx, coeff = payload.tensors[round_key(v, "seed_idx")], payload.tensors[round_key(v, "coeff")]
+            if not (idx.dim() == coeff.dim() == 1 and len(idx) == len(coeff) and not idx.is_floating_point()
+                    and idx.dtype != torch.bool and coeff.is_floating_point()):
+                raise ValueError(f"fedkseed sync round {v}: seed_idx {idx.dtype} {tuple(idx.shape)} and coeff "
+                                 f"{coeff.dtype} {tuple(coeff.shape)} must be integer and float vectors of one length")
+            if len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < len(self.seeds)):
+                raise ValueError(f"fedkseed sync round {v}: seed indices outside [0, {len(self.seeds)})")
+            if not bool(torch.isfinite(coeff).all()):
+                raise ValueError(f"fedkseed sync round {v}: non-finite coefficients")
+        probs = payload.tensors.get(PROBS)
+        if probs is not None and not (tuple(probs.shape) == (len(self.seeds),) and probs.is_floating_point()
+                                      and bool(torch.isfinite(probs).all()) and bool((probs >= 0).all())
+                                      and float(probs.sum()) > 0):
+            raise ValueError(f"fedkseed sync: {PROBS} must be {len(self.seeds)} finite non-negative weights, not all 0")
+        for v in versions:
             idx, coeff = payload.tensors[round_key(v, "seed_idx")], payload.tensors[round_key(v, "coeff")]
             for i, c in zip(idx.tolist(), coeff.tolist()):
                 apply_update(params, self.seeds[i], c)

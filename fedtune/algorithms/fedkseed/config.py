@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedtune.algorithms.base import MAX_RANK
+
 # η by trainable mode (see the package docstring). "lora": from the sweep 1e-3 / 3e-3 / 1e-2 → final eval loss
 # 3.358 / 3.327 / 4.548 (diverged) on the report workload (simulations/results/REPORT.md); "full" is not swept.
 DEFAULT_LR = {"full": 1e-6, "lora": 3e-3}
@@ -46,8 +48,8 @@ class FedKSeedConfig:
                 f"fedkseed grad_clip must be ≥ 0 and pro_clip > 0, got {self.grad_clip!r}, {self.pro_clip!r}"
             )
         if self.trainable == "lora":
-            if not isinstance(self.rank, int) or self.rank <= 0:
-                raise ValueError(f"fedkseed rank must be a positive integer, got {self.rank!r} (e.g. rank = 8)")
+            if not isinstance(self.rank, int) or not 0 < self.rank <= MAX_RANK:
+                raise ValueError(f"fedkseed rank must be a positive integer, got {self.rank!r} (at most {MAX_RANK}; e.g. rank = 8)")
             if not self.alpha > 0:
                 raise ValueError(f"fedkseed alpha must be > 0, got {self.alpha!r} (e.g. alpha = 2 * rank)")
             if not self.target_modules:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
+from fedtune.algorithms.base import MAX_RANK, ClientAlgorithm, ClientUpdate, Payload, TrainContext
 from fedtune.algorithms.fedavg.client import run_local_training
 from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
 from fedtune.algorithms.fedsb.server import R_KEY
@@ -26,6 +26,10 @@ class FedSBClient(ClientAlgorithm):
         mods = sorted(k[:-2] for k in t if k.endswith(".A"))
         if not mods:
             raise ValueError("fedsb setup payload carries no A/B factors")
+        ranks = {t[f"{m}.A"].shape[0] if t[f"{m}.A"].dim() == 2 else -1 for m in mods}
+        if len(ranks) != 1 or not 1 <= min(ranks) <= MAX_RANK:  # R is r×r per module: r = 50,000 would be 10 GB
+            raise ValueError(f"fedsb setup payload: A factors of ranks {sorted(ranks)[:4]}; expected one rank in "
+                             f"[1, {MAX_RANK}]")
         return attach_sb(model, {m: (t[f"{m}.A"], t[f"{m}.B"]) for m in mods})
 
     def sync(self, model: nn.Module, payload: Payload) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from fedtune.algorithms.base import MAX_RANK
+
 INIT_MODES = ("sign", "grad")
 
 
@@ -27,8 +29,8 @@ class FedSBConfig:
     def __post_init__(self) -> None:
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or self.lr <= 0):
             raise ValueError(f"fedsb lr must be a number > 0, got {self.lr!r} (e.g. lr = 1e-2)")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"fedsb rank must be a positive integer, got {self.rank!r} (e.g. rank = 8)")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 < self.rank <= MAX_RANK:
+            raise ValueError(f"fedsb rank must be a positive integer, got {self.rank!r} (at most {MAX_RANK}; e.g. rank = 8)")
         if isinstance(self.target_modules, str):
             raise ValueError(  # noqa: TRY004 (config errors are ValueErrors throughout, as in LoRAConfig)
                 f"fedsb target_modules must be a list, got the string {self.target_modules!r}; "

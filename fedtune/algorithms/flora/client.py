@@ -27,6 +27,33 @@ from fedtune.training.batched import batchable, train_lora_clients
 log = logging.getLogger("fedtune")
 
 
+def _check_factors(what: str, lin: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+    if not (a.dim() == b.dim() == 2 and a.shape[0] >= 1 and a.shape[1] == lin.in_features
+            and tuple(b.shape) == (lin.out_features, a.shape[0]) and a.is_floating_point() and b.is_floating_point()):
+        raise ValueError(f"flora sync: {what} has A {tuple(a.shape)}, B {tuple(b.shape)}; expected A R×{lin.in_features}"
+                         f", B {lin.out_features}×R (float)")
+
+
+def _check_payload(payload: Payload, linears: dict[str, nn.Linear], versions: list) -> None:
+    """A sync payload from the coordinator: every stack / cumulative factor fits this model's modules (torch would
+    broadcast a 1-row ΔW over the weight, or fail mid-merge)."""
+    t = payload.tensors
+    if payload.meta.get("cumulative"):
+        known = {f"{CUM}{n}.{x}" for n in linears for x in "ABD"}
+        if bad := sorted(k for k in t if k.startswith(CUM) and k not in known)[:1]:
+            raise ValueError(f"flora sync: unexpected cumulative tensor {bad[0][:100]!r}")
+        for n, lin in linears.items():
+            if f"{CUM}{n}.D" in t and tuple(t[f"{CUM}{n}.D"].shape) != (lin.out_features, lin.in_features):
+                raise ValueError(f"flora sync: {CUM}{n}.D has shape {tuple(t[f'{CUM}{n}.D'].shape)}")
+            if f"{CUM}{n}.A" in t:
+                _check_factors(f"{CUM}{n}", lin, t[f"{CUM}{n}.A"], t.get(f"{CUM}{n}.B", torch.empty(0)))
+    for v in versions:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 99_999:
+            raise ValueError(f"flora sync: merge version {str(v)[:20]!r} is not an integer in [0, 99999]")
+        for n, lin in linears.items():
+            _check_factors(f"round {v} {n}", lin, t[round_key(v, f"{n}.A")], t[round_key(v, f"{n}.B")])
+
+
 class FLoRAClient(ClientAlgorithm):
     def __init__(self) -> None:
         super().__init__()
@@ -59,6 +86,7 @@ class FLoRAClient(ClientAlgorithm):
         elif not versions:
             return
         linears = target_linears(model, self.targets)
+        _check_payload(payload, linears, versions)
         for v in versions:
             for name in linears:
                 add_to_cumulative(self.cum, name, payload.tensors[round_key(v, f"{name}.A")].clone(),

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from fedtune.algorithms.base import MAX_RANK
 from fedtune.algorithms.fedavg.config import LoRAConfig
 
 
@@ -30,9 +31,9 @@ class FLoRAConfig(LoRAConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"flora {name} must be an integer ≥ 0, got {v!r}")
-        bad = [r for r in self.ranks if not isinstance(r, int) or r <= 0]
+        bad = [r for r in self.ranks if not isinstance(r, int) or not 0 < r <= MAX_RANK]
         if bad:
-            raise ValueError(f"flora ranks must be positive integers, got {bad} (e.g. ranks = [16, 8, 8, 4])")
+            raise ValueError(f"flora ranks must be positive integers, got {bad} (at most {MAX_RANK}; e.g. ranks = [16, 8, 8, 4])")
 
     def rank_for(self, index: int) -> int:
         return self.ranks[index % len(self.ranks)] if self.ranks else self.rank
