@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class HostileCoordinator(serde.CoordinatorServicer):
-    """Accepts every Join, hands out `self.task` (an Instruction, or a float: WAIT that long) on every PullTask,
-    records pushes."""
+    """Accepts every Join, hands out `self.task` (an Instruction, a float: WAIT that long, or a status code: fail
+    with it) on every PullTask, records pushes."""
 
     def __init__(self) -> None:
         self.task: Instruction | None = None
@@ -42,6 +42,8 @@ class HostileCoordinator(serde.CoordinatorServicer):
         return serde.to_proto(serde.JoinReply(True, "", request.base_fingerprint, "evil", "fedavg", 5.0))
 
     def PullTask(self, request, context):
+        if isinstance(self.task, grpc.StatusCode):
+            context.abort(self.task, "no\nsuch luck")
         if isinstance(self.task, float):  # WAIT this long
             yield from serde.wait_chunks(self.task, "later")
             return
@@ -222,3 +224,12 @@ def test_the_run_config_refuses_what_clients_would_refuse(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(None, override).algorithm_config()
+
+
+def test_an_unexpected_status_from_the_coordinator_is_one_line_not_a_traceback(tmp_path, coordinator, monkeypatch):
+    servicer, port = coordinator
+    a = agent(write_run(tmp_path, rounds=1), port, 0)
+    monkeypatch.setattr(servicer, "task", grpc.StatusCode.OUT_OF_RANGE)
+    with pytest.raises(Refused) as e:
+        a.run()
+    assert str(e.value) == "the coordinator answered OUT_OF_RANGE: 'no\\nsuch luck'"
