@@ -91,7 +91,7 @@ CASES = {  # id: (mutation, what the refusal says)
     "steps_1e9": ({"train": {"steps": 10**9}}, "train.steps = '1000000000' is not an integer in [1, 100000]"),
     "batch_size_0": ({"train": {"batch_size": 0}}, "train.batch_size = '0' is not an integer in [1, 4096]"),
     "lr_nan": ({"train": {"lr": math.nan}}, "train.lr = 'nan' is not a number in [0, 10]"),
-    "negative_seed": ({"train": {"seed": -5}}, "train.seed = '-5' is not an integer in [0, 9.22337e+18]"),
+    "negative_seed": ({"train": {"seed": -5}}, "train.seed = '-5' is not an integer in [0, 9223372036854775807]"),
     "float_steps": ({"train": {"steps": 2.5}}, "train.steps = '2.5' is not an integer"),
     "unknown_key": ({"train": {"dp_off": True}}, "train config has unknown keys ['dp_off']"),
     "regex_targets": ({"meta": {"target_modules": ".*"}}, "setup.target_modules = '.*' is not a list of at most 64"),
