@@ -233,3 +233,37 @@ def test_an_unexpected_status_from_the_coordinator_is_one_line_not_a_traceback(t
     with pytest.raises(Refused) as e:
         a.run()
     assert str(e.value) == "the coordinator answered OUT_OF_RANGE: 'no\\nsuch luck'"
+
+
+def test_sync_payloads_that_do_not_fit_the_model_are_refused_before_any_change():
+    """FLoRA: a round stack whose B has 1 row (torch would broadcast the 1×d_in ΔW over every row of W); FedKSeed:
+    a seed index of -1 (Python would silently replay the last seed) or 10^9, a NaN coefficient. Each is a
+    ValueError naming the problem, and the model is unchanged."""
+    from fedtune.algorithms.fedkseed.server import round_key as kseed_key
+    from fedtune.algorithms.flora.server import round_key as flora_key
+
+    cases = []
+    flora = get_algorithm("flora")
+    state = flora.initialize(load_model("tiny", seed=0)[0], seed=0)
+    client = flora.make_client()
+    model = client.setup(load_model("tiny", seed=0)[0], flora.setup_payload(state))
+    name = min(state.meta["modules"])
+    d_out, d_in = state.meta["modules"][name]
+    stack = {flora_key(1, f"{n}.A"): torch.ones(4, i) for n, (o, i) in state.meta["modules"].items()}
+    stack |= {flora_key(1, f"{n}.B"): torch.ones(o, 4) for n, (o, i) in state.meta["modules"].items()}
+    stack[flora_key(1, f"{name}.B")] = torch.ones(1, 4)
+    cases.append((client, model, Payload(stack, {"merge_versions": [1]}),
+                  f"flora sync: round 1 {name} has A (4, {d_in}), B (1, 4); expected A R×{d_in}, B {d_out}×R"))
+    kseed = get_algorithm("fedkseed")
+    kstate = kseed.initialize(load_model("tiny", seed=0)[0], seed=0)
+    for idx, coeff, message in [([-1], [0.1], "seed indices outside [0, "), ([10**9], [0.1], "seed indices outside"),
+                                ([0], [math.nan], "non-finite coefficients")]:
+        kc = kseed.make_client()
+        km = kc.setup(load_model("tiny", seed=0)[0], kseed.setup_payload(kstate))
+        p = {kseed_key(1, "seed_idx"): torch.tensor(idx), kseed_key(1, "coeff"): torch.tensor(coeff)}
+        cases.append((kc, km, Payload(p, {"replay_versions": [1]}), message))
+    for client, model, payload, message in cases:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            client.sync(model, payload)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
