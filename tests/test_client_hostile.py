@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class HostileCoordinator(serde.CoordinatorServicer):
-    """Accepts every Join, hands out `self.task` (an Instruction, or a float: WAIT that long) on every PullTask,
-    records pushes."""
+    """Accepts every Join, hands out `self.task` (an Instruction, a float: WAIT that long, or a status code: fail
+    with it) on every PullTask, records pushes."""
 
     def __init__(self) -> None:
         self.task: Instruction | None = None
@@ -42,6 +42,8 @@ class HostileCoordinator(serde.CoordinatorServicer):
         return serde.to_proto(serde.JoinReply(True, "", request.base_fingerprint, "evil", "fedavg", 5.0))
 
     def PullTask(self, request, context):
+        if isinstance(self.task, grpc.StatusCode):
+            context.abort(self.task, "no\nsuch luck")
         if isinstance(self.task, float):  # WAIT this long
             yield from serde.wait_chunks(self.task, "later")
             return
@@ -89,7 +91,7 @@ CASES = {  # id: (mutation, what the refusal says)
     "steps_1e9": ({"train": {"steps": 10**9}}, "train.steps = '1000000000' is not an integer in [1, 100000]"),
     "batch_size_0": ({"train": {"batch_size": 0}}, "train.batch_size = '0' is not an integer in [1, 4096]"),
     "lr_nan": ({"train": {"lr": math.nan}}, "train.lr = 'nan' is not a number in [0, 10]"),
-    "negative_seed": ({"train": {"seed": -5}}, "train.seed = '-5' is not an integer in [0, 9.22337e+18]"),
+    "negative_seed": ({"train": {"seed": -5}}, "train.seed = '-5' is not an integer in [0, 9223372036854775807]"),
     "float_steps": ({"train": {"steps": 2.5}}, "train.steps = '2.5' is not an integer"),
     "unknown_key": ({"train": {"dp_off": True}}, "train config has unknown keys ['dp_off']"),
     "regex_targets": ({"meta": {"target_modules": ".*"}}, "setup.target_modules = '.*' is not a list of at most 64"),
@@ -222,3 +224,46 @@ def test_the_run_config_refuses_what_clients_would_refuse(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(None, override).algorithm_config()
+
+
+def test_an_unexpected_status_from_the_coordinator_is_one_line_not_a_traceback(tmp_path, coordinator, monkeypatch):
+    servicer, port = coordinator
+    a = agent(write_run(tmp_path, rounds=1), port, 0)
+    monkeypatch.setattr(servicer, "task", grpc.StatusCode.OUT_OF_RANGE)
+    with pytest.raises(Refused) as e:
+        a.run()
+    assert str(e.value) == "the coordinator answered OUT_OF_RANGE: 'no\\nsuch luck'"
+
+
+def test_sync_payloads_that_do_not_fit_the_model_are_refused_before_any_change():
+    """FLoRA: a round stack whose B has 1 row (torch would broadcast the 1×d_in ΔW over every row of W); FedKSeed:
+    a seed index of -1 (Python would silently replay the last seed) or 10^9, a NaN coefficient. Each is a
+    ValueError naming the problem, and the model is unchanged."""
+    from fedtune.algorithms.fedkseed.server import round_key as kseed_key
+    from fedtune.algorithms.flora.server import round_key as flora_key
+
+    cases = []
+    flora = get_algorithm("flora")
+    state = flora.initialize(load_model("tiny", seed=0)[0], seed=0)
+    client = flora.make_client()
+    model = client.setup(load_model("tiny", seed=0)[0], flora.setup_payload(state))
+    name = min(state.meta["modules"])
+    d_out, d_in = state.meta["modules"][name]
+    stack = {flora_key(1, f"{n}.A"): torch.ones(4, i) for n, (o, i) in state.meta["modules"].items()}
+    stack |= {flora_key(1, f"{n}.B"): torch.ones(o, 4) for n, (o, i) in state.meta["modules"].items()}
+    stack[flora_key(1, f"{name}.B")] = torch.ones(1, 4)
+    cases.append((client, model, Payload(stack, {"merge_versions": [1]}),
+                  f"flora sync: round 1 {name} has A (4, {d_in}), B (1, 4); expected A R×{d_in}, B {d_out}×R"))
+    kseed = get_algorithm("fedkseed")
+    kstate = kseed.initialize(load_model("tiny", seed=0)[0], seed=0)
+    for idx, coeff, message in [([-1], [0.1], "seed indices outside [0, "), ([10**9], [0.1], "seed indices outside"),
+                                ([0], [math.nan], "non-finite coefficients")]:
+        kc = kseed.make_client()
+        km = kc.setup(load_model("tiny", seed=0)[0], kseed.setup_payload(kstate))
+        p = {kseed_key(1, "seed_idx"): torch.tensor(idx), kseed_key(1, "coeff"): torch.tensor(coeff)}
+        cases.append((kc, km, Payload(p, {"replay_versions": [1]}), message))
+    for client, model, payload, message in cases:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            client.sync(model, payload)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

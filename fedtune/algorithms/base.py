@@ -205,7 +205,8 @@ def check_number(value: Any, what: str, kind: str, lo: float, hi: float, lo_open
     when lo_open). bool is not a number here."""
     ok_type = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type or not (lo < value if lo_open else lo <= value) or not value <= hi:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        fmt = (lambda x: str(int(x))) if kind == "int" else (lambda x: f"{x:g}")
+        interval = f"{'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}]"
         raise InstructionRejected(f"{what} = {str(value)[:40]!r} is not {'an integer' if kind == 'int' else 'a number'}"
                                   f" in {interval}")
 

@@ -259,8 +259,8 @@ class Agent:
                     code = e.code()
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                         raise Refused(f"{code.name}: {_why(e)}") from None
-                    if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:
-                        raise
+                    if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:  # no retry helps
+                        raise Refused(f"the coordinator answered {code.name}: {_why(e)}") from None
                     now = time.monotonic()
                     failing_since = now if failing_since is None else failing_since
                     if now - failing_since >= self.c.max_retry_s:

@@ -81,12 +81,12 @@ class FLoRAClient(ClientAlgorithm):
         """Take the server's cumulative ΔW, or add the missed rounds' stacks (d_out×R)(R×d_in) to ours in
         order; then W = W₀ + ΔW (float64 sum, rounded once), so every copy holds the same weights."""
         versions = payload.meta.get("merge_versions", [])
-        if payload.meta.get("cumulative"):
-            self.cum = {k: v.clone() for k, v in payload.tensors.items() if k.startswith(CUM)}
-        elif not versions:
+        if not payload.meta.get("cumulative") and not versions:
             return
         linears = target_linears(model, self.targets)
-        _check_payload(payload, linears, versions)
+        _check_payload(payload, linears, versions)  # before any change: a refused payload leaves the model as it was
+        if payload.meta.get("cumulative"):
+            self.cum = {k: v.clone() for k, v in payload.tensors.items() if k.startswith(CUM)}
         for v in versions:
             for name in linears:
                 add_to_cumulative(self.cum, name, payload.tensors[round_key(v, f"{name}.A")].clone(),
