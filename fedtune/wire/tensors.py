@@ -80,36 +80,37 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _head(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None,
+            ) -> tuple[bytes, list[tuple[str, int]]]:
+    """The safetensors head (8-byte length + JSON header padded to 8 B) for tensors of these {name: (shape,
+    dtype)}, and (name, nbytes) in data order (widest dtype first, then by name)."""
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    order: list[tuple[str, int]] = []
+    offset = 0
+    for name, (shape, dtype) in sorted(layout.items(), key=lambda kv: (-_RANK[kv[1][1]], kv[0])):
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        order.append((name, n))
+        offset += n
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head, order
+
+
 def pack_parts(tensors: TensorDict, metadata: dict[str, str] | None = None) -> list[bytes | memoryview]:
     """The safetensors blob as pieces: [8-byte length + JSON header, then each non-empty tensor's memory].
     `b"".join(parts)` is the blob; the pieces are views (no copy), valid while the tensors are unchanged."""
     _little_endian()
     prepared = _prepare(tensors)
-    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
-    parts: list[bytes | memoryview] = []
-    offset = 0
-    for name, t in sorted(prepared.items(), key=lambda kv: (-_RANK[kv[1].dtype], kv[0])):
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-        if n:
-            parts.append(_raw(t))
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    head += b" " * (-len(head) % 8)
-    return [len(head).to_bytes(8, "little") + head, *parts]
+    head, order = _head({k: (tuple(t.shape), t.dtype) for k, t in prepared.items()}, metadata)
+    return [head, *(_raw(prepared[name]) for name, n in order if n)]
 
 
 def blob_size(layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """Exact size of the safetensors blob `pack_parts` makes of tensors with these {name: (shape, dtype)}, without
     the tensors (a receiver's bound on what an honest sender of them declares)."""
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, (shape, dtype) in sorted(layout.items(), key=lambda kv: (-_RANK[kv[1][1]], kv[0])):
-        n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
-    return 8 + head + (-head % 8) + offset
+    head, order = _head(layout, None)
+    return len(head) + sum(n for _, n in order)
 
 
 def _save(tensors: TensorDict, metadata: dict[str, str] | None) -> bytes:
