@@ -98,9 +98,14 @@ def tree_rss(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
     return total, len(procs)
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH (children import this fedtune)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+
+
 def measure(engine: str, rounds: int, actors: int) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench-{engine}-")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = child_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--worker", engine, "--rounds", str(rounds), "--out", out,
                              "--actors", str(actors)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,7 +147,7 @@ def measure(engine: str, rounds: int, actors: int) -> dict:
 def import_floor(repeats: int = 3) -> float:
     """Seconds a fresh interpreter takes to import what a simulated run imports (fedtune, torch, transformers'
     Llama, peft), best of `repeats`: every engine pays it before its first round."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = child_env()
     code = "import fedtune.simulation, fedtune.models.loading, transformers.models.llama.modeling_llama, peft"
     best = float("inf")
     for _ in range(repeats):
