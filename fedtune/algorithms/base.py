@@ -100,7 +100,7 @@ class UpdateRejected(ValueError):
 
 
 MAX_METRICS = 32  # honest clients send ≤ 7 (train_loss, epsilon, delta, noise_multiplier, sample_rate, zo_*)
-_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")  # metric and module names: dotted identifiers
 # The values the server reads (train loss in the round row, ε/δ in the privacy report), with the range an honest
 # client can produce; NaN allowed where an honest client can report it (a FedKSeed client whose DP Poisson
 # batches were all empty has no train loss).
@@ -124,7 +124,7 @@ def validate_metrics(update: ClientUpdate) -> None:
         raise UpdateRejected(f"{who}: {len(m) if isinstance(m, dict) else type(m).__name__} metrics, at most "
                              f"{MAX_METRICS} allowed")
     for k, v in m.items():
-        if not isinstance(k, str) or not _METRIC_NAME.fullmatch(k):
+        if not isinstance(k, str) or not _IDENT.fullmatch(k):
             raise UpdateRejected(f"{who}: metric name {str(k)[:80]!r} is not an identifier of at most 64 characters")
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise UpdateRejected(f"{who}: metric {k} is a {type(v).__name__}, not a number")
@@ -236,7 +236,7 @@ def validate_instruction(ins: Instruction) -> None:
             check_number(meta[k], f"setup.{k}", kind, lo, hi, lo_open)
     targets = meta.get("target_modules", [])  # peft reads a str as a regex over every module name
     if not isinstance(targets, list) or len(targets) > 64 or not all(
-            isinstance(x, str) and _METRIC_NAME.fullmatch(x) for x in targets):
+            isinstance(x, str) and _IDENT.fullmatch(x) for x in targets):
         raise InstructionRejected(f"setup.target_modules = {str(targets)[:80]!r} is not a list of at most 64 module "
                                   "names")
 
