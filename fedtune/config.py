@@ -33,6 +33,10 @@ class RunSection:
 @dataclass
 class ModelSection:
     name: str = "smollm2"  # "tiny" | "smollm2" | HF model dir | .gguf file
+    # How this process holds the base (each client its own; nothing of it travels). See fedtune/models/hardware.py
+    device: str = "auto"  # auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on a bf16 GPU or under quantization, else float32) | float32 | bfloat16 | float16
+    quantization: str = "none"  # none | nf4 (QLoRA 4-bit, double quantization) | int8 — bitsandbytes
 
 
 @dataclass
@@ -81,6 +85,7 @@ class TrainSection:
     lr: float | None = None  # None: the method's tuned default. [<method>] lr > [train] lr > the method's default
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30 % more time)
 
 
 @dataclass
@@ -320,6 +325,14 @@ def validate(cfg: RunConfig) -> None:
         own_files = "client" in cfg.extra and cfg.section("client", ClientSection).partition < 0
         _require(own_files or len(d.paths) in (1, f.num_clients),
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
+    from fedtune.models.hardware import HardwareError, check_choice
+
+    try:
+        check_choice(cfg.model.device, cfg.model.dtype, cfg.model.quantization)
+    except HardwareError as e:
+        raise ConfigError(str(e)) from None
+    _require(isinstance(t.gradient_checkpointing, bool),
+             f"train.gradient_checkpointing must be true or false, got {t.gradient_checkpointing!r}")
     cfg.algorithm_config()  # validates the algorithm name and its settings
     cfg.privacy_config()
     cfg.robust_config()

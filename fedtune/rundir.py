@@ -39,6 +39,7 @@ OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints"
 # noise_multiplier (σ then depends on the planned number of rounds).
 RESUMABLE = (
     "run.name", "run.out", "run.rounds", "run.threads", "run.eval_batch_size", "model.name",
+    "model.device", "model.dtype", "model.quantization", "train.gradient_checkpointing",
     "federation.round_timeout_s", "federation.max_round_retries", "federation.batch_clients",
     "federation.workers",
     "algorithm.export_rank", "algorithm.keep_rounds",

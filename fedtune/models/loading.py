@@ -3,15 +3,21 @@ or a .gguf file. Nothing is downloaded: every path is local (HF_HUB_OFFLINE is f
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedtune.fileio import publish
+from fedtune.models.fingerprint import checkpoint_fingerprint, fingerprint
+from fedtune.models.hardware import ATTR, HardwareError, Placement, quantization_config
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,14 +51,58 @@ def _load_gguf(path: Path):
     return model, tok
 
 
-def _load_dir(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_dir(path: Path, pl: Placement | None = None):
+    """(model, tokenizer) from an HF directory, held as `pl` says (default float32 on the CPU). A non-default
+    placement records the float32 checkpoint's fingerprint first (from the files), so every holding of the
+    same weights has the same base fingerprint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    pl = pl or Placement()
+    if pl.exact and pl.device.type == "cpu":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        raise ModelError(f"{path} holds a pre-quantized checkpoint; give fedtune the unquantized model and set "
+                         "model.quantization instead")
+    fp = _dir_fingerprint(path, config)
+    kw: dict[str, Any] = {"dtype": pl.dtype}
+    if (q := quantization_config(pl.quantization, pl.dtype)) is not None:
+        kw |= {"quantization_config": q, "device_map": {"": pl.device}}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if q is None:
+        model.to(pl.device)
+    model.fedtune_base_fp = fp
     return model, tok
+
+
+def _dir_fingerprint(path: Path, config) -> str:
+    """checkpoint_fingerprint, cached by the files' names, sizes and mtimes (a 7B model is ~28 GB of fp32 to
+    hash); when the files do not map onto the model, the fingerprint of a float32 CPU load."""
+    files = sorted(path.glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(path.resolve()), *[(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                            for f in files]]).encode()).hexdigest()
+    cache = cache_root() / "fingerprints" / key
+    try:
+        return cache.read_text().strip()
+    except OSError:
+        pass
+    fp = checkpoint_fingerprint(path, config)
+    if fp is None:
+        from transformers import AutoModelForCausalLM
+
+        log.warning("%s: fingerprinting a float32 load (its files do not map 1:1 onto the model)", path)
+        fp = fingerprint(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
+        tmp.write_text(fp)
+        tmp.rename(cache)
+    except OSError:
+        pass
+    return fp
 
 
 def _gguf_cache(path: Path) -> Path:
@@ -74,11 +124,11 @@ def hf_dir(spec: str) -> Path | None:
     return path.resolve() if (path / "config.json").is_file() else None
 
 
-def _cached_gguf(path: Path):
+def _cached_gguf(path: Path, pl: Placement | None = None):
     """GGUF dequantisation takes ~20 s; cache the fp32 result as safetensors once (~0.3 s later)."""
     cache = _gguf_cache(path)
     if (cache / "model.safetensors").is_file() and (cache / "config.json").is_file():
-        return _load_dir(cache)
+        return _load_dir(cache, pl)
     model, tok = _load_gguf(path)
     # the weights are dequantised fp32 already; drop the GGUF "quantizer" so save_pretrained accepts them
     if hasattr(model.config, "quantization_config"):
@@ -94,27 +144,65 @@ def _cached_gguf(path: Path):
     except OSError:  # another process won the race; use its copy
         pass
     log.info("cached %s as safetensors in %s", path.name, cache)
+    if pl is not None and not (pl.exact and pl.device.type == "cpu"):
+        del model
+        return _load_dir(cache, pl)
     return model, tok
 
 
-def load_model(spec: str, *, seed: int = 0):
-    """(model in eval mode, fp32, on CPU; tokenizer with a pad token)."""
-    if spec == "tiny" or re.fullmatch(r"tiny-\d+x\d+", spec):  # "tiny-<hidden>x<layers>", e.g. tiny-256x4
-        from fedtune.models.tiny import tiny_llama, tiny_tokenizer
+def _tiny(spec: str, seed: int, pl: Placement):
+    from fedtune.models.tiny import tiny_llama, tiny_tokenizer
 
-        tok = tiny_tokenizer()
-        if spec == "tiny":
-            return tiny_llama(len(tok), seed=seed), tok
-        hidden, layers = map(int, spec[len("tiny-"):].split("x"))
-        return tiny_llama(len(tok), seed=seed, hidden=hidden, layers=layers), tok
-    if spec == "smollm2":
-        model, tok = _cached_gguf(smollm2_gguf())
+    tok = tiny_tokenizer()
+    hidden, layers = (64, 2) if spec == "tiny" else map(int, spec[len("tiny-"):].split("x"))
+    model = tiny_llama(len(tok), seed=seed, hidden=hidden, layers=layers)
+    if pl.exact and pl.device.type == "cpu":
+        return model, tok
+    if pl.quantization != "none":  # bitsandbytes quantizes while loading: go through a model directory
+        d = cache_root() / f"{spec}-seed{seed}"
+        if not (d / "config.json").is_file():
+            tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(d)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        model, _ = _load_dir(d, pl)
+        return model, tok
+    fp = fingerprint(model)
+    model.to(pl.device, pl.dtype)
+    model.fedtune_base_fp = fp
+    return model, tok
+
+
+def load_model(spec: str, *, seed: int = 0, device: str = "cpu", dtype: str = "float32", quantization: str = "none"):
+    """(model in eval mode, tokenizer with a pad token). The model is held on `device` in `dtype`, its linear
+    layers quantized by bitsandbytes when `quantization` is "nf4"/"int8" (fedtune.models.hardware; "auto"
+    resolved there); `hardware.placement(model)` says how, `base_fingerprint(model)` identifies the weights
+    whatever the holding."""
+    try:
+        pl = Placement.resolve(device, dtype, quantization)
+    except HardwareError as e:
+        raise ModelError(str(e)) from None
+    if spec == "tiny" or re.fullmatch(r"tiny-\d+x\d+", spec):  # "tiny-<hidden>x<layers>", e.g. tiny-256x4
+        model, tok = _tiny(spec, seed, pl)
+    elif spec == "smollm2":
+        model, tok = _cached_gguf(smollm2_gguf(), pl)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelError(f"model {spec!r} not found: use \"tiny\", \"smollm2\", an HF model dir or a .gguf file")
-        model, tok = _cached_gguf(path) if path.suffix == ".gguf" else _load_dir(path)
+        model, tok = _cached_gguf(path, pl) if path.suffix == ".gguf" else _load_dir(path, pl)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.use_cache = False
+    setattr(model, ATTR, pl)
     return model.eval(), tok
+
+
+def load_for(cfg, *, seed: int | None = None):
+    """load_model with a run config's [model] section (name, device, dtype, quantization)."""
+    m = cfg.model
+    return load_model(m.name, seed=cfg.run.seed if seed is None else seed, device=m.device, dtype=m.dtype,
+                      quantization=m.quantization)
