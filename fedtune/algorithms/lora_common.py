@@ -60,8 +60,20 @@ def attach_lora(model: nn.Module, *, adapter: str, rank: int, alpha: float, targ
     if isinstance(model, PeftModel):
         if adapter not in model.peft_config:
             model.add_adapter(adapter, cfg)
+            _float32_adapter(model, adapter)
         return model
-    return get_peft_model(model, cfg, adapter_name=adapter)
+    model = get_peft_model(model, cfg, adapter_name=adapter)
+    _float32_adapter(model, adapter)
+    return model
+
+
+def _float32_adapter(model: nn.Module, adapter: str) -> None:
+    """LoRA factors are float32 master weights on any base (bf16, fp16, 4-bit); peft's autocast_adapter_dtype
+    does this for get_peft_model but not for add_adapter."""
+    for layer in lora_layers(model, adapter).values():
+        for mod in (layer.lora_A[adapter], layer.lora_B[adapter]):
+            if mod.weight.dtype != torch.float32:
+                mod.to(torch.float32)
 
 
 def lora_layers(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
@@ -76,12 +88,13 @@ def lora_layers(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
 
 
 def get_lora_state(model: nn.Module, adapter: str, *, fold_scale: bool = False) -> TensorDict:
-    """Copy of the adapter's factors; with fold_scale the LoRA scale s = α/r is multiplied into B."""
+    """Copy of the adapter's factors, on the CPU (float32 master weights whatever the base's dtype or device);
+    with fold_scale the LoRA scale s = α/r is multiplied into B."""
     out: TensorDict = {}
     for name, layer in lora_layers(model, adapter).items():
         s = layer.scaling[adapter] if fold_scale else 1.0
-        out[f"{name}.A"] = layer.lora_A[adapter].weight.detach().clone()
-        out[f"{name}.B"] = layer.lora_B[adapter].weight.detach().clone() * s
+        out[f"{name}.A"] = layer.lora_A[adapter].weight.detach().to("cpu", copy=True)
+        out[f"{name}.B"] = layer.lora_B[adapter].weight.detach().to("cpu", copy=True) * s
     return out
 
 

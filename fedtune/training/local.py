@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedtune.data.format import IGNORE, collate
+from fedtune.models.hardware import model_device, to_device
 
 
 @dataclass
@@ -72,12 +73,13 @@ def train_local(
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = batches(features, cfg.batch_size, cfg.seed, pad_id)
+    device = model_device(model)
     model.train()
     losses: list[float] = []
     seen = 0
     for step in range(cfg.steps):
         for _ in range(cfg.grad_accum):
-            batch = next(stream)
+            batch = to_device(next(stream), device)
             loss = model(**batch).loss
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
@@ -100,8 +102,9 @@ def evaluate(model: nn.Module, features: Sequence[dict], *, pad_id: int, batch_s
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     for i in range(0, len(features), batch_size):
-        batch = collate(features[i : i + batch_size], pad_id)
+        batch = to_device(collate(features[i : i + batch_size], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # shift: token t predicts t+1; (B, T-1, V) vs (B, T-1)
         lg, lb = logits[:, :-1].float(), batch["labels"][:, 1:]
