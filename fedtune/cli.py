@@ -25,6 +25,12 @@ def _overwrite(args: argparse.Namespace, cfg) -> None:
         overwrite(cfg.out_dir)
 
 
+def _hw_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """--device/--dtype/--quantization/--gradient-checkpointing as config overrides (None: not given)."""
+    return {"model.device": args.device, "model.dtype": args.dtype, "model.quantization": args.quantization,
+            "train.gradient_checkpointing": True if getattr(args, "gradient_checkpointing", False) else None}
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune import config
     from fedtune.simulation import output_paths, simulate
@@ -32,7 +38,7 @@ def _simulate(args: argparse.Namespace) -> int:
     overrides = {
         "run.algorithm": args.algorithm, "run.rounds": args.rounds, "federation.num_clients": args.clients,
         "run.out": args.out, "model.name": args.model, "run.seed": args.seed, "train.local_steps": args.local_steps,
-    }
+    } | _hw_overrides(args)
     if args.data:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
     if args.partition:
@@ -70,7 +76,8 @@ def _server(args: argparse.Namespace) -> int:
     from fedtune.server.coordinator import Interrupted, serve
     from fedtune.simulation import output_paths
 
-    overrides = {"run.out": args.out, "run.rounds": args.rounds, "server.insecure": args.insecure or None}
+    overrides = {"run.out": args.out, "run.rounds": args.rounds, "server.insecure": args.insecure or None,
+                 **_hw_overrides(args)}
     if args.address:
         overrides["server.address"] = args.address
     cfg = config.load(args.config, overrides)
@@ -101,7 +108,7 @@ def _client(args: argparse.Namespace) -> int:
             "--token is deprecated: a token on the command line is visible to every user (ps); "
             "use the FEDTUNE_TOKEN environment variable or [client] token_file")
     overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
-                 "client.token": args.token, "client.insecure": args.insecure or None}
+                 "client.token": args.token, "client.insecure": args.insecure or None, **_hw_overrides(args)}
     cfg = config.load(args.config, overrides)
     try:
         return Agent(cfg, cfg.section("client", ClientSection)).run()
@@ -168,6 +175,16 @@ def _model_source(args: argparse.Namespace):
         cfg, summary = found
     else:
         cfg, summary = config.load(args.config), None
+    for dotted, v in _hw_overrides(args).items():  # this machine's holding, not the run's
+        section, key = dotted.split(".")
+        if v is not None and section == "model":
+            setattr(cfg.model, key, v)
+    from fedtune.models.hardware import HardwareError, check_choice
+
+    try:
+        check_choice(cfg.model.device, cfg.model.dtype, cfg.model.quantization)
+    except HardwareError as e:
+        raise config.ConfigError(str(e)) from None
     if args.model:
         cfg.model.name = args.model
     elif summary is None and args.adapter and not args.config:  # the adapter names its base
@@ -189,7 +206,12 @@ def _load(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(cfg.run.threads)
-    return load_tuned(cfg.model.name, adapter=args.adapter, merged=args.merged, seed=cfg.run.seed), cfg, summary, run_dir
+    return (load_tuned(cfg.model.name, adapter=args.adapter, merged=args.merged, seed=cfg.run.seed,
+                       hardware=_hardware(cfg)), cfg, summary, run_dir)
+
+
+def _hardware(cfg) -> dict[str, str]:
+    return {"device": cfg.model.device, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization}
 
 
 class _UsageError(ValueError):
@@ -232,7 +254,7 @@ def _base_for_compare(args, loaded, cfg):
 
     if not args.compare_base or loaded.kind != "merged":
         return None
-    return load_tuned(cfg.model.name, seed=cfg.run.seed)
+    return load_tuned(cfg.model.name, seed=cfg.run.seed, hardware=_hardware(cfg))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -280,6 +302,18 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_hw_args(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+    g = p.add_argument_group("hardware (this machine only; see README: Hardware)")
+    g.add_argument("--device", help='auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N (model.device)')
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="base model dtype; auto: bfloat16 on a bf16 GPU or with --quantization, else float32")
+    g.add_argument("--quantization", choices=["none", "nf4", "int8"],
+                   help="hold the base in 4-bit NF4 (QLoRA) or 8-bit via bitsandbytes (model.quantization)")
+    if train:
+        g.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward: less memory (train.gradient_checkpointing)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="exported peft adapter dir (runs/NAME/adapter)")
     p.add_argument("--merged", help="merged model dir (runs/NAME/merged, e.g. FedKSeed full)")
@@ -288,6 +322,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                  "--adapter/--merged)")
     p.add_argument("--config", help="run config (TOML) instead of the run's own")
     p.add_argument("--model", help="base model (overrides the run's [model] name)")
+    _add_hw_args(p, train=False)
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -327,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: each client trains alone (same steps); central: all training data pooled, the "
                         "same examples and optimiser steps (batch × clients per round); central-seq: the pooled data "
                         "in clients× more sequential steps. Plain LoRA ([lora]/[fedavg] settings)")
+    _add_hw_args(s)
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
@@ -338,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-progress", action="store_true")
     sv.add_argument("--insecure", action="store_true",
                     help="allow serving without TLS: tokens travel in clear text (tests on a trusted network only)")
+    _add_hw_args(sv)
     sv.set_defaults(func=_server)
     cl = sub.add_parser("client", help="run an edge client that dials out to a coordinator")
     cl.add_argument("--config", required=True, help="client config: [model] [data] [federation] [client]")
@@ -347,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--token", help="deprecated (visible in ps): use FEDTUNE_TOKEN or [client] token_file")
     cl.add_argument("--insecure", action="store_true",
                     help="allow sending the token without TLS (tests on a trusted network only)")
+    _add_hw_args(cl)
     cl.set_defaults(func=_client)
     eb = sub.add_parser("export-base", help="write the base model as a Hugging Face directory (for peft users)")
     eb.add_argument("dir", help="output directory")

@@ -37,6 +37,8 @@ from fedtune.algorithms.base import (
     validate_update,
 )
 from fedtune.metrics import MetricsWriter
+
+HARDWARE_METRICS = ("mem_peak_mb", "cuda_mem_peak_mb")  # client-reported (validated: METRIC_RANGES)
 from fedtune.training.local import evaluate
 
 log = logging.getLogger("fedtune")
@@ -137,6 +139,9 @@ class RoundEngine:
         self.on_round = on_round
         self.budget_check = budget_check
         self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
+        # per client: how it holds the model (device/dtype/quantization, when its transport knows) and the peak
+        # memory its updates reported; written to summary.json
+        self.client_hardware: dict[str, dict[str, Any]] = {}
         self.stop_reason: str | None = None
         self.epsilon_max: float | None = None  # sample-level DP: max ε over clients so far
         self.extra_state: Callable[[], dict[str, Any]] | None = None  # more state for checkpoints
@@ -256,6 +261,9 @@ class RoundEngine:
         new_state, agg_metrics = out
         for u in updates:
             self.client_versions[u.client_id] = state.version
+            mem = {k: u.metrics[k] for k in HARDWARE_METRICS if k in u.metrics}
+            told = getattr(self.transport, "client_hardware", {}).get(u.client_id, {})
+            self.client_hardware.setdefault(u.client_id, {}).update({**told, **mem})
         losses = self.losses(new_state)
         eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
         if eps_now:

@@ -19,6 +19,7 @@ import torch
 from fedtune import config as config_mod
 from fedtune.config import ConfigError, RunConfig
 from fedtune.models import ModelError, load_model
+from fedtune.models.hardware import model_device
 from fedtune.training.local import evaluate
 
 _SECTIONS = ("run", "model", "data", "federation", "train")
@@ -57,15 +58,18 @@ class Loaded:
     path: str | None
 
 
-def load_tuned(model_name: str, *, adapter: str | None = None, merged: str | None = None, seed: int = 0) -> Loaded:
-    """The base model `model_name`, with `adapter` attached (peft), or the merged model directory `merged`."""
+def load_tuned(model_name: str, *, adapter: str | None = None, merged: str | None = None, seed: int = 0,
+               hardware: dict[str, str] | None = None) -> Loaded:
+    """The base model `model_name`, with `adapter` attached (peft), or the merged model directory `merged`;
+    held as `hardware` says ({"device", "dtype", "quantization"}: load_model's keywords; default fp32 CPU)."""
+    hw = hardware or {}
     if merged:
         p = Path(merged)
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} is not a merged model directory (no config.json); runs write it to <out>/merged")
-        model, tok = load_model(str(p), seed=seed)
+        model, tok = load_model(str(p), seed=seed, **hw)
         return Loaded(model, tok, "merged", str(p))
-    model, tok = load_model(model_name, seed=seed)
+    model, tok = load_model(model_name, seed=seed, **hw)
     if not adapter:
         return Loaded(model, tok, "base", None)
     p = Path(adapter)
@@ -140,7 +144,7 @@ def render_chat(tok, messages: list[dict[str, str]]) -> str:
 @torch.no_grad()
 def generate(model, tok, messages: list[dict[str, str]], gc: GenConfig) -> str:
     """The model's answer to `messages` (greedy, or seeded nucleus sampling)."""
-    enc = tok(render_chat(tok, messages), return_tensors="pt", add_special_tokens=False)
+    enc = tok(render_chat(tok, messages), return_tensors="pt", add_special_tokens=False).to(model_device(model))
     kwargs: dict[str, Any] = {"max_new_tokens": gc.max_new_tokens, "do_sample": gc.sample, "use_cache": True,
                               "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
     if gc.sample:

@@ -45,7 +45,10 @@ from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_i
 )
 from fedtune.engine import EngineConfig, GlobalModel, RoundEngine, RoundResult, clients_per_round
 from fedtune.metrics import MetricsWriter
-from fedtune.models import fingerprint, load_model
+from fedtune.models import fingerprint
+from fedtune.models.fingerprint import base_fingerprint
+from fedtune.models.hardware import describe_hardware, hardware_metrics, model_device, peak_memory_mb, placement
+from fedtune.models.loading import load_for
 from fedtune.privacy import ClientLevelDP
 from fedtune.privacy.sample import PrivacyBudgetExhausted
 from fedtune.robust import RobustAggregation
@@ -124,7 +127,9 @@ class InProcessTransport:
                     log.warning("%s", e)
                     res.failed.append(cid)
                     res.budget_exhausted.append(cid)
+        mem = peak_memory_mb(model_device(self.gm.model))  # what a client on its own machine would report
         for update in updates:
+            update.metrics.update(mem)
             res.bytes_up += wire_size.update_bytes(update)
             res.payload_bytes_up += payload_nbytes(update.tensors)
             res.updates.append(update)
@@ -133,8 +138,9 @@ class InProcessTransport:
     def _train_batched(self, model: nn.Module, instructions: dict[str, Instruction]) -> list[ClientUpdate] | None:
         """All clients in one batched loop when the method supports it (fedtune.training.batched), else None."""
         train_many = getattr(self.gm.client, "train_many", None)
-        if train_many is None or len(instructions) < 2:
-            return None
+        pl = placement(model)
+        if train_many is None or len(instructions) < 2 or not pl.exact or pl.device.type != "cpu":
+            return None  # the batched loop stacks float32 CPU factors; other holdings train one by one
         ctxs = [TrainContext(cid, self.data[cid].train, self.pad_id) for cid in instructions]
         return train_many(model, ctxs, [ins.train for ins in instructions.values()])
 
@@ -359,8 +365,9 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] 
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     corpus = load_corpus(cfg)  # bad data fails here, before the model is loaded and before anything is written
-    model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
-    base_fp = fingerprint(model)
+    model, tok = load_for(cfg, train=not deployment)  # one shared frozen base for every simulated client
+    base_fp = base_fingerprint(model)
+    log.info("model %s: %s", cfg.model.name, describe_hardware(model))
     prep = prepare_data(cfg, tok, roster, context_len=context_length(model), corpus=corpus)
     data, global_eval = prep.clients, prep.global_eval
     log.info("%s", format_report(prep.report))
@@ -461,6 +468,7 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},
+        "hardware": hardware_metrics(gm.model), "client_hardware": run.engine.client_hardware,
         "data": run.data_report,
         "adapter": str(adapter_dir) if adapter_dir else None,
         "adapter_export": getattr(gm.client, "export_info", None) if adapter_dir else None,

@@ -112,6 +112,8 @@ METRIC_RANGES: dict[str, tuple[float, float, bool]] = {  # name: (lo, hi, NaN al
     "sample_rate": (0.0, 1.0, False),
     "zo_clipped_frac": (0.0, 1.0, False),
     "zo_skipped_steps": (0.0, 2.0**31, False),
+    "mem_peak_mb": (0.0, 2.0**40, False),  # the client process's peak RSS
+    "cuda_mem_peak_mb": (0.0, 2.0**40, False),  # torch.cuda.max_memory_allocated
 }
 
 

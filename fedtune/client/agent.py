@@ -24,7 +24,9 @@ from fedtune.algorithms.base import ClientAlgorithm, InstructionRejected, TrainC
 from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
 from fedtune.data.prepare import context_length
 from fedtune.fileio import write_text_atomic
-from fedtune.models import fingerprint, load_model
+from fedtune.models.fingerprint import base_fingerprint
+from fedtune.models.hardware import describe_hardware, hardware_metrics, model_device, peak_memory_mb
+from fedtune.models.loading import load_for
 from fedtune.server.security import auth_metadata, channel_credentials
 from fedtune.wire import serde
 
@@ -105,8 +107,9 @@ class Agent:
         check_transport(c)
         self.token = resolve_token(c)
         self.meta = auth_metadata(self.token)
-        self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
-        self.fp = fingerprint(self.base)
+        self.base, self.tok = load_for(cfg, train=True)  # held as this organisation's [model] says
+        self.fp = base_fingerprint(self.base)  # the weights' identity, whatever the holding
+        log.info("%s: model %s on %s", c.client_id, cfg.model.name, describe_hardware(self.base))
         self.data = local_data(cfg, c, self.tok, context_length(self.base))
         self.model = None
         self.client: ClientAlgorithm | None = None
@@ -118,10 +121,15 @@ class Agent:
         self.stop = threading.Event()
         self.finished = False  # the server said the run is over (heartbeat reply or FINISHED)
 
+    @property
+    def hardware(self) -> dict[str, str]:
+        """Join capabilities: how this client holds the base (device, dtype, quantization, checkpointing)."""
+        return {k: str(v).lower() for k, v in hardware_metrics(self.base).items()}
+
     # -- one exchange ----------------------------------------------------------------------------
     def join(self, stub) -> None:
         reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
-            self.c.client_id, self.fp, {"device": "cpu", "train_examples": str(len(self.data.train))}, __version__)),
+            self.c.client_id, self.fp, {**self.hardware, "train_examples": str(len(self.data.train))}, __version__)),
             metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
             raise Refused(f"join refused: {serde.safe_str(reply.reason, 500)}")
@@ -161,6 +169,7 @@ class Agent:
         ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
         t0 = time.perf_counter()
         update = self.client.train(self.model, ctx, ins.train)
+        update.metrics.update(peak_memory_mb(model_device(self.model)))
         if self.finished:  # told by a heartbeat while training: nobody wants this update any more
             return False
         try:
@@ -269,7 +278,7 @@ class Agent:
                                      f"giving up ([client] max_retry_s = {self.c.max_retry_s:g})") from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:  # ahead of the server: start over
                         log.warning("%s: %s; reloading the base model", self.c.client_id, _why(e))
-                        self.base, _ = load_model(self.cfg.model.name, seed=self.cfg.run.seed)
+                        self.base, _ = load_for(self.cfg, train=True)
                         self.version, self.client, self.model = None, None, None
                     joined = False
                     delay = random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt))  # full jitter

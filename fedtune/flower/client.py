@@ -48,9 +48,14 @@ from fedtune.config import ConfigError, RunConfig
 from fedtune.flower import serde
 from fedtune.flower.nodestate import NodeStore, PayloadLog, config_key
 from fedtune.flower.runconfig import resolve_config
+from fedtune.models.hardware import model_device, peak_memory_mb
 
 log = logging.getLogger("fedtune")
-NODE_KEYS = {"client-name", "data", "partition-id", "num-partitions", "state-dir"}
+# node-config keys; the hardware ones override the run's [model] / [train] for this node only (each organisation
+# holds the base its own way: device, dtype, quantization, gradient checkpointing)
+HARDWARE_NODE_KEYS = {"device": "model.device", "dtype": "model.dtype", "quantization": "model.quantization",
+                      "gradient-checkpointing": "train.gradient_checkpointing"}
+NODE_KEYS = {"client-name", "data", "partition-id", "num-partitions", "state-dir", *HARDWARE_NODE_KEYS}
 
 
 @dataclass
@@ -61,6 +66,34 @@ class NodeSpec:
     data: str = ""
     partition: int = -1
     state_dir: str = ""
+    hardware: dict[str, Any] = dataclasses.field(default_factory=dict)  # "model.device": "cuda", ...
+
+
+def node_hardware(node_config: dict[str, Any]) -> dict[str, Any]:
+    """{"model.device": ..., ...} from the node config's hardware keys, checked (ConfigError names the key)."""
+    from fedtune.models.hardware import HardwareError, check_choice
+
+    out = {dotted: node_config[k] for k, dotted in HARDWARE_NODE_KEYS.items() if k in node_config}
+    gc = out.get("train.gradient_checkpointing", False)
+    if not isinstance(gc, bool):
+        raise ConfigError(f"node-config gradient-checkpointing={gc!r} must be true or false")
+    m = {k.split(".")[1]: v for k, v in out.items() if k.startswith("model.")}
+    try:
+        check_choice(str(m.get("device", "auto")), str(m.get("dtype", "auto")), str(m.get("quantization", "none")))
+    except HardwareError as e:
+        raise ConfigError(f"node-config: {str(e).replace('model.', '')}") from None
+    return out
+
+
+def with_hardware(cfg: RunConfig, hardware: dict[str, Any]) -> RunConfig:
+    """The run config as this node holds the model (its node-config hardware keys applied)."""
+    if not hardware:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for dotted, v in hardware.items():
+        section, key = dotted.split(".")
+        setattr(getattr(out, section), key, v)
+    return out
 
 
 def node_spec(node_config: dict[str, Any], cfg: RunConfig) -> NodeSpec:
@@ -93,7 +126,7 @@ def node_spec(node_config: dict[str, Any], cfg: RunConfig) -> NodeSpec:
             raise ConfigError("node-config data needs client-name (the fedtune client id this node hosts)")
         name = f"client-{pid}"
     return NodeSpec(name, str(Path(data).expanduser()) if data else "", -1 if pid is None else int(pid),
-                    str(node_config.get("state-dir", "") or ""))
+                    str(node_config.get("state-dir", "") or ""), node_hardware(node_config))
 
 
 def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int, partitions: dict | None = None):
@@ -133,13 +166,13 @@ class _ProcessCache:
         self.nodes: OrderedDict[str, NodeState] = OrderedDict()
 
     def ensure(self, cfg: RunConfig) -> None:
-        from fedtune.models import load_model
+        from fedtune.models.loading import load_for
 
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         if key != self.key:  # new run / config in this process: drop everything
             if cfg.run.threads > 0:
                 torch.set_num_threads(cfg.run.threads)
-            self.base, self.tok = load_model(cfg.model.name, seed=cfg.run.seed)
+            self.base, self.tok = load_for(cfg, train=True)
             self.data, self.partitions, self.nodes = {}, None, OrderedDict()
             self.key = key
 
@@ -217,6 +250,7 @@ def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> 
             _CACHE.nodes.popitem(last=False)
         data = _CACHE.node_data(cfg, spec, serde.record_client_index(msg.content))
         update = node.client.train(node.model, TrainContext(cid, data.train, _CACHE.tok.pad_token_id), ins.train)
+        update.metrics.update(peak_memory_mb(model_device(node.model)))
         if store is not None and node.plog is not None:
             node.plog.client_state = node.client.state_dict()
             store.save(node.plog)
@@ -236,7 +270,7 @@ def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -
         if default_state_dir and not spec.state_dir:
             spec = dataclasses.replace(spec, state_dir=default_state_dir)
         check_dp_state(spec, run_cfg)
-        return run_cfg, spec
+        return with_hardware(run_cfg, spec.hardware), spec
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

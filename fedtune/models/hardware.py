@@ -77,7 +77,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Placement:
     """How a loaded base model is held (what `load_model` resolved "auto" to)."""
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
 
@@ -173,3 +173,10 @@ def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
 def hardware_metrics(model: nn.Module) -> dict[str, Any]:
     """What a client reports about how it trained: placement strings + gradient checkpointing."""
     return {**placement(model).describe(), "gradient_checkpointing": gradient_checkpointing_on(model)}
+
+
+def describe_hardware(model: nn.Module) -> str:
+    """One log line: "cpu, float32, quantization none, gradient checkpointing off"."""
+    h = hardware_metrics(model)
+    return (f"{h['device']}, {h['dtype']}, quantization {h['quantization']}, gradient checkpointing "
+            f"{'on' if h['gradient_checkpointing'] else 'off'}")

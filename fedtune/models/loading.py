@@ -17,7 +17,7 @@ import torch
 
 from fedtune.fileio import publish
 from fedtune.models.fingerprint import checkpoint_fingerprint, fingerprint
-from fedtune.models.hardware import ATTR, HardwareError, Placement, quantization_config
+from fedtune.models.hardware import ATTR, HardwareError, Placement, prepare_for_training, quantization_config
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,8 +201,15 @@ def load_model(spec: str, *, seed: int = 0, device: str = "cpu", dtype: str = "f
     return model.eval(), tok
 
 
-def load_for(cfg, *, seed: int | None = None):
-    """load_model with a run config's [model] section (name, device, dtype, quantization)."""
+def load_for(cfg, *, seed: int | None = None, train: bool = False):
+    """load_model with a run config's [model] section (name, device, dtype, quantization); with `train`, also
+    hardware.prepare_for_training with [train] gradient_checkpointing (for a process whose clients train)."""
     m = cfg.model
-    return load_model(m.name, seed=cfg.run.seed if seed is None else seed, device=m.device, dtype=m.dtype,
-                      quantization=m.quantization)
+    model, tok = load_model(m.name, seed=cfg.run.seed if seed is None else seed, device=m.device, dtype=m.dtype,
+                            quantization=m.quantization)
+    if train:
+        try:
+            model = prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        except HardwareError as e:
+            raise ModelError(str(e)) from None
+    return model, tok

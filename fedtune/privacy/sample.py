@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fedtune.data.format import collate
+from fedtune.models.hardware import model_device, to_device
 from fedtune.privacy.accounting import Accountant, noise_for_target
 from fedtune.privacy.config import PrivacyConfig
 from fedtune.training.local import LocalTrainConfig, TrainResult, trainable_parameters
@@ -109,6 +110,7 @@ def private_train_local(
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=expected / n, generator=g, steps=cfg.steps)
     losses: list[float] = []
     seen = 0
+    device = model_device(model)
     model.train()
     with warnings.catch_warnings():
         # benign with frozen inputs: opacus only needs the gradient w.r.t. the LoRA modules' outputs
@@ -119,13 +121,14 @@ def private_train_local(
                              generator=g) as (gsm, opt):
                 for step, idx in enumerate(sampler):
                     for i in range(0, len(idx), cfg.batch_size):
-                        batch = collate([features[j] for j in idx[i : i + cfg.batch_size]], pad_id)
+                        batch = to_device(collate([features[j] for j in idx[i : i + cfg.batch_size]], pad_id),
+                                          device)
                         per_ex = per_example_loss(gsm, batch)
                         per_ex.sum().backward()
                         losses.append(per_ex.mean().item())
                     if not idx:  # empty Poisson batch: the step is pure noise (and still accounted)
                         for p in opt.params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     seen += len(idx)
                     opt.step()
                     opt.zero_grad(set_to_none=True)

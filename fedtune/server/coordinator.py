@@ -81,6 +81,9 @@ class _Stream:
         self.last = time.monotonic()
 
 
+HARDWARE_KEYS = ("device", "dtype", "quantization", "gradient_checkpointing")  # reported at Join, escaped
+
+
 class GrpcTransport(serde.CoordinatorServicer):
     """The Coordinator servicer and the engine's Transport in one object (they share the round book)."""
 
@@ -102,6 +105,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
         self.expected_update = None  # set by the engine owner: cid -> UpdateSpec (or UpdateRejected)
         self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
+        self.client_hardware: dict[str, dict[str, str]] = {}  # how each client holds the base (Join capabilities)
         # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
         self.streams: dict[tuple[str, str], _Stream] = {}
         self.inflight_bytes = 0
@@ -190,7 +194,11 @@ class GrpcTransport(serde.CoordinatorServicer):
                               f"capability train_examples must be a positive integer, got {declared[:32]!r}")
             with self.lock:
                 self.declared_examples[cid] = int(declared)
-        log.info("%s joined (fedtune %s)", cid, safe_str(req.client_version, 32))
+        hw = {k: safe_str(req.capabilities[k], 32) for k in HARDWARE_KEYS if k in req.capabilities}
+        with self.lock:
+            self.client_hardware[cid] = hw
+        log.info("%s joined (fedtune %s%s)", cid, safe_str(req.client_version, 32),
+                 "".join(f", {k} {v}" for k, v in hw.items()))
         return serde.to_proto(serde.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
                                               self.cfg.heartbeat_interval_s, limits))
 
