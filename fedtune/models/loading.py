@@ -74,8 +74,20 @@ def _load_dir(path: Path, pl: Placement | None = None):
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if q is None:
         model.to(pl.device)
+    no_cpu_repacking(model)
     model.fedtune_base_fp = fp
     return model, tok
+
+
+def no_cpu_repacking(model) -> None:
+    """bitsandbytes (0.50) repacks a Linear4bit's weight in place for AVX512-BF16 CPUs the first time it runs in
+    eval mode, and from then on multiplies through a kernel without autograd: after one evaluation, training
+    silently gets no gradient through any 4-bit layer (only a UserWarning about gemv_4bit), and the held weight
+    bytes change. A fedtune model evaluates between rounds and trains again, so the repacking is switched off
+    (tests/test_hardware.py: gradients after an evaluation equal those before)."""
+    for mod in model.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
 
 
 def _dir_fingerprint(path: Path, config) -> str:
