@@ -13,10 +13,23 @@ stored: every use regenerates it from the seed (keeping it between the passes wo
                                              of example i, from the same two forwards over the batch)
     g = (1/B) Σ_i g_i                        (the step's projected gradient; DP clips each g_i first)
     θ ← θ − η·g·z                            (apply_update with coeff = η·g)
+
+Every change of θ is θ ← θ + (scale·z): the product is rounded on its own, in float32 on the CPU, before the
+block is moved to the parameter's device, and then added (one IEEE add, no fused multiply-add whose rounding
+depends on the device or the kernel), so replaying the same (seed, coeff) pairs gives the same bits on the CPU
+and on CUDA.
+
+Precision (`keep_master_weights`): memory = float32 θ, compute = the base's dtype. On a bfloat16/float16 base,
+θ + εz − εz does not give back θ (ε·z = 5e-4·z is a few bf16 ulps of a weight, and an update η·g·z ≈ 1e-6·z
+is below half an ulp: it vanishes), so the trainable weights are upcast to float32 master weights once and the
+forwards run under torch.autocast(device, <base dtype>): the matmuls stay in bf16, the perturbations and
+updates accumulate in fp32, and the end-of-round restore is bit-exact. A 4-bit/8-bit base cannot be trained
+in place at all (its weights are quantized codes); LoRA factors are float32 on any base and need no upcast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +39,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedtune.data.format import IGNORE
+from fedtune.models.hardware import model_device, to_device
 
 CHUNK = 1 << 20  # elements of a z block (4 MiB fp32); changing it changes z(seed)
 _M64 = (1 << 64) - 1
+COMPUTE_ATTR = "fedtune_zo_compute_dtype"  # set by keep_master_weights: the autocast dtype of the ZO forwards
+HALF = (torch.bfloat16, torch.float16)
 
 NamedParams = Sequence[tuple[str, torch.Tensor]]
 
@@ -42,26 +58,46 @@ def zo_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _raw(p: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, shared (no copy)."""
-    return memoryview(p.detach().numpy()).cast("B")
+    """The bytes of a contiguous CPU tensor of any dtype (bfloat16 has no numpy type), shared (no copy)."""
+    return memoryview(p.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def keep_master_weights(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Full-parameter ZO on a half-precision base: every floating tensor of the model to float32 (in place: the
+    master weights the perturbations and updates accumulate in) and the ZO forwards (`example_losses`) under
+    autocast to `compute_dtype`. A float32 `compute_dtype` changes nothing."""
+    if compute_dtype not in HALF:
+        return
+    model.float()
+    setattr(model, COMPUTE_ATTR, compute_dtype)
+
+
+def autocast(model: nn.Module) -> contextlib.AbstractContextManager:
+    """torch.autocast to the dtype `keep_master_weights` recorded on the model, else a no-op."""
+    dtype = getattr(model, COMPUTE_ATTR, None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model_device(model).type, dtype=dtype)
 
 
 class ParamBackup:
     """Bit-exact snapshot of the trainable parameters for the end-of-round restore.
 
-    CPU parameters go to an unlinked temporary file (TMPDIR), written and read back in place: no second copy
-    of θ in the process's memory, so a full-parameter client round peaks at inference memory (the bytes sit in
-    the OS page cache, which can be evicted). Other devices keep an in-memory clone. Reversing the in-place
+    The parameters go to an unlinked temporary file (TMPDIR): CPU parameters are written and read back in
+    place, no second copy of θ in the process's memory, so a full-parameter client round peaks at inference
+    memory (the bytes sit in the OS page cache, which can be evicted); a GPU parameter (or a non-contiguous
+    one) goes through a CPU copy of itself, one parameter at a time, so no second θ on the GPU either. Without a
+    usable TMPDIR (or spill=False) the backup is an in-memory clone. Any dtype (raw bytes). Reversing the in-place
     steps instead is not exact in fp32: x + u − u ≠ x whenever the sum lost low bits of x (measured on a tiny
     Llama: 6.7 % of the weights differ after one step undone, 31 % after 50, by up to 4.5e5 ulps near 0)."""
 
     def __init__(self, params: NamedParams, *, spill: bool = True) -> None:
         self.params, self.file, self.copy = list(params), None, None
-        if spill and all(p.device.type == "cpu" and p.is_contiguous() for _, p in self.params):
+        if spill:
             try:
                 self.file = tempfile.TemporaryFile(prefix="fedtune-zo-", buffering=0)  # noqa: SIM115 - close()
                 for _, p in self.params:
-                    buf = _raw(p)
+                    buf = _raw(p if _in_place(p) else p.detach().cpu().contiguous())
                     done = 0
                     while done < len(buf):
                         done += self.file.write(buf[done:])
@@ -78,18 +114,26 @@ class ParamBackup:
             return
         self.file.seek(0)
         for name, p in self.params:
-            buf = _raw(p)
+            tmp = p if _in_place(p) else torch.empty(p.shape, dtype=p.dtype)
+            buf = _raw(tmp)
             done = 0
             while done < len(buf):
                 n = self.file.readinto(buf[done:])
                 if not n:
                     raise OSError(f"parameter backup truncated at {name}")
                 done += n
+            if tmp is not p:
+                p.copy_(tmp)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         self.file = self.copy = None
+
+
+def _in_place(p: torch.Tensor) -> bool:
+    """Whether the backup can read and write p's own bytes (a contiguous CPU tensor)."""
+    return p.device.type == "cpu" and p.is_contiguous()
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -141,7 +185,8 @@ def noise(params: NamedParams, seed: int) -> Iterator[tuple[torch.Tensor, torch.
 @torch.no_grad()
 def perturb(params: NamedParams, seed: int, scale: float) -> None:
     """θ ← θ + scale·z(seed), in place: one regeneration of z, its blocks on torch.get_num_threads() threads
-    (each block adds into disjoint slices of θ, so the result does not depend on the thread count)."""
+    (each block adds into disjoint slices of θ, so the result does not depend on the thread count). scale·z is
+    rounded to float32 on the CPU first, then moved and added: the same bits on any device."""
     size, blocks = layout(params)
 
     @torch.no_grad()  # grad mode is per thread: workers need their own
@@ -149,8 +194,8 @@ def perturb(params: NamedParams, seed: int, scale: float) -> None:
         buf = torch.empty(size, dtype=torch.float32)
         for b in ids:
             _fill(buf, seed, b)
-            for part, lo, hi in blocks[b]:
-                part.add_(buf[lo:hi].to(part.device, part.dtype), alpha=scale)
+            for part, lo, hi in blocks[b]:  # the slices of a block are disjoint: scaling them in place is safe
+                part.add_(buf[lo:hi].mul_(scale).to(part.device, part.dtype))
 
     workers = min(torch.get_num_threads(), len(blocks))
     if workers <= 1:
@@ -176,8 +221,11 @@ def materialize(params: NamedParams, seed: int) -> list[torch.Tensor]:
 
 def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) mean next-token loss of each example over its labels != -100 (labels are shifted, not the logits:
-    no copy of the (B, T, V) logits beyond the loss's own, as in HF's causal-LM loss)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    no copy of the (B, T, V) logits beyond the loss's own, as in HF's causal-LM loss), on the model's device
+    (the batch is moved there); the forward under `autocast(model)`, the loss in float32."""
+    batch = to_device(batch, model_device(model))
+    with autocast(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, T): target of position t is token t+1
     tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return tok.view(labels.shape).sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
@@ -188,17 +236,17 @@ def spsa_example_grads(
     model: nn.Module, params: NamedParams, parts: Sequence[dict[str, torch.Tensor]], seed: int, eps: float,
     *, restore: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example (g_i float64, L_i(θ+εz), L_i(θ−εz)) over the micro-batches `parts` (one forward per part and
-    sign). Perturbs +εz, −2εz, then +εz if `restore` (θ back up to fp32 rounding, not bit-exact); with
+    """Per-example (g_i float64, L_i(θ+εz), L_i(θ−εz)), CPU tensors, over the micro-batches `parts` (one forward
+    per part and sign). Perturbs +εz, −2εz, then +εz if `restore` (θ back up to fp32 rounding, not bit-exact); with
     restore=False θ is left at θ − εz for the caller to fuse the restore with its update (`finish_step`).
     No parts: no forward, no perturbation, empty tensors."""
     if not parts:
         empty = torch.zeros(0)
         return empty.double(), empty, empty
     perturb(params, seed, eps)
-    plus = torch.cat([example_losses(model, b) for b in parts])
+    plus = torch.cat([example_losses(model, b).cpu() for b in parts])
     perturb(params, seed, -2.0 * eps)
-    minus = torch.cat([example_losses(model, b) for b in parts])
+    minus = torch.cat([example_losses(model, b).cpu() for b in parts])
     if restore:
         perturb(params, seed, eps)
     return (plus.double() - minus.double()) / (2.0 * eps), plus, minus

@@ -37,6 +37,17 @@ Choices (see FedKSeedConfig):
   computes it from the uploaded g and ships it (float32 [K]) in the sync payload.
 - Download per client-round: the round's pairs, ≤ min(K, Σ τ)·8 bytes (+ K·4 with "pro").
 - Replay cost: one z regeneration per (round, seed) pair, i.e. O(pairs × #params) per sync.
+
+Holdings (each client's own [model] device / dtype / quantization; fedtune.training.zo docstring):
+- full on a bfloat16/float16 base: memory = float32 θ, compute = the base's dtype. At setup the client
+  upcasts the weights to float32 master weights (twice a bf16 base's memory) and runs the SPSA forwards under
+  torch.autocast to the base's dtype; in bf16 itself θ + εz − εz ≠ θ and an update η·g·z ≈ 1e-6·z vanishes.
+- full on a 4-bit/8-bit base: refused (config.hardware_problem, also raised by the client's setup): the
+  weights are frozen quantized codes. Use a bf16 base, trainable = "lora", or a first-order method.
+- lora on any base: the factors are float32 (lora_common); peft casts at the adapter's boundary, so the
+  forwards need no autocast (the same forward as the first-order methods' on that base).
+- Replay is the same bits on the CPU and on CUDA: z is drawn on the CPU, scale·z is rounded there (float32)
+  and then added on the parameter's device (one IEEE add, no fused multiply-add).
 """
 
 from fedtune.algorithms.fedkseed.client import FedKSeedClient

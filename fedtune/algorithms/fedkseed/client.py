@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
+from fedtune.algorithms.fedkseed.config import hardware_problem
 from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds, round_key
 from fedtune.algorithms.lora_common import (
     activate,
@@ -28,9 +29,18 @@ from fedtune.algorithms.lora_common import (
     set_lora_state,
 )
 from fedtune.data.format import collate
+from fedtune.models.hardware import HardwareError, placement
 from fedtune.privacy.sample import DPRound, poisson_batches, private_scalar_mean
 from fedtune.training.local import batches
-from fedtune.training.zo import ParamBackup, apply_update, finish_step, mean_grad, spsa_example_grads, zo_parameters
+from fedtune.training.zo import (
+    ParamBackup,
+    apply_update,
+    finish_step,
+    keep_master_weights,
+    mean_grad,
+    spsa_example_grads,
+    zo_parameters,
+)
 
 ADAPTER = "fedkseed"
 INDEX_STREAM = 0x5EED  # offsets the seed-index RNG from the batch-order RNG (both derive from config["seed"])
@@ -56,6 +66,10 @@ class FedKSeedClient(ClientAlgorithm):
                              f"seed_set, got {k!r}, {seed_set!r}")
         self.seeds = candidate_seeds(k, seed_set).tolist()
         self.lora = m["trainable"] == "lora"
+        held = placement(model)  # how this client holds its base (its own choice: checked here, not by the server)
+        problem = hardware_problem(m["trainable"], held.quantization)
+        if problem:
+            raise HardwareError(problem)
         if self.lora:
             # A ~ kaiming (seeded by the run seed, identical on every client), B = 0: the model starts at the base.
             model = attach_lora(model, adapter=ADAPTER, rank=m["rank"], alpha=m["alpha"], targets=m["target_modules"])
@@ -63,13 +77,13 @@ class FedKSeedClient(ClientAlgorithm):
             shapes = lora_shapes(model, m["target_modules"])
             set_lora_state(model, ADAPTER, init_lora_factors(shapes, m["rank"], seed=m["lora_seed"]))
         else:
+            # float32 master weights on a bf16/fp16 base, forwards under autocast to it (zo module docstring)
+            keep_master_weights(model, held.dtype)
             model.requires_grad_(True)
-        bad = [n for n, p in zo_parameters(model) if p.dtype != torch.float32]
-        if bad:
-            raise ValueError(
-                f"FedKSeed needs float32 trainable parameters (ε-perturbations vanish in half "
-                f"precision); {bad[0]} is not: load the model in float32"
-            )
+        bad = [(n, p.dtype) for n, p in zo_parameters(model) if p.dtype != torch.float32]
+        if bad:  # not reachable from load_model's holdings: a hand-built float64 model, say
+            raise ValueError(f"FedKSeed perturbs float32 trainable parameters (z and the updates are float32); "
+                             f"{bad[0][0]} is {bad[0][1]}: hold the model in float32 or bfloat16")
         return model
 
     @torch.no_grad()

@@ -7,6 +7,21 @@ from fedtune.algorithms.base import MAX_RANK
 # η by trainable mode (see the package docstring). "lora": from the sweep 1e-3 / 3e-3 / 1e-2 → final eval loss
 # 3.358 / 3.327 / 4.548 (diverged) on the report workload (simulations/results/REPORT.md); "full" is not swept.
 DEFAULT_LR = {"full": 1e-6, "lora": 3e-3}
+_BITS = {"nf4": "4-bit", "int8": "8-bit"}
+
+
+def hardware_problem(trainable: str, quantization: str) -> str | None:
+    """Why FedKSeed cannot run `trainable` on a base held with `quantization`, and what to use (one line), or
+    None. Full-parameter ZO perturbs and updates the base's weights in place; a quantized base's weights are
+    frozen codes. Any dtype is fine otherwise: a bf16/fp16 base gets float32 master weights (zo docstring)."""
+    if trainable != "full" or quantization == "none":
+        return None
+    bits = _BITS.get(quantization, "quantized")
+    return (f'fedkseed trainable = "full" cannot train a {bits} base (quantization = "{quantization}"): its weights '
+            "are frozen quantized codes, which can hold neither a perturbation of ε·z nor an update of η·g·z; use "
+            'dtype = "bfloat16" with quantization = "none" (FedKSeed keeps float32 master weights and computes in '
+            f'bfloat16), or trainable = "lora" (float32 LoRA factors on the {quantization} base), or a first-order '
+            f"method on {quantization} (fedavg, fedsb or flora)")
 
 
 @dataclass
