@@ -35,6 +35,8 @@ LoRA-SB's init bakes in. Aggregation is exact either way.
 
 Layer: `SBLinear` with `base_layer`, `sb_A`, `sb_R`, `sb_B` (all nn.Linear, so opacus handles R's
 per-sample gradients); model fingerprints equal the unwrapped model's.
+A, R and B are float32 on every base (bfloat16, nf4, int8: the state, uploads and exports are float32 CPU
+tensors); on a base whose weight cannot take a float32 gradient the init's ∇W = Σ ∂L/∂y ⊗ x comes from hooks.
 """
 
 from fedtune.algorithms.fedsb.client import FedSBClient

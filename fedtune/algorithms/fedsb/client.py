@@ -37,7 +37,7 @@ class FedSBClient(ClientAlgorithm):
             if set(payload.tensors) != {R_KEY}:
                 raise ValueError(f"fedsb sync payload must hold exactly the packed {R_KEY!r}, got {sorted(payload.tensors)[:3]}")
             set_R(model, payload.tensors[R_KEY])
-            self.global_R = payload.tensors[R_KEY].detach().clone()
+            self.global_R = payload.tensors[R_KEY].detach().to("cpu", copy=True)
 
     def train(self, model: nn.Module, ctx: TrainContext, config: dict[str, Any]) -> ClientUpdate:
         if self.global_R is None:
@@ -54,5 +54,5 @@ class FedSBClient(ClientAlgorithm):
     @torch.no_grad()
     def export_factors(self, model: nn.Module):
         """{module: (A r×d_in, B·R d_out×r)}: a standard LoRA adapter with scale 1 (lora_alpha = r)."""
-        return {n: (m.sb_A.weight.detach().clone(), m.sb_B.weight @ m.sb_R.weight)
+        return {n: (m.sb_A.weight.detach().to("cpu", copy=True), (m.sb_B.weight @ m.sb_R.weight).to("cpu"))
                 for n, m in sb_layers(model).items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -76,12 +75,10 @@ class FedSB(FedAlgorithm):
                                       batch_size=c.init_batch_size, seed=init_seed)
             factors = svd_factors(grads, c.rank, mode=c.init_mode, seed=init_seed, niter=c.svd_niter)
             how = f"data-{c.init_mode}"
-        tensors = {}
+        tensors = {}  # float32 on the CPU whatever the base holds (bfloat16, nf4, ...): the adapter's master weights
         for name, (a, b) in sorted(factors.items()):
-            dtype = linears[name].weight.dtype
-            tensors[f"{name}.A"], tensors[f"{name}.B"] = a.to(dtype), b.to(dtype)
-        r_dtype = functools.reduce(torch.promote_types, (lin.weight.dtype for lin in linears.values()))
-        tensors[R_KEY] = torch.zeros(len(factors), c.rank, c.rank, dtype=r_dtype)
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = a.to("cpu", torch.float32), b.to("cpu", torch.float32)
+        tensors[R_KEY] = torch.zeros(len(factors), c.rank, c.rank, dtype=torch.float32)
         return GlobalState(version=0, tensors=tensors, meta={"init": how, "init_seed": init_seed})
 
     def setup_payload(self, state: GlobalState) -> Payload:

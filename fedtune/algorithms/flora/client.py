@@ -1,4 +1,13 @@
-"""FLoRA client: hold the cumulative merged ΔW, set W = W₀ + ΔW; train a fresh LoRA of its own rank."""
+"""FLoRA client: hold the cumulative merged ΔW, set W = W₀ + ΔW; train a fresh LoRA of its own rank.
+
+On an exact base (float32, not quantized: `Placement.exact`) ΔW is merged into the weights (float64 sum,
+rounded once). On any other base (bfloat16/float16 weights, nf4/int8 bitsandbytes layers) merging would
+round — requantize, for 4/8-bit — the base every round and lose most of a small ΔW, so W₀ stays untouched
+and a `CumulativeDelta` forward hook on each target base linear adds x·ΔWᵀ beside it in float32: factored,
+(x·Aᵀ)·Bᵀ, while the server's cumulative ΔW is factored, else dense x·Dᵀ. The hook holds no parameters
+(opacus and the optimiser never see it), runs again under gradient checkpointing's recompute, and sits under
+peft's LoRA layer (peft calls base_layer(x)), so the fresh LoRA trains on W₀ + ΔW either way.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
 from fedtune.algorithms.fedavg.client import run_local_training
@@ -22,6 +32,7 @@ from fedtune.algorithms.lora_common import (
     set_lora_state,
     target_linears,
 )
+from fedtune.models.hardware import placement
 from fedtune.training.batched import batchable, train_lora_clients
 
 log = logging.getLogger("fedtune")
@@ -54,6 +65,43 @@ def _check_payload(payload: Payload, linears: dict[str, nn.Linear], versions: li
             _check_factors(f"round {v} {n}", lin, t[round_key(v, f"{n}.A")], t[round_key(v, f"{n}.B")])
 
 
+class CumulativeDelta:
+    """Forward hook of one target base linear: output + x·ΔWᵀ, ΔW in float32 on the layer's device (factors
+    A R×d_in, B d_out×R, or dense D d_out×d_in); adds nothing before the first merge. Forks of the model
+    (`fork_model` deep-copies the module tree, hooks included) share this object: the synced ΔW is global."""
+
+    def __init__(self) -> None:
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.d: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> CumulativeDelta:
+        return self
+
+    def load(self, cum: TensorDict, module: str, device: torch.device) -> None:
+        """Take module's ΔW from a cum/ dict (the client's copy of the server's cumulative)."""
+        d, a, b = (cum.get(f"{CUM}{module}.{x}") for x in "DAB")
+        f32 = {"device": device, "dtype": torch.float32}
+        self.d = None if d is None else d.to(**f32)
+        self.a, self.b = (None, None) if d is not None or a is None else (a.to(**f32), b.to(**f32))
+
+    def weight(self) -> torch.Tensor | None:
+        """ΔW (d_out×d_in, float32) exactly as the hook applies it (B·A in float32 when factored)."""
+        return self.d if self.d is not None else None if self.a is None else self.b @ self.a
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.d is None and self.a is None:
+            return output
+        x = args[0].to(torch.float32)
+        delta = F.linear(x, self.d) if self.d is not None else F.linear(F.linear(x, self.a), self.b)
+        return output + delta.to(output.dtype)
+
+
+def delta_hooks(linears: dict[str, nn.Module]) -> dict[str, CumulativeDelta]:
+    """{module: its CumulativeDelta hook} of the target linears that carry one."""
+    return {n: h for n, lin in linears.items() for h in lin._forward_hooks.values() if isinstance(h, CumulativeDelta)}
+
+
 class FLoRAClient(ClientAlgorithm):
     def __init__(self) -> None:
         super().__init__()
@@ -62,6 +110,8 @@ class FLoRAClient(ClientAlgorithm):
         self.export_rank = 0
         self.base: TensorDict = {}  # W₀ of every target module, as set up
         self.cum: TensorDict = {}  # cumulative merged ΔW, same form and bits as the server's cum/
+        self.exact = True  # float32 unquantized base: ΔW merged into W; else kept beside it (CumulativeDelta)
+        self.deltas: dict[str, CumulativeDelta] = {}
         self.export_info: dict[str, Any] | None = None
 
     def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
@@ -72,14 +122,27 @@ class FLoRAClient(ClientAlgorithm):
         model = attach_lora(model, adapter=f"r{r}", rank=r, alpha=alpha, targets=self.targets, dropout=self.dropout)
         for layer in lora_layers(model, f"r{r}").values():  # B = 0: the model equals the base
             layer.lora_B[f"r{r}"].weight.data.zero_()
-        self.base = {n: lin.weight.detach().clone() for n, lin in target_linears(model, self.targets).items()}
+        linears = target_linears(model, self.targets)
+        self.exact = placement(model).exact
         self.cum = {}
+        for lin in linears.values():  # idempotent: a second setup drops the first one's hooks
+            for key in [k for k, h in lin._forward_hooks.items() if isinstance(h, CumulativeDelta)]:
+                del lin._forward_hooks[key]
+        if self.exact:
+            self.base = {n: lin.weight.detach().clone() for n, lin in linears.items()}
+            self.deltas = {}
+        else:  # W₀ (rounded / quantized) is never written: ΔW is applied beside it in float32
+            self.base = {}
+            self.deltas = {n: CumulativeDelta() for n in linears}
+            for n, lin in linears.items():
+                lin.register_forward_hook(self.deltas[n])
         return model
 
     @torch.no_grad()
     def sync(self, model: nn.Module, payload: Payload) -> None:
         """Take the server's cumulative ΔW, or add the missed rounds' stacks (d_out×R)(R×d_in) to ours in
-        order; then W = W₀ + ΔW (float64 sum, rounded once), so every copy holds the same weights."""
+        order; then W = W₀ + ΔW (float64 sum, rounded once), so every copy holds the same weights — or, on a
+        base that is not exact, hand ΔW to each module's CumulativeDelta hook (W₀ untouched)."""
         versions = payload.meta.get("merge_versions", [])
         if not payload.meta.get("cumulative") and not versions:
             return
@@ -91,6 +154,10 @@ class FLoRAClient(ClientAlgorithm):
             for name in linears:
                 add_to_cumulative(self.cum, name, payload.tensors[round_key(v, f"{name}.A")].clone(),
                                   payload.tensors[round_key(v, f"{name}.B")].clone())
+        if not self.exact:
+            for name, lin in linears.items():
+                self.deltas[name].load(self.cum, name, lin.weight.device)
+            return
         for name, lin in linears.items():
             got, w0 = cumulative_delta(self.cum, name), self.base[name]
             lin.weight.copy_(w0 if got is None else (w0.double() + got[0]).to(w0.dtype))
@@ -109,7 +176,7 @@ class FLoRAClient(ClientAlgorithm):
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
 
     def fork(self, model: nn.Module) -> nn.Module:
-        return fork_model(model)  # own LoRA adapters (every rank's, B = 0), shared W = W₀ + ΔW
+        return fork_model(model)  # own LoRA adapters (every rank's, B = 0), shared W = W₀ + ΔW (or W₀ and hooks)
 
     def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]]):
         """A round's clients in one batched loop (simulation). Heterogeneous ranks share the largest rank R:
