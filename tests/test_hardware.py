@@ -217,12 +217,12 @@ def test_exported_adapter_loads_with_plain_peft_on_the_4bit_base(tmp_path, tiny_
     with torch.no_grad():
         a = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = ours.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        off = base.base_model if hasattr(base, "base_model") else base
-    assert torch.equal(a, b)
     with torch.no_grad(), plain.disable_adapter():
         c = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert (a - c).abs().max() > 0  # the adapter changes the output: it was really loaded
-    del off
+    # plain bitsandbytes multiplies through its AVX512-BF16 repacked kernel, fedtune through the reference one:
+    # the same model up to bf16 rounding, far below what the adapter changes
+    gap, effect = (a.float() - b.float()).abs().max().item(), (a.float() - c.float()).abs().max().item()
+    assert gap <= 0.02 and effect > 10 * gap, (gap, effect)
 
 
 # -- heterogeneous clients over gRPC --------------------------------------------------------------------------

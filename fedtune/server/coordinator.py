@@ -11,6 +11,7 @@ timeout passes, or the remaining clients' leases expire; the engine aggregates t
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -194,7 +195,8 @@ class GrpcTransport(serde.CoordinatorServicer):
                               f"capability train_examples must be a positive integer, got {declared[:32]!r}")
             with self.lock:
                 self.declared_examples[cid] = int(declared)
-        hw = {k: safe_str(req.capabilities[k], 32) for k in HARDWARE_KEYS if k in req.capabilities}
+        hw = {k: re.sub(r"[^A-Za-z0-9:._-]", "?", req.capabilities[k][:32]) for k in HARDWARE_KEYS
+              if k in req.capabilities}  # client-supplied: a short word, nothing a log line could be forged with
         with self.lock:
             self.client_hardware[cid] = hw
         log.info("%s joined (fedtune %s%s)", cid, safe_str(req.client_version, 32),
