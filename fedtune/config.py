@@ -333,7 +333,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
     _require(isinstance(t.gradient_checkpointing, bool),
              f"train.gradient_checkpointing must be true or false, got {t.gradient_checkpointing!r}")
-    cfg.algorithm_config()  # validates the algorithm name and its settings
+    ac = cfg.algorithm_config()  # validates the algorithm name and its settings
+    if cfg.run.algorithm == "fedkseed":
+        from fedtune.algorithms.fedkseed.config import hardware_problem
+
+        if problem := hardware_problem(ac.trainable, cfg.model.quantization):
+            raise ConfigError(problem)
     cfg.privacy_config()
     cfg.robust_config()
     sv = cfg.section("server", ServerSection)
