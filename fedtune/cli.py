@@ -179,12 +179,7 @@ def _model_source(args: argparse.Namespace):
         section, key = dotted.split(".")
         if v is not None and section == "model":
             setattr(cfg.model, key, v)
-    from fedtune.models.hardware import HardwareError, check_choice
-
-    try:
-        check_choice(cfg.model.device, cfg.model.dtype, cfg.model.quantization)
-    except HardwareError as e:
-        raise config.ConfigError(str(e)) from None
+    config.check_hardware(cfg.model)
     if args.model:
         cfg.model.name = args.model
     elif summary is None and args.adapter and not args.config:  # the adapter names its base

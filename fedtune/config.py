@@ -297,6 +297,16 @@ def _require(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_hardware(m: ModelSection) -> None:
+    """ConfigError unless [model] device / dtype / quantization are spelled as documented."""
+    from fedtune.models.hardware import HardwareError, check_choice
+
+    try:
+        check_choice(m.device, m.dtype, m.quantization)
+    except HardwareError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate(cfg: RunConfig) -> None:
     r, d, f, t = cfg.run, cfg.data, cfg.federation, cfg.train
     _require(r.rounds >= 1, f"run.rounds must be ≥ 1, got {r.rounds}")
@@ -325,12 +335,7 @@ def validate(cfg: RunConfig) -> None:
         own_files = "client" in cfg.extra and cfg.section("client", ClientSection).partition < 0
         _require(own_files or len(d.paths) in (1, f.num_clients),
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
-    from fedtune.models.hardware import HardwareError, check_choice
-
-    try:
-        check_choice(cfg.model.device, cfg.model.dtype, cfg.model.quantization)
-    except HardwareError as e:
-        raise ConfigError(str(e)) from None
+    check_hardware(cfg.model)
     _require(isinstance(t.gradient_checkpointing, bool),
              f"train.gradient_checkpointing must be true or false, got {t.gradient_checkpointing!r}")
     ac = cfg.algorithm_config()  # validates the algorithm name and its settings

@@ -37,11 +37,10 @@ from fedtune.algorithms.base import (
     validate_update,
 )
 from fedtune.metrics import MetricsWriter
-
-HARDWARE_METRICS = ("mem_peak_mb", "cuda_mem_peak_mb")  # client-reported (validated: METRIC_RANGES)
 from fedtune.training.local import evaluate
 
 log = logging.getLogger("fedtune")
+HARDWARE_METRICS = ("mem_peak_mb", "cuda_mem_peak_mb")  # client-reported (validated: METRIC_RANGES)
 
 
 class RoundAborted(RuntimeError):

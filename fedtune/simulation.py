@@ -139,7 +139,7 @@ class InProcessTransport:
         """All clients in one batched loop when the method supports it (fedtune.training.batched), else None."""
         train_many = getattr(self.gm.client, "train_many", None)
         pl = placement(model)
-        if train_many is None or len(instructions) < 2 or not pl.exact or pl.device.type != "cpu":
+        if train_many is None or len(instructions) < 2 or not pl.plain:
             return None  # the batched loop stacks float32 CPU factors; other holdings train one by one
         ctxs = [TrainContext(cid, self.data[cid].train, self.pad_id) for cid in instructions]
         return train_many(model, ctxs, [ins.train for ins in instructions.values()])

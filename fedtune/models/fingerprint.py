@@ -19,22 +19,22 @@ def _base_name(name: str) -> str:
 
 def fingerprint(model: nn.Module) -> str:
     """Hex sha256 of the frozen base weights; identical across processes for identical weights."""
-    h = hashlib.sha256()
-    seen: set[int] = set()
     items = []
     for name, t in model.state_dict(keep_vars=False).items():
         if any(m in name for m in _ADAPTER_MARKERS):
             continue
         items.append((_base_name(name), t))
-    for name, t in sorted(items, key=lambda x: x[0]):
-        if t.data_ptr() in seen and t.numel() > 0:  # tied weights: hash once, keep the name
-            h.update(name.encode())
-            continue
-        seen.add(t.data_ptr())
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    seen: set[int] = set()
+
+    def deduped():
+        for name, t in sorted(items, key=lambda x: x[0]):
+            if t.data_ptr() in seen and t.numel() > 0:  # tied weights: hash once, keep the name
+                yield name, None
+                continue
+            seen.add(t.data_ptr())
+            yield name, t
+
+    return _hash_items(deduped())
 
 
 def _hash_items(items) -> str:

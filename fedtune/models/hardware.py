@@ -92,6 +92,11 @@ class Placement:
         """float32 weights that can be written in place (FLoRA merges ΔW into them; FedKSeed perturbs them)."""
         return self.dtype == torch.float32 and self.quantization == "none"
 
+    @property
+    def plain(self) -> bool:
+        """float32 on the CPU, unquantized: how fedtune held every model before these settings existed."""
+        return self.exact and self.device.type == "cpu"
+
     def describe(self) -> dict[str, str]:
         return {"device": str(self.device), "dtype": dtype_name(self.dtype), "quantization": self.quantization}
 

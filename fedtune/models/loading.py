@@ -61,7 +61,7 @@ def _load_dir(path: Path, pl: Placement | None = None):
         raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(path)
     pl = pl or Placement()
-    if pl.exact and pl.device.type == "cpu":
+    if pl.plain:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -156,7 +156,7 @@ def _cached_gguf(path: Path, pl: Placement | None = None):
     except OSError:  # another process won the race; use its copy
         pass
     log.info("cached %s as safetensors in %s", path.name, cache)
-    if pl is not None and not (pl.exact and pl.device.type == "cpu"):
+    if pl is not None and not (pl.plain):
         del model
         return _load_dir(cache, pl)
     return model, tok
@@ -168,7 +168,7 @@ def _tiny(spec: str, seed: int, pl: Placement):
     tok = tiny_tokenizer()
     hidden, layers = (64, 2) if spec == "tiny" else map(int, spec[len("tiny-"):].split("x"))
     model = tiny_llama(len(tok), seed=seed, hidden=hidden, layers=layers)
-    if pl.exact and pl.device.type == "cpu":
+    if pl.plain:
         return model, tok
     if pl.quantization != "none":  # bitsandbytes quantizes while loading: go through a model directory
         d = cache_root() / f"{spec}-seed{seed}"
