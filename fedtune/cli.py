@@ -17,7 +17,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _overwrite(args: argparse.Namespace, cfg) -> None:
     from fedtune.config import ConfigError
-    from fedtune.rundir import overwrite
+    from fedtune.run.rundir import overwrite
 
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite deletes the run that --resume would continue; use one of them")
@@ -33,7 +33,7 @@ def _hw_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune import config
-    from fedtune.simulation import output_paths, simulate
+    from fedtune.run.assemble import output_paths, simulate
 
     overrides = {
         "run.algorithm": args.algorithm, "run.rounds": args.rounds, "federation.num_clients": args.clients,
@@ -46,11 +46,11 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides)
     _overwrite(args, cfg)
     if args.baseline:
-        from fedtune.baselines import simulate_baseline
+        from fedtune.run.baselines import simulate_baseline
 
         summary = simulate_baseline(cfg, args.baseline, progress=not args.no_progress)
     elif args.engine == "flower":  # same experiment through Flower's simulation engine (Ray)
-        from fedtune.flower import run_flower_simulation
+        from fedtune.run.flower import run_flower_simulation
 
         summary = run_flower_simulation(cfg, resume=args.resume, progress=not args.no_progress,
                                         save_merged=args.save_merged)
@@ -72,9 +72,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> int:
     from fedtune import config
-    from fedtune.engine import RoundAborted
-    from fedtune.server.coordinator import Interrupted, serve
-    from fedtune.simulation import output_paths
+    from fedtune.run.assemble import output_paths
+    from fedtune.run.engine import RoundAborted
+    from fedtune.run.serve import serve
+    from fedtune.transports.grpc.coordinator import Interrupted
 
     overrides = {"run.out": args.out, "run.rounds": args.rounds, "server.insecure": args.insecure or None,
                  **_hw_overrides(args)}
@@ -100,8 +101,8 @@ def _server(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     from fedtune import config
-    from fedtune.client.agent import Agent, GaveUp, Refused
     from fedtune.config import ClientSection
+    from fedtune.transports.grpc.agent import Agent, GaveUp, Refused
 
     if args.token:
         logging.getLogger("fedtune.client").warning(
@@ -124,9 +125,10 @@ def _export_base(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fedtune import config, export
+    from fedtune import config
     from fedtune.config import ConfigError
     from fedtune.models import fingerprint, load_model
+    from fedtune.run import export
 
     want = None
     overrides = {"model.name": args.model, "run.seed": args.seed}
@@ -164,7 +166,7 @@ def _model_source(args: argparse.Namespace):
     from pathlib import Path
 
     from fedtune import config
-    from fedtune.evaluation import read_run
+    from fedtune.run.evaluation import read_run
 
     given = args.adapter or args.merged
     run_dir = Path(args.run) if args.run else (Path(given).resolve().parent if given else None)
@@ -192,7 +194,7 @@ def _model_source(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from fedtune.evaluation import load_tuned
+    from fedtune.run.evaluation import load_tuned
 
     if sum(bool(x) for x in (args.adapter, args.merged, args.base)) != 1:
         raise _UsageError("give exactly one of --adapter DIR, --merged DIR or --base")
@@ -217,7 +219,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fedtune.evaluation import evaluate_sets, format_table
+    from fedtune.run.evaluation import evaluate_sets, format_table
 
     loaded, cfg, summary, run_dir = _load(args)
     if summary is None and not args.data and not args.config:
@@ -236,7 +238,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _gen_config(args: argparse.Namespace):
-    from fedtune.evaluation import GenConfig
+    from fedtune.run.evaluation import GenConfig
 
     if not 0 < args.top_p <= 1 or args.temperature <= 0 or args.max_new_tokens < 1:
         raise _UsageError("--top-p must be in (0, 1], --temperature > 0, --max-new-tokens ≥ 1")
@@ -245,7 +247,7 @@ def _gen_config(args: argparse.Namespace):
 
 
 def _base_for_compare(args, loaded, cfg):
-    from fedtune.evaluation import load_tuned
+    from fedtune.run.evaluation import load_tuned
 
     if not args.compare_base or loaded.kind != "merged":
         return None
@@ -253,7 +255,7 @@ def _base_for_compare(args, loaded, cfg):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fedtune.evaluation import generate, generate_base
+    from fedtune.run.evaluation import generate, generate_base
 
     gc = _gen_config(args)
     loaded, cfg, _, _ = _load(args)
@@ -269,7 +271,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from fedtune.evaluation import generate, generate_base
+    from fedtune.run.evaluation import generate, generate_base
 
     gc = _gen_config(args)
     loaded, cfg, _, _ = _load(args)
@@ -409,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["certs"]:  # its own argument parser (fedtune.certs)
-        from fedtune.certs import certs_main
+    if argv[:1] == ["certs"]:  # its own argument parser (fedtune.transports.grpc.certs)
+        from fedtune.transports.grpc.certs import certs_main
 
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)

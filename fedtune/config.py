@@ -196,7 +196,7 @@ class RunConfig:
 
     def robust_config(self):
         """[robust] as a validated RobustConfig (off when the section is absent)."""
-        from fedtune.robust import RobustConfig
+        from fedtune.algorithms.wrappers.robust import RobustConfig
 
         try:
             return RobustConfig.from_dict(self.extra.get("robust", {}))
@@ -315,7 +315,7 @@ def validate(cfg: RunConfig) -> None:
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
     _require(0 <= f.workers <= 256, f"federation.workers must be in [0, 256] (0 = one per CPU), got {f.workers}")
-    from fedtune.algorithms.base import MAX_BATCH_SIZE, MAX_GRAD_ACCUM, MAX_LOCAL_STEPS  # what clients accept
+    from fedtune.algorithms.api import MAX_BATCH_SIZE, MAX_GRAD_ACCUM, MAX_LOCAL_STEPS  # what clients accept
 
     _require(1 <= t.local_steps <= MAX_LOCAL_STEPS, f"train.local_steps must be in [1, {MAX_LOCAL_STEPS}], got {t.local_steps}")
     _require(1 <= t.batch_size <= MAX_BATCH_SIZE, f"train.batch_size must be in [1, {MAX_BATCH_SIZE}], got {t.batch_size}")

@@ -91,7 +91,7 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
     import resource
 
     from fedtune import config
-    from fedtune.simulation import simulate
+    from fedtune.run.assemble import simulate
 
     out = runs / name.replace("@", "-lr")
     if (out / "summary.json").is_file():
@@ -102,7 +102,7 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
         ov[f"privacy.{k}"] = v
     cfg = config.load(base, ov)
     if spec["kind"] in BASELINES:
-        from fedtune.baselines import simulate_baseline
+        from fedtune.run.baselines import simulate_baseline
 
         simulate_baseline(cfg, spec["kind"], progress=False)
     else:

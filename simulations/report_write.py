@@ -35,7 +35,7 @@ def peak_rss_mb(run: Path) -> float | None:
 
 def run_lr(summary: dict[str, Any], method: str | None) -> float | None:
     """The lr the run trained at (its saved config's effective lr for `method`)."""
-    from fedtune.evaluation import config_from_summary
+    from fedtune.run.evaluation import config_from_summary
 
     cfg = config_from_summary(summary)
     if method:
@@ -173,7 +173,7 @@ def plots(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], results: Pat
 def prompt_table(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """Greedy answers of the base and of each chosen method's global adapter to the first n test prompts."""
     from fedtune.data.prepare import context_length, prepare_data
-    from fedtune.evaluation import GenConfig, config_from_summary, generate, load_tuned
+    from fedtune.run.evaluation import GenConfig, config_from_summary, generate, load_tuned
 
     if not chosen or n <= 0:
         return []

@@ -10,11 +10,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2_grpc
 
-from fedtune.certs import certs_main
-from fedtune.client.agent import resolve_token
+from fedtune.transports.grpc.certs import certs_main
+from fedtune.transports.grpc.agent import resolve_token
 from fedtune.config import ClientSection, ConfigError
-from fedtune.server import healthcheck
-from fedtune.server.security import server_credentials
+from fedtune.transports.grpc import health as healthcheck
+from fedtune.transports.grpc.security import server_credentials
 
 ORGS = ["org-a", "org-b", "org-c"]
 

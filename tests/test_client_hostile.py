@@ -21,11 +21,11 @@ from test_grpc import IDS, TOKENS, agent, write_run
 
 from fedtune import config
 from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.base import Instruction, Payload
-from fedtune.client.agent import Refused
+from fedtune.algorithms.api import Instruction, Payload
+from fedtune.transports.grpc.agent import Refused
 from fedtune.models import load_model
-from fedtune.server.security import TokenAuthInterceptor
-from fedtune.wire import serde
+from fedtune.transports.grpc.security import TokenAuthInterceptor
+from fedtune.transports.wire import serde
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_method_specific_fields_are_bounded(tmp_path, coordinator, algorithm, mu
 
 def test_an_honest_task_still_trains(tmp_path, coordinator):
     """The checks refuse nothing a real coordinator sends: every key of every method's train config passes."""
-    from fedtune.algorithms.base import TRAIN_FIELDS, validate_instruction
+    from fedtune.algorithms.api import TRAIN_FIELDS, validate_instruction
 
     seen = set()
     for algorithm in ("fedavg", "flora", "fedsb", "fedkseed"):
@@ -189,7 +189,7 @@ def test_the_coordinator_cannot_switch_off_a_clients_sample_level_dp(tmp_path, c
         with pytest.raises(Refused, match="this client trains only under its own \\[privacy\\]") as e:
             a.run()
         assert shown in str(e.value) and servicer.pushed == pushed
-    from fedtune.simulation import train_config
+    from fedtune.run.assemble import train_config
 
     a._check_privacy(json.loads(json.dumps(train_config(a.cfg))))  # what a server with this config sends: accepted
 
@@ -199,7 +199,7 @@ def test_a_wait_of_1e9_seconds_does_not_park_the_client(tmp_path, coordinator, m
     at most MAX_WAIT_S (made 0.2 s here) instead of sleeping for 31 years."""
     import time
 
-    from fedtune.client import agent as agent_mod
+    from fedtune.transports.grpc import agent as agent_mod
 
     monkeypatch.setattr(agent_mod, "MAX_WAIT_S", 0.2)
     servicer, port = coordinator

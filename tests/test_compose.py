@@ -52,7 +52,7 @@ def test_one_build_and_never_root(spec):
 
 def test_healthcheck_presents_the_health_cert_and_resume_switch(spec):
     test = spec["server"]["healthcheck"]["test"]
-    assert test[:4] == ["CMD", "python", "-m", "fedtune.server.healthcheck"]
+    assert test[:4] == ["CMD", "python", "-m", "fedtune.transports.grpc.health"]
     assert all(" " not in a for a in test)  # podman 4.3's Docker API splits arguments at spaces
     assert test[test.index("--cert") + 1] == "/certs/health.pem"
     cmd = " ".join(spec["server"]["command"])

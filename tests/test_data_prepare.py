@@ -75,13 +75,6 @@ def test_file_per_client_draws_from_the_union_and_removes_from_each_file(tmp_pat
     assert got_b == [f"q{i}" for i in range(10, 40) if f"q{i}" not in test]
 
 
-def test_simulation_keeps_clientdata_importable():
-    from fedtune.data.prepare import ClientData
-    from fedtune.simulation import ClientData as Sim
-
-    assert Sim is ClientData
-
-
 def test_auto_max_seq_len_is_the_smallest_keeping_99_percent_of_responses_whole(tmp_path, tok):
     from fedtune.data import ChatFormatter, load_path
     from fedtune.data.prepare import choose_max_seq_len
@@ -107,7 +100,7 @@ def test_edge_client_trains_on_all_of_its_own_files(tmp_path, tok):
     import json
 
     from fedtune import config
-    from fedtune.client.agent import local_data
+    from fedtune.transports.grpc.agent import local_data
     from fedtune.config import ClientSection
 
     paths = []

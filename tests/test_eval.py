@@ -9,8 +9,8 @@ import pytest
 
 from fedtune import config
 from fedtune.cli import main
-from fedtune.evaluation import GenConfig, generate, load_tuned
-from fedtune.simulation import simulate
+from fedtune.run.evaluation import GenConfig, generate, load_tuned
+from fedtune.run.assemble import simulate
 
 FAST = {"model.name": "tiny", "federation.num_clients": 2, "run.rounds": 2, "train.local_steps": 6, "train.lr": 5e-3,
         "data.max_seq_len": 48, "data.max_eval_per_client": 4, "data.max_test_examples": 8, "run.algorithm": "fedavg"}
@@ -107,7 +107,7 @@ def test_method_lr_resolution():
 
 
 def test_baselines_same_budget(tmp_path):
-    from fedtune.baselines import simulate_baseline
+    from fedtune.run.baselines import simulate_baseline
 
     cfg = config.load(None, {**FAST, "federation.num_clients": 3, "run.rounds": 1, "train.local_steps": 2,
                              "run.out": str(tmp_path / "local")})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedtune import config
 from fedtune.cli import main
-from fedtune.simulation import simulate
+from fedtune.run.assemble import simulate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

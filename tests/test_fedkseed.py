@@ -242,9 +242,9 @@ def test_aggregate_hand_computed_and_bytes():
 def test_round_one_download_is_one_seed_not_k_seeds(ktok):
     """The client derives the K candidate seeds from one seed in the setup payload: the round-1 instruction at
     K = 4096 is well under 18 KB (it was 33 KB with the K seeds as int64), and the seeds equal the server's."""
-    from fedtune.algorithms.base import Instruction
+    from fedtune.algorithms.api import Instruction
     from fedtune.algorithms.fedkseed.server import candidate_seeds
-    from fedtune.wire import sizes
+    from fedtune.transports.wire import sizes
 
     algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=4096))
     state = algo.initialize(torch.nn.Linear(2, 2), seed=17)
@@ -327,7 +327,7 @@ MEMORY_PROBE = textwrap.dedent("""
     from fedtune.models.tiny import tiny_llama
     from fedtune.training import zo
     torch.set_num_threads(1)
-    from fedtune.peakmem import extra_peak
+    from fedtune.models.memory import extra_peak
 
     model = tiny_llama(512, hidden=256, layers=4, heads=4)
     params = zo.zo_parameters(model)
@@ -347,7 +347,7 @@ MEMORY_PROBE = textwrap.dedent("""
         model.zero_grad(set_to_none=True)
 
     from fedtune.algorithms import get_algorithm
-    from fedtune.algorithms.base import TrainContext
+    from fedtune.algorithms.api import TrainContext
     from fedtune.algorithms.fedkseed import FedKSeedConfig
     algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=8))
     client = algo.make_client()

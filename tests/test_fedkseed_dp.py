@@ -207,7 +207,8 @@ def test_replay_of_a_dp_runs_pairs_reproduces_the_clients_model(ktok, kfeats):
 
 
 def test_client_level_dp_refuses_fedkseed_with_the_reason():
-    from fedtune.privacy import ClientLevelDP, PrivacyConfig
+    from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
+    from fedtune.privacy import PrivacyConfig
 
     with pytest.raises(ValueError, match="noise on all K per-seed sums") as e:
         ClientLevelDP(get_algorithm("fedkseed", FedKSeedConfig(num_seeds=8)),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedtune.algorithms import ClientUpdate, GlobalState, TrainContext, get_algorithm
-from fedtune.algorithms.base import example_weights
+from fedtune.algorithms.api import example_weights
 from fedtune.algorithms.fedsb import FedSB, FedSBConfig, sb_layers
 from fedtune.data import ChatFormatter, collate, load_chatterbot
 from fedtune.models import fingerprint, load_model
@@ -144,7 +144,7 @@ def test_aggregate_by_hand():
 
 def test_packed_R_is_the_per_module_average_bit_for_bit(one_round):
     """Aggregating the packed [n, r, r] gives, module by module, exactly the weighted mean of that module's R."""
-    from fedtune.algorithms.base import weighted_mean
+    from fedtune.algorithms.api import weighted_mean
 
     _, _, _, st1, ups, _, _ = one_round
     p = example_weights(ups)
@@ -235,7 +235,7 @@ def test_payload_bytes(one_round):
 def test_export_is_a_peft_lora_adapter(one_round, tiny):
     from peft import LoraConfig, get_peft_model
 
-    from fedtune.algorithms.lora_common import lora_layers
+    from fedtune.algorithms.common.lora import lora_layers
 
     algo, cl, _, _, _, _, model = one_round
     base, tok, feats = tiny

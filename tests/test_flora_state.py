@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import max_abs
 
-from fedtune import checkpoint
+from fedtune.run import checkpoint
 from fedtune.algorithms import ClientUpdate, get_algorithm
-from fedtune.algorithms.base import payload_nbytes
+from fedtune.algorithms.api import payload_nbytes
 from fedtune.algorithms.flora import FLoRAConfig
-from fedtune.algorithms.lora_common import lora_shapes, target_linears
+from fedtune.algorithms.common.lora import lora_shapes, target_linears
 from fedtune.models import fingerprint, tiny_llama
 
 RANK, KEEP, CLIENTS, PER_ROUND = 4, 4, 20, 2

@@ -18,8 +18,8 @@ from conftest import max_abs
 from safetensors.torch import load_file
 
 from fedtune import config
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
-from fedtune.flower import serde
+from fedtune.algorithms.api import ClientUpdate, Instruction, Payload
+from fedtune.transports.flower import records as serde
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"model.name": "tiny", "federation.num_clients": 3, "train.local_steps": 3, "train.lr": 5e-3,
@@ -112,8 +112,8 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedsb", "flora"])
 def test_flower_engine_matches_native_simulation(tmp_path, algorithm):
-    from fedtune.flower import run_flower_simulation
-    from fedtune.simulation import simulate
+    from fedtune.run.flower import run_flower_simulation
+    from fedtune.run.assemble import simulate
 
     # native clients one by one, as the Flower nodes compute (batched native equals it only to ~1e-5)
     over = {**FAST, "run.algorithm": algorithm, "federation.batch_clients": False}
@@ -219,7 +219,7 @@ class FakeGrid:
     def _answer(self, msg):
         from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-        from fedtune.flower import client as fc
+        from fedtune.transports.flower import client as fc
 
         node = msg.metadata.dst_node_id
         if msg.metadata.message_type == "query":
@@ -260,7 +260,7 @@ class FakeGrid:
 
 
 def _specs(n, **kw):
-    from fedtune.flower.client import NodeSpec
+    from fedtune.transports.flower.client import NodeSpec
 
     return {100 + i: NodeSpec(f"client-{i}", partition=i, **kw) for i in range(n)}
 
@@ -271,7 +271,8 @@ def _adapter(out):
 
 def _native_without(cfg, drop):
     """fedtune simulate in-process, with the updates of `drop` discarded (what a transport does on failure)."""
-    from fedtune.simulation import InProcessTransport, simulate
+    from fedtune.run.assemble import simulate
+    from fedtune.transports.inprocess import InProcessTransport
 
     def factory(engine, gm, data, pad_id):
         inner = InProcessTransport(gm, data, pad_id, progress=False, batch_clients=False)
@@ -292,7 +293,7 @@ def test_error_replies_and_out_of_order_replies_count_failed_clients(tmp_path, f
     """client-2's node is gone: the SuperLink answers for it (sender = SuperLink, not the node). Replies come
     one per pull, newest first, after a stray reply. The round goes on with the two survivors (min_clients = 2),
     the metrics name the failed client, and the result equals a native run without client-2's updates."""
-    from fedtune.flower.server import run_server
+    from fedtune.run.flower import run_server
 
     over = {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2}
     cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
@@ -310,8 +311,8 @@ def test_error_replies_and_out_of_order_replies_count_failed_clients(tmp_path, f
 def test_a_run_that_fails_leaves_a_summary_saying_why(tmp_path, flower_task):
     """Two of three nodes gone, min_clients = 2: every attempt of round 1 aborts, nothing is written for the
     round, and summary.json says the run failed and why (flwr run itself exits 0)."""
-    from fedtune.engine import RoundAborted
-    from fedtune.flower.server import run_server
+    from fedtune.run.engine import RoundAborted
+    from fedtune.run.flower import run_server
 
     cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2,
                              "federation.max_round_retries": 1, "run.out": str(tmp_path / "out")})
@@ -330,7 +331,7 @@ def test_a_run_that_fails_leaves_a_summary_saying_why(tmp_path, flower_task):
 
 
 def test_discovery_refuses_a_misconfigured_node_before_round_1(tmp_path, flower_task):
-    from fedtune.flower.server import run_server
+    from fedtune.run.flower import run_server
 
     cfg = config.load(None, {**QUICK, "run.out": str(tmp_path / "out")})
     specs = _specs(3)
@@ -345,8 +346,8 @@ def test_node_state_on_disk_survives_a_process_per_message(tmp_path, flower_task
     before each message). With state-dir each node rebuilds its FLoRA model from the payloads it stored, so
     from round 2 on it gets only the delta (no "stale", no resync: the same bytes as the native simulation)
     and the run equals the native simulation."""
-    from fedtune.flower.server import run_server
-    from fedtune.simulation import simulate
+    from fedtune.run.flower import run_server
+    from fedtune.run.assemble import simulate
 
     over = {**QUICK, "run.algorithm": "flora", "run.rounds": 3}
     simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
@@ -369,7 +370,7 @@ def test_run_config_reaches_every_fedtune_key_and_validates_it(tmp_path):
     import tomllib
 
     from fedtune.config import ConfigError
-    from fedtune.flower.runconfig import declared_keys, resolve
+    from fedtune.transports.flower.runconfig import declared_keys, resolve
 
     app = tomllib.loads((ROOT / "simulations/flower_app/pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
@@ -400,7 +401,7 @@ def test_run_config_reaches_every_fedtune_key_and_validates_it(tmp_path):
 
 def test_node_config_is_validated_with_the_fix_in_the_message(tmp_path):
     from fedtune.config import ConfigError
-    from fedtune.flower.client import node_spec
+    from fedtune.transports.flower.client import node_spec
 
     cfg = config.load(None, {"federation.num_clients": 3})
     f = tmp_path / "org.jsonl"
@@ -422,8 +423,8 @@ def test_node_config_is_validated_with_the_fix_in_the_message(tmp_path):
 def test_node_data_from_own_file_is_split_like_simulate_splits_client_k(tmp_path, tok):
     """A node with its own file, told it is client k of the roster, trains on exactly the examples
     `fedtune simulate` gives client k of data.paths."""
-    from fedtune.flower.client import NodeSpec, load_node_data
-    from fedtune.simulation import prepare_data
+    from fedtune.transports.flower.client import NodeSpec, load_node_data
+    from fedtune.data.prepare import prepare_data
 
     paths = []
     for k in range(3):
@@ -440,8 +441,8 @@ def test_node_data_from_own_file_is_split_like_simulate_splits_client_k(tmp_path
 
 
 def test_node_store_is_atomic_keyed_and_compacted(tmp_path):
-    from fedtune.algorithms.base import Payload
-    from fedtune.flower.nodestate import NodeStore, PayloadLog
+    from fedtune.algorithms.api import Payload
+    from fedtune.transports.flower.nodestate import NodeStore, PayloadLog
 
     store = NodeStore(tmp_path, "org/a", "key-1")
     plog = PayloadLog(-1, Payload({"A": torch.ones(2, 3)}, {"algorithm": "fedavg"}))
@@ -466,9 +467,9 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_t
     """Round 2: client-1's worker lost its model (a fresh Ray worker). It answers "stale"; the transport
     resends the engine's own instruction_for(client-1, -1) (setup + every missed FLoRA merge) and the run
     still equals the native simulation."""
-    from fedtune.flower import client as flower_client
-    from fedtune.flower.server import run_server
-    from fedtune.simulation import simulate
+    from fedtune.transports.flower import client as flower_client
+    from fedtune.run.flower import run_server
+    from fedtune.run.assemble import simulate
 
     over = {**QUICK, "run.algorithm": "flora"}
     cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
@@ -493,7 +494,7 @@ def test_an_unusable_reply_fails_only_its_client(tmp_path, flower_task):
     log line each fail their client with the (escaped) reason; the round goes on."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
-    from fedtune.flower.server import run_server
+    from fedtune.run.flower import run_server
 
     cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 7,
                              "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
@@ -540,7 +541,7 @@ def test_reply_numbers_and_array_headers_are_checked_before_use(tmp_path, flower
     import numpy as np
     from flwr.app import Array, ConfigRecord, Message, RecordDict
 
-    from fedtune.flower.server import run_server
+    from fedtune.run.flower import run_server
 
     cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 5,
                              "federation.min_clients": 1, "run.out": str(tmp_path / "out")})
@@ -607,8 +608,8 @@ def test_array_decoding_refuses_what_fedtune_never_sends():
 def test_a_restarted_supernode_is_found_again_at_the_next_round(tmp_path, flower_task):
     """client-2's SuperNode is offline in round 1 (failed at once, no message); in round 2 a new node (new node
     id, as a restarted flower-supernode gets) says it hosts client-2 and takes part again."""
-    from fedtune.flower.client import NodeSpec
-    from fedtune.flower.server import run_server
+    from fedtune.transports.flower.client import NodeSpec
+    from fedtune.run.flower import run_server
 
     cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2,
                              "run.out": str(tmp_path / "out")})
@@ -636,9 +637,9 @@ def test_dp_accountants_survive_a_process_per_message(tmp_path, flower_task):
     ε of every round equals the native simulation's (never under-reported). Without a state dir the node
     refuses with the fix instead of silently restarting its accountant."""
     from fedtune.config import ConfigError
-    from fedtune.flower.client import NodeSpec, check_dp_state
-    from fedtune.flower.server import run_server
-    from fedtune.simulation import simulate
+    from fedtune.transports.flower.client import NodeSpec, check_dp_state
+    from fedtune.run.flower import run_server
+    from fedtune.run.assemble import simulate
 
     over = {**QUICK, "run.algorithm": "fedavg", "run.rounds": 3, "privacy.mode": "sample",
             "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "privacy.noise_seed": 3}
@@ -658,7 +659,7 @@ def test_straggler_timeout_stops_waiting_for_a_node_that_never_answers(tmp_path,
     straggler_timeout_s = 0.5 the round ends 0.5 s after min_clients = 2 replies, that client failed."""
     import time
 
-    from fedtune.flower.server import run_server
+    from fedtune.run.flower import run_server
 
     cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "run.rounds": 1, "federation.num_clients": 3,
                              "federation.min_clients": 2, "federation.round_timeout_s": 60.0,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fedtune import config
 from fedtune.data import load_chatterbot, partition
-from fedtune.flower.localdeploy import LocalFederation
+from fedtune.transports.flower.localdeploy import LocalFederation
 
 pytestmark = pytest.mark.flower_deploy
 
@@ -39,7 +39,7 @@ def _setup(tmp: Path, **extra):
     nodes = [{"data": p, "client-name": org, "state-dir": str(tmp / "state" / org)} for p, org in zip(paths, ORGS)]
     run_cfg = {"fedtune.run.out": str(tmp / "flower"), "fedtune.run.rounds": 3, "fedtune.run.threads": 1,
                "fedtune.data.source": "jsonl", "fedtune.data.paths": json.dumps(paths),
-               "fedtune.flower.clients": json.dumps(ORGS), "fedtune.federation.round_timeout_s": 900.0,
+               "fedtune.transports.flower.clients": json.dumps(ORGS), "fedtune.federation.round_timeout_s": 900.0,
                "fedtune.data.test_fraction": 0.0,  # simulate's global test split is drawn from all files together
                **extra}
     over = {k[len("fedtune."):]: json.loads(v) if isinstance(v, str) and v.startswith("[") else v
@@ -57,7 +57,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_deployment_with_own_data_per_node_equals_fedtune_simulate(tmp_path):
-    from fedtune.simulation import simulate
+    from fedtune.run.assemble import simulate
 
     nodes, run_cfg, over = _setup(tmp_path)
     t0 = time.perf_counter()
@@ -123,14 +123,14 @@ def _ssh_ecdsa_key(path: Path) -> tuple[str, str]:
 def test_tls_and_supernode_authentication(tmp_path):
     """SuperLink with TLS (`fedtune certs` CA + server cert) and --enable-supernode-auth: the two registered
     SuperNodes (own keys, --root-certificates) train a round; an unregistered third node is refused."""
-    from fedtune.certs import make_dev_certs
+    from fedtune.transports.grpc.certs import make_dev_certs
 
     certs = make_dev_certs(tmp_path / "certs")
     tls = {"ca": str(certs["ca"]), "cert": str(certs["server"]), "key": str(certs["server_key"])}
     nodes, run_cfg, _ = _setup(tmp_path, **{"fedtune.run.rounds": 1, "fedtune.run.algorithm": "fedavg",
                                             "fedtune.federation.num_clients": 2, "fedtune.federation.min_clients": 2})
     run_cfg["fedtune.data.paths"] = json.dumps(json.loads(run_cfg["fedtune.data.paths"])[:2])
-    run_cfg["fedtune.flower.clients"] = json.dumps(ORGS[:2])
+    run_cfg["fedtune.transports.flower.clients"] = json.dumps(ORGS[:2])
     keys = [_ssh_ecdsa_key(tmp_path / f"{org}.key") for org in ORGS]
     fed = LocalFederation(tmp_path / "fed", nodes, tls=tls, auth_keys=[k for k, _ in keys])
     try:

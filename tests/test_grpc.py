@@ -20,17 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
 from fedtune import config
-from fedtune.algorithms.base import ClientUpdate, TensorSpec, UpdateSpec
-from fedtune.certs import make_dev_certs
-from fedtune.client.agent import Agent
+from fedtune.algorithms.api import ClientUpdate, TensorSpec, UpdateSpec
+from fedtune.transports.grpc.certs import make_dev_certs
+from fedtune.transports.grpc.agent import Agent
 from fedtune.config import ClientSection
-from fedtune.engine import RoundAborted
-from fedtune.server.coordinator import serve
-from fedtune.server.security import auth_metadata
-from fedtune.simulation import simulate
-from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
-from fedtune.wire import serde
-from fedtune.wire.tensors import pack_parts
+from fedtune.run.engine import RoundAborted
+from fedtune.run.serve import serve
+from fedtune.transports.grpc.security import auth_metadata
+from fedtune.run.assemble import simulate
+from fedtune.transports.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
+from fedtune.transports.wire import serde
+from fedtune.transports.wire.tensors import pack_parts
 
 IDS = ["client-0", "client-1", "client-2"]
 TOKENS = {c: f"token-{c}-0123456789abcdef" for c in IDS}
@@ -502,7 +502,7 @@ def test_plaintext_client_cannot_talk_to_tls_server(tmp_path):
                                                 metadata=auth_metadata(TOKENS[IDS[0]]), timeout=3)
         assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         with pytest.raises(grpc.RpcError):  # TLS with the right CA but no client certificate (mTLS required)
-            from fedtune.server.security import channel_credentials
+            from fedtune.transports.grpc.security import channel_credentials
 
             tls = grpc.secure_channel(f"localhost:{srv.port}", channel_credentials(tmp_path / "certs/ca.pem"))
             serde.CoordinatorStub(tls).Join(pb2.JoinRequest(client_id=IDS[0]), metadata=auth_metadata(TOKENS[IDS[0]]),

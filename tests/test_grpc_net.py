@@ -19,14 +19,14 @@ import torch
 from grpc_health.v1 import health_pb2
 from test_grpc import IDS, TOKENS, Server, _free_port, _health, _rss_mb, pull_until_task, write_run
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
+from fedtune.algorithms.api import ClientUpdate, Instruction, Payload
 from fedtune.cli import main
-from fedtune.client.agent import resolve_token
+from fedtune.transports.grpc.agent import resolve_token
 from fedtune.config import ClientSection, ConfigError, ServerSection
-from fedtune.server.coordinator import GrpcTransport, Interrupted, start_grpc_server
-from fedtune.server.security import auth_metadata, channel_credentials
-from fedtune.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
-from fedtune.wire import serde
+from fedtune.transports.grpc.coordinator import GrpcTransport, Interrupted, start_grpc_server
+from fedtune.transports.grpc.security import auth_metadata, channel_credentials
+from fedtune.transports.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
+from fedtune.transports.wire import serde
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -231,7 +231,7 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
     honest upload is accepted."""
     from fedtune.algorithms import get_algorithm
     from fedtune.models import load_model
-    from fedtune.wire.tensors import pack_parts
+    from fedtune.transports.wire.tensors import pack_parts
 
     size = sum(map(len, pack_parts(get_algorithm("fedavg").initialize(load_model("tiny", seed=0)[0], seed=0).tensors)))
     port = _free_port()

@@ -17,7 +17,7 @@ from fedtune.cli import main
 from fedtune.models import fingerprint, load_model
 from fedtune.models.fingerprint import base_fingerprint
 from fedtune.models.hardware import placement, prepare_for_training
-from fedtune.simulation import simulate
+from fedtune.run.assemble import simulate
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -132,7 +132,7 @@ def test_fedkseed_full_on_a_4bit_base_is_refused(tmp_path, tiny_dir):
 
 # -- gradient checkpointing -----------------------------------------------------------------------------------
 def lora_grads(model_dir: Path, feats, *, gc: bool, quantization="none", dtype="float32") -> dict[str, torch.Tensor]:
-    from fedtune.algorithms.lora_common import activate, attach_lora, init_lora_factors, lora_shapes, set_lora_state
+    from fedtune.algorithms.common.lora import activate, attach_lora, init_lora_factors, lora_shapes, set_lora_state
     from fedtune.data.format import collate
 
     model, _ = load_model(str(model_dir), dtype=dtype, quantization=quantization)
@@ -177,7 +177,7 @@ def test_sample_level_dp_on_nf4(tmp_path, tiny_dir):
 
 def test_dp_keeps_the_4bit_base_and_trains_float32_lora(tiny_dir, feats):
     from fedtune.algorithms import get_algorithm
-    from fedtune.algorithms.base import TrainContext
+    from fedtune.algorithms.api import TrainContext
 
     cfg = config.load(None, {"model.name": str(tiny_dir)})
     algo = get_algorithm("fedavg", cfg.algorithm_config())
@@ -203,7 +203,7 @@ def test_exported_adapter_loads_with_plain_peft_on_the_4bit_base(tmp_path, tiny_
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from fedtune.data.format import collate
-    from fedtune.evaluation import load_tuned
+    from fedtune.run.evaluation import load_tuned
 
     cfg = run_cfg(tmp_path, tiny_dir, algorithm="fedavg", dtype="bfloat16", quantization="nf4", rounds=1)
     s = simulate(cfg, progress=False)
@@ -229,9 +229,9 @@ def test_exported_adapter_loads_with_plain_peft_on_the_4bit_base(tmp_path, tiny_
 def test_grpc_run_with_an_fp32_client_and_an_nf4_client(tmp_path, tiny_dir):
     """One coordinator (float32), client-0 holding the base in float32, client-1 in NF4 + bf16 compute: the base
     fingerprints agree, the run completes, and the coordinator records how each client holds its model."""
-    from fedtune.client.agent import Agent
+    from fedtune.transports.grpc.agent import Agent
     from fedtune.config import ClientSection
-    from fedtune.server.coordinator import serve
+    from fedtune.run.serve import serve
 
     ids = ["client-0", "client-1"]
     tokens = {c: f"token-{c}-0123456789abcdef" for c in ids}
@@ -294,7 +294,7 @@ def test_two_rounds_on_cuda(tmp_path, tiny_dir, algorithm, quantization):
 @pytest.mark.gpu
 @gpu
 def test_gradient_checkpointing_same_gradients_on_cuda(tiny_dir, feats):
-    from fedtune.algorithms.lora_common import activate, attach_lora  # noqa: F401 - same path as the CPU test
+    from fedtune.algorithms.common.lora import activate, attach_lora  # noqa: F401 - same path as the CPU test
 
     for q in ("none", "nf4"):
         cfg_gc = [lora_grads_cuda(tiny_dir, feats, gc=g, quantization=q) for g in (False, True)]
@@ -303,7 +303,7 @@ def test_gradient_checkpointing_same_gradients_on_cuda(tiny_dir, feats):
 
 
 def lora_grads_cuda(model_dir, feats, *, gc, quantization):
-    from fedtune.algorithms.lora_common import activate, attach_lora
+    from fedtune.algorithms.common.lora import activate, attach_lora
     from fedtune.data.format import collate
     from fedtune.models.hardware import to_device
 
@@ -324,7 +324,7 @@ def test_4bit_gradients_survive_an_evaluation(tiny_dir, feats):
     """bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs on the first eval-mode forward and then multiplies
     without autograd (no gradient through the layer); fedtune switches that off: an evaluation between rounds
     changes neither the gradients nor the held weights."""
-    from fedtune.algorithms.lora_common import activate, attach_lora
+    from fedtune.algorithms.common.lora import activate, attach_lora
     from fedtune.data.format import collate
     from fedtune.training.local import evaluate
 

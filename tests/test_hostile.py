@@ -17,12 +17,12 @@ import torch
 from grpc_health.v1 import health_pb2
 from test_grpc import IDS, TOKENS, Server, _free_port, _health, adapters, agent, rows, run_agents, write_run
 
-from fedtune.algorithms.base import ClientUpdate
+from fedtune.algorithms.api import ClientUpdate
 from fedtune.algorithms.fedavg.config import DEFAULT_TARGETS
-from fedtune.algorithms.lora_common import lora_shapes
+from fedtune.algorithms.common.lora import lora_shapes
 from fedtune.models import fingerprint, load_model
-from fedtune.server.security import auth_metadata
-from fedtune.wire import serde
+from fedtune.transports.grpc.security import auth_metadata
+from fedtune.transports.wire import serde
 
 HOSTILE = IDS[2]
 

@@ -19,7 +19,7 @@ from fedtune.algorithms.fedsb import FedSBConfig, sb_layers
 from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.algorithms.flora.client import CumulativeDelta, delta_hooks
 from fedtune.algorithms.flora.server import cumulative_delta
-from fedtune.algorithms.lora_common import target_linears
+from fedtune.algorithms.common.lora import target_linears
 from fedtune.data import ChatFormatter, load_chatterbot
 from fedtune.models import hardware
 from fedtune.models.loading import load_model

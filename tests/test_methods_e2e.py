@@ -10,7 +10,7 @@ import pytest
 from fedtune import config
 from fedtune.cli import main
 from fedtune.config import ConfigError
-from fedtune.simulation import simulate
+from fedtune.run.assemble import simulate
 
 BASE = {"model.name": "tiny", "federation.num_clients": 3, "train.local_steps": 3, "train.lr": 5e-3,
         "data.max_train_per_client": 48, "data.max_seq_len": 64, "run.rounds": 2}

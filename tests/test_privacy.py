@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedtune.algorithms import ClientUpdate, GlobalState, get_algorithm
-from fedtune.algorithms.lora_common import (
+from fedtune.algorithms.common.lora import (
     activate,
     attach_lora,
     get_lora_state,
@@ -19,12 +19,11 @@ from fedtune.algorithms.lora_common import (
 )
 from fedtune.data import ChatFormatter, collate, load_chatterbot
 from fedtune.models import load_model
+from fedtune.algorithms.wrappers.client_dp import ClientLevelDP, clip_update
 from fedtune.privacy import (
     Accountant,
-    ClientLevelDP,
     PrivacyConfig,
     SampleLevelDP,
-    clip_update,
     dp_training,
     noise_for_target,
     per_example_loss,
@@ -326,7 +325,7 @@ def test_runs_without_dp_do_not_import_opacus():
     import subprocess
     import sys
 
-    code = "import sys, fedtune.cli, fedtune.simulation, fedtune.server.coordinator, fedtune.client.agent; " \
+    code = "import sys, fedtune.cli, fedtune.run.assemble, fedtune.transports.grpc.coordinator, fedtune.transports.grpc.agent; " \
            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('opacus', 'scipy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"

@@ -12,8 +12,8 @@ import torch
 from fedtune import config
 from fedtune.cli import main
 from fedtune.fileio import save_safetensors
-from fedtune.rundir import RunDir, RunDirError
-from fedtune.simulation import prepare_run, simulate
+from fedtune.run.rundir import RunDir, RunDirError
+from fedtune.run.assemble import prepare_run, simulate
 
 FAST = {"model.name": "tiny", "federation.num_clients": 2, "train.local_steps": 1, "train.batch_size": 4,
         "data.max_train_per_client": 8, "data.max_seq_len": 32, "data.max_eval_per_client": 4}

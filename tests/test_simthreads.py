@@ -6,8 +6,10 @@ import logging
 import pytest
 import torch
 
-from fedtune import checkpoint, config
-from fedtune.simulation import plan_workers, simulate
+from fedtune import config
+from fedtune.run import checkpoint
+from fedtune.run.assemble import simulate
+from fedtune.transports.inprocess import plan_workers
 
 FAST = {"model.name": "tiny", "federation.num_clients": 4, "train.local_steps": 3, "train.lr": 5e-3,
         "data.max_train_per_client": 32, "data.max_seq_len": 48, "run.rounds": 2}

@@ -10,7 +10,7 @@ import torch
 
 from fedtune import config
 from fedtune.algorithms import ClientUpdate, GlobalState, get_algorithm
-from fedtune.algorithms.base import (
+from fedtune.algorithms.api import (
     TensorSpec,
     UpdateRejected,
     UpdateSpec,
@@ -21,11 +21,11 @@ from fedtune.algorithms.fedkseed import FedKSeedConfig
 from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.algorithms.flora.server import round_key
 from fedtune.config import ConfigError
-from fedtune.engine import EngineConfig, RoundAborted, RoundEngine, RoundResult
-from fedtune.metrics import MetricsWriter
-from fedtune.privacy import ClientLevelDP
-from fedtune.robust import RobustAggregation, RobustConfig
-from fedtune.simulation import build_algorithm
+from fedtune.run.engine import EngineConfig, RoundAborted, RoundEngine, RoundResult
+from fedtune.run.metrics import MetricsWriter
+from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
+from fedtune.algorithms.wrappers.robust import RobustAggregation, RobustConfig
+from fedtune.run.assemble import build_algorithm
 
 # -- the generic validator ---------------------------------------------------------------------------------
 
@@ -378,7 +378,7 @@ def test_robust_in_a_simulated_run(tmp_path):
     carry robust_clipped / robust_rejected."""
     import json
 
-    from fedtune.simulation import simulate
+    from fedtune.run.assemble import simulate
 
     cfg = config.load(None, {"model.name": "tiny", "run.algorithm": "fedavg", "run.rounds": 1, "run.out": str(tmp_path),
                              "federation.num_clients": 3, "train.local_steps": 2, "data.max_train_per_client": 16,

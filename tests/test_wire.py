@@ -1,4 +1,4 @@
-"""fedtune.wire: safetensors blobs, chunked streams, limits, integrity, fuzzing."""
+"""fedtune.transports.wire: safetensors blobs, chunked streams, limits, integrity, fuzzing."""
 
 import hashlib
 import random
@@ -7,9 +7,9 @@ import tracemalloc
 import pytest
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, payload_nbytes
-from fedtune.wire import serde
-from fedtune.wire.tensors import (
+from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, payload_nbytes
+from fedtune.transports.wire import serde
+from fedtune.transports.wire.tensors import (
     WireError,
     WireIntegrityError,
     WireLimitError,

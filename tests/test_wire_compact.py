@@ -10,10 +10,10 @@ import torch
 from conftest import fresh
 
 from fedtune.algorithms import ClientUpdate, TrainContext, get_algorithm
-from fedtune.algorithms.base import payload_nbytes, validate_update
+from fedtune.algorithms.api import payload_nbytes, validate_update
 from fedtune.algorithms.fedkseed import FedKSeedConfig
-from fedtune.wire import serde, sizes
-from fedtune.wire.tensors import WireError, pack
+from fedtune.transports.wire import serde, sizes
+from fedtune.transports.wire.tensors import WireError, pack
 
 TASK = "0" * 32  # sizes.update_bytes counts with a 32-char task id, like the coordinator's uuid4 hex
 MiB = 1 << 20

@@ -11,9 +11,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedtune.algorithms.base import ClientUpdate
-from fedtune.certs import certs_main, make_dev_certs, make_tokens, write_tokens_toml
-from fedtune.server.security import (
+from fedtune.algorithms.api import ClientUpdate
+from fedtune.transports.grpc.certs import certs_main, make_dev_certs, make_tokens, write_tokens_toml
+from fedtune.transports.grpc.security import (
     TokenAuthInterceptor,
     auth_metadata,
     bearer_token,
@@ -21,7 +21,7 @@ from fedtune.server.security import (
     server_credentials,
     token_ok,
 )
-from fedtune.wire import serde
+from fedtune.transports.wire import serde
 
 T = 5  # seconds: deadline of every RPC in these tests
 TOKENS = {"org-a": "token-a-" + "x" * 30, "org-b": "token-b-" + "y" * 30}

@@ -1,4 +1,4 @@
-"""fedtune.wire streaming path: chunks built from tensor memory, sha256 while streaming, one preallocated receive
+"""fedtune.transports.wire streaming path: chunks built from tensor memory, sha256 while streaming, one preallocated receive
 buffer, zero-copy unpack — and every check still in place (integrity, sizes, truncation, hostile blobs)."""
 
 import hashlib
@@ -13,9 +13,9 @@ from google.protobuf.message import DecodeError
 from safetensors.torch import save as st_save
 from test_wire import _never, bits_equal, mixed, mutate, sorted_dict, stream
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload
-from fedtune.wire import serde
-from fedtune.wire.tensors import (
+from fedtune.algorithms.api import ClientUpdate, Instruction, Payload
+from fedtune.transports.wire import serde
+from fedtune.transports.wire.tensors import (
     META_KEY,
     WireError,
     WireIntegrityError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fedtune.algorithms.base import (
+from fedtune.algorithms.api import (
     ClientAlgorithm,
     ClientUpdate,
     FedAlgorithm,

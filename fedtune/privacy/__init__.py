@@ -6,7 +6,7 @@ mode = "sample": DP-SGD inside each client (opacus: Poisson sampling, per-exampl
     model). ε is per client, tracked by the client's own accountant (`SampleLevelDP`).
     FedKSeed (zeroth-order) clips each example's projected-gradient scalar to [−C, C] and noises the step's
     sum instead: the same mechanism and accountant on one scalar per step.
-mode = "client": DP-FedAvg at the server (`ClientLevelDP`): each client's whole update is clipped to
+mode = "client": DP-FedAvg at the server (fedtune.algorithms.wrappers.client_dp.ClientLevelDP): each client's whole update is clipped to
     clip_norm and Gaussian noise is added to the sum. Protects the participation of a whole client
     (an organisation's entire dataset) in the released global model, assuming a trusted server.
 mode = "none": no protection.
@@ -15,7 +15,6 @@ Accounting always uses opacus' accountants (RDP or PRV) through `Accountant`.
 """
 
 from fedtune.privacy.accounting import Accountant, noise_for_target
-from fedtune.privacy.client_level import ClientLevelDP, clip_update
 from fedtune.privacy.config import PrivacyConfig
 from fedtune.privacy.sample import (
     DPRound,
@@ -30,7 +29,7 @@ from fedtune.privacy.sample import (
 )
 
 __all__ = [
-    "Accountant", "ClientLevelDP", "DPRound", "PrivacyBudgetExhausted", "PrivacyConfig", "SampleLevelDP",
-    "clip_scalars", "clip_update", "dp_training", "noise_for_target", "per_example_loss", "poisson_batches",
+    "Accountant", "DPRound", "PrivacyBudgetExhausted", "PrivacyConfig", "SampleLevelDP",
+    "clip_scalars", "dp_training", "noise_for_target", "per_example_loss", "poisson_batches",
     "private_scalar_mean", "private_train_local",
 ]

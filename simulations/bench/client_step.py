@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fedtune.algorithms.lora_common import activate, attach_lora
+from fedtune.algorithms.common.lora import activate, attach_lora
 from fedtune.data import ChatFormatter, collate, load_chatterbot
 from fedtune.models import load_model
 from fedtune.training.local import LocalTrainConfig, batches, train_local

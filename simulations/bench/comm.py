@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import config
-from fedtune.simulation import simulate
+from fedtune.run.assemble import simulate
 
 DEMO = "simulations/demo.toml"
 
@@ -124,10 +124,10 @@ def wire_only(rank: int, tau: int, num_seeds: int = 4096) -> list[dict[str, Any]
     import torch
 
     from fedtune.algorithms import get_algorithm
-    from fedtune.algorithms.base import ClientUpdate, GlobalState, Instruction, payload_nbytes
+    from fedtune.algorithms.api import ClientUpdate, GlobalState, Instruction, payload_nbytes
     from fedtune.algorithms.fedkseed import FedKSeedConfig
     from fedtune.algorithms.fedsb import FedSBConfig
-    from fedtune.wire import serde
+    from fedtune.transports.wire import serde
 
     task = "0" * 32
     g = torch.Generator().manual_seed(0)

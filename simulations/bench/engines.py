@@ -67,11 +67,11 @@ def worker(engine: str, rounds: int, out: str, actors: int) -> None:
 
         torch.set_num_threads(1)
     if engine.startswith("native"):
-        from fedtune.simulation import simulate
+        from fedtune.run.assemble import simulate
 
         simulate(cfg, progress=False)
     else:
-        from fedtune.flower import run_flower_simulation
+        from fedtune.run.flower import run_flower_simulation
 
         run_flower_simulation(cfg)
 
@@ -148,7 +148,7 @@ def import_floor(repeats: int = 3) -> float:
     """Seconds a fresh interpreter takes to import what a simulated run imports (fedtune, torch, transformers'
     Llama, peft), best of `repeats`: every engine pays it before its first round."""
     env = child_env()
-    code = "import fedtune.simulation, fedtune.models.loading, transformers.models.llama.modeling_llama, peft"
+    code = "import fedtune.run.assemble, fedtune.models.loading, transformers.models.llama.modeling_llama, peft"
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()

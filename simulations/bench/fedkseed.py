@@ -60,9 +60,9 @@ def calibrate(a: argparse.Namespace, modes: list[str]) -> dict[str, float]:
     import copy
 
     from fedtune.algorithms import get_algorithm
-    from fedtune.algorithms.base import TrainContext
+    from fedtune.algorithms.api import TrainContext
     from fedtune.algorithms.fedkseed import FedKSeedConfig
-    from fedtune.algorithms.lora_common import activate, attach_lora
+    from fedtune.algorithms.common.lora import activate, attach_lora
     from fedtune.data import ChatFormatter, load_chatterbot
     from fedtune.models import load_model
     from fedtune.training.local import LocalTrainConfig, train_local
@@ -172,7 +172,7 @@ import json, sys, torch
 from fedtune.models import load_model
 from fedtune.training import zo
 what, model_name, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-from fedtune.peakmem import extra_peak, status
+from fedtune.models.memory import extra_peak, status
 
 model, tok = load_model(model_name)
 model.eval()
@@ -192,7 +192,7 @@ elif what == "zo_step":
         zo.apply_update(params, 5, 1e-6 * g)
 elif what == "fedkseed_round":
     from fedtune.algorithms import get_algorithm
-    from fedtune.algorithms.base import TrainContext
+    from fedtune.algorithms.api import TrainContext
     from fedtune.algorithms.fedkseed import FedKSeedConfig
     algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=64, trainable="full"))
     state = algo.initialize(model, seed=0)
@@ -243,12 +243,12 @@ def wire_and_z(tau: int = 200, num_seeds: int = 4096) -> dict[str, Any]:
     """Round-1 download and τ-step upload sizes (serialized vs payload), z regenerations per ZO step."""
 
     from fedtune.algorithms import get_algorithm
-    from fedtune.algorithms.base import Instruction, TrainContext, payload_nbytes
+    from fedtune.algorithms.api import Instruction, TrainContext, payload_nbytes
     from fedtune.algorithms.fedkseed import FedKSeedConfig
     from fedtune.data import ChatFormatter, load_chatterbot
     from fedtune.models import tiny_llama, tiny_tokenizer
     from fedtune.training import zo
-    from fedtune.wire import sizes
+    from fedtune.transports.wire import sizes
 
     torch.set_num_threads(1)
     tok = tiny_tokenizer()

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtune import checkpoint
+from fedtune.run import checkpoint
 from fedtune.algorithms import ClientUpdate, get_algorithm
-from fedtune.algorithms.base import payload_nbytes
+from fedtune.algorithms.api import payload_nbytes
 from fedtune.algorithms.flora import FLoRAConfig
-from fedtune.algorithms.lora_common import lora_shapes
+from fedtune.algorithms.common.lora import lora_shapes
 from fedtune.models import tiny_llama, tiny_tokenizer
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fedtune.flower.localdeploy import LocalFederation
+from fedtune.transports.flower.localdeploy import LocalFederation
 
 
 def run_mode(mode: str, rounds: int, work: Path) -> dict:

@@ -104,7 +104,7 @@ def sigmas(a: argparse.Namespace) -> dict[str, Any]:
     """σ each client gets for each finite ε (same calibration as SampleLevelDP), from the clients' train sizes."""
     from fedtune import config
     from fedtune.models import load_model
-    from fedtune.simulation import prepare_data
+    from fedtune.data.prepare import prepare_data
 
     cfg = config.load("simulations/demo.toml", base_overrides(a))
     _, tok = load_model(a.model)
@@ -125,7 +125,7 @@ def sigmas(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_cost(a: argparse.Namespace) -> dict[str, Any]:
-    from fedtune.algorithms.lora_common import activate, attach_lora
+    from fedtune.algorithms.common.lora import activate, attach_lora
     from fedtune.data import ChatFormatter, collate, load_chatterbot
     from fedtune.models import load_model
     from fedtune.privacy.sample import dp_training, per_example_loss

@@ -52,9 +52,9 @@ import grpc
 import safetensors.torch
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, Instruction, Payload, payload_nbytes
-from fedtune.wire import serde
-from fedtune.wire.tensors import pack, pack_parts, unpack
+from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, payload_nbytes
+from fedtune.transports.wire import serde
+from fedtune.transports.wire.tensors import pack, pack_parts, unpack
 
 HIDDEN, INTER, LAYERS = 576, 1536, 30  # SmolLM2-135M shapes
 MODULES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, 192), "v_proj": (HIDDEN, 192), "o_proj": (HIDDEN, HIDDEN),

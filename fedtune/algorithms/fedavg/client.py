@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
-from fedtune.algorithms.lora_common import (
+from fedtune.algorithms.api import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
+from fedtune.algorithms.common.lora import (
     activate,
     attach_lora,
     fork_model,

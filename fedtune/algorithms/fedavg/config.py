@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedtune.algorithms.base import MAX_RANK  # what clients accept
+from fedtune.algorithms.api import MAX_RANK  # what clients accept
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 

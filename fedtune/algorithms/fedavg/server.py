@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import (
+from fedtune.algorithms.api import (
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -17,8 +17,8 @@ from fedtune.algorithms.base import (
     example_weights,
     weighted_mean,
 )
+from fedtune.algorithms.common.lora import init_lora_factors, lora_shapes
 from fedtune.algorithms.fedavg.config import FedAvgConfig
-from fedtune.algorithms.lora_common import init_lora_factors, lora_shapes
 
 
 class FedAvg(FedAlgorithm):

@@ -16,10 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TrainContext
-from fedtune.algorithms.fedkseed.config import hardware_problem
-from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds, round_key
-from fedtune.algorithms.lora_common import (
+from fedtune.algorithms.api import ClientAlgorithm, ClientUpdate, Payload, TrainContext
+from fedtune.algorithms.common.lora import (
     activate,
     attach_lora,
     fork_model,
@@ -28,6 +26,8 @@ from fedtune.algorithms.lora_common import (
     lora_shapes,
     set_lora_state,
 )
+from fedtune.algorithms.fedkseed.config import hardware_problem
+from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds, round_key
 from fedtune.data.format import collate
 from fedtune.models.hardware import HardwareError, placement
 from fedtune.privacy.sample import DPRound, poisson_batches, private_scalar_mean

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedtune.algorithms.base import MAX_RANK
+from fedtune.algorithms.api import MAX_RANK
 
 # η by trainable mode (see the package docstring). "lora": from the sweep 1e-3 / 3e-3 / 1e-2 → final eval loss
 # 3.358 / 3.327 / 4.548 (diverged) on the report workload (simulations/results/REPORT.md); "full" is not swept.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import (
+from fedtune.algorithms.api import (
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -18,8 +18,8 @@ from fedtune.algorithms.base import (
     example_weights,
     payload_nbytes,
 )
+from fedtune.algorithms.common.lora import lora_shapes
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
-from fedtune.algorithms.lora_common import lora_shapes
 
 ABS_SUM, COUNT, PROBS = "pro/abs_sum", "pro/count", "seed_probs"
 MAX_SEEDS = 2**31 - 1  # FedKSeedConfig's bound on K, also checked on the client

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import MAX_RANK, ClientAlgorithm, ClientUpdate, Payload, TrainContext
+from fedtune.algorithms.api import MAX_RANK, ClientAlgorithm, ClientUpdate, Payload, TrainContext
+from fedtune.algorithms.common.lora import fork_model
 from fedtune.algorithms.fedavg.client import run_local_training
 from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
 from fedtune.algorithms.fedsb.server import R_KEY
-from fedtune.algorithms.lora_common import fork_model
 
 
 class FedSBClient(ClientAlgorithm):

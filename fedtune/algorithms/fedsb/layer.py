@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from fedtune.algorithms.lora_common import PEFT_PREFIX
+from fedtune.algorithms.common.lora import PEFT_PREFIX
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A r×d_in, B d_out×r)}
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import (
+from fedtune.algorithms.api import (
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -19,9 +19,9 @@ from fedtune.algorithms.base import (
     payload_nbytes,
     weighted_mean,
 )
+from fedtune.algorithms.common.lora import target_linears
 from fedtune.algorithms.fedsb.config import FedSBConfig
 from fedtune.algorithms.fedsb.init import full_weight_grads, random_factors, svd_factors
-from fedtune.algorithms.lora_common import target_linears
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedtune.algorithms.base import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
-from fedtune.algorithms.fedavg.client import run_local_training
-from fedtune.algorithms.flora.server import CUM, add_to_cumulative, cumulative_delta, round_key
-from fedtune.algorithms.lora_common import (
+from fedtune.algorithms.api import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
+from fedtune.algorithms.common.lora import (
     activate,
     attach_lora,
     fork_model,
@@ -32,6 +30,8 @@ from fedtune.algorithms.lora_common import (
     set_lora_state,
     target_linears,
 )
+from fedtune.algorithms.fedavg.client import run_local_training
+from fedtune.algorithms.flora.server import CUM, add_to_cumulative, cumulative_delta, round_key
 from fedtune.models.hardware import placement
 from fedtune.training.batched import batchable, train_lora_clients
 

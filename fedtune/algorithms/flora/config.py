@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedtune.algorithms.base import MAX_RANK
+from fedtune.algorithms.api import MAX_RANK
 from fedtune.algorithms.fedavg.config import LoRAConfig
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.algorithms.base import (
+from fedtune.algorithms.api import (
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -30,8 +30,8 @@ from fedtune.algorithms.base import (
     lora_update_spec,
     payload_nbytes,
 )
+from fedtune.algorithms.common.lora import lora_shapes
 from fedtune.algorithms.flora.config import FLoRAConfig
-from fedtune.algorithms.lora_common import lora_shapes
 
 CUM = "cum/"
 

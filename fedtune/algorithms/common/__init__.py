@@ -1,0 +1,1 @@
+"""Code shared by several methods (LoRA plumbing, the first-order client training step); no method of its own."""

@@ -1,0 +1,150 @@
+"""Client-level DP: DP-FedAvg with server-side fixed clipping (McMahan et al., 2018; Flower's
+DifferentialPrivacyServerSideFixedClipping), wrapped around any tensor-averaging FedAlgorithm.
+
+    Δ_k = clip_C(θ_k − θ_g),   θ_g' = θ_g + (Σ_k Δ_k + N(0, σ²C² I)) / m
+
+m = expected clients per round; each round is one step of the sampled Gaussian mechanism with
+q = m / total clients. The accountant's history lives in GlobalState.meta["accountant"] (JSON).
+Noise: seeded (run seed or noise_seed; reproducible simulations), or with os_noise (`fedtune server`
+without noise_seed) drawn from a generator seeded with 128 bits from the OS each round, never stored.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtune.algorithms.api import (
+    ClientAlgorithm,
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Payload,
+    TensorDict,
+    UpdateSpec,
+)
+from fedtune.privacy.accounting import Accountant, noise_for_target
+from fedtune.privacy.config import PrivacyConfig
+
+META_ACCOUNTANT = "accountant"
+META_SEED = "dp_seed"
+
+
+def clip_update(delta: TensorDict, clip_norm: float) -> tuple[TensorDict, float]:
+    """Scale the whole update so its global L2 norm is ≤ clip_norm; returns (clipped, original norm)."""
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values()))) if delta else 0.0
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: (t.double() * scale).to(t.dtype) for k, t in delta.items()}, norm
+
+
+class ClientLevelDP(FedAlgorithm):
+    """Wraps `inner` (must have supports_tensor_average); delegates everything except aggregate."""
+
+    supports_tensor_average = False  # do not wrap twice
+
+    def __init__(
+        self, inner: FedAlgorithm, privacy: PrivacyConfig | dict[str, Any], *, clients_per_round: int,
+        num_clients: int, rounds: int | None = None, os_noise: bool = False,
+    ) -> None:
+        if isinstance(inner, ClientLevelDP):
+            raise TypeError("the algorithm is already wrapped with client-level DP")
+        if not inner.supports_tensor_average:
+            why = getattr(inner, "client_dp_refusal", None) or (
+                "e.g. FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
+                "updates are concatenated; there is no fixed-shape sum to clip and noise")
+            raise ValueError(
+                f"client-level DP cannot wrap {inner.name!r}: its aggregate is not an average of fixed-shape "
+                f"update tensors ({why}). Use a tensor-averaging method such as 'fedavg' (or Fed-SB), or "
+                f"sample-level DP ([privacy] mode = \"sample\") with {inner.name!r}.")
+        pc = PrivacyConfig.from_dict(privacy)
+        if pc.mode != "client":
+            raise ValueError(f"ClientLevelDP needs [privacy] mode = \"client\", got {pc.mode!r}")
+        if not 0 < clients_per_round <= num_clients:
+            raise ValueError(f"need 0 < clients_per_round ≤ num_clients, got {clients_per_round} / {num_clients}")
+        super().__init__(inner.config)
+        self.inner, self.privacy, self.os_noise = inner, pc, os_noise
+        self.name = f"{inner.name}+client_dp"  # type: ignore[misc]
+        self.state_format = inner.state_format  # type: ignore[misc]
+        self.clients_per_round, self.num_clients = clients_per_round, num_clients
+        self.sample_rate = clients_per_round / num_clients
+        self.delta = pc.client_delta(num_clients)
+        if pc.noise_multiplier is not None:
+            self.noise_multiplier = pc.noise_multiplier
+        elif not rounds:
+            raise ValueError("client-level DP with target_epsilon needs the planned number of rounds (rounds=...)")
+        else:
+            self.noise_multiplier = noise_for_target(pc.target_epsilon, self.delta, self.sample_rate, rounds,
+                                                     pc.accountant)
+
+    # ---- delegation -------------------------------------------------------------------------------
+    def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
+        state = self.inner.initialize(model, seed=seed)
+        meta = dict(state.meta)
+        meta[META_ACCOUNTANT] = Accountant(self.privacy.accountant).state_dict()
+        if not self.os_noise:
+            meta[META_SEED] = self.privacy.noise_seed if self.privacy.noise_seed is not None else seed
+        return GlobalState(version=state.version, tensors=state.tensors, meta=meta)
+
+    def setup_payload(self, state: GlobalState) -> Payload:
+        return self.inner.setup_payload(state)
+
+    def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
+        return self.inner.sync_payload(state, from_version)
+
+    def configure_round(self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any],
+                        roster: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self.inner.configure_round(rnd, state, client_ids, base_train, roster)
+
+    def make_client(self) -> ClientAlgorithm:
+        return self.inner.make_client()
+
+    def expected_update(self, state: GlobalState, train: dict[str, Any]) -> UpdateSpec:
+        return self.inner.expected_update(state, train)
+
+    # ---- privacy ----------------------------------------------------------------------------------
+    def accountant(self, state: GlobalState) -> Accountant:
+        return Accountant.from_state(state.meta.get(META_ACCOUNTANT), self.privacy.accountant)
+
+    def epsilon(self, state: GlobalState) -> float:
+        return self.accountant(state).epsilon(self.delta)
+
+    def would_exceed_budget(self, state: GlobalState) -> bool:
+        """True if aggregating one more round would push ε above target_epsilon (False without a target)."""
+        if self.privacy.target_epsilon is None:
+            return False
+        return self.accountant(state).would_exceed(self.privacy.target_epsilon, self.delta,
+                                                    self.noise_multiplier, self.sample_rate)
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
+        if not updates:
+            raise ValueError("aggregate called with no client updates")
+        C, sigma = self.privacy.clip_norm, self.noise_multiplier
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.tensors.items()}
+        for u in updates:
+            extra = sorted(set(u.tensors) - set(state.tensors))
+            if extra:
+                raise ValueError(f"update from {u.client_id} has keys not in the global state: {extra[:3]}")
+            delta = {k: u.tensors[k].double() - state.tensors[k].double() for k in sorted(u.tensors)}
+            clipped, _ = clip_update(delta, C)  # raw norms are not private: never reported
+            for k, t in clipped.items():
+                total[k] += t
+        g = torch.Generator().manual_seed(int(state.meta.get(META_SEED, 0)) * 1_000_003 + rnd)
+        os_rng = np.random.default_rng(secrets.randbits(128)) if self.os_noise else None
+        new: TensorDict = {}
+        for k in sorted(total):
+            z = (torch.as_tensor(os_rng.standard_normal(tuple(total[k].shape)), dtype=torch.float64) if os_rng is not None
+                 else torch.randn(total[k].shape, generator=g, dtype=torch.float64))
+            noise = z * (sigma * C)
+            mean = (total[k] + noise) / self.clients_per_round
+            new[k] = (state.tensors[k].double() + mean).to(state.tensors[k].dtype)
+        acc = self.accountant(state)
+        acc.step(sigma, self.sample_rate)
+        meta = dict(state.meta)
+        meta[META_ACCOUNTANT] = acc.state_dict()
+        metrics = {"epsilon": acc.epsilon(self.delta), "delta": self.delta, "noise_multiplier": sigma}
+        return GlobalState(version=state.version + 1, tensors=new, meta=meta), metrics

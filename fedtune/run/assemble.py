@@ -1,0 +1,329 @@
+"""Assemble a run (run directory, base model, data, method, engine, transport), drive it, and write its outputs.
+
+`prepare_run` builds everything every entry point shares; `simulate` runs it with the in-process transport (or
+the one a factory makes: the Flower engine's); `fedtune server` uses the same pieces (fedtune.run.serve).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.api import FedAlgorithm, GlobalState
+from fedtune.algorithms.runner import GlobalModel
+from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
+from fedtune.algorithms.wrappers.robust import RobustAggregation
+from fedtune.config import ConfigError, RunConfig, ServerSection
+from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_ids re-exported)
+    ClientData,
+    Prepared,
+    client_ids,
+    context_length,
+    format_report,
+    load_corpus,
+    prepare_data,
+)
+from fedtune.models import fingerprint
+from fedtune.models.fingerprint import base_fingerprint
+from fedtune.models.hardware import describe_hardware, hardware_metrics
+from fedtune.models.loading import load_for
+from fedtune.run import export
+from fedtune.run.engine import EngineConfig, RoundEngine, clients_per_round
+from fedtune.run.metrics import MetricsWriter
+from fedtune.run.rundir import RunDir, RunDirError, identity
+from fedtune.transports.inprocess import InProcessTransport, plan_workers, usable_cpus
+
+log = logging.getLogger("fedtune")
+
+
+def train_config(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.train
+    out = {"steps": t.local_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": cfg.learning_rate(),
+           "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}
+    pc = cfg.privacy_config()
+    if pc.mode == "sample":  # DP-SGD inside each client; σ calibrated over the planned rounds
+        out["privacy"] = dict(pc.to_dict(), rounds=cfg.run.rounds)
+    return out
+
+
+def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
+                    ) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
+    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client" and with robust
+    aggregation when [robust] is set (RobustAggregation(ClientLevelDP(method))), and the engine's budget
+    check (stop before a round that would exceed target_epsilon). `deployment` (fedtune server): the
+    client-level DP noise comes from the OS unless [privacy] noise_seed is set."""
+    algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
+    pc, rc = cfg.privacy_config(), cfg.robust_config()
+    if pc.mode == "sample" and not algo.supports_sample_dp:
+        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r}; "
+                          "use fedavg, flora, fedsb or fedkseed")
+    dp: ClientLevelDP | None = None
+    try:
+        if pc.mode == "client":
+            if deployment and pc.noise_seed is not None:
+                log.warning("[privacy] noise_seed is set: the server's DP noise is reproducible, and anyone who knows "
+                            "the seed can subtract it; remove noise_seed in a deployment (noise then comes from the OS)")
+            f = cfg.federation
+            algo = dp = ClientLevelDP(algo, pc, num_clients=f.num_clients, rounds=cfg.run.rounds,
+                                      clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
+                                      os_noise=deployment and pc.noise_seed is None)
+        if rc.enabled:
+            algo = RobustAggregation(algo, rc)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if dp is None:
+        return algo, None
+
+    def budget_check(state: GlobalState) -> str | None:
+        if dp.would_exceed_budget(state):
+            return (f"the next round would exceed target_epsilon={pc.target_epsilon} "
+                    f"(ε spent {dp.epsilon(state):.4f} at δ={dp.delta:g})")
+        return None
+
+    return algo, budget_check
+
+
+def engine_config(cfg: RunConfig) -> EngineConfig:
+    f = cfg.federation
+    return EngineConfig(rounds=cfg.run.rounds, seed=cfg.run.seed, fraction=f.fraction, min_clients=f.min_clients,
+                        round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
+                        train=train_config(cfg),
+                        max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, int | float) else "-"
+
+    return (f"round {row['round']:>3} | clients {row.get('clients_completed', 0)}/{row.get('clients_sampled', 0)}"
+            f" | train {num(row.get('train_loss'), '.4f')} | eval {num(row.get('eval_loss'), '.4f')}"
+            f" | test {num(row.get('test_loss'), '.4f')}"
+            f" | up {num(row.get('bytes_up'), ',')} B | down {num(row.get('bytes_down'), ',')} B"
+            f" | {num(row.get('wall_s'), '.1f')} s"
+            + (f" | ε {row['epsilon']:.3f}" if isinstance(row.get("epsilon"), float) and row["epsilon"] == row["epsilon"] else ""))
+
+
+@dataclass
+class Run:
+    """Everything a run needs, built once by `prepare_run` and shared by every transport."""
+
+    cfg: RunConfig
+    tokenizer: Any
+    base_fingerprint: str
+    data: dict[str, ClientData]
+    global_eval: list[dict]
+    algo: FedAlgorithm
+    engine: RoundEngine
+    gm: GlobalModel
+    writer: MetricsWriter
+    state: GlobalState
+    start_round: int
+    t_start: float
+    rundir: RunDir
+    test: list[dict] = field(default_factory=list)  # tokenized global test set (drawn before partitioning)
+    test_examples: list = field(default_factory=list)  # the same, raw Example objects
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release the run directory (its lock); call when the run ends, however it ends."""
+        self.writer.close()
+        self.rundir.release()
+
+
+def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None,
+                deployment: bool = False) -> Run:
+    """Lock the run directory (fedtune.run.rundir), load the base model and data, build the algorithm, the engine
+    (resumed from this run's newest checkpoint when asked) and the global model used for evaluation (and, in
+    simulation, shared by the clients). `deployment`: a real server (see build_algorithm). The caller must
+    `run.close()`."""
+    rd = RunDir(cfg.out_dir).lock()
+    try:
+        rd.clean_temp()
+        if not resume:
+            rd.check_fresh()  # before the slow part
+        return _prepare_run(cfg, rd, resume=resume, roster=roster, deployment=deployment)
+    except BaseException:
+        rd.release(failed=True)
+        raise
+
+
+def check_resumed_state(algo: FedAlgorithm, fresh: GlobalState, resumed: GlobalState, engine_state: dict[str, Any],
+                        where: Path) -> None:
+    """Refuse (RunDirError: exit 2) a checkpoint this fedtune would misread: stamped with another state format
+    than `algo.state_format` (or unstamped, for a method whose format changed since checkpoints carry one), or
+    missing a tensor / meta key that the fresh state has, or holding such a tensor with another shape or dtype
+    (a damaged or foreign checkpoint). Said before anything is trained, never as a traceback mid-round."""
+    fmt, want = engine_state.get("state_format"), algo.state_format
+    if fmt != want and not (fmt is None and want == 1):
+        held = f"format {fmt}" if fmt is not None else "a format from before fedtune stamped checkpoints"
+        raise RunDirError(f"cannot resume {where}: its {algo.name} state has {held}, this fedtune reads format "
+                          f"{want} (see state_format in fedtune/algorithms); start a new run (another --out, or "
+                          "--overwrite) or resume it with the fedtune that wrote it")
+    for k, t in sorted(fresh.tensors.items()):
+        r = resumed.tensors.get(k)
+        if r is None or tuple(r.shape) != tuple(t.shape) or r.dtype != t.dtype:
+            got = "no such tensor" if r is None else f"{tuple(r.shape)} {r.dtype}"
+            raise RunDirError(f"cannot resume {where}: its checkpoint's {algo.name} state does not fit this run: "
+                              f"{k!r} should be {tuple(t.shape)} {t.dtype}, found {got} (damaged, or written by "
+                              "another fedtune); start a new run (another --out, or --overwrite)")
+    if missing := sorted(set(fresh.meta) - set(resumed.meta)):
+        raise RunDirError(f"cannot resume {where}: its checkpoint's {algo.name} state lacks {missing} (damaged, or "
+                          "written by another fedtune); start a new run (another --out, or --overwrite)")
+
+
+def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] | None, deployment: bool) -> Run:
+    t_start = time.perf_counter()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    corpus = load_corpus(cfg)  # bad data fails here, before the model is loaded and before anything is written
+    model, tok = load_for(cfg, train=not deployment)  # one shared frozen base for every simulated client
+    base_fp = base_fingerprint(model)
+    log.info("model %s: %s", cfg.model.name, describe_hardware(model))
+    prep = prepare_data(cfg, tok, roster, context_len=context_length(model), corpus=corpus)
+    data, global_eval = prep.clients, prep.global_eval
+    log.info("%s", format_report(prep.report))
+    algo, budget_check = build_algorithm(cfg, deployment=deployment)
+    if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
+        if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
+            log.warning("privacy is on: %s starts from a data-independent (seeded random) init instead of "
+                        "reading a client's data", algo.name)
+        else:
+            algo.set_init_data(next(iter(data.values())).train, tok.pad_token_id)
+    state = algo.initialize(model, seed=cfg.run.seed)
+    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg),  # type: ignore[arg-type]
+                         out_dir=cfg.out_dir, budget_check=budget_check)
+    rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume)
+    start, client_state = 1, {}
+    if resume and (ck := engine.resume(rec["run_id"])) is not None:
+        fresh, (state, start, engine_state) = state, ck
+        check_resumed_state(algo, fresh, state, engine_state, cfg.out_dir)
+        client_state = engine_state.get("client_state", {})
+        log.info("resuming from the checkpoint of round %d (run %s)", start - 1, rec["run_id"][:8])
+    if resume:
+        rd.drop_after(start - 1)
+    gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
+    gm.client.load_state_dict(client_state)  # e.g. the simulated clients' DP accountants
+    run_ids = {"run_id": rec["run_id"], "config_hash": rec["config_hash"]}
+    engine.extra_state = lambda: {"client_state": gm.client.state_dict(), **run_ids}
+    bs = cfg.run.eval_batch_size
+
+    def evaluate_fn(s: GlobalState) -> float:
+        gm.advance(algo, s)
+        return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
+
+    def test_fn(s: GlobalState) -> float:
+        gm.advance(algo, s)
+        return gm.evaluate(prep.test, pad_id=tok.pad_token_id, batch_size=bs)
+
+    engine.evaluate_fn = evaluate_fn if global_eval else None
+    engine.test_fn = test_fn if prep.test else None
+    if not global_eval:
+        log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",
+                    cfg.data.eval_fraction)
+    if not prep.test:
+        log.warning("no global test examples ([data] test_fraction = %s): test is skipped, test loss is reported as -",
+                    cfg.data.test_fraction)
+    writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
+    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start, rd,
+               test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
+
+
+def execute(run: Run, *, progress: bool = True) -> GlobalState:
+    """Drive the engine from run.start_round to the end, with a rounds bar and one line per round."""
+    bar = tqdm(total=run.cfg.run.rounds, initial=run.start_round - 1, desc="rounds", disable=not progress, position=0)
+
+    def on_round(row: dict[str, Any]) -> None:
+        bar.update(1)
+        tqdm.write(format_row(row))
+        sys.stdout.flush()  # one line per round, visible at once even when stdout is a file
+
+    run.engine.on_round = on_round
+    try:
+        run.state = run.engine.run(run.state, start_round=run.start_round, writer=run.writer)
+    finally:
+        bar.close()
+    return run.state
+
+
+def _finite_column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
+
+
+def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
+    """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
+    cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
+    gm.advance(run.algo, state)
+    pad = run.tokenizer.pad_token_id  # the global model on each client's own held-out slice (personalisation gap)
+    client_eval = {cid: gm.evaluate(d.eval, pad_id=pad, batch_size=cfg.run.eval_batch_size) if d.eval else None
+                   for cid, d in run.data.items()}
+    adapter_dir = export.export_adapter(gm, out / "adapter", base_name=cfg.model.name, seed=cfg.run.seed,
+                                        base_fingerprint=run.base_fingerprint)
+    # full-parameter methods (FedKSeed "full") have no adapter: their result is the merged model
+    merged_dir = export.export_merged(gm, run.tokenizer, out / "merged") if save_merged or not adapter_dir else None
+    writer.write_csv()
+    plot = writer.plot()
+    evals, tests = (_finite_column(writer.rows, k) for k in ("eval_loss", "test_loss"))
+    summary = {
+        "algorithm": run.algo.name, "rounds_completed": state.version, "stopped_early": run.engine.stop_reason,
+        "epsilon": run.engine.epsilon_max,
+        "delta": next((r["delta"] for r in reversed(writer.rows) if r.get("delta")), None),
+        "privacy": cfg.privacy_config().to_dict(),
+        "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
+        "eval_skipped": None if run.global_eval else "no eval examples ([data] eval_fraction = 0 or too little data)",
+        "test_loss_first": tests[0] if tests else None, "test_loss_final": tests[-1] if tests else None,
+        "test_examples": len(run.test), "client_eval_loss_final": client_eval,
+        "test_skipped": None if run.test else "no global test examples ([data] test_fraction = 0 or too little data)",
+        "bytes_up_total": sum(r.get("bytes_up") or 0 for r in writer.rows),
+        "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
+        "run_id": run.rundir.record.get("run_id"), "config_hash": run.rundir.record.get("config_hash"),
+        "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
+        "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
+                    for cid, d in run.data.items()},
+        "hardware": hardware_metrics(gm.model), "client_hardware": run.engine.client_hardware,
+        "data": run.data_report,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "adapter_export": getattr(gm.client, "export_info", None) if adapter_dir else None,
+        "merged": str(merged_dir) if merged_dir else None,
+        "plot": str(plot) if plot else None, "metrics": str(writer.path),
+        "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
+    }
+    writer.summary(summary)
+    return summary
+
+
+def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False,
+             transport_factory: Callable[[RoundEngine, GlobalModel, dict[str, ClientData], int], Any] | None = None,
+             roster: list[str] | None = None) -> dict[str, Any]:
+    """Run a whole simulated federation; returns the summary (also written to summary.json).
+
+    `transport_factory(engine, global_model, data, pad_id)` replaces the in-process transport (the Flower
+    engine passes one that sends each round over a Flower Grid); everything else is shared. `roster`: the
+    client ids in partition order (default client-0 … client-N-1)."""
+    run = prepare_run(cfg, resume=resume, roster=roster)
+    try:
+        if transport_factory is None:
+            workers, per_worker = plan_workers(cfg.federation.workers, torch.get_num_threads(), usable_cpus())
+            run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
+                                                      batch_clients=cfg.federation.batch_clients, workers=workers,
+                                                      threads_per_worker=per_worker)
+            log.info("simulation: %s", run.engine.transport.describe())
+        else:
+            run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
+        execute(run, progress=progress)
+        return finalize_run(run, save_merged=save_merged)
+    finally:
+        run.close()
+
+
+def output_paths(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k, summary[k]) for k in ("adapter", "merged", "metrics", "plot") if summary.get(k)] + [
+        ("summary", str(Path(summary["metrics"]).parent / "summary.json"))]

@@ -1,0 +1,270 @@
+"""The round engine, written once. A transport (in-process simulation, gRPC coordinator, Flower) moves
+instructions and updates; the algorithm aggregates; the engine samples, validates, retries, checkpoints
+and logs.
+
+One round:  sample clients (seeded by run seed, round, attempt) → build instructions (setup once, sync to
+the current global version, per-client train config) → transport.run_round → drop every update that does
+not match what its client was assigned (algo.expected_update; the client counts as failed) → if fewer than
+min_clients valid updates, or aggregate raises or yields non-finite tensors, abort the attempt (nothing
+written) and retry → evaluate the global model (eval loss on the clients' held-out slices, test loss on the
+global test set; each skipped when its set is empty) → atomic checkpoint → metrics row. Round 0 logs the
+base (initial global) model's losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.algorithms.api import (
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    Instruction,
+    UpdateRejected,
+    UpdateSpec,
+    validate_update,
+)
+from fedtune.run import checkpoint
+from fedtune.run.metrics import MetricsWriter
+from fedtune.transports.base import RoundResult, Transport
+
+log = logging.getLogger("fedtune")
+HARDWARE_METRICS = ("mem_peak_mb", "cuda_mem_peak_mb")  # client-reported (validated: METRIC_RANGES)
+
+
+class RoundAborted(RuntimeError):
+    pass
+
+
+class BudgetExhausted(RuntimeError):
+    """Too few clients have privacy budget left for another round: the run ends cleanly."""
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
+
+
+def _train_loss(updates: list[ClientUpdate]) -> float:
+    """Example-weighted mean of the clients' reported train losses; clients that report none (or NaN) are left
+    out instead of counting as 0. NaN when no client reports one."""
+    rep = [(u.metrics["train_loss"], u.num_examples) for u in updates
+           if math.isfinite(u.metrics.get("train_loss", math.nan))]
+    n = sum(w for _, w in rep)
+    return sum(v * w for v, w in rep) / n if n else math.nan
+
+
+def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> int:
+    """How many clients a round samples: round(fraction·N), at least min_clients, at most N."""
+    return min(num_clients, max(min_clients, round(fraction * num_clients)))
+
+
+@dataclass
+class EngineConfig:
+    rounds: int
+    seed: int
+    fraction: float = 1.0
+    min_clients: int = 1
+    round_timeout_s: float = 600.0
+    max_round_retries: int = 3
+    train: dict[str, Any] = field(default_factory=dict)  # base local-training config
+    max_examples_per_client: int = 0  # cap on an update's num_examples (0 = none)
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        *,
+        algo: FedAlgorithm,
+        transport: Transport,
+        roster: Sequence[str],
+        cfg: EngineConfig,
+        out_dir: Path,
+        evaluate_fn: Callable[[GlobalState], float] | None = None,
+        test_fn: Callable[[GlobalState], float] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        budget_check: Callable[[GlobalState], str | None] | None = None,
+    ) -> None:
+        self.algo, self.transport, self.cfg = algo, transport, cfg
+        self.roster = list(roster)
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.evaluate_fn = evaluate_fn  # eval loss: union of the clients' held-out slices
+        self.test_fn = test_fn  # test loss: the global test set (what methods are compared on)
+        self.on_round = on_round
+        self.budget_check = budget_check
+        self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
+        # per client: how it holds the model (device/dtype/quantization, when its transport knows) and the peak
+        # memory its updates reported; written to summary.json
+        self.client_hardware: dict[str, dict[str, Any]] = {}
+        self.stop_reason: str | None = None
+        self.epsilon_max: float | None = None  # sample-level DP: max ε over clients so far
+        self.extra_state: Callable[[], dict[str, Any]] | None = None  # more state for checkpoints
+
+    # -- sampling and instructions ------------------------------------------------------------
+    def sample(self, rnd: int, attempt: int) -> list[str]:
+        n = len(self.roster)
+        m = clients_per_round(n, self.cfg.fraction, self.cfg.min_clients)
+        rng = np.random.default_rng([self.cfg.seed, rnd, attempt])
+        return sorted(self.roster[i] for i in rng.choice(n, size=m, replace=False))
+
+    def client_seed(self, rnd: int, cid: str) -> int:
+        return int(np.random.default_rng([self.cfg.seed, rnd, self.roster.index(cid), 7]).integers(2**31 - 1))
+
+    def instructions(self, rnd: int, state: GlobalState, sampled: list[str]) -> dict[str, Instruction]:
+        configs = self.algo.configure_round(rnd, state, sampled, self.cfg.train, self.roster)
+        self._current = (rnd, state, configs)
+        return {cid: self.instruction_for(cid, self.client_versions.get(cid, -1)) for cid in sampled}
+
+    def instruction_for(self, cid: str, version: int) -> Instruction:
+        """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).
+        Transports whose clients report their own version (gRPC) rebuild with it."""
+        rnd, state, configs = self._current
+        if version > state.version:
+            raise ValueError(f"{cid} reports global version {version}, newer than the server's {state.version}")
+        return Instruction(
+            round=rnd, client_id=cid, base_version=state.version,
+            train=dict(configs[cid], seed=self.client_seed(rnd, cid)),
+            sync=self.algo.sync_payload(state, version),
+            setup=self.algo.setup_payload(state) if version < 0 else None,
+        )
+
+    # -- validation -------------------------------------------------------------------------------
+    def check_update(self, cid: str, update: ClientUpdate, *, max_examples: int | None = None) -> None:
+        """Raise UpdateRejected unless `update` is what `cid` was assigned this round (names, shapes,
+        dtypes, finite values, 1 ≤ num_examples ≤ the smaller of `max_examples` and the configured cap)."""
+        if update.client_id != cid:
+            raise UpdateRejected(f"update names client {update.client_id!r}, sent by {cid!r}")
+        caps = [c for c in (max_examples, self.cfg.max_examples_per_client) if c]
+        validate_update(self.expected_update(cid), update, max_examples=min(caps) if caps else None)
+
+    def expected_update(self, cid: str) -> UpdateSpec:
+        """What `cid` must send this round (UpdateRejected if it was not sampled or the method cannot say)."""
+        _, state, configs = self._current
+        if cid not in configs:
+            raise UpdateRejected(f"{cid!r} was not sampled for this round")
+        try:
+            return self.algo.expected_update(state, configs[cid])
+        except (KeyError, TypeError, ValueError) as e:  # a config the method cannot describe: refuse, do not crash
+            raise UpdateRejected(f"cannot tell what {cid!r} should send: {type(e).__name__}: {e}") from None
+
+    def accept(self, res: RoundResult) -> list[ClientUpdate]:
+        """The valid updates of a round, sorted by client id; invalid ones are logged and their clients
+        added to res.failed (and res.rejected)."""
+        ok: dict[str, ClientUpdate] = {}
+        for u in res.updates:
+            try:
+                if u.client_id in ok:
+                    raise UpdateRejected(f"second update from {u.client_id!r} in one round")
+                self.check_update(u.client_id, u)
+            except UpdateRejected as e:
+                log.warning("round %d: refused an update: %s", self._current[0], e)
+                res.rejected.append(u.client_id)
+                res.failed.append(u.client_id)
+                ok.pop(u.client_id, None)
+                continue
+            ok[u.client_id] = u
+        return [ok[c] for c in sorted(ok)]  # aggregation order must not depend on timing
+
+    def _aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]):
+        """algo.aggregate, or None (logged) when it raises or writes a non-finite tensor: the attempt aborts."""
+        try:
+            new_state, metrics = self.algo.aggregate(rnd, state, updates)
+            for k, t in new_state.tensors.items():
+                if t is not state.tensors.get(k) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ArithmeticError(f"aggregate produced non-finite values in {k}")
+        except Exception as e:  # noqa: BLE001 - a bad round must never take the coordinator down
+            log.error("round %d aborted: aggregation failed (%s: %s); nothing written", rnd, type(e).__name__, e)
+            return None
+        return new_state, metrics
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter) -> GlobalState:
+        if start_round == 1 and (self.evaluate_fn or self.test_fn) and not writer.rows:
+            writer.append({"round": 0, "algorithm": self.algo.name, **self.losses(state)})
+        for rnd in range(start_round, self.cfg.rounds + 1):
+            if self.budget_check is not None and (reason := self.budget_check(state)):
+                self.stop_reason = reason
+                log.warning("stopping before round %d: %s", rnd, reason)
+                break
+            try:
+                state = self.run_round(rnd, state, writer)
+            except BudgetExhausted as e:
+                self.stop_reason = str(e)
+                log.warning("stopping before round %d: %s", rnd, e)
+                break
+        return state
+
+    def run_round(self, rnd: int, state: GlobalState, writer: MetricsWriter) -> GlobalState:
+        t0 = time.perf_counter()
+        for attempt in range(self.cfg.max_round_retries + 1):
+            sampled = self.sample(rnd, attempt)
+            res = self.transport.run_round(rnd, self.instructions(rnd, state, sampled), self.cfg.round_timeout_s)
+            updates = self.accept(res)
+            if len(updates) >= self.cfg.min_clients:
+                if (out := self._aggregate(rnd, state, updates)) is not None:
+                    break
+                continue
+            if res.budget_exhausted and len(sampled) - len(res.budget_exhausted) < self.cfg.min_clients:
+                raise BudgetExhausted(f"privacy budget spent by {', '.join(res.budget_exhausted)}: fewer than "
+                                      f"min_clients={self.cfg.min_clients} clients may train another round")
+            log.warning("round %d aborted: %d/%d clients sent a valid update (min %d); nothing written, retrying",
+                        rnd, len(updates), len(sampled), self.cfg.min_clients)
+        else:
+            raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} times: too few valid updates "
+                               "or aggregation failed")
+        new_state, agg_metrics = out
+        for u in updates:
+            self.client_versions[u.client_id] = state.version
+            mem = {k: u.metrics[k] for k in HARDWARE_METRICS if k in u.metrics}
+            told = getattr(self.transport, "client_hardware", {}).get(u.client_id, {})
+            self.client_hardware.setdefault(u.client_id, {}).update({**told, **mem})
+        losses = self.losses(new_state)
+        eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
+        if eps_now:
+            self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
+        deltas = _finite([agg_metrics.pop("delta", None), *(u.metrics.get("delta") for u in updates)])
+        checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, self.engine_state()))
+        row = {
+            "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
+            "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)),
+            "updates_rejected": len(res.rejected), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+            "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
+            "train_loss": _train_loss(updates),
+            **losses,
+            "epsilon": self.epsilon_max, "delta": max(deltas) if deltas else None,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            **agg_metrics,
+        }
+        writer.append(row)
+        if self.on_round is not None:
+            self.on_round(row)
+        return new_state
+
+    def losses(self, state: GlobalState) -> dict[str, float]:
+        """eval_loss and test_loss of the global model at `state` (nan when that set is not evaluated)."""
+        nan = float("nan")
+        return {"eval_loss": self.evaluate_fn(state) if self.evaluate_fn is not None else nan,
+                "test_loss": self.test_fn(state) if self.test_fn is not None else nan}
+
+    def engine_state(self) -> dict[str, Any]:
+        extra = self.extra_state() if self.extra_state is not None else {}
+        return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max,
+                "state_format": self.algo.state_format, **extra}
+
+    def resume(self, run_id: str | None = None) -> tuple[GlobalState, int, dict[str, Any]] | None:
+        """(state, next round, engine state) from the newest complete checkpoint (of run `run_id`), or None."""
+        ck = checkpoint.latest(self.ckpt_dir, run_id=run_id)
+        if ck is None:
+            return None
+        self.client_versions.update(ck.engine.get("client_versions", {}))
+        self.epsilon_max = ck.engine.get("epsilon_max")
+        return ck.state, ck.round + 1, ck.engine

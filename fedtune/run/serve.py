@@ -1,0 +1,79 @@
+"""`fedtune server`: a run whose rounds travel over gRPC (fedtune.transports.grpc.coordinator)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from grpc_health.v1 import health_pb2
+
+from fedtune.config import ConfigError, RunConfig, ServerSection, load_tokens
+from fedtune.run.assemble import execute, finalize_run, prepare_run
+from fedtune.transports.grpc.coordinator import GrpcTransport, drain, start_grpc_server
+from fedtune.transports.wire import serde
+
+log = logging.getLogger("fedtune.server")
+
+
+def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready: threading.Event | None = None,
+          port_box: list | None = None, stop: threading.Event | None = None) -> dict:
+    """`fedtune server`: run the configured rounds over gRPC; returns the run summary."""
+    scfg: ServerSection = cfg.section("server", ServerSection)
+    if not scfg.tls_cert:
+        if not scfg.insecure:
+            raise ConfigError("[server] tls_cert is empty: client tokens would travel in clear text; set tls_cert and "
+                              "tls_key (fedtune certs makes dev ones) or, only on a trusted network, pass --insecure "
+                              "([server] insecure = true)")
+        log.warning("INSECURE: no TLS; client tokens and updates travel in clear text ([server] insecure = true)")
+    tokens = load_tokens(scfg.tokens_file, "[server] tokens_file")
+    roster = list(scfg.clients) or sorted(tokens)
+    unknown = sorted(set(roster) - set(tokens))
+    if unknown:
+        raise ConfigError(f"[server] clients {unknown} have no token in {scfg.tokens_file}")
+    if len(roster) != cfg.federation.num_clients:
+        raise ConfigError(f"{len(roster)} clients in the roster but federation.num_clients = "
+                          f"{cfg.federation.num_clients}; make them agree")
+    run = prepare_run(cfg, resume=resume, roster=roster, deployment=True)
+    try:
+        return _serve_run(run, cfg, scfg, roster, tokens, progress=progress, ready=ready, port_box=port_box, stop=stop)
+    finally:
+        run.close()
+
+
+def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], tokens: dict[str, str], *, progress: bool,
+               ready: threading.Event | None, port_box: list | None, stop: threading.Event | None) -> dict:
+    if not scfg.evaluate:
+        run.engine.evaluate_fn = run.engine.test_fn = None
+    transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
+                              model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg,
+                              min_clients=cfg.federation.min_clients)
+    transport.instruction_for = run.engine.instruction_for
+    transport.check_update = run.engine.check_update
+    transport.expected_update = run.engine.expected_update
+    if stop is not None:
+        transport.stop_event = stop
+    run.engine.transport = transport
+    server, port, health_servicer = start_grpc_server(transport, scfg.address, scfg)
+    log.info("coordinator for run %r (%s, %d clients) listening on port %d%s", cfg.run.name, run.algo.name,
+             len(roster), port, (" with mTLS" if transport.mtls else " with TLS") if scfg.tls_cert else " WITHOUT TLS")
+    if port_box is not None:
+        port_box.append(port)
+    if ready is not None:
+        ready.set()
+    on_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, lambda *_: transport.stop_event.set()) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
+    try:
+        execute(run, progress=progress)
+        summary = finalize_run(run)
+        with transport.lock:
+            transport.finished = True
+        drain(transport, scfg.finish_grace_s)
+        return summary
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for svc in ("", serde.SERVICE_NAME):
+            health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.stop(grace=1.0)
+        transport.closed.set()

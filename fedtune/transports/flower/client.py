@@ -1,0 +1,288 @@
+"""The Flower ClientApp: one SuperNode = one organisation with its own model copy, version and data.
+
+Node config (`flower-supernode --node-config '…'`; string values in double quotes):
+  client-name = "org-a"      the fedtune client this node hosts (default "client-<partition-id>")
+  data = "/path/org.jsonl"   this organisation's own examples (any file the fedtune data loader reads);
+                             train/eval split as `fedtune simulate` splits client k (seed run.seed + k,
+                             k = the client's place in the run's roster, sent by the server)
+  partition-id = K           demo: no own data, host partition K of the run's [data] (every node
+                             recomputes the same partitioning); also set by Flower's simulation engine
+  num-partitions = N         optional with partition-id; must equal federation.num_clients
+  state-dir = "/var/lib/x"   where the node keeps its synced global model between messages (nodestate.py)
+Unknown keys are refused (a typo must not silently turn a setting off). The query message at the start
+of a run checks the node config, so a misconfigured node stops the run with its reason before round 1.
+
+Where the model lives between messages:
+- In memory, per process (`_ProcessCache`): Flower's simulation engine (Ray) reuses actor processes, so a
+  process keeps `client id → NodeState(model, ClientAlgorithm, version, payload log)`. Which actor serves a
+  node is up to Flower; a process may be asked to train a node it has not seen. `[flower] client_cache = k`
+  bounds the models per process (least recently used evicted).
+- On the node's disk, when `state-dir` is set (nodestate.py): the deployment runtime (flwr 1.41
+  `flower-supernode`) starts a fresh `flwr-clientapp` process for EVERY message, so nothing survives in
+  memory there; the node rebuilds its model from the payloads it stored, and gets only the delta.
+The message says which version the server assumes (`from_version`); on a mismatch the client replies
+"stale" with the version it has (-1: none) and the FlowerTransport resends a setup/sync built from that
+version. Nothing is ever trained on a wrong model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.api import ClientAlgorithm, TrainContext, validate_instruction
+from fedtune.config import ConfigError, RunConfig
+from fedtune.models.hardware import model_device, peak_memory_mb
+from fedtune.transports.flower import records as serde
+from fedtune.transports.flower.nodestate import NodeStore, PayloadLog, config_key
+from fedtune.transports.flower.runconfig import resolve_config
+
+log = logging.getLogger("fedtune")
+# node-config keys; the hardware ones override the run's [model] / [train] for this node only (each organisation
+# holds the base its own way: device, dtype, quantization, gradient checkpointing)
+HARDWARE_NODE_KEYS = {"device": "model.device", "dtype": "model.dtype", "quantization": "model.quantization",
+                      "gradient-checkpointing": "train.gradient_checkpointing"}
+NODE_KEYS = {"client-name", "data", "partition-id", "num-partitions", "state-dir", *HARDWARE_NODE_KEYS}
+
+
+@dataclass
+class NodeSpec:
+    """What a SuperNode's node config says about the fedtune client it hosts."""
+
+    client_id: str
+    data: str = ""
+    partition: int = -1
+    state_dir: str = ""
+    hardware: dict[str, Any] = dataclasses.field(default_factory=dict)  # "model.device": "cuda", ...
+
+
+def node_hardware(node_config: dict[str, Any]) -> dict[str, Any]:
+    """{"model.device": ..., ...} from the node config's hardware keys, checked (ConfigError names the key)."""
+    from fedtune.models.hardware import HardwareError, check_choice
+
+    out = {dotted: node_config[k] for k, dotted in HARDWARE_NODE_KEYS.items() if k in node_config}
+    gc = out.get("train.gradient_checkpointing", False)
+    if not isinstance(gc, bool):
+        raise ConfigError(f"node-config gradient-checkpointing={gc!r} must be true or false")
+    m = {k.split(".")[1]: v for k, v in out.items() if k.startswith("model.")}
+    try:
+        check_choice(str(m.get("device", "auto")), str(m.get("dtype", "auto")), str(m.get("quantization", "none")))
+    except HardwareError as e:
+        raise ConfigError(f"node-config: {str(e).replace('model.', '')}") from None
+    return out
+
+
+def with_hardware(cfg: RunConfig, hardware: dict[str, Any]) -> RunConfig:
+    """The run config as this node holds the model (its node-config hardware keys applied)."""
+    if not hardware:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for dotted, v in hardware.items():
+        section, key = dotted.split(".")
+        setattr(getattr(out, section), key, v)
+    return out
+
+
+def node_spec(node_config: dict[str, Any], cfg: RunConfig) -> NodeSpec:
+    """Validate a node config against the run config; ConfigError with the fix otherwise."""
+    unknown = sorted(set(node_config) - NODE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown node-config keys {unknown}; valid: {sorted(NODE_KEYS)}")
+    n = cfg.federation.num_clients
+    pid = node_config.get("partition-id")
+    data = str(node_config.get("data", "") or "")
+    name = str(node_config.get("client-name", "") or "")
+    if pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < n:
+            raise ConfigError(f"node-config partition-id={pid!r} must be an integer in [0, {n}) "
+                              f"(federation.num_clients = {n})")
+        if "num-partitions" in node_config and node_config["num-partitions"] != n:
+            raise ConfigError(f"node-config num-partitions={node_config['num-partitions']!r} but the run has "
+                              f"federation.num_clients = {n}; make them equal (or drop num-partitions)")
+    elif "num-partitions" in node_config:
+        raise ConfigError("node-config num-partitions only goes with partition-id (demo partitions)")
+    if data and pid is not None:
+        raise ConfigError("node-config has both data and partition-id: give data (own file) or partition-id (demo)")
+    if not data and pid is None:
+        raise ConfigError('this SuperNode has no data: start it with --node-config \'data="/path/org.jsonl" '
+                          'client-name="org-a"\' (or partition-id=K for a demo partition of the run\'s [data])')
+    if data and not Path(data).expanduser().is_file():
+        raise ConfigError(f"node-config data={data!r}: no such file on this node")
+    if not name:
+        if pid is None:
+            raise ConfigError("node-config data needs client-name (the fedtune client id this node hosts)")
+        name = f"client-{pid}"
+    return NodeSpec(name, str(Path(data).expanduser()) if data else "", -1 if pid is None else int(pid),
+                    str(node_config.get("state-dir", "") or ""), node_hardware(node_config))
+
+
+def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int, partitions: dict | None = None):
+    """This node's ClientData: its own file (split like `fedtune simulate` splits client `index`), or
+    demo partition `spec.partition` of the run's [data] (from `partitions` when already prepared)."""
+    from fedtune.data.prepare import prepare_data
+
+    if spec.data:
+        one = copy.deepcopy(cfg)
+        one.federation.num_clients, one.federation.min_clients = 1, 1
+        one.data.source, one.data.paths = "jsonl", [spec.data]
+        one.data.test_fraction = 0.0  # the global test set is the server's; a node trains on all of its own split
+        one.run.seed = cfg.run.seed + max(index, 0)  # split seed of client k in simulate: run.seed + k
+        return prepare_data(one, tok, [spec.client_id]).clients[spec.client_id]
+    data = partitions if partitions is not None else prepare_data(cfg, tok).clients
+    return list(data.values())[spec.partition]
+
+
+@dataclass
+class NodeState:
+    model: nn.Module
+    client: ClientAlgorithm
+    version: int
+    plog: PayloadLog | None = None
+
+
+class _ProcessCache:
+    """Base model, tokenizer and data (per config), and per-client node models, for one process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: str | None = None
+        self.base: nn.Module | None = None
+        self.tok = None
+        self.data: dict[str, Any] = {}
+        self.partitions: dict[str, Any] | None = None
+        self.nodes: OrderedDict[str, NodeState] = OrderedDict()
+
+    def ensure(self, cfg: RunConfig) -> None:
+        from fedtune.models.loading import load_for
+
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        if key != self.key:  # new run / config in this process: drop everything
+            if cfg.run.threads > 0:
+                torch.set_num_threads(cfg.run.threads)
+            self.base, self.tok = load_for(cfg, train=True)
+            self.data, self.partitions, self.nodes = {}, None, OrderedDict()
+            self.key = key
+
+    def node_data(self, cfg: RunConfig, spec: NodeSpec, index: int):
+        from fedtune.data.prepare import context_length, prepare_data
+
+        if spec.client_id not in self.data:
+            if not spec.data and self.partitions is None:  # demo partitions: prepared once per process
+                self.partitions = prepare_data(cfg, self.tok, context_len=context_length(self.base)).clients
+            self.data[spec.client_id] = load_node_data(cfg, spec, self.tok, index, self.partitions)
+        return self.data[spec.client_id]
+
+    def new_node(self, cfg: RunConfig) -> NodeState:
+        algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
+        return NodeState(copy.deepcopy(self.base), algo.make_client(), -1)
+
+    def restore(self, cfg: RunConfig, plog: PayloadLog) -> NodeState:
+        """A node model rebuilt from its stored payloads (setup, then every sync in order)."""
+        node = self.new_node(cfg)
+        node.model = node.client.setup(node.model, plog.setup)
+        for p in plog.syncs:
+            node.client.sync(node.model, p)
+        node.client.load_state_dict(plog.client_state)
+        node.version, node.plog = plog.version, plog
+        return node
+
+
+_CACHE = _ProcessCache()
+
+
+def cached_nodes() -> int:
+    return len(_CACHE.nodes)
+
+
+def check_dp_state(spec: NodeSpec, cfg: RunConfig) -> None:
+    """Sample-level DP keeps a per-client accountant: it must survive Flower's process-per-message ClientApp
+    (deployment) and a node moving between Ray workers (simulation), or ε would be under-reported."""
+    if cfg.privacy_config().mode == "sample" and not spec.state_dir:
+        raise ConfigError(f"node of {spec.client_id}: [privacy] mode = \"sample\" needs a node state dir (its DP "
+                          "accountant must outlive the ClientApp process); add state-dir=\"/path\" to --node-config")
+
+
+def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> Message:
+    """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply."""
+    ins, from_version = serde.record_to_instruction(msg.content)
+    validate_instruction(ins)  # the server's config is input from another organisation too
+    cid = ins.client_id
+    spec = spec or NodeSpec(cid, partition=int(cid.rsplit("-", 1)[1]))
+    check_dp_state(spec, cfg)
+    limit = int(cfg.extra.get("flower", {}).get("client_cache", 0))
+    store = NodeStore(spec.state_dir, cid, config_key(cfg.to_dict(), cid)) if spec.state_dir else None
+    with _CACHE.lock:  # one message at a time per process (Ray actors are single-threaded anyway)
+        _CACHE.ensure(cfg)
+        node = _CACHE.nodes.get(cid)
+        stored = store.load() if store is not None and (node is None or node.version != from_version) else None
+        if ins.setup is not None:
+            node = _CACHE.new_node(cfg)
+            node.model = node.client.setup(node.model, ins.setup)
+            node.plog = PayloadLog(-1, ins.setup) if store is not None else None
+            if stored is not None:  # a re-setup keeps the client state (DP accountants), as fedtune client does
+                node.client.load_state_dict(stored.client_state)
+        elif stored is not None and stored.version == from_version:
+            node = _CACHE.restore(cfg, stored)
+        elif node is None or node.version != from_version:
+            have = stored.version if stored is not None else -1 if node is None else node.version
+            log.info("%s: local model at version %d, server assumed %d; asking for a resync", cid, have, from_version)
+            return Message(serde.stale_record(cid, have), reply_to=msg)
+        node.client.sync(node.model, ins.sync)
+        node.version = ins.base_version
+        if node.plog is not None:
+            node.plog.add_sync(ins.sync, ins.base_version, replaces=node.client.sync_replaces_state)
+        _CACHE.nodes[cid] = node
+        _CACHE.nodes.move_to_end(cid)
+        while limit and len(_CACHE.nodes) > limit:
+            _CACHE.nodes.popitem(last=False)
+        data = _CACHE.node_data(cfg, spec, serde.record_client_index(msg.content))
+        update = node.client.train(node.model, TrainContext(cid, data.train, _CACHE.tok.pad_token_id), ins.train)
+        update.metrics.update(peak_memory_mb(model_device(node.model)))
+        if store is not None and node.plog is not None:
+            node.plog.client_state = node.client.state_dict()
+            store.save(node.plog)
+    return Message(serde.update_to_record(update), reply_to=msg)
+
+
+def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -> ClientApp:
+    """The fedtune ClientApp. With `cfg` the config travels with the app object (in-process
+    `run_simulation`); without, it is read from the Flower run config (`flwr run`, see runconfig.py).
+    `default_state_dir`: the node state dir of nodes whose node config names none (the simulation engine
+    passes <out>/flower-nodes, so a node keeps its version and DP accountant whichever Ray worker serves it)."""
+    app = ClientApp()
+
+    def spec_of(context: Context) -> tuple[RunConfig, NodeSpec]:
+        run_cfg = cfg if cfg is not None else resolve_config(context.run_config)
+        spec = node_spec(dict(context.node_config), run_cfg)
+        if default_state_dir and not spec.state_dir:
+            spec = dataclasses.replace(spec, state_dir=default_state_dir)
+        check_dp_state(spec, run_cfg)
+        return with_hardware(run_cfg, spec.hardware), spec
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        _, spec = spec_of(context)
+        return Message(RecordDict({"fedtune": ConfigRecord({"client_id": spec.client_id})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        run_cfg, spec = spec_of(context)
+        got = str(msg.content.config_records["fedtune"]["client_id"])
+        if got != spec.client_id:
+            raise ValueError(f"message for {got} delivered to the node hosting {spec.client_id}")
+        return handle_train(msg, run_cfg, spec)
+
+    return app

@@ -1,0 +1,44 @@
+"""The [flower] config section (optional).
+
+Simulation (`fedtune simulate --engine flower`): num_actors (2), cpus_per_actor (1), backend ("ray"), client_cache
+(0 = unbounded per-process node-model cache, see client.py). Deployment: clients (the run's client ids in roster
+order; default: the ids the SuperNodes report, sorted), node_timeout_s (120: how long the ServerApp waits for
+federation.num_clients SuperNodes to connect), straggler_timeout_s (0 = off: once federation.min_clients nodes
+have replied, wait at most this long for the rest of the round's nodes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.config import ConfigError, RunConfig
+
+KEYS = {"num_actors", "cpus_per_actor", "backend", "client_cache", "clients", "node_timeout_s", "straggler_timeout_s"}
+
+
+def flower_options(cfg: RunConfig) -> dict[str, Any]:
+    raw = dict(cfg.extra.get("flower", {}))
+    if unknown := sorted(set(raw) - KEYS):
+        raise ConfigError(f"[flower] has unknown keys {unknown}; valid: {sorted(KEYS)}")
+    opts = {"num_actors": 2, "cpus_per_actor": 1.0, "backend": "ray", "client_cache": 0, "clients": [],
+            "node_timeout_s": 120.0, "straggler_timeout_s": 0.0} | raw
+    if int(opts["num_actors"]) < 1 or float(opts["cpus_per_actor"]) <= 0:
+        raise ConfigError("[flower] num_actors must be ≥ 1 and cpus_per_actor > 0")
+    clients = opts["clients"]
+    if not isinstance(clients, list) or not all(isinstance(c, str) and c for c in clients):
+        raise ConfigError(f"[flower] clients must be a list of client ids, got {clients!r}")
+    if clients and len(clients) != cfg.federation.num_clients:
+        raise ConfigError(f"[flower] clients lists {len(clients)} clients but federation.num_clients = "
+                          f"{cfg.federation.num_clients}")
+    if not float(opts["node_timeout_s"]) > 0:
+        raise ConfigError("[flower] node_timeout_s must be > 0")
+    if not 0 <= float(opts["straggler_timeout_s"]) < float("inf"):
+        raise ConfigError("[flower] straggler_timeout_s must be ≥ 0 (0 = off)")
+    return opts
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    o = flower_options(cfg)
+    cpus = float(o["cpus_per_actor"])
+    # Ray sizes the actor pool as (cluster CPUs / CPUs per client): num_actors × cpus_per_actor CPUs.
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": round(cpus * int(o["num_actors"])), "num_gpus": 0}}

@@ -1,0 +1,255 @@
+"""FlowerTransport: the RoundEngine's transport over a Flower `Grid` (simulation or deployment).
+
+run_round: each Instruction → a Flower Message (serde.py) to the node hosting that client → push → poll
+for replies until every message is answered or the round timeout → ClientUpdates. A reply is matched to
+its client by the message it answers (`reply.metadata.reply_to_message_id`), never by its sender: the
+SuperLink answers for a node it considers gone ("node unavailable", sender = the SuperLink) and those
+arrive as soon as the node misses its heartbeats, not at the round timeout. Error replies, missing
+replies, undecodable replies and replies for another client are `failed`; the engine then decides
+(min_clients, retries, nothing written on abort) exactly as with the gRPC transport.
+
+Before each round the transport refreshes its client → node map: a client whose node is offline is failed
+at once without a message (unless a newly connected node says it hosts that client: a restarted SuperNode
+gets a new node id).
+
+A client whose local model is not at the version the server assumed answers "stale" (see client.py); it
+gets a second message built from the version it has (setup + full sync when it has nothing) by the
+engine's own `instruction_for(cid, version)` — the same rebuild the gRPC coordinator uses.
+
+Bytes: bytes_*/payload_bytes_* are counted with fedtune.transports.wire.sizes exactly like InProcessTransport (so the
+engines compare), including resent messages. Flower's own serialized message sizes are kept in
+`self.flower_rounds` (Σ deflated object bytes; see serde.message_nbytes), with the clients that failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, Instruction, payload_nbytes, validate_metrics
+from fedtune.run.engine import RoundEngine, RoundResult
+from fedtune.transports.flower import records as serde
+from fedtune.transports.wire import sizes as wire_size
+from fedtune.transports.wire.serde import safe_str
+
+log = logging.getLogger("fedtune")
+
+TRAIN = "train"
+QUERY = "query"
+POLL_S = 0.5  # how often replies are pulled (Grid.send_and_receive waits 3 s between pulls)
+
+
+def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: float = POLL_S,
+             quorum: int = 0, straggler_s: float = 0.0) -> dict[str, Message]:
+    """Push `msgs` (key → message), pull until each is answered or `timeout_s` passes; key → reply.
+    Replies are matched by `reply_to_message_id`; unknown or duplicate replies are dropped. With `straggler_s`
+    > 0, stop waiting `straggler_s` after `quorum` non-error replies are in."""
+    if not msgs:
+        return {}
+    pushed = {i for i in grid.push_messages(list(msgs.values())) if i}
+    key_of = {m.metadata.message_id: k for k, m in msgs.items() if m.metadata.message_id in pushed}
+    for k, m in msgs.items():
+        if m.metadata.message_id not in pushed:
+            log.warning("%s: the message could not be pushed to the SuperLink", k)
+    replies: dict[str, Message] = {}
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    quorum_at = None
+    while True:
+        pending = [mid for mid, k in key_of.items() if k not in replies]
+        if not pending:
+            break
+        for reply in grid.pull_messages(pending):
+            k = key_of.get(reply.metadata.reply_to_message_id)
+            if k is not None and k not in replies:
+                replies[k] = reply
+        if len(replies) == len(key_of) or time.monotonic() >= deadline:
+            break
+        if straggler_s > 0 and quorum_at is None and sum(not r.has_error() for r in replies.values()) >= quorum:
+            quorum_at = time.monotonic()
+            deadline = min(deadline, quorum_at + straggler_s)
+            log.info("flower: %d replies in, waiting at most %g s more (straggler_timeout_s)", len(replies),
+                     straggler_s)
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+    return replies
+
+
+def _error_text(reply: Message) -> str:
+    """A node's error reply (its text is the node's: escaped and capped, it cannot forge log lines)."""
+    return f"{safe_str(reply.error.reason or 'error', 300)} (Flower error code {reply.error.code})"
+
+
+def query_nodes(grid: Grid, nodes: Iterable[int], timeout_s: float) -> tuple[dict[int, dict], dict[int, str]]:
+    """Ask each node which fedtune client it hosts: ({node: its answer}, {node: error})."""
+    msgs = {n: Message(RecordDict({"fedtune": ConfigRecord({"q": "client_id"})}), n, QUERY) for n in nodes}
+    replies = exchange(grid, msgs, timeout_s)  # type: ignore[arg-type]
+    answers, errors = {}, {}
+    for n in msgs:
+        r = replies.get(n)
+        if r is None:
+            errors[n] = "no answer to the client-id query"
+        elif r.has_error():
+            errors[n] = _error_text(r)
+        else:
+            try:
+                answers[n] = dict(r.content.config_records["fedtune"])
+            except (KeyError, AttributeError):
+                errors[n] = "malformed answer to the client-id query"
+    return answers, errors
+
+
+def natural_key(name: str) -> list:
+    """client-2 before client-10 (the order of fedtune's own client-0 … client-N-1)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def discover(grid: Grid, num_clients: int, roster: list[str] | None = None, *, timeout_s: float = 120.0,
+             ) -> dict[str, int]:
+    """client id → node id, in roster order: wait for `num_clients` nodes, ask each which fedtune client
+    it hosts. `roster` (e.g. [flower] clients) fixes the ids and their order; without it the clients are
+    the ids the nodes report, in natural order (client-0 … client-N-1 for demo partitions)."""
+    if roster is not None and len(roster) != num_clients:
+        raise RuntimeError(f"[flower] clients lists {len(roster)} clients but federation.num_clients = {num_clients}")
+    deadline = time.monotonic() + timeout_s
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= num_clients:
+            break
+        time.sleep(0.5)
+    if len(nodes) < num_clients:
+        raise RuntimeError(f"only {len(nodes)} Flower nodes connected within {timeout_s:.0f} s, need "
+                           f"{num_clients} (one per client; federation.num_clients)")
+    answers, errors = query_nodes(grid, nodes, max(1.0, deadline - time.monotonic()))
+    if errors:
+        raise RuntimeError("; ".join(f"node {n}: {e}" for n, e in sorted(errors.items())))
+    out: dict[str, int] = {}
+    for n, a in sorted(answers.items()):
+        cid = str(a.get("client_id", ""))
+        if cid in out:
+            raise RuntimeError(f"two nodes claim {cid} (nodes {out[cid]} and {n})")
+        out[cid] = n
+    ids = list(roster) if roster is not None else sorted(out, key=natural_key)
+    missing = [c for c in ids if c not in out]
+    if missing:
+        raise RuntimeError(f"no Flower node hosts {missing}; nodes answered for {sorted(out)}")
+    if len(ids) != num_clients:
+        raise RuntimeError(f"{len(ids)} nodes host clients {ids} but federation.num_clients = {num_clients}; "
+                           "make them agree or list the run's clients in [flower] clients")
+    return {c: out[c] for c in ids}
+
+
+class FlowerTransport:
+    def __init__(self, grid: Grid, node_of: dict[str, int], algo: FedAlgorithm, *, poll_s: float = POLL_S,
+                 query_timeout_s: float = 30.0, straggler_timeout_s: float = 0.0) -> None:
+        self.grid, self.node_of, self.algo = grid, dict(node_of), algo
+        self.poll_s, self.query_timeout_s = poll_s, query_timeout_s
+        # once min_clients replies are in, wait at most this long for the rest (0: until the round timeout)
+        self.straggler_timeout_s = straggler_timeout_s
+        self.engine: RoundEngine | None = None
+        self.flower_rounds: list[dict[str, Any]] = []
+        self.resyncs = 0
+
+    def attach(self, engine: RoundEngine) -> FlowerTransport:
+        """Become `engine`'s transport (resends are rebuilt with engine.instruction_for)."""
+        self.engine = engine
+        engine.transport = self
+        return self
+
+    def roster_index(self, cid: str) -> int:
+        return self.engine.roster.index(cid) if self.engine is not None and cid in self.engine.roster else -1
+
+    # -- nodes ------------------------------------------------------------------------------------
+    def refresh_nodes(self, wanted: Iterable[str]) -> set[str]:
+        """Clients of `wanted` whose node is offline and not replaced by a newly connected one."""
+        get = getattr(self.grid, "get_node_ids", None)
+        if get is None:
+            return set()
+        online = set(get())
+        gone = {c for c in wanted if self.node_of.get(c) not in online}
+        new = online - set(self.node_of.values())
+        if gone and new:
+            answers, _ = query_nodes(self.grid, sorted(new), self.query_timeout_s)
+            for n, a in answers.items():
+                cid = str(a.get("client_id", ""))
+                if cid in gone:
+                    log.info("flower: %s is back on node %d", cid, n)
+                    self.node_of[cid] = n
+                    gone.discard(cid)
+        return gone
+
+    # -- one round --------------------------------------------------------------------------------
+    def _send(self, rnd: int, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
+              timeout: float, *, quorum: int = 0) -> dict[str, Message]:
+        msgs = {}
+        for cid, (ins, from_v) in batch.items():
+            res.bytes_down += wire_size.instruction_bytes(ins)
+            res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
+            content = serde.instruction_to_record(ins, from_version=from_v, client_index=self.roster_index(cid))
+            msgs[cid] = Message(content, self.node_of[cid], TRAIN, group_id=str(rnd))
+            fl["down"] += serde.message_nbytes(content)
+        straggler = self.straggler_timeout_s if quorum else 0.0
+        return exchange(self.grid, msgs, timeout, poll_s=self.poll_s, quorum=quorum, straggler_s=straggler)
+
+    def _fail(self, res: RoundResult, fl: dict, cid: str, why: str, rnd: int) -> None:
+        log.warning("round %d: %s failed: %s", rnd, cid, why)
+        res.failed.append(cid)
+        fl["failed"][cid] = why
+
+    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
+        if self.engine is None:
+            raise RuntimeError("FlowerTransport.attach(engine) was not called")
+        deadline = time.monotonic() + timeout_s
+        res = RoundResult(updates=[])
+        fl: dict[str, Any] = {"round": rnd, "down": 0, "up": 0, "resyncs": 0, "failed": {}}
+        gone = self.refresh_nodes(instructions)
+        for cid in sorted(gone):
+            self._fail(res, fl, cid, "its Flower node is offline", rnd)
+        # the versions the engine built these instructions from (it updates them only after aggregation)
+        batch = {cid: (ins, self.engine.client_versions.get(cid, -1)) for cid, ins in instructions.items()
+                 if cid not in gone}
+        for attempt in range(2):
+            quorum = self.engine.cfg.min_clients if attempt == 0 else 0  # resends wait for the round timeout
+            replies = self._send(rnd, batch, res, fl, deadline - time.monotonic(), quorum=quorum)
+            retry: dict[str, tuple[Instruction, int]] = {}
+            for cid in batch:
+                reply = replies.get(cid)
+                if reply is None:
+                    self._fail(res, fl, cid, "no reply within the round timeout (or straggler_timeout_s)", rnd)
+                    continue
+                if reply.has_error():
+                    self._fail(res, fl, cid, _error_text(reply), rnd)
+                    continue
+                try:
+                    fl["up"] += serde.message_nbytes(reply.content)
+                    head = reply.content.config_records["fedtune"]
+                    status = str(head["status"])
+                    if status == "stale" and attempt == 0:
+                        have = serde.header_int(head, "have_version", -1)  # > the server's: instruction_for refuses
+                        retry[cid] = (self.engine.instruction_for(cid, have), have)
+                        continue
+                    if status != "ok":
+                        raise ValueError(f"status {status!r}")
+                    update: ClientUpdate = serde.record_to_update(reply.content)
+                    if update.client_id != cid:
+                        raise ValueError(f"the reply is for {update.client_id!r}")
+                    validate_metrics(update)  # arbitrary JSON: check before it is sized (update_bytes) below
+                    up = wire_size.update_bytes(update)
+                except Exception as e:  # noqa: BLE001 - hostile input: one node's reply must never end the run
+                    self._fail(res, fl, cid, f"unusable reply: {type(e).__name__}: {safe_str(e, 300)}", rnd)
+                    continue
+                res.bytes_up += up
+                res.payload_bytes_up += payload_nbytes(update.tensors)
+                res.updates.append(update)
+            if not retry:
+                break
+            fl["resyncs"] += len(retry)
+            self.resyncs += len(retry)
+            batch = retry
+        self.flower_rounds.append(fl)
+        return res

@@ -1,0 +1,306 @@
+"""Edge client: dial out to the coordinator, join, pull a task, train locally, push the update; repeat.
+
+Survives coordinator restarts: on UNAVAILABLE / DEADLINE_EXCEEDED it backs off (exponential, full jitter,
+capped) and joins again; it reports the global version it holds, so the server syncs it from there. A
+heartbeat thread keeps the lease while it trains. DP accountants persist in `state_dir` after each round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from fedtune import __version__
+from fedtune.algorithms import get_algorithm
+from fedtune.algorithms.api import ClientAlgorithm, InstructionRejected, TrainContext, validate_instruction
+from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
+from fedtune.data.prepare import context_length
+from fedtune.fileio import write_text_atomic
+from fedtune.models.fingerprint import base_fingerprint
+from fedtune.models.hardware import describe_hardware, hardware_metrics, model_device, peak_memory_mb
+from fedtune.models.loading import load_for
+from fedtune.transports.grpc.security import auth_metadata, channel_credentials
+from fedtune.transports.wire import serde
+
+log = logging.getLogger("fedtune.client")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DATA_LOSS,
+             grpc.StatusCode.ABORTED}  # ABORTED: the server is busy (a stream of ours in flight, byte budget full)
+
+
+class Refused(RuntimeError):
+    """The server will not take this client (bad token, wrong model, not in the run): do not retry."""
+
+
+class GaveUp(RuntimeError):
+    """No successful exchange with the coordinator for `[client] max_retry_s`: stop retrying."""
+
+
+TOKEN_ENV = "FEDTUNE_TOKEN"
+MAX_WAIT_S = 300.0  # longest WAIT a coordinator can impose before the next task poll (like the heartbeat interval cap)
+
+
+def resolve_token(c: ClientSection) -> str:
+    """This client's token: [client] token (or the deprecated --token), else $FEDTUNE_TOKEN, else its entry
+    in [client] token_file."""
+    if c.token:
+        return c.token
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if not c.token_file:
+        raise ConfigError(f"no token: set {TOKEN_ENV} or [client] token_file (the tokens.toml made by `fedtune certs`)")
+    tokens = load_tokens(c.token_file, "[client] token_file")
+    if c.client_id not in tokens:
+        raise ConfigError(f"{c.token_file} has no token for client {c.client_id!r}")
+    return tokens[c.client_id]
+
+
+def check_transport(c: ClientSection) -> None:
+    """Refuse to send the token in clear text unless asked to explicitly."""
+    if c.tls_ca:
+        return
+    if not c.insecure:
+        raise ConfigError("[client] tls_ca is empty: the token would travel in clear text; set tls_ca (the CA of the "
+                          "coordinator's certificate) or, only on a trusted network, pass --insecure "
+                          "([client] insecure = true)")
+    log.warning("INSECURE: no TLS; the token and updates travel in clear text to %s", c.server)
+
+
+def make_channel(c: ClientSection) -> grpc.Channel:
+    opts = serde.channel_options()
+    if c.tls_ca:
+        creds = channel_credentials(c.tls_ca, c.tls_cert or None, c.tls_key or None)
+        return grpc.secure_channel(c.server, creds, options=opts)
+    return grpc.insecure_channel(c.server, options=opts)
+
+
+def local_data(cfg: RunConfig, c: ClientSection, tokenizer, context_len: int | None = None):
+    """This client's (train, eval) features: partition `c.partition` of [data] (the same split the server
+    and other clients compute), or, with partition = -1, all of [data] paths as its own data."""
+    from fedtune.data.prepare import prepare_data
+
+    if c.partition >= 0:
+        if c.partition >= cfg.federation.num_clients:
+            raise ConfigError(f"[client] partition {c.partition} ≥ federation.num_clients {cfg.federation.num_clients}")
+        return list(prepare_data(cfg, tokenizer, context_len=context_len).clients.values())[c.partition]
+    if cfg.data.source != "jsonl":
+        raise ConfigError("[client] partition = -1 needs [data] source = \"jsonl\" with this client's own paths")
+    one = RunConfig(run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train)
+    one.federation.num_clients = 1
+    one.data.test_fraction = 0.0  # the global test set is the server's; a client trains on all of its own split
+    return next(iter(prepare_data(one, tokenizer, context_len=context_len).clients.values()))  # all its files form one client
+
+
+class Agent:
+    def __init__(self, cfg: RunConfig, c: ClientSection) -> None:
+        if not c.client_id:
+            raise ConfigError("[client] client_id is required (or --client-id)")
+        self.cfg, self.c = cfg, c
+        check_transport(c)
+        self.token = resolve_token(c)
+        self.meta = auth_metadata(self.token)
+        self.base, self.tok = load_for(cfg, train=True)  # held as this organisation's [model] says
+        self.fp = base_fingerprint(self.base)  # the weights' identity, whatever the holding
+        log.info("%s: model %s on %s", c.client_id, cfg.model.name, describe_hardware(self.base))
+        self.data = local_data(cfg, c, self.tok, context_length(self.base))
+        self.model = None
+        self.client: ClientAlgorithm | None = None
+        self.version: int | None = None  # global version held; None = not set up
+        self.state_dir = Path(c.state_dir or f"runs/client-{c.client_id}")
+        self.task_id = ""
+        self.heartbeat_s = 5.0
+        self.max_download = int(c.max_download_mb * (1 << 20))
+        self.stop = threading.Event()
+        self.finished = False  # the server said the run is over (heartbeat reply or FINISHED)
+
+    @property
+    def hardware(self) -> dict[str, str]:
+        """Join capabilities: how this client holds the base (device, dtype, quantization, checkpointing)."""
+        return {k: str(v).lower() for k, v in hardware_metrics(self.base).items()}
+
+    # -- one exchange ----------------------------------------------------------------------------
+    def join(self, stub) -> None:
+        reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+            self.c.client_id, self.fp, {**self.hardware, "train_examples": str(len(self.data.train))}, __version__)),
+            metadata=self.meta, timeout=self.c.rpc_timeout_s))
+        if not reply.accepted:
+            raise Refused(f"join refused: {serde.safe_str(reply.reason, 500)}")
+        self.heartbeat_s = _interval(reply.heartbeat_interval_s, self.heartbeat_s)
+        self.algorithm = reply.algorithm.split("+")[0]
+        log.info("%s joined run %r (%s)", self.c.client_id, reply.run_name, reply.algorithm)
+
+    def step(self, stub) -> bool:
+        """Pull one task and do it. False when the run is finished."""
+        req = serde.to_proto(serde.TaskRequest(self.c.client_id, self.version))
+        res = serde.read_task(stub.PullTask(req, metadata=self.meta, timeout=self.c.rpc_timeout_s),
+                              max_bytes=self.max_download)
+        if isinstance(res, serde.Finished):
+            self.finished = True
+            return False
+        if isinstance(res, serde.Wait):
+            self.stop.wait(min(res.retry_after_s, MAX_WAIT_S))  # a coordinator saying "wait 1e9 s" must not park us
+            return True
+        ins = res.instruction
+        try:  # the coordinator's task is input from another organisation: check it before acting on it
+            validate_instruction(ins)
+            if ins.client_id != self.c.client_id:
+                raise InstructionRejected(f"the task is for {serde.safe_str(ins.client_id, 40)}, not this client")
+            self._check_privacy(ins.train)
+            if ins.setup is not None:
+                self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
+                self.model = self.client.setup(self.base, ins.setup)
+                self._load_state()
+            elif self.client is None:
+                raise InstructionRejected("a task without setup for a client that is not set up")
+            self.client.sync(self.model, ins.sync)
+        except (ValueError, LookupError, TypeError, RuntimeError) as e:  # InstructionRejected, shapes, missing keys
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise Refused(f"refused the coordinator's task for round {ins.round}: {serde.safe_str(why, 300)}") from None
+        self.version = ins.base_version
+        self.task_id = res.task_id
+        ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
+        t0 = time.perf_counter()
+        update = self.client.train(self.model, ctx, ins.train)
+        update.metrics.update(peak_memory_mb(model_device(self.model)))
+        if self.finished:  # told by a heartbeat while training: nobody wants this update any more
+            return False
+        try:
+            reply = self._push(stub, update, res.task_id)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            reply = serde.PushReply(False, serde.safe_str(e.details(), 500))  # refused by validation: failed this round, carry on
+        self.task_id = ""
+        self._save_state()
+        log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,
+                 update.metrics.get("train_loss", float("nan")), "accepted" if reply.accepted else f"refused: {reply.reason}")
+        return True
+
+    def _check_privacy(self, train: dict) -> None:
+        """Sample-level DP protects this client's examples against the server too, so the server cannot switch it
+        off: with [privacy] mode = "sample" in this client's own config, a task must train under exactly that
+        [privacy] (the planned `rounds` it adds for σ calibration aside; the accountant caps ε either way)."""
+        own = self.cfg.privacy_config()
+        if own.mode != "sample":
+            return
+        got = train.get("privacy")
+        got = {k: v for k, v in got.items() if k != "rounds"} if isinstance(got, dict) else None
+        want = own.to_dict()
+        if got is None:
+            raise InstructionRejected("this client trains only under its own [privacy] (mode = \"sample\"); the task "
+                                      "has no sample-level DP")
+        if diff := sorted(k for k in {*want, *got} if got.get(k, "<unset>") != want.get(k, "<unset>")):
+            raise InstructionRejected("this client trains only under its own [privacy]; the task differs in " + ", ".join(
+                f"{str(k)[:40]} = {str(got.get(k, '<unset>'))[:40]} (own {want.get(k, '<unset>')})" for k in diff[:4]))
+
+    def _push(self, stub, update, task_id: str, attempts: int = 5):
+        """PushUpdate; a busy server (ABORTED) is asked again after a backoff instead of training again."""
+        attempt = 0
+        while True:
+            try:
+                return serde.from_proto(stub.PushUpdate(serde.update_to_wire(update, task_id), metadata=self.meta,
+                                                        timeout=self.c.rpc_timeout_s))
+            except grpc.RpcError as e:
+                attempt += 1
+                if e.code() != grpc.StatusCode.ABORTED or attempt >= attempts:
+                    raise
+                log.warning("%s: upload refused for now (%s); retrying", self.c.client_id, _why(e))
+                self.stop.wait(random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt)))
+
+    # -- state that must survive a restart ---------------------------------------------------------
+    def _state_file(self) -> Path:
+        return self.state_dir / "client_state.json"
+
+    def _save_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self._state_file(), json.dumps(self.client.state_dict()))
+
+    def _load_state(self) -> None:
+        if self._state_file().is_file():
+            self.client.load_state_dict(json.loads(self._state_file().read_text()))
+
+    # -- loops -----------------------------------------------------------------------------------
+    def _heartbeat(self, stub) -> None:
+        while not self.stop.wait(self.heartbeat_s):
+            try:
+                reply = serde.from_proto(stub.Heartbeat(
+                    serde.to_proto(serde.HeartbeatRequest(self.c.client_id, self.task_id)),
+                    metadata=self.meta, timeout=min(self.c.rpc_timeout_s, 10)))
+            except grpc.RpcError:
+                continue  # the main loop notices outages and reconnects
+            self.heartbeat_s = _interval(reply.heartbeat_interval_s, self.heartbeat_s)
+            if reply.run_finished:
+                self.finished = True
+                self.stop.set()  # wakes the main loop from a WAIT or a backoff
+                return
+
+    def run(self) -> int:
+        """0 when the run is finished (or stop is set); raises Refused (no retry) or GaveUp (retries exhausted)."""
+        attempt = 0
+        failing_since: float | None = None  # start of the current run of failed exchanges
+        channel = make_channel(self.c)
+        stub = serde.CoordinatorStub(channel)
+        hb = threading.Thread(target=self._heartbeat, args=(stub,), daemon=True)
+        joined = False
+        try:
+            while not self.stop.is_set():
+                try:
+                    if not joined:
+                        self.join(stub)
+                        joined, attempt = True, 0
+                        if hb.ident is None:
+                            hb.start()  # after Join: it told us the heartbeat interval
+                    more = self.step(stub)
+                    failing_since = None
+                    if not more:
+                        break
+                except grpc.RpcError as e:
+                    if self.finished or self.stop.is_set():
+                        break  # the server finished (and may be gone) while this call was in flight
+                    code = e.code()
+                    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        raise Refused(f"{code.name}: {_why(e)}") from None
+                    if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:  # no retry helps
+                        raise Refused(f"the coordinator answered {code.name}: {_why(e)}") from None
+                    now = time.monotonic()
+                    failing_since = now if failing_since is None else failing_since
+                    if now - failing_since >= self.c.max_retry_s:
+                        raise GaveUp(f"no successful exchange with the coordinator at {self.c.server} for "
+                                     f"{now - failing_since:.0f} s (last error {code.name}: {_why(e)}); "
+                                     f"giving up ([client] max_retry_s = {self.c.max_retry_s:g})") from None
+                    if code == grpc.StatusCode.FAILED_PRECONDITION:  # ahead of the server: start over
+                        log.warning("%s: %s; reloading the base model", self.c.client_id, _why(e))
+                        self.base, _ = load_for(self.cfg, train=True)
+                        self.version, self.client, self.model = None, None, None
+                    joined = False
+                    delay = random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt))  # full jitter
+                    delay = min(delay, max(0.0, failing_since + self.c.max_retry_s - now))
+                    attempt += 1
+                    log.warning("%s: %s (%s); retrying in %.1f s", self.c.client_id, code.name, _why(e), delay)
+                    self.stop.wait(delay)
+            if self.finished:
+                log.info("%s: run finished", self.c.client_id)
+            return 0
+        finally:
+            self.stop.set()
+            if hb.is_alive():
+                hb.join(timeout=15)  # no RPC may be in flight when the channel closes (grpc aborts otherwise)
+            channel.close()
+
+
+def _why(e: grpc.RpcError) -> str:
+    """The server's error details, escaped and capped (they are logged)."""
+    return serde.safe_str(e.details(), 300)
+
+
+def _interval(value: float, default: float) -> float:
+    """A heartbeat interval from the server, kept within [0.1 s, 5 min]."""
+    return min(max(value, 0.1), 300.0) if value and math.isfinite(value) else default

@@ -1,0 +1,412 @@
+"""gRPC coordinator: a transport for the shared RoundEngine (fedtune.run.engine), not a second round loop.
+
+Clients dial out. Join (token + base-model fingerprint) → PullTask (this round's instruction, chunked,
+rebuilt for the version the client reports) → PushUpdate (chunked; the task id must be one of the caller's
+open tasks; the update must be what the algorithm assigned that client — names, shapes, dtypes, finite values,
+1 ≤ num_examples ≤ min(declared at Join, [server] max_examples_per_client) — else INVALID_ARGUMENT and the
+client has failed this round) → … ; Heartbeat keeps a lease. A round waits until every sampled client has reported, the round
+timeout passes, or the remaining clients' leases expire; the engine aggregates the survivors or aborts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedtune.algorithms.api import ClientUpdate, Instruction, UpdateRejected, payload_nbytes
+from fedtune.config import ConfigError, ServerSection
+from fedtune.transports.base import RoundResult
+from fedtune.transports.grpc.security import TokenAuthInterceptor, peer_identities, server_credentials
+from fedtune.transports.wire import serde
+from fedtune.transports.wire.serde import safe_str
+
+log = logging.getLogger("fedtune.server")
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT: the round in progress is abandoned (nothing written); resume with --resume."""
+
+
+@dataclass
+class _Task:
+    task_id: str
+    client_id: str
+    instruction: Instruction
+    pulled: bool = False
+
+
+@dataclass
+class _RoundBook:
+    rnd: int
+    sampled: set[str]
+    started: float = field(default_factory=time.monotonic)
+    tasks: dict[str, _Task] = field(default_factory=dict)  # by client id
+    updates: dict[str, ClientUpdate] = field(default_factory=dict)
+    quorum_at: float | None = None  # when the min_clients-th valid update came in
+    rejected: set[str] = field(default_factory=set)  # sent an invalid update: failed for this round
+    bytes_up: int = 0
+    bytes_down: int = 0
+    payload_up: int = 0
+    payload_down: int = 0
+
+
+class _Busy(Exception):
+    """A transient refusal (ABORTED): this client's stream of that kind is in flight, or the byte budget is full."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One chunked stream in flight: its client's only slot of that kind, its share of the in-flight byte budget,
+    and the deadlines the watchdog enforces (chunk to chunk, and in total)."""
+
+    cid: str
+    kind: str  # "upload" (PushUpdate) | "download" (PullTask)
+    context: grpc.ServicerContext
+    started: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+    reserved: int = 0
+    cut: str = ""  # why the watchdog cancelled it
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+HARDWARE_KEYS = ("device", "dtype", "quantization", "gradient_checkpointing")  # reported at Join, escaped
+
+
+class GrpcTransport(serde.CoordinatorServicer):
+    """The Coordinator servicer and the engine's Transport in one object (they share the round book)."""
+
+    def __init__(self, *, roster: list[str], tokens: dict[str, str], fingerprint: str, model_name: str,
+                 run_name: str, algorithm: str, cfg: ServerSection, min_clients: int = 1) -> None:
+        self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
+        self.min_clients = min_clients  # with cfg.straggler_timeout_s: when a round may stop waiting for the rest
+        self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
+        self.auth = TokenAuthInterceptor(tokens)
+        self.mtls = bool(cfg.tls_cert and cfg.tls_client_ca)
+        self.max_upload = int(cfg.max_upload_mb * (1 << 20))
+        self.lock = threading.Condition()
+        self.last_seen: dict[str, float] = {}
+        self.book: _RoundBook | None = None
+        self.finished = False
+        self.told: set[str] = set()  # clients that were told the run is finished (FINISHED pull / heartbeat)
+        self.stop_event = threading.Event()
+        self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
+        self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
+        self.expected_update = None  # set by the engine owner: cid -> UpdateSpec (or UpdateRejected)
+        self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
+        self.client_hardware: dict[str, dict[str, str]] = {}  # how each client holds the base (Join capabilities)
+        # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
+        self.streams: dict[tuple[str, str], _Stream] = {}
+        self.inflight_bytes = 0
+        self.max_inflight = int(cfg.max_inflight_mb * (1 << 20))
+        self.closed = threading.Event()
+        self.watchdog = threading.Thread(target=self._watch, name="fedtune-stream-watchdog", daemon=True)
+
+    # -- Transport ------------------------------------------------------------------------------
+    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
+        with self.lock:
+            self.book = _RoundBook(rnd, set(instructions))
+            for cid, ins in instructions.items():
+                self.book.tasks[cid] = _Task(uuid.uuid4().hex, cid, ins)
+            self.lock.notify_all()
+        deadline = time.monotonic() + timeout_s
+        try:
+            with self.lock:
+                while True:
+                    if self.stop_event.is_set():
+                        raise Interrupted(f"stopped during round {rnd}")
+                    pending = self.book.sampled - set(self.book.updates) - self.book.rejected
+                    if not pending:
+                        break
+                    now = time.monotonic()
+                    if now >= deadline:
+                        log.warning("round %d: timeout; %s did not report", rnd, sorted(pending))
+                        break
+                    seen = {c: max(self.last_seen.get(c, 0.0), self.book.started) for c in pending}
+                    if all(now - t > self.cfg.lease_timeout_s for t in seen.values()):
+                        log.warning("round %d: lease expired for %s", rnd, sorted(pending))
+                        break
+                    wait = min(0.5, deadline - now)
+                    if (grace := self.cfg.straggler_timeout_s) > 0 and len(self.book.updates) >= self.min_clients:
+                        # a client that heartbeats but never uploads would hold every round until its timeout
+                        if self.book.quorum_at is None:
+                            self.book.quorum_at = now
+                        if now - self.book.quorum_at >= grace:
+                            log.warning("round %d: %d valid updates (min_clients %d) for %g s (straggler_timeout_s); "
+                                        "not waiting for %s", rnd, len(self.book.updates), self.min_clients, grace,
+                                        sorted(pending))
+                            break
+                        wait = min(wait, self.book.quorum_at + grace - now)
+                    self.lock.wait(timeout=wait)
+                book = self.book
+                self.book = None  # late pushes for this round are refused from here on
+        except BaseException:
+            with self.lock:
+                self.book = None
+            raise
+        failed = sorted(book.sampled - set(book.updates))
+        return RoundResult(updates=list(book.updates.values()), failed=failed, rejected=sorted(book.rejected),
+                           bytes_up=book.bytes_up,
+                           bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
+                           payload_bytes_down=book.payload_down)
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    def _caller(self, context: grpc.ServicerContext, claimed: str) -> str:
+        cid = self.auth.authenticated_client(context)
+        if claimed and claimed != cid:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"token belongs to {cid!r}, request names {safe_str(claimed)}")
+        if cid not in self.roster:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{cid!r} is not in this run's client list")
+        names = peer_identities(context)
+        if (self.mtls or names) and cid not in names:  # the certificate must name the token's client
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token of {cid!r} with a client certificate that "
+                          f"names {', '.join(sorted(safe_str(n) for n in names)[:4]) or 'nobody'}")
+        with self.lock:
+            self.last_seen[cid] = time.monotonic()
+        return cid
+
+    def Join(self, request, context):
+        req = serde.from_proto(request)
+        cid = self._caller(context, req.client_id)
+        limits = serde.Limits(max_upload_bytes=self.max_upload)
+        if req.base_fingerprint != self.fingerprint:
+            reason = (f"base model mismatch: this run uses {self.model_name!r} with fingerprint "
+                      f"{self.fingerprint[:16]}…, the client has {safe_str(req.base_fingerprint, 16)}; "
+                      f"load the same base model (model.name = {self.model_name!r})")
+            log.warning("refused %s: %s", cid, reason)
+            return serde.to_proto(serde.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
+        declared = req.capabilities.get("train_examples")
+        if declared is not None:
+            if not (len(declared) <= 16 and declared.isascii() and declared.isdigit() and 0 < int(declared) <= 2**53):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"capability train_examples must be a positive integer, got {declared[:32]!r}")
+            with self.lock:
+                self.declared_examples[cid] = int(declared)
+        hw = {k: re.sub(r"[^A-Za-z0-9:._-]", "?", req.capabilities[k][:32]) for k in HARDWARE_KEYS
+              if k in req.capabilities}  # client-supplied: a short word, nothing a log line could be forged with
+        with self.lock:
+            self.client_hardware[cid] = hw
+        log.info("%s joined (fedtune %s%s)", cid, safe_str(req.client_version, 32),
+                 "".join(f", {k} {v}" for k, v in hw.items()))
+        return serde.to_proto(serde.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
+                                              self.cfg.heartbeat_interval_s, limits))
+
+    # -- stream limits ----------------------------------------------------------------------------
+    # The sync grpc server parks a worker thread inside a stream (reading the request iterator, or waiting for
+    # flow control to send): a client that stops mid-stream would hold it forever. Every chunked stream gets one
+    # slot per (client, kind) and deadlines; the watchdog cancels a stream past them (context.cancel() wakes the
+    # parked thread: the request iterator raises, the send returns), which frees the thread.
+    @contextmanager
+    def _stream(self, cid: str, kind: str, context: grpc.ServicerContext) -> Iterator[_Stream]:
+        st = _Stream(cid, kind, context)
+        st.last = st.started
+        with self.lock:
+            busy = (cid, kind) in self.streams
+            if not busy:
+                self.streams[(cid, kind)] = st
+        if busy:
+            context.abort(grpc.StatusCode.ABORTED, f"an {kind} from {safe_str(cid)} is already in flight; one at a time")
+        try:
+            yield st
+        finally:
+            with self.lock:
+                del self.streams[(cid, kind)]
+                self.inflight_bytes -= st.reserved
+
+    def _reserve(self, st: _Stream, nbytes: int) -> None:
+        """Budget for the upload's declared size, taken from chunk 0 before anything is buffered."""
+        with self.lock:
+            if self.inflight_bytes + nbytes > self.max_inflight:
+                raise _Busy(f"server busy: {nbytes} more upload bytes would exceed max_inflight_mb = "
+                            f"{self.cfg.max_inflight_mb:g} ({self.inflight_bytes} in flight); retry later")
+            self.inflight_bytes += nbytes
+            st.reserved += nbytes
+
+    def _watch(self) -> None:
+        idle_s, total_s = self.cfg.stream_idle_timeout_s, self.cfg.stream_timeout_s
+        while not self.closed.wait(min(0.2, idle_s / 4)):
+            now = time.monotonic()
+            with self.lock:
+                overdue = [st for st in self.streams.values() if not st.cut and
+                           (now - st.last > idle_s or now - st.started > total_s)]
+                for st in overdue:
+                    st.cut = (f"nothing for {now - st.last:.1f} s (stream_idle_timeout_s = {idle_s:g})"
+                              if now - st.last > idle_s else
+                              f"open for {now - st.started:.1f} s (stream_timeout_s = {total_s:g})")
+            for st in overdue:
+                log.warning("cut the %s stream of %s: %s", st.kind, safe_str(st.cid), st.cut)
+                st.context.cancel()
+
+    # -- RPCs (streams) ---------------------------------------------------------------------------
+    def PullTask(self, request, context) -> Iterator:
+        req = serde.from_proto(request)
+        cid = self._caller(context, req.client_id)
+        with self._stream(cid, "download", context) as st:
+            for chunk in self._pull_task(cid, req, context):
+                yield chunk
+                st.touch()  # resumed: the previous chunk went out
+
+    def _pull_task(self, cid: str, req: serde.TaskRequest, context) -> Iterator:
+        with self.lock:
+            if self.finished:
+                self._told(cid)
+                yield from serde.finished_chunks("run complete")
+                return
+            task = self.book.tasks.get(cid) if self.book is not None else None
+            if task is None or cid in self.book.updates or cid in self.book.rejected:
+                yield from serde.wait_chunks(self.cfg.poll_interval_s, "no task for you this round")
+                return
+            version = -1 if req.base_version is None else req.base_version
+            try:  # the client says which global version it holds: sync it from there
+                task.instruction = self.instruction_for(cid, version)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            task.pulled = True
+            book = self.book
+        ins = task.instruction
+        sent = 0
+        for chunk in serde.instruction_to_wire(ins, task.task_id):
+            sent += len(chunk)
+            yield chunk
+        with self.lock:
+            book.bytes_down += sent
+            book.payload_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
+
+    def PushUpdate(self, request_iterator, context):
+        cid = self._caller(context, "")
+        with self._stream(cid, "upload", context) as st:
+            try:
+                return self._push_update(cid, st, request_iterator, context)
+            except _Busy as e:
+                context.abort(grpc.StatusCode.ABORTED, str(e))
+
+    def _push_update(self, cid: str, st: _Stream, request_iterator, context):
+        with self.lock:
+            book = self.book
+            open_ids = ({t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled}
+                        if book and cid not in book.rejected else set())
+        counter = serde.ByteCounter()
+
+        def counted():
+            for msg in request_iterator:
+                st.touch()
+                counter.bytes += len(msg)  # raw chunk bytes, parsed by read_update
+                yield msg
+
+        assigned = self._assigned_bytes(cid) if open_ids else None
+
+        def reserve(nbytes: int) -> None:  # chunk 0 passed the wire checks; nothing buffered yet
+            if assigned is not None and nbytes > assigned:  # no update of the assigned shapes is that large
+                raise UpdateRejected(f"update from {cid!r}: declares {nbytes} bytes; the update assigned to it this "
+                                     f"round takes at most {assigned}")
+            self._reserve(st, nbytes)
+
+        refused = None
+        try:
+            with serde.abort_on_wire_error(context):
+                if not open_ids:
+                    raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
+                _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
+                                              reserve=reserve, expected_client_id=cid)
+        except UpdateRejected as e:
+            refused = safe_str(str(e), 1000)
+        with self.lock:
+            if self.book is not book or cid in book.updates or cid in book.rejected:
+                return serde.to_proto(serde.PushReply(False, "round already closed or update already received"))
+            try:  # against what this client was assigned this round (the engine checks again before aggregate)
+                if refused is None:
+                    self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
+            except UpdateRejected as e:
+                refused = safe_str(str(e), 1000)
+            if refused is not None:
+                book.rejected.add(cid)
+            else:
+                book.updates[cid] = update
+                book.payload_up += payload_nbytes(update.tensors)
+            book.bytes_up += counter.bytes
+            self.lock.notify_all()
+        if refused is not None:
+            log.warning("round %d: refused the update of %s (failed for this round): %s", book.rnd, cid, refused)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
+        log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
+        return serde.to_proto(serde.PushReply(True))
+
+    def _assigned_bytes(self, cid: str) -> int | None:
+        """The largest blob `cid` may declare this round: what its assigned update takes (a few KB for a LoRA
+        update), so a client cannot reserve max_upload_mb of the shared in-flight budget and hold it with a trickle.
+        None: unknown (not sampled, no engine hook): the update is checked after it is read."""
+        try:
+            return serde.max_update_blob_bytes(self.expected_update(cid))
+        except (UpdateRejected, TypeError):
+            return None
+
+    def Heartbeat(self, request, context):
+        req = serde.from_proto(request)
+        cid = self._caller(context, req.client_id)
+        with self.lock:
+            open_ids = {t.task_id for t in self.book.tasks.values() if t.client_id == cid} if self.book else set()
+            cancel = bool(req.task_id) and req.task_id not in open_ids
+            finished = self.finished
+            if finished:
+                self._told(cid)
+        return serde.to_proto(serde.HeartbeatReply(True, self.cfg.heartbeat_interval_s, finished, cancel))
+
+    def _told(self, cid: str) -> None:  # under self.lock
+        self.told.add(cid)
+        self.lock.notify_all()
+
+
+def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection, *, workers: int = 16):
+    """A grpc.Server with the auth interceptor, message limits, TLS (if configured) and health service.
+
+    Streams hold a worker thread each; at most one upload and one download per client are open at a time, so
+    2 × roster threads can be parked and `workers` more stay free for unary RPCs and the health service."""
+    workers += 2 * len(transport.roster)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[transport.auth],
+                         options=serde.channel_options(), maximum_concurrent_rpcs=workers * 4)
+    serde.add_servicer(server, transport)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if cfg.tls_cert:
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} (address in use or invalid)")
+    server.start()
+    transport.watchdog.start()
+    for svc in ("", serde.SERVICE_NAME):
+        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def drain(transport: GrpcTransport, grace_s: float) -> None:
+    """After the last round, keep serving until every live client (seen within its lease) has been told the
+    run is finished — by a FINISHED PullTask reply or a Heartbeat reply with run_finished — or the grace
+    period ends, so clients exit by themselves. A heartbeat alone does not count: the reply must say it."""
+    deadline = time.monotonic() + grace_s
+    with transport.lock:
+        while True:
+            now = time.monotonic()
+            pending = sorted(c for c, t in transport.last_seen.items()
+                             if c not in transport.told and now - t <= transport.cfg.lease_timeout_s)
+            if not pending or transport.stop_event.is_set():
+                return
+            if now >= deadline:
+                log.warning("finish: %s not told the run is finished within finish_grace_s = %g s",
+                            pending, grace_s)
+                return
+            transport.lock.wait(min(0.1, deadline - now))

@@ -1,0 +1,195 @@
+"""In-process transport (simulation): one frozen base model in memory shared by every client.
+
+The base is never copied per client. Each client's round starts from the synced global model (its
+ClientAlgorithm loads the global adapter / fresh LoRA), trains, and hands back an update; the
+ClientAlgorithm restores the global state afterwards. Instructions and updates are sized exactly as
+the gRPC transport would send them, so bytes_up/bytes_down are real wire sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedtune.algorithms.api import ClientUpdate, Instruction, TrainContext, payload_nbytes
+from fedtune.algorithms.runner import GlobalModel
+from fedtune.data.prepare import ClientData
+from fedtune.models.hardware import model_device, peak_memory_mb, placement
+from fedtune.privacy.sample import PrivacyBudgetExhausted
+from fedtune.transports.base import RoundResult
+from fedtune.transports.wire import sizes as wire_size
+
+log = logging.getLogger("fedtune")
+
+
+class InProcessTransport:
+    """Runs a round's sampled clients on the shared model; counts the bytes a network would carry.
+
+    Modes (chosen per round, see `plan`): clients one by one on the shared model; the round's clients on
+    `workers` threads, each thread training on its own fork of the model (ClientAlgorithm.fork: own adapter
+    tensors, the frozen base shared, not copied) with `threads_per_worker` torch intra-op threads (torch
+    releases the GIL inside ops, so W threads use W cores); with `batch_clients`, one batched loop per worker
+    over a contiguous group of clients (fedtune.training.batched). Each client's update depends only on its
+    own instruction, and updates are returned in instruction order (the engine sorts them by client id), so
+    the result does not depend on the mode's timing: threaded equals one by one bit for bit."""
+
+    def __init__(self, gm: GlobalModel, data: dict[str, ClientData], pad_id: int, progress: bool = True,
+                 batch_clients: bool = True, workers: int = 1, threads_per_worker: int = 1) -> None:
+        self.gm, self.data, self.pad_id, self.progress = gm, data, pad_id, progress
+        self.batch_clients = batch_clients
+        self.workers, self.threads_per_worker = max(1, workers), max(1, threads_per_worker)
+        self.last_mode = ""
+
+    def plan(self, instructions: dict[str, Instruction]) -> tuple[int, str]:
+        """(worker threads, why) for this round: 1 when the clients must share the one model in turn."""
+        if self.workers < 2:
+            return 1, "[federation] workers = 1" if self.workers == 1 else "one CPU"
+        if len(instructions) < 2:
+            return 1, "one client"
+        if any(ins.train.get("privacy") for ins in instructions.values()):
+            return 1, "sample-level DP (per-client accountants and opacus hooks on the one model)"
+        if dropout_active(self.gm.model):
+            return 1, "dropout draws from torch's global RNG, whose order threads would change"
+        return min(self.workers, len(instructions)), ""
+
+    def describe(self) -> str:
+        """The mode, for the log line at start."""
+        batched = " in one batched loop per thread" if self.batch_clients and hasattr(self.gm.client, "train_many") else ""
+        if self.workers < 2:
+            return (f"clients one by one{' (batched)' if batched else ''} on the shared model, "
+                    f"{torch.get_num_threads()} torch thread(s)")
+        return (f"up to {self.workers} worker threads × {self.threads_per_worker} torch thread(s), each on its own "
+                f"adapter copy of the shared base{batched or ', clients one by one (bit-identical to sequential)'}")
+
+    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
+        res = RoundResult(updates=[])
+        for ins in instructions.values():
+            if self.gm.version != ins.base_version:
+                raise RuntimeError(f"shared model at version {self.gm.version}, instruction expects {ins.base_version}")
+            res.bytes_down += wire_size.instruction_bytes(ins)
+            res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
+        workers, why = self.plan(instructions)
+        forks = [self.gm.client.fork(self.gm.model) for _ in range(workers)] if workers > 1 else []
+        if forks and forks[0] is None:
+            workers, why = 1, f"{type(self.gm.client).__name__} cannot train clients on forks of the model"
+        mode = f"on {workers} worker threads" if workers > 1 else f"one by one ({why})"
+        if mode != self.last_mode:
+            log.info("round %d: clients %s", rnd, mode)
+            self.last_mode = mode
+        if workers > 1:
+            updates = self._train_threaded(rnd, instructions, forks)
+        else:
+            updates = self._train_batched(self.gm.model, instructions) if self.batch_clients else None
+        if updates is None:
+            updates = []
+            bar = tqdm(instructions.items(), desc=f"round {rnd} clients", leave=False, disable=not self.progress,
+                       position=1)
+            for cid, ins in bar:
+                try:
+                    updates.append(self._train(cid, ins))
+                except PrivacyBudgetExhausted as e:
+                    log.warning("%s", e)
+                    res.failed.append(cid)
+                    res.budget_exhausted.append(cid)
+        mem = peak_memory_mb(model_device(self.gm.model))  # what a client on its own machine would report
+        for update in updates:
+            update.metrics.update(mem)
+            res.bytes_up += wire_size.update_bytes(update)
+            res.payload_bytes_up += payload_nbytes(update.tensors)
+            res.updates.append(update)
+        return res
+
+    def _train_batched(self, model: nn.Module, instructions: dict[str, Instruction]) -> list[ClientUpdate] | None:
+        """All clients in one batched loop when the method supports it (fedtune.training.batched), else None."""
+        train_many = getattr(self.gm.client, "train_many", None)
+        pl = placement(model)
+        if train_many is None or len(instructions) < 2 or not pl.plain:
+            return None  # the batched loop stacks float32 CPU factors; other holdings train one by one
+        ctxs = [TrainContext(cid, self.data[cid].train, self.pad_id) for cid in instructions]
+        return train_many(model, ctxs, [ins.train for ins in instructions.values()])
+
+    def _train_threaded(self, rnd: int, instructions: dict[str, Instruction], models: list[nn.Module],
+                        ) -> list[ClientUpdate]:
+        """The clients on one thread per fork in `models`; updates in instruction order."""
+        items, workers = list(instructions.items()), len(models)
+        forks: queue.SimpleQueue = queue.SimpleQueue()
+        for m in models:
+            forks.put(m)
+        if self.batch_clients and hasattr(self.gm.client, "train_many"):  # contiguous groups, one batched loop each
+            size = -(-len(items) // workers)
+            tasks = [dict(items[i:i + size]) for i in range(0, len(items), size)]
+        else:
+            tasks = [{cid: ins} for cid, ins in items]
+        main_threads = torch.get_num_threads()
+
+        def run(group: dict[str, Instruction]) -> list[ClientUpdate]:
+            torch.set_num_threads(self.threads_per_worker)  # OpenMP/MKL thread counts are per calling thread
+            model = forks.get()
+            try:
+                got = self._train_batched(model, group) if len(group) > 1 else None
+                if got is None:
+                    got = [self.gm.client.train(model, TrainContext(cid, self.data[cid].train, self.pad_id), ins.train)
+                           for cid, ins in group.items()]
+                return got
+            finally:
+                forks.put(model)
+
+        bar = tqdm(total=len(items), desc=f"round {rnd} clients", leave=False, disable=not self.progress, position=1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedtune-client") as pool:
+                futures = [pool.submit(run, g) for g in tasks]
+                for f in as_completed(futures):
+                    if f.exception() is not None:
+                        for other in futures:
+                            other.cancel()
+                    else:
+                        bar.update(len(f.result()))
+                out = [u for f in futures for u in f.result()]  # raises the first failure, in client order
+        finally:
+            bar.close()
+            torch.set_num_threads(main_threads)
+        return out
+
+    def _train(self, cid: str, ins: Instruction) -> ClientUpdate:
+        steps = tqdm(total=int(ins.train.get("steps", 0)), desc=f"{cid} steps", leave=False,
+                     disable=not self.progress, position=2)
+
+        def on_step(step: int, loss: float) -> None:
+            steps.update(1)
+            steps.set_postfix(loss=f"{loss:.3f}")
+
+        ctx = TrainContext(cid, self.data[cid].train, self.pad_id, on_step)
+        try:
+            return self.gm.client.train(self.gm.model, ctx, ins.train)
+        finally:
+            steps.close()
+
+
+def dropout_active(model: nn.Module) -> bool:
+    """Whether training draws dropout masks: an nn.Dropout with p > 0, or a model config's attention dropout."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    cfg = getattr(model, "config", None)
+    return any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout"))
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def plan_workers(requested: int, threads: int, cpus: int) -> tuple[int, int]:
+    """(worker threads, torch threads per worker) for [federation] workers = `requested` (0: auto), torch's
+    intra-op `threads` ([run] threads, else torch's default) and `cpus` usable CPUs. Auto: one worker per CPU,
+    each with threads ÷ workers torch threads (at least 1): small per-client matmuls use a core better each
+    on its own than split across cores, and single-threaded ops do not stall on a busy machine."""
+    workers = max(1, cpus) if requested == 0 else requested
+    return workers, max(1, threads // workers)
