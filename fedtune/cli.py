@@ -26,9 +26,19 @@ def _overwrite(args: argparse.Namespace, cfg) -> None:
 
 
 def _hw_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """--device/--dtype/--quantization/--gradient-checkpointing as config overrides (None: not given)."""
-    return {"model.device": args.device, "model.dtype": args.dtype, "model.quantization": args.quantization,
-            "train.gradient_checkpointing": True if getattr(args, "gradient_checkpointing", False) else None}
+    """The hardware flags (fedtune.models.settings.SETTINGS) as config overrides (None: not given; a true/false
+    setting is a switch that only turns it on)."""
+    from fedtune.models.settings import SETTINGS
+
+    out: dict[str, object] = {}
+    for s in SETTINGS:
+        v = getattr(args, _dest(s.flag), None)
+        out[s.key] = (True if v else None) if isinstance(s.default, bool) else v
+    return out
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -204,11 +214,7 @@ def _load(args: argparse.Namespace):
 
         torch.set_num_threads(cfg.run.threads)
     return (load_tuned(cfg.model.name, adapter=args.adapter, merged=args.merged, seed=cfg.run.seed,
-                       hardware=_hardware(cfg)), cfg, summary, run_dir)
-
-
-def _hardware(cfg) -> dict[str, str]:
-    return {"device": cfg.model.device, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization}
+                       holding=cfg.model), cfg, summary, run_dir)
 
 
 class _UsageError(ValueError):
@@ -251,7 +257,7 @@ def _base_for_compare(args, loaded, cfg):
 
     if not args.compare_base or loaded.kind != "merged":
         return None
-    return load_tuned(cfg.model.name, seed=cfg.run.seed, hardware=_hardware(cfg))
+    return load_tuned(cfg.model.name, seed=cfg.run.seed, holding=cfg.model)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -300,15 +306,19 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _add_hw_args(p: argparse.ArgumentParser, *, train: bool = True) -> None:
-    g = p.add_argument_group("hardware (this machine only; see README: Hardware)")
-    g.add_argument("--device", help='auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N (model.device)')
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="base model dtype; auto: bfloat16 on a bf16 GPU or with --quantization, else float32")
-    g.add_argument("--quantization", choices=["none", "nf4", "int8"],
-                   help="hold the base in 4-bit NF4 (QLoRA) or 8-bit via bitsandbytes (model.quantization)")
-    if train:
-        g.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute activations in the backward: less memory (train.gradient_checkpointing)")
+    """One flag per hardware setting (fedtune.models.settings.SETTINGS); the training-only ones when `train`."""
+    from fedtune.models.settings import SETTINGS
+
+    g = p.add_argument_group("hardware (this machine only; see docs/hardware.md)")
+    for s in SETTINGS:
+        if s.training_only and not train:
+            continue
+        if isinstance(s.default, bool):
+            g.add_argument(s.flag, action="store_true", help=f"{s.help} ({s.key})")
+        elif any(":" in c for c in s.choices):  # a pattern among the values (cuda:N): checked with the config
+            g.add_argument(s.flag, help=f"{s.help} ({s.key})")
+        else:
+            g.add_argument(s.flag, choices=list(s.choices), help=f"{s.help} ({s.key})")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -337,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("simulate", help="run a federation in-process on this machine")
     s.add_argument("--config", help="run config (TOML); defaults when omitted")
-    s.add_argument("--algorithm", help="fedavg | flora | … (overrides run.algorithm)")
+    s.add_argument("--algorithm", help="the method to run, one of fedtune.algorithms.available() (overrides "
+                   "run.algorithm; docs/methods/)")
     s.add_argument("--rounds", type=int)
     s.add_argument("--clients", type=int, help="number of clients (federation.num_clients)")
     s.add_argument("--out", help="output dir (default runs/<run.name>)")

@@ -1,8 +1,9 @@
 """Run configuration: dataclasses loaded from TOML, CLI overrides, validation with clear messages.
 
-A run config has sections [run] [model] [data] [federation] [train] [lora] and one section per algorithm
-([fedavg], [flora], ...). [lora] keys apply to every LoRA-based algorithm's config; the algorithm's own
-section overrides them. Unknown keys are errors (typos must not pass silently).
+A run config has sections [run] [model] [data] [federation] [train] [lora] and one section per method (named as
+the method registers itself: fedtune.algorithms.registry). [lora] keys apply to every LoRA-based method's config;
+the method's own section overrides them. Validation asks the method what it can do (its Capabilities, its holding
+check), never its name. Unknown keys are errors (typos must not pass silently).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.algorithms.registry import available, config_class, default_method, get_algorithm
+from fedtune.configbase import ConfigError, build_section, dataclass_from_dict
+from fedtune.models.settings import SETTING, SETTINGS
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the problem and the fix."""
+__all__ = ["ConfigError", "RunConfig", "dataclass_from_dict", "load", "load_tokens", "validate"]
 
 
 @dataclass
@@ -24,7 +27,7 @@ class RunSection:
     name: str = "demo"
     seed: int = 0
     rounds: int = 3
-    algorithm: str = "flora"
+    algorithm: str = field(default_factory=default_method)  # a registered method (fedtune.algorithms.registry)
     out: str = ""  # default runs/<name>
     eval_batch_size: int = 16
     threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is often faster for small models or on a busy machine
@@ -34,9 +37,9 @@ class RunSection:
 class ModelSection:
     name: str = "smollm2"  # "tiny" | "smollm2" | HF model dir | .gguf file
     # How this process holds the base (each client its own; nothing of it travels). See fedtune/models/hardware.py
-    device: str = "auto"  # auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on a bf16 GPU or under quantization, else float32) | float32 | bfloat16 | float16
-    quantization: str = "none"  # none | nf4 (QLoRA 4-bit, double quantization) | int8 — bitsandbytes
+    device: str = SETTING["model.device"].field()
+    dtype: str = SETTING["model.dtype"].field()
+    quantization: str = SETTING["model.quantization"].field()
 
 
 @dataclass
@@ -85,7 +88,7 @@ class TrainSection:
     lr: float | None = None  # None: the method's tuned default. [<method>] lr > [train] lr > the method's default
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30 % more time)
+    gradient_checkpointing: bool = SETTING["train.gradient_checkpointing"].field()
 
 
 @dataclass
@@ -154,8 +157,6 @@ class RunConfig:
 
     def algorithm_config(self):
         """The algorithm's config dataclass from [lora] + [<algorithm>], validated."""
-        from fedtune.algorithms import config_class
-
         try:
             cls = config_class(self.run.algorithm)
         except ValueError as e:
@@ -183,7 +184,7 @@ class RunConfig:
 
     def section(self, name: str, cls):
         """An optional section ([server], [client], ...) as its dataclass."""
-        return _build(cls, self.extra.get(name, {}), name)
+        return build_section(cls, self.extra.get(name, {}), name)
 
     def privacy_config(self):
         """[privacy] as a validated PrivacyConfig (mode "none" when the section is absent)."""
@@ -229,35 +230,13 @@ def load_tokens(path: str, key: str) -> dict[str, str]:
     return dict(tokens)
 
 
-def dataclass_from_dict(cls, d: dict[str, Any], section: str):
-    """cls(**d) for a section dataclass that validates itself; unknown keys are a ValueError naming them."""
-    names = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ValueError(f"unknown [{section}] keys {unknown}; valid: {names}")
-    return cls(**d)
-
-
-def _build(cls, raw: dict[str, Any], section: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"[{section}] has unknown keys {unknown}; valid: {sorted(names)}")
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        raise ConfigError(f"[{section}]: {e}") from None
-
-
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    from fedtune.algorithms import available
-
     cfg = RunConfig()
     for key, value in raw.items():
         if not isinstance(value, dict):
             raise ConfigError(f"top-level key {key!r} must be a [section]")
         if key in _SECTIONS:
-            setattr(cfg, key, _build(_SECTIONS[key], value, key))
+            setattr(cfg, key, build_section(_SECTIONS[key], value, key))
         elif key == "lora":
             cfg.lora = dict(value)
         elif key in available():
@@ -336,14 +315,12 @@ def validate(cfg: RunConfig) -> None:
         _require(own_files or len(d.paths) in (1, f.num_clients),
                  f"data.paths has {len(d.paths)} files for {f.num_clients} clients; give one per client or one to partition")
     check_hardware(cfg.model)
-    _require(isinstance(t.gradient_checkpointing, bool),
-             f"train.gradient_checkpointing must be true or false, got {t.gradient_checkpointing!r}")
+    for s in SETTINGS:  # a true/false setting must be one
+        v = getattr(getattr(cfg, s.section), s.name)
+        _require(not isinstance(s.default, bool) or isinstance(v, bool), f"{s.key} must be true or false, got {v!r}")
     ac = cfg.algorithm_config()  # validates the algorithm name and its settings
-    if cfg.run.algorithm == "fedkseed":
-        from fedtune.algorithms.fedkseed.config import hardware_problem
-
-        if problem := hardware_problem(ac.trainable, cfg.model.quantization):
-            raise ConfigError(problem)
+    if problem := get_algorithm(cfg.run.algorithm, ac).holding_problem(cfg.model.quantization, cfg.model.dtype):
+        raise ConfigError(problem)
     cfg.privacy_config()
     cfg.robust_config()
     sv = cfg.section("server", ServerSection)

@@ -6,7 +6,7 @@ from conftest import max_abs
 from fedtune.algorithms import ClientUpdate, GlobalState, get_algorithm
 from fedtune.algorithms.fedavg import FedAvgConfig
 from fedtune.algorithms.flora import FLoRAConfig
-from fedtune.algorithms.flora.server import round_key
+from fedtune.algorithms.flora.shared import round_key
 from fedtune.models import fingerprint
 
 

@@ -10,10 +10,10 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2_grpc
 
-from fedtune.transports.grpc.certs import certs_main
-from fedtune.transports.grpc.agent import resolve_token
 from fedtune.config import ClientSection, ConfigError
 from fedtune.transports.grpc import health as healthcheck
+from fedtune.transports.grpc.agent import resolve_token
+from fedtune.transports.grpc.certs import certs_main
 from fedtune.transports.grpc.security import server_credentials
 
 ORGS = ["org-a", "org-b", "org-c"]

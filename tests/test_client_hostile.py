@@ -22,15 +22,15 @@ from test_grpc import IDS, TOKENS, agent, write_run
 from fedtune import config
 from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.api import Instruction, Payload
-from fedtune.transports.grpc.agent import Refused
 from fedtune.models import load_model
+from fedtune.transports import wire
+from fedtune.transports.grpc.agent import Refused
 from fedtune.transports.grpc.security import TokenAuthInterceptor
-from fedtune.transports.wire import serde
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class HostileCoordinator(serde.CoordinatorServicer):
+class HostileCoordinator(wire.CoordinatorServicer):
     """Accepts every Join, hands out `self.task` (an Instruction, a float: WAIT that long, or a status code: fail
     with it) on every PullTask, records pushes."""
 
@@ -39,30 +39,30 @@ class HostileCoordinator(serde.CoordinatorServicer):
         self.pushed = 0
 
     def Join(self, request, context):
-        return serde.to_proto(serde.JoinReply(True, "", request.base_fingerprint, "evil", "fedavg", 5.0))
+        return wire.to_proto(wire.JoinReply(True, "", request.base_fingerprint, "evil", "fedavg", 5.0))
 
     def PullTask(self, request, context):
         if isinstance(self.task, grpc.StatusCode):
             context.abort(self.task, "no\nsuch luck")
         if isinstance(self.task, float):  # WAIT this long
-            yield from serde.wait_chunks(self.task, "later")
+            yield from wire.wait_chunks(self.task, "later")
             return
-        yield from serde.instruction_to_wire(self.task, "t" * 32)
+        yield from wire.instruction_to_wire(self.task, "t" * 32)
 
     def PushUpdate(self, request_iterator, context):
         self.pushed += 1
-        return serde.to_proto(serde.PushReply(True))
+        return wire.to_proto(wire.PushReply(True))
 
     def Heartbeat(self, request, context):
-        return serde.to_proto(serde.HeartbeatReply(True, 5.0))
+        return wire.to_proto(wire.HeartbeatReply(True, 5.0))
 
 
 @pytest.fixture(scope="module")
 def coordinator():
     servicer = HostileCoordinator()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[TokenAuthInterceptor(TOKENS)],
-                         options=serde.channel_options())
-    serde.add_servicer(server, servicer)
+                         options=wire.channel_options())
+    wire.add_servicer(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, port
@@ -140,21 +140,21 @@ def test_method_specific_fields_are_bounded(tmp_path, coordinator, algorithm, mu
 
 
 def test_an_honest_task_still_trains(tmp_path, coordinator):
-    """The checks refuse nothing a real coordinator sends: every key of every method's train config passes."""
+    """The checks refuse nothing a real coordinator sends: every key of every method's train config passes, and
+    every key a method declares is one its coordinator sends."""
+    from fedtune.algorithms import available, method
     from fedtune.algorithms.api import TRAIN_FIELDS, validate_instruction
 
-    seen = set()
-    for algorithm in ("fedavg", "flora", "fedsb", "fedkseed"):
+    for algorithm in available():
         cfg = config.load(write_run(tmp_path, rounds=1, algorithm=algorithm))
         ins = honest_task(algorithm, cfg)
-        validate_instruction(ins)
-        seen |= set(ins.train)
-    assert seen == set(TRAIN_FIELDS) - {"privacy"}
+        validate_instruction(ins, method(algorithm).accepts())
+        assert set(ins.train) == set(TRAIN_FIELDS) - {"privacy"} | set(method(algorithm).train_fields), algorithm
     servicer, port = coordinator
     a = agent(write_run(tmp_path, rounds=1), port, 0)
     servicer.task, pushed = honest_task("fedavg", a.cfg), servicer.pushed
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = serde.CoordinatorStub(channel)
+        stub = wire.CoordinatorStub(channel)
         a.join(stub)
         assert a.step(stub) is True and a.version == 0  # set up, synced, trained
     assert servicer.pushed == pushed + 1
@@ -207,7 +207,7 @@ def test_a_wait_of_1e9_seconds_does_not_park_the_client(tmp_path, coordinator, m
     monkeypatch.setattr(servicer, "task", 1e9)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         t0 = time.monotonic()
-        assert a.step(serde.CoordinatorStub(channel)) is True
+        assert a.step(wire.CoordinatorStub(channel)) is True
         assert time.monotonic() - t0 < 5
 
 
@@ -239,8 +239,8 @@ def test_sync_payloads_that_do_not_fit_the_model_are_refused_before_any_change()
     """FLoRA: a round stack whose B has 1 row (torch would broadcast the 1×d_in ΔW over every row of W); FedKSeed:
     a seed index of -1 (Python would silently replay the last seed) or 10^9, a NaN coefficient. Each is a
     ValueError naming the problem, and the model is unchanged."""
-    from fedtune.algorithms.fedkseed.server import round_key as kseed_key
-    from fedtune.algorithms.flora.server import round_key as flora_key
+    from fedtune.algorithms.fedkseed.shared import round_key as kseed_key
+    from fedtune.algorithms.flora.shared import round_key as flora_key
 
     cases = []
     flora = get_algorithm("flora")

@@ -100,8 +100,8 @@ def test_edge_client_trains_on_all_of_its_own_files(tmp_path, tok):
     import json
 
     from fedtune import config
-    from fedtune.transports.grpc.agent import local_data
     from fedtune.config import ClientSection
+    from fedtune.transports.grpc.agent import local_data
 
     paths = []
     for i, n in enumerate((7, 5)):

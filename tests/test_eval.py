@@ -9,8 +9,8 @@ import pytest
 
 from fedtune import config
 from fedtune.cli import main
-from fedtune.run.evaluation import GenConfig, generate, load_tuned
 from fedtune.run.assemble import simulate
+from fedtune.run.evaluation import GenConfig, generate, load_tuned
 
 FAST = {"model.name": "tiny", "federation.num_clients": 2, "run.rounds": 2, "train.local_steps": 6, "train.lr": 5e-3,
         "data.max_seq_len": 48, "data.max_eval_per_client": 4, "data.max_test_examples": 8, "run.algorithm": "fedavg"}

@@ -14,7 +14,8 @@ from conftest import start_fedkseed as start
 
 from fedtune.algorithms import ClientUpdate, GlobalState, Payload, TrainContext, get_algorithm
 from fedtune.algorithms.fedkseed import FedKSeedConfig
-from fedtune.algorithms.fedkseed.server import round_key, seed_probabilities
+from fedtune.algorithms.fedkseed.server import seed_probabilities
+from fedtune.algorithms.fedkseed.shared import round_key
 from fedtune.training import zo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_zo_step_regenerates_z_three_times_and_matches_the_unfused_step(ktok, kf
 
 
 def zo_batches(feats, ktok):
-    from fedtune.training.local import batches
+    from fedtune.training.loop import batches
 
     return batches(feats, 2, 0, ktok.pad_token_id)
 
@@ -243,7 +244,7 @@ def test_round_one_download_is_one_seed_not_k_seeds(ktok):
     """The client derives the K candidate seeds from one seed in the setup payload: the round-1 instruction at
     K = 4096 is well under 18 KB (it was 33 KB with the K seeds as int64), and the seeds equal the server's."""
     from fedtune.algorithms.api import Instruction
-    from fedtune.algorithms.fedkseed.server import candidate_seeds
+    from fedtune.algorithms.fedkseed.shared import candidate_seeds
     from fedtune.transports.wire import sizes
 
     algo = get_algorithm("fedkseed", FedKSeedConfig(num_seeds=4096))

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import max_abs
 
-from fedtune.run import checkpoint
 from fedtune.algorithms import ClientUpdate, get_algorithm
 from fedtune.algorithms.api import payload_nbytes
-from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.algorithms.common.lora import lora_shapes, target_linears
+from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.models import fingerprint, tiny_llama
+from fedtune.run import checkpoint
 
 RANK, KEEP, CLIENTS, PER_ROUND = 4, 4, 20, 2
 

@@ -112,8 +112,8 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedsb", "flora"])
 def test_flower_engine_matches_native_simulation(tmp_path, algorithm):
-    from fedtune.run.flower import run_flower_simulation
     from fedtune.run.assemble import simulate
+    from fedtune.run.flower import run_flower_simulation
 
     # native clients one by one, as the Flower nodes compute (batched native equals it only to ~1e-5)
     over = {**FAST, "run.algorithm": algorithm, "federation.batch_clients": False}
@@ -274,12 +274,12 @@ def _native_without(cfg, drop):
     from fedtune.run.assemble import simulate
     from fedtune.transports.inprocess import InProcessTransport
 
-    def factory(engine, gm, data, pad_id):
-        inner = InProcessTransport(gm, data, pad_id, progress=False, batch_clients=False)
+    def factory(run):
+        inner = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress=False, batch_clients=False)
 
         class Dropping:
-            def run_round(self, rnd, instructions, timeout_s):
-                res = inner.run_round(rnd, instructions, timeout_s)
+            def run_round(self, plan, timeout_s):
+                res = inner.run_round(plan, timeout_s)
                 res.failed += [u.client_id for u in res.updates if u.client_id in drop]
                 res.updates = [u for u in res.updates if u.client_id not in drop]
                 return res
@@ -346,8 +346,8 @@ def test_node_state_on_disk_survives_a_process_per_message(tmp_path, flower_task
     before each message). With state-dir each node rebuilds its FLoRA model from the payloads it stored, so
     from round 2 on it gets only the delta (no "stale", no resync: the same bytes as the native simulation)
     and the run equals the native simulation."""
-    from fedtune.run.flower import run_server
     from fedtune.run.assemble import simulate
+    from fedtune.run.flower import run_server
 
     over = {**QUICK, "run.algorithm": "flora", "run.rounds": 3}
     simulate(config.load(None, {**over, "run.out": str(tmp_path / "native")}), progress=False)
@@ -423,8 +423,8 @@ def test_node_config_is_validated_with_the_fix_in_the_message(tmp_path):
 def test_node_data_from_own_file_is_split_like_simulate_splits_client_k(tmp_path, tok):
     """A node with its own file, told it is client k of the roster, trains on exactly the examples
     `fedtune simulate` gives client k of data.paths."""
-    from fedtune.transports.flower.client import NodeSpec, load_node_data
     from fedtune.data.prepare import prepare_data
+    from fedtune.transports.flower.client import NodeSpec, load_node_data
 
     paths = []
     for k in range(3):
@@ -467,9 +467,9 @@ def test_a_node_that_lost_its_model_is_resynced_by_the_engine(tmp_path, flower_t
     """Round 2: client-1's worker lost its model (a fresh Ray worker). It answers "stale"; the transport
     resends the engine's own instruction_for(client-1, -1) (setup + every missed FLoRA merge) and the run
     still equals the native simulation."""
-    from fedtune.transports.flower import client as flower_client
-    from fedtune.run.flower import run_server
     from fedtune.run.assemble import simulate
+    from fedtune.run.flower import run_server
+    from fedtune.transports.flower import client as flower_client
 
     over = {**QUICK, "run.algorithm": "flora"}
     cfg = config.load(None, {**over, "run.out": str(tmp_path / "flower")})
@@ -608,8 +608,8 @@ def test_array_decoding_refuses_what_fedtune_never_sends():
 def test_a_restarted_supernode_is_found_again_at_the_next_round(tmp_path, flower_task):
     """client-2's SuperNode is offline in round 1 (failed at once, no message); in round 2 a new node (new node
     id, as a restarted flower-supernode gets) says it hosts client-2 and takes part again."""
-    from fedtune.transports.flower.client import NodeSpec
     from fedtune.run.flower import run_server
+    from fedtune.transports.flower.client import NodeSpec
 
     cfg = config.load(None, {**QUICK, "run.algorithm": "fedavg", "federation.min_clients": 2,
                              "run.out": str(tmp_path / "out")})
@@ -637,9 +637,9 @@ def test_dp_accountants_survive_a_process_per_message(tmp_path, flower_task):
     ε of every round equals the native simulation's (never under-reported). Without a state dir the node
     refuses with the fix instead of silently restarting its accountant."""
     from fedtune.config import ConfigError
-    from fedtune.transports.flower.client import NodeSpec, check_dp_state
-    from fedtune.run.flower import run_server
     from fedtune.run.assemble import simulate
+    from fedtune.run.flower import run_server
+    from fedtune.transports.flower.client import NodeSpec, check_dp_state
 
     over = {**QUICK, "run.algorithm": "fedavg", "run.rounds": 3, "privacy.mode": "sample",
             "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "privacy.noise_seed": 3}

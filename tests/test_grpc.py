@@ -21,15 +21,15 @@ from safetensors.torch import load_file
 
 from fedtune import config
 from fedtune.algorithms.api import ClientUpdate, TensorSpec, UpdateSpec
-from fedtune.transports.grpc.certs import make_dev_certs
-from fedtune.transports.grpc.agent import Agent
 from fedtune.config import ClientSection
+from fedtune.run.assemble import simulate
 from fedtune.run.engine import RoundAborted
 from fedtune.run.serve import serve
+from fedtune.transports import wire
+from fedtune.transports.grpc.agent import Agent
+from fedtune.transports.grpc.certs import make_dev_certs
 from fedtune.transports.grpc.security import auth_metadata
-from fedtune.run.assemble import simulate
 from fedtune.transports.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
-from fedtune.transports.wire import serde
 from fedtune.transports.wire.tensors import pack_parts
 
 IDS = ["client-0", "client-1", "client-2"]
@@ -120,11 +120,11 @@ def run_agents(agents):
     return threads, results
 
 
-def pull_until_task(stub, cid: str, md) -> serde.Task:
+def pull_until_task(stub, cid: str, md) -> wire.Task:
     for _ in range(400):
-        res = serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(cid, None)), metadata=md, timeout=10),
+        res = wire.read_task(stub.PullTask(wire.to_proto(wire.TaskRequest(cid, None)), metadata=md, timeout=10),
                               max_bytes=1 << 30)
-        if isinstance(res, serde.Task):
+        if isinstance(res, wire.Task):
             return res
         time.sleep(0.05)
     raise AssertionError(f"no task for {cid}")
@@ -184,7 +184,7 @@ def test_dead_client_round_completes_with_survivors(tmp_path, monkeypatch):
     for a in (zombie, *survivors):
         a.c.server = a.c.server.replace(":0", f":{srv.port}")
     zombie.client = None
-    stub = serde.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+    stub = wire.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
     zombie.join(stub)
     # pull the task, then vanish without pushing or heartbeating
     pull_until_task(stub, IDS[2], zombie.meta)
@@ -217,7 +217,7 @@ def test_below_min_clients_aborts_and_writes_nothing(tmp_path):
 def live_server(tmp_path):
     cfg_path = write_run(tmp_path, rounds=1, server="", extra="")
     srv = Server(cfg_path, **{"federation.round_timeout_s": 120.0})
-    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=serde.channel_options())
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=wire.channel_options())
     yield srv, channel
     srv.stop.set()
     srv.join(30)
@@ -229,7 +229,7 @@ def _health(channel) -> int:
 
 def test_auth_is_required_on_every_rpc(live_server):
     _, channel = live_server
-    stub = serde.CoordinatorStub(channel)
+    stub = wire.CoordinatorStub(channel)
     calls = {
         "Join": lambda md: stub.Join(pb2.JoinRequest(client_id=IDS[0]), metadata=md, timeout=5),
         "PullTask": lambda md: list(stub.PullTask(pb2.TaskRequest(client_id=IDS[0]), metadata=md, timeout=5)),
@@ -250,8 +250,8 @@ def test_auth_is_required_on_every_rpc(live_server):
 
 def test_wrong_model_is_refused_at_join(live_server):
     _, channel = live_server
-    reply = serde.from_proto(serde.CoordinatorStub(channel).Join(
-        serde.to_proto(serde.JoinRequest(IDS[0], "ab" * 32)), metadata=auth_metadata(TOKENS[IDS[0]]), timeout=5))
+    reply = wire.from_proto(wire.CoordinatorStub(channel).Join(
+        wire.to_proto(wire.JoinRequest(IDS[0], "ab" * 32)), metadata=auth_metadata(TOKENS[IDS[0]]), timeout=5))
     assert not reply.accepted
     assert "base model mismatch: this run uses 'tiny'" in reply.reason
     assert len(reply.expected_fingerprint) == 64 and reply.expected_fingerprint != "ab" * 32
@@ -259,13 +259,13 @@ def test_wrong_model_is_refused_at_join(live_server):
 
 def test_push_to_another_clients_task_bad_hash_and_huge_upload(live_server):
     _, channel = live_server
-    stub = serde.CoordinatorStub(channel)
+    stub = wire.CoordinatorStub(channel)
     md0, md1 = auth_metadata(TOKENS[IDS[0]]), auth_metadata(TOKENS[IDS[1]])
     task0 = pull_until_task(stub, IDS[0], md0)
     upd = ClientUpdate(IDS[1], 5, {k: v.clone() for k, v in task0.instruction.sync.tensors.items()})
     # client-1 (valid token) pushes to client-0's task
     with pytest.raises(grpc.RpcError) as e:
-        stub.PushUpdate(serde.update_to_chunks(upd, task0.task_id), metadata=md1, timeout=10)
+        stub.PushUpdate(wire.update_to_chunks(upd, task0.task_id), metadata=md1, timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # a declared 10 GB upload: refused before anything is allocated
     huge = pb2.UpdateChunk(task_id=task0.task_id, index=0, total=10_000, total_bytes=10 << 30, sha256=b"\0" * 32,
@@ -275,12 +275,12 @@ def test_push_to_another_clients_task_bad_hash_and_huge_upload(live_server):
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # a chunk stream whose hash does not match: rejected, and the round goes on
     upd0 = ClientUpdate(IDS[0], 5, upd.tensors)
-    chunks = list(serde.update_to_chunks(upd0, task0.task_id, chunk_bytes=1024))
+    chunks = list(wire.update_to_chunks(upd0, task0.task_id, chunk_bytes=1024))
     chunks[-1].data = bytes(b ^ 0xFF for b in chunks[-1].data)
     with pytest.raises(grpc.RpcError) as e:
         stub.PushUpdate(iter(chunks), metadata=md0, timeout=10)
     assert e.value.code() == grpc.StatusCode.DATA_LOSS
-    reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(upd0, task0.task_id), metadata=md0, timeout=10))
+    reply = wire.from_proto(stub.PushUpdate(wire.update_to_chunks(upd0, task0.task_id), metadata=md0, timeout=10))
     assert reply.accepted
 
 
@@ -290,7 +290,7 @@ def test_a_metrics_map_of_100k_entries_is_refused_cleanly(live_server):
     the round). The server keeps serving."""
     srv, channel = live_server
     md = auth_metadata(TOKENS[IDS[0]])
-    task = pull_until_task(serde.CoordinatorStub(channel), IDS[0], md)
+    task = pull_until_task(wire.CoordinatorStub(channel), IDS[0], md)
     tensors = {k: v.clone() for k, v in task.instruction.sync.tensors.items()}
     big = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.max_send_message_length", 64 << 20)])
     for n, code, details in [(300_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
@@ -298,7 +298,7 @@ def test_a_metrics_map_of_100k_entries_is_refused_cleanly(live_server):
                               "\"update from 'client-0': 100000 metrics, at most 32 allowed\"")]:
         upd = ClientUpdate(IDS[0], 5, tensors, {f"m{i}": 1.0 for i in range(n)})
         with pytest.raises(grpc.RpcError) as e:
-            serde.CoordinatorStub(big).PushUpdate(serde.update_to_wire(upd, task.task_id), metadata=md, timeout=30)
+            wire.CoordinatorStub(big).PushUpdate(wire.update_to_wire(upd, task.task_id), metadata=md, timeout=30)
         assert e.value.code() == code and details in e.value.details(), (n, e.value.code(), e.value.details())
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
     big.close()
@@ -311,8 +311,8 @@ def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
     (INVALID_ARGUMENT, naming the limit; they have failed the round) and client-0's honest upload goes through."""
     cfg_path = write_run(tmp_path, rounds=1)
     srv = Server(cfg_path, **{"federation.round_timeout_s": 60.0, "server.lease_timeout_s": 60.0})
-    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=serde.channel_options())
-    stub = serde.CoordinatorStub(channel)
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=wire.channel_options())
+    stub = wire.CoordinatorStub(channel)
     md = {c: auth_metadata(TOKENS[c]) for c in IDS}
     release, sent, results = threading.Event(), {c: threading.Event() for c in IDS}, {}
     try:
@@ -339,10 +339,10 @@ def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
         time.sleep(0.5)  # chunk 0 of both reached the server
         honest = ClientUpdate(IDS[0], 5, {k: v.clone() for k, v in tasks[IDS[0]].instruction.sync.tensors.items()})
         try:
-            reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(honest, tasks[IDS[0]].task_id),
+            reply = wire.from_proto(stub.PushUpdate(wire.update_to_chunks(honest, tasks[IDS[0]].task_id),
                                                      metadata=md[IDS[0]], timeout=10))
         except grpc.RpcError as e:
-            reply = serde.PushReply(False, f"{e.code().name}: {e.details()}")
+            reply = wire.PushReply(False, f"{e.code().name}: {e.details()}")
         release.set()
         for t in hogs:
             t.join(30)
@@ -350,7 +350,7 @@ def test_an_upload_cannot_declare_more_than_its_assigned_update(tmp_path):
         release.set()
         srv.stop.set()
         srv.join(60)
-    limit = serde.max_update_blob_bytes(UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in honest.tensors.items()}))
+    limit = wire.max_update_blob_bytes(UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in honest.tensors.items()}))
     assert reply.accepted, reply.reason
     for c in IDS[1:]:
         want = f"\"update from '{c}': declares {512 << 20} bytes; the update assigned to it this round takes at most {limit}\""
@@ -386,7 +386,7 @@ def test_hostile_messages_never_crash_the_server(tmp_path):
     cfg_path.write_text(text.replace("lease_timeout_s = 2.0", "lease_timeout_s = 900.0"))  # no client will come
     srv = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "server", "--config", str(cfg_path), "--no-progress",
                             "--rounds", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.channel_options())
     try:
         grpc.channel_ready_future(channel).result(timeout=60)
         md = auth_metadata(TOKENS[IDS[0]])
@@ -399,7 +399,7 @@ def test_hostile_messages_never_crash_the_server(tmp_path):
                 task_id="t" * 32, index=0, total=1, total_bytes=8, sha256=b"s" * 32, data=b"12345678",
                 client_id=IDS[0], num_examples=3)),
         }
-        methods = {name: (kind(f"/{serde.SERVICE_NAME}/{name}", request_serializer=ident, response_deserializer=ident),
+        methods = {name: (kind(f"/{wire.SERVICE_NAME}/{name}", request_serializer=ident, response_deserializer=ident),
                           msg.SerializeToString()) for name, (kind, msg) in seeds.items()}
         rng, codes = random.Random(0), {}
 
@@ -498,14 +498,14 @@ def test_plaintext_client_cannot_talk_to_tls_server(tmp_path):
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
         with pytest.raises(grpc.RpcError) as e:
-            serde.CoordinatorStub(channel).Join(pb2.JoinRequest(client_id=IDS[0]),
+            wire.CoordinatorStub(channel).Join(pb2.JoinRequest(client_id=IDS[0]),
                                                 metadata=auth_metadata(TOKENS[IDS[0]]), timeout=3)
         assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         with pytest.raises(grpc.RpcError):  # TLS with the right CA but no client certificate (mTLS required)
             from fedtune.transports.grpc.security import channel_credentials
 
             tls = grpc.secure_channel(f"localhost:{srv.port}", channel_credentials(tmp_path / "certs/ca.pem"))
-            serde.CoordinatorStub(tls).Join(pb2.JoinRequest(client_id=IDS[0]), metadata=auth_metadata(TOKENS[IDS[0]]),
+            wire.CoordinatorStub(tls).Join(pb2.JoinRequest(client_id=IDS[0]), metadata=auth_metadata(TOKENS[IDS[0]]),
                                             timeout=3)
     finally:
         srv.stop.set()

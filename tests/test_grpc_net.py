@@ -21,12 +21,13 @@ from test_grpc import IDS, TOKENS, Server, _free_port, _health, _rss_mb, pull_un
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, Payload
 from fedtune.cli import main
-from fedtune.transports.grpc.agent import resolve_token
 from fedtune.config import ClientSection, ConfigError, ServerSection
+from fedtune.transports import wire
+from fedtune.transports.base import RoundPlan
+from fedtune.transports.grpc.agent import resolve_token
 from fedtune.transports.grpc.coordinator import GrpcTransport, Interrupted, start_grpc_server
 from fedtune.transports.grpc.security import auth_metadata, channel_credentials
 from fedtune.transports.wire import fedtune_pb2 as pb2  # the test crafts raw and hostile messages
-from fedtune.transports.wire import serde
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -137,7 +138,7 @@ def test_mtls_certificate_must_name_the_token_client(tmp_path):
     def heartbeat(cert_of: str, token_of: str):
         creds = channel_credentials(certs / "ca.pem", certs / f"{cert_of}.pem", certs / f"{cert_of}.key")
         with grpc.secure_channel(f"localhost:{srv.port}", creds) as ch:
-            return serde.from_proto(serde.CoordinatorStub(ch).Heartbeat(
+            return wire.from_proto(wire.CoordinatorStub(ch).Heartbeat(
                 pb2.HeartbeatRequest(client_id=token_of), metadata=auth_metadata(TOKENS[token_of]), timeout=10))
 
     try:
@@ -161,14 +162,14 @@ def test_client_strings_cannot_forge_log_lines(tmp_path, caplog):
     forged = "ab\nINFO client-1 joined\r\x1b[2K" + "z" * 10_000
     md = auth_metadata(TOKENS[IDS[0]])
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=serde.channel_options()) as ch:
-            stub = serde.CoordinatorStub(ch)
-            reply = serde.from_proto(stub.Join(pb2.JoinRequest(client_id=IDS[0], base_fingerprint=forged),
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=wire.channel_options()) as ch:
+            stub = wire.CoordinatorStub(ch)
+            reply = wire.from_proto(stub.Join(pb2.JoinRequest(client_id=IDS[0], base_fingerprint=forged),
                                                metadata=md, timeout=10))
             assert not reply.accepted and "\n" not in reply.reason and "'ab\\nINFO client" in reply.reason
             good = pb2.JoinRequest(client_id=IDS[0], client_version=forged,
                                    base_fingerprint=_server_fingerprint(stub, md))
-            assert serde.from_proto(stub.Join(good, metadata=md, timeout=10)).accepted
+            assert wire.from_proto(stub.Join(good, metadata=md, timeout=10)).accepted
             with pytest.raises(grpc.RpcError) as e:
                 stub.Heartbeat(pb2.HeartbeatRequest(client_id=forged), metadata=md, timeout=10)
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -187,7 +188,7 @@ def test_client_strings_cannot_forge_log_lines(tmp_path, caplog):
 
 
 def _server_fingerprint(stub, md) -> str:
-    reply = serde.from_proto(stub.Join(pb2.JoinRequest(client_id=IDS[0], base_fingerprint="0"), metadata=md, timeout=10))
+    reply = wire.from_proto(stub.Join(pb2.JoinRequest(client_id=IDS[0], base_fingerprint="0"), metadata=md, timeout=10))
     return reply.expected_fingerprint
 
 
@@ -242,8 +243,8 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         srv = _fedtune("server", "--config", str(cfg_path), "--no-progress", stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
-    stub = serde.CoordinatorStub(channel)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.channel_options())
+    stub = wire.CoordinatorStub(channel)
     md = {cid: auth_metadata(TOKENS[cid]) for cid in IDS}
     release = threading.Event()
     try:
@@ -282,7 +283,7 @@ def test_stalled_uploads_cannot_hold_the_server(tmp_path):
         assert 3.5 < time.monotonic() - t0 < 15.0
         # slots and budget are free again: an honest upload goes through
         upd = ClientUpdate(IDS[0], 5, {k: v.clone() for k, v in tasks[IDS[0]].instruction.sync.tensors.items()})
-        reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(upd, tasks[IDS[0]].task_id),
+        reply = wire.from_proto(stub.PushUpdate(wire.update_to_chunks(upd, tasks[IDS[0]].task_id),
                                                  metadata=md[IDS[0]], timeout=10))
         assert reply.accepted, reply.reason
         assert srv.poll() is None
@@ -305,30 +306,32 @@ def test_stalled_download_is_cut_and_frees_the_slot():
     transport = GrpcTransport(roster=[cid], tokens={cid: TOKENS[cid]}, fingerprint="f" * 64, model_name="tiny",
                               run_name="t", algorithm="fedavg", cfg=scfg)
     ins = Instruction(1, cid, 1, {"steps": 1}, Payload({"w": torch.ones(6 * MiB)}))  # 24 MiB of float32
-    transport.instruction_for = lambda _cid, _version: ins
+    plan = RoundPlan(round=1, version=1, instructions={cid: ins}, versions={cid: 0}, min_clients=1, roster=[cid],
+                     instruction_for=lambda _cid, _version: ins, check_update=None, expected_update=None,
+                     sync_payload=None)
     server, port, _ = start_grpc_server(transport, scfg.address, scfg)
 
     def one_round():
         with contextlib.suppress(Interrupted):  # ended by the test
-            transport.run_round(1, {cid: ins}, 60.0)
+            transport.run_round(plan, 60.0)
 
     rounds = threading.Thread(target=one_round, daemon=True)
     rounds.start()
     md = auth_metadata(TOKENS[cid])
     req = pb2.TaskRequest(client_id=cid)
-    slow = grpc.insecure_channel(f"127.0.0.1:{port}", options=[*serde.channel_options(), ("grpc.http2.bdp_probe", 0)])
-    fast = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+    slow = grpc.insecure_channel(f"127.0.0.1:{port}", options=[*wire.channel_options(), ("grpc.http2.bdp_probe", 0)])
+    fast = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.channel_options())
     try:
         for _ in range(100):  # until the round has opened its task
             with transport.lock:
                 if transport.book is not None:
                     break
             time.sleep(0.05)
-        stalled = serde.CoordinatorStub(slow).PullTask(req, metadata=md, timeout=30)
+        stalled = wire.CoordinatorStub(slow).PullTask(req, metadata=md, timeout=30)
         assert pb2.TaskChunk.FromString(next(stalled)).index == 0  # then stop reading (the stub yields bytes)
         time.sleep(0.3)
         with pytest.raises(grpc.RpcError) as e:
-            list(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=10))
+            list(wire.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=10))
         assert e.value.code() == grpc.StatusCode.ABORTED and "download" in e.value.details()
         t0 = time.monotonic()
         while transport.streams:
@@ -338,7 +341,7 @@ def test_stalled_download_is_cut_and_frees_the_slot():
         with pytest.raises(grpc.RpcError) as e:
             list(stalled)
         assert e.value.code() == grpc.StatusCode.CANCELLED
-        task = serde.read_task(serde.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=30), max_bytes=1 << 30)
+        task = wire.read_task(wire.CoordinatorStub(fast).PullTask(req, metadata=md, timeout=30), max_bytes=1 << 30)
         assert torch.equal(task.instruction.sync.tensors["w"], ins.sync.tensors["w"])
     finally:
         transport.stop_event.set()

@@ -14,8 +14,8 @@ import torch
 
 from fedtune import config
 from fedtune.cli import main
-from fedtune.models import fingerprint, load_model
-from fedtune.models.fingerprint import base_fingerprint
+from fedtune.config import ModelSection
+from fedtune.models import fingerprint, load_base, load_model
 from fedtune.models.hardware import placement, prepare_for_training
 from fedtune.run.assemble import simulate
 
@@ -94,13 +94,14 @@ def test_auto_defaults():
 def test_base_fingerprint_identifies_the_weights_not_the_holding(tiny_dir):
     """float32, bfloat16, NF4 and int8 holdings of one checkpoint: one base fingerprint, the float32 model's."""
     want = fingerprint(load_model(str(tiny_dir))[0])
-    assert want == fingerprint(load_model("tiny", seed=0)[0])
+    assert want == fingerprint(load_model("tiny", seed=0)[0]) == load_base(str(tiny_dir)).fingerprint
     for dtype, q in [("bfloat16", "none"), ("bfloat16", "nf4"), ("float32", "int8")]:
-        model, _ = load_model(str(tiny_dir), dtype=dtype, quantization=q)
-        assert (placement(model).dtype, placement(model).quantization) == (getattr(torch, dtype), q)
-        assert base_fingerprint(model) == want
-        assert fingerprint(model) != want  # the held tensors themselves differ
-    assert base_fingerprint(load_model("tiny", seed=0, dtype="bfloat16")[0]) == want
+        base = load_base(str(tiny_dir), dtype=dtype, quantization=q)
+        assert (base.holding.dtype, base.holding.quantization) == (getattr(torch, dtype), q)
+        assert placement(base.model) == base.holding  # what the model shows agrees with what the loader says
+        assert base.fingerprint == want
+        assert fingerprint(base.model) != want  # the held tensors themselves differ
+    assert load_base("tiny", seed=0, dtype="bfloat16").fingerprint == want
 
 
 # -- every method, 2 rounds, bf16 and nf4 ---------------------------------------------------------------------
@@ -212,7 +213,7 @@ def test_exported_adapter_loads_with_plain_peft_on_the_4bit_base(tmp_path, tiny_
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=q, dtype=torch.bfloat16,
                                                 device_map="cpu")
     plain = PeftModel.from_pretrained(base, s["adapter"]).eval()
-    ours = load_tuned(str(tiny_dir), adapter=s["adapter"], hardware={"dtype": "bfloat16", "quantization": "nf4"})
+    ours = load_tuned(str(tiny_dir), adapter=s["adapter"], holding=ModelSection(dtype="bfloat16", quantization="nf4"))
     batch = collate(feats[:4], 3)
     with torch.no_grad():
         a = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -229,9 +230,9 @@ def test_exported_adapter_loads_with_plain_peft_on_the_4bit_base(tmp_path, tiny_
 def test_grpc_run_with_an_fp32_client_and_an_nf4_client(tmp_path, tiny_dir):
     """One coordinator (float32), client-0 holding the base in float32, client-1 in NF4 + bf16 compute: the base
     fingerprints agree, the run completes, and the coordinator records how each client holds its model."""
-    from fedtune.transports.grpc.agent import Agent
     from fedtune.config import ClientSection
     from fedtune.run.serve import serve
+    from fedtune.transports.grpc.agent import Agent
 
     ids = ["client-0", "client-1"]
     tokens = {c: f"token-{c}-0123456789abcdef" for c in ids}
@@ -326,7 +327,7 @@ def test_4bit_gradients_survive_an_evaluation(tiny_dir, feats):
     changes neither the gradients nor the held weights."""
     from fedtune.algorithms.common.lora import activate, attach_lora
     from fedtune.data.format import collate
-    from fedtune.training.local import evaluate
+    from fedtune.training.evaluate import evaluate
 
     model, _ = load_model(str(tiny_dir), dtype="bfloat16", quantization="nf4")
     model = prepare_for_training(model, gradient_checkpointing=False)

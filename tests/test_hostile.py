@@ -18,11 +18,10 @@ from grpc_health.v1 import health_pb2
 from test_grpc import IDS, TOKENS, Server, _free_port, _health, adapters, agent, rows, run_agents, write_run
 
 from fedtune.algorithms.api import ClientUpdate
-from fedtune.algorithms.fedavg.config import DEFAULT_TARGETS
-from fedtune.algorithms.common.lora import lora_shapes
+from fedtune.algorithms.common.lora import DEFAULT_TARGETS, lora_shapes
 from fedtune.models import fingerprint, load_model
+from fedtune.transports import wire
 from fedtune.transports.grpc.security import auth_metadata
-from fedtune.transports.wire import serde
 
 HOSTILE = IDS[2]
 
@@ -55,11 +54,11 @@ ATTACKS = {  # round → (attack, what the refusal names)
 }
 
 
-def _task(stub, md, rnd: int, deadline: float) -> serde.Task:
+def _task(stub, md, rnd: int, deadline: float) -> wire.Task:
     while time.monotonic() < deadline:
-        res = serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(HOSTILE, None)), metadata=md, timeout=10),
+        res = wire.read_task(stub.PullTask(wire.to_proto(wire.TaskRequest(HOSTILE, None)), metadata=md, timeout=10),
                               max_bytes=1 << 30)
-        if isinstance(res, serde.Task) and res.instruction.round == rnd:
+        if isinstance(res, wire.Task) and res.instruction.round == rnd:
             return res
         time.sleep(0.05)
     raise AssertionError(f"no round-{rnd} task for the hostile client")
@@ -68,7 +67,7 @@ def _task(stub, md, rnd: int, deadline: float) -> serde.Task:
 def _refused(stub, md, task_id: str, update: ClientUpdate, code) -> str:
     """Push `update`; it must be refused with `code`. Returns the error details."""
     try:
-        stub.PushUpdate(serde.update_to_chunks(update, task_id), metadata=md, timeout=30)
+        stub.PushUpdate(wire.update_to_chunks(update, task_id), metadata=md, timeout=30)
     except grpc.RpcError as e:
         assert e.code() == code, (e.code(), e.details())
         return e.details()
@@ -87,16 +86,16 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
     base, _ = load_model("tiny", seed=0)
     shapes = lora_shapes(base, DEFAULT_TARGETS)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.channel_options())
         grpc.channel_ready_future(channel).result(timeout=90)
         threads, results = run_agents(agents)
-        stub, md = serde.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
+        stub, md = wire.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
         for bogus in ("²", "9" * 5000, "-1", "0"):  # a declared example count must be a plain positive integer
             with pytest.raises(grpc.RpcError) as e:
-                stub.Join(serde.to_proto(serde.JoinRequest(HOSTILE, fingerprint(base), {"train_examples": bogus}, "x")),
+                stub.Join(wire.to_proto(wire.JoinRequest(HOSTILE, fingerprint(base), {"train_examples": bogus}, "x")),
                           metadata=md, timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bogus
-        join = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+        join = wire.from_proto(stub.Join(wire.to_proto(wire.JoinRequest(
             HOSTILE, fingerprint(base), {"train_examples": "48"}, "evil")), metadata=md, timeout=10))
         assert join.accepted
         deadline = time.monotonic() + 600  # generous: the machine may be busy
@@ -109,8 +108,8 @@ def test_hostile_updates_are_refused_and_the_honest_run_is_unchanged(tmp_path):
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
             # failed for this round: no second try, not even with a valid update
             _refused(stub, md, task.task_id, _attack("none", 4, shapes), grpc.StatusCode.PERMISSION_DENIED)
-        while not isinstance(serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(HOSTILE, None)),
-                                                           metadata=md, timeout=10), max_bytes=1 << 20), serde.Finished):
+        while not isinstance(wire.read_task(stub.PullTask(wire.to_proto(wire.TaskRequest(HOSTILE, None)),
+                                                           metadata=md, timeout=10), max_bytes=1 << 20), wire.Finished):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # the reference, while the server finishes: the same gRPC run in which client-2 never shows up
@@ -155,20 +154,20 @@ def test_a_client_that_heartbeats_but_never_uploads_cannot_hold_the_rounds(tmp_p
     agents = [agent(cfg_path, port, i) for i in range(2)]
     stop = threading.Event()
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.channel_options())
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.channel_options())
         grpc.channel_ready_future(channel).result(timeout=90)
-        stub, md = serde.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
+        stub, md = wire.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
         base, _ = load_model("tiny", seed=0)
-        assert serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+        assert wire.from_proto(stub.Join(wire.to_proto(wire.JoinRequest(
             HOSTILE, fingerprint(base), {"train_examples": "48"}, "idle")), metadata=md, timeout=10)).accepted
 
         def hold() -> None:  # pull each round's task, then only heartbeat
             while not stop.is_set():
                 try:
-                    res = serde.read_task(stub.PullTask(serde.to_proto(serde.TaskRequest(HOSTILE, None)), metadata=md,
+                    res = wire.read_task(stub.PullTask(wire.to_proto(wire.TaskRequest(HOSTILE, None)), metadata=md,
                                                         timeout=10), max_bytes=1 << 24)
-                    task_id = res.task_id if isinstance(res, serde.Task) else ""
-                    stub.Heartbeat(serde.to_proto(serde.HeartbeatRequest(HOSTILE, task_id)), metadata=md, timeout=10)
+                    task_id = res.task_id if isinstance(res, wire.Task) else ""
+                    stub.Heartbeat(wire.to_proto(wire.HeartbeatRequest(HOSTILE, task_id)), metadata=md, timeout=10)
                 except grpc.RpcError:
                     pass  # the server is gone at the end
                 stop.wait(0.2)

@@ -94,7 +94,7 @@ def test_bf16_full_round_restores_bit_exactly_with_fp32_masters_and_bf16_compute
     base = bf16_base()
     bf16_weights = {n: p.detach().clone() for n, p in base.named_parameters()}
     algo, state, client, model = start(FedKSeedConfig(num_seeds=16, lr=1e-3), base, ktok)
-    assert placement(model).dtype == torch.bfloat16  # the holding it was loaded with: the compute dtype
+    assert client.compute_dtype == torch.bfloat16  # the holding it was loaded with: the ZO forwards' compute dtype
     assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())  # master weights
     assert all(torch.equal(p, bf16_weights[n].float()) for n, p in model.named_parameters())  # exact upcast
     seen = []

@@ -15,11 +15,11 @@ import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
 from fedtune.algorithms import ClientUpdate, TrainContext, get_algorithm
+from fedtune.algorithms.common.lora import target_linears
 from fedtune.algorithms.fedsb import FedSBConfig, sb_layers
 from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.algorithms.flora.client import CumulativeDelta, delta_hooks
-from fedtune.algorithms.flora.server import cumulative_delta
-from fedtune.algorithms.common.lora import target_linears
+from fedtune.algorithms.flora.shared import cumulative_delta
 from fedtune.data import ChatFormatter, load_chatterbot
 from fedtune.models import hardware
 from fedtune.models.loading import load_model

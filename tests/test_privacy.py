@@ -17,9 +17,9 @@ from fedtune.algorithms.common.lora import (
     lora_layers,
     set_lora_state,
 )
+from fedtune.algorithms.wrappers.client_dp import ClientLevelDP, clip_update
 from fedtune.data import ChatFormatter, collate, load_chatterbot
 from fedtune.models import load_model
-from fedtune.algorithms.wrappers.client_dp import ClientLevelDP, clip_update
 from fedtune.privacy import (
     Accountant,
     PrivacyConfig,
@@ -29,7 +29,7 @@ from fedtune.privacy import (
     per_example_loss,
     private_train_local,
 )
-from fedtune.training.local import LocalTrainConfig, train_local
+from fedtune.training.loop import LocalTrainConfig, train_local
 
 DELTA = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

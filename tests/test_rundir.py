@@ -12,8 +12,8 @@ import torch
 from fedtune import config
 from fedtune.cli import main
 from fedtune.fileio import save_safetensors
+from fedtune.run.assemble import in_process, prepare_run, simulate
 from fedtune.run.rundir import RunDir, RunDirError
-from fedtune.run.assemble import prepare_run, simulate
 
 FAST = {"model.name": "tiny", "federation.num_clients": 2, "train.local_steps": 1, "train.batch_size": 4,
         "data.max_train_per_client": 8, "data.max_seq_len": 32, "data.max_eval_per_client": 4}
@@ -100,7 +100,7 @@ def test_resume_cuts_metrics_and_summary_to_the_checkpoint(tmp_path):
     with pytest.raises(RunDirError, match=r"in use by another fedtune process \(pid \d+\)"):
         simulate(_cfg(out, **{"run.rounds": 2}), resume=True, progress=False)
     lock.release()
-    run = prepare_run(_cfg(out, **{"run.rounds": 2}), resume=True)
+    run = prepare_run(_cfg(out, **{"run.rounds": 2}), transport=in_process, resume=True)
     try:
         assert run.start_round == 2 and _rounds(out) == [0, 1] and not (out / "summary.json").exists()
     finally:
@@ -132,7 +132,7 @@ def test_resume_checks_the_checkpoints_state_format_and_layout(tmp_path, algorit
         save_safetensors(t, ck / "global.safetensors")
 
     def resume():
-        run = prepare_run(_cfg(out, **{**kw, "run.rounds": 2}), resume=True)
+        run = prepare_run(_cfg(out, **{**kw, "run.rounds": 2}), transport=in_process, resume=True)
         run.close()
         return run.start_round
 

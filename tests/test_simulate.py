@@ -10,8 +10,8 @@ from conftest import max_abs
 from safetensors.torch import load_file
 
 from fedtune import config
-from fedtune.run.metrics import ROUND_FIELDS
 from fedtune.run.assemble import simulate
+from fedtune.run.metrics import ROUND_FIELDS
 
 FAST = {"model.name": "tiny", "federation.num_clients": 3, "train.local_steps": 4, "train.lr": 5e-3,
         "data.max_train_per_client": 64, "data.max_seq_len": 64}

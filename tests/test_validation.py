@@ -14,18 +14,19 @@ from fedtune.algorithms.api import (
     TensorSpec,
     UpdateRejected,
     UpdateSpec,
-    lora_update_spec,
     validate_update,
 )
+from fedtune.algorithms.common.lora import lora_update_spec
 from fedtune.algorithms.fedkseed import FedKSeedConfig
 from fedtune.algorithms.flora import FLoRAConfig
-from fedtune.algorithms.flora.server import round_key
-from fedtune.config import ConfigError
-from fedtune.run.engine import EngineConfig, RoundAborted, RoundEngine, RoundResult
-from fedtune.run.metrics import MetricsWriter
+from fedtune.algorithms.flora.shared import round_key
 from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
 from fedtune.algorithms.wrappers.robust import RobustAggregation, RobustConfig
+from fedtune.config import ConfigError
 from fedtune.run.assemble import build_algorithm
+from fedtune.run.engine import EngineConfig, RoundAborted, RoundEngine
+from fedtune.run.metrics import MetricsWriter
+from fedtune.transports.base import RoundResult
 
 # -- the generic validator ---------------------------------------------------------------------------------
 
@@ -62,10 +63,11 @@ SPEC = lora_update_spec({"m": (64, 64)}, 4)
 def test_validator_names_the_problem(mutate, message):
     u = _lora()
     u.metrics = {"train_loss": 2.5, "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.1}
-    validate_update(SPEC, u, max_examples=48)  # the honest update passes
+    ranges = get_algorithm("fedkseed").metrics_accepted()  # the common ranges and a method's own (zo_*)
+    validate_update(SPEC, u, max_examples=48, metric_ranges=ranges)  # the honest update passes
     mutate(u)
     with pytest.raises(UpdateRejected) as e:
-        validate_update(SPEC, u, max_examples=48)
+        validate_update(SPEC, u, max_examples=48, metric_ranges=ranges)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -156,7 +158,7 @@ class FixedTransport:
     def __init__(self, updates):
         self.updates, self.calls = updates, 0
 
-    def run_round(self, rnd, instructions, timeout_s):
+    def run_round(self, plan, timeout_s):
         self.calls += 1
         return RoundResult(updates=[ClientUpdate(u.client_id, u.num_examples, dict(u.tensors)) for u in self.updates])
 
@@ -194,15 +196,15 @@ def test_round_train_loss_is_the_weighted_mean_of_the_reported_losses(tmp_path):
     ups = [_fedavg_update("a", 1, 1.0), _fedavg_update("b", 3, 3.0), _fedavg_update("c", 5, 5.0)]
     ups[0].metrics, ups[1].metrics, ups[2].metrics = {"train_loss": 2.0}, {"train_loss": 4.0}, {}
     transport = FixedTransport(ups)
-    transport.run_round = lambda rnd, ins, t: RoundResult(updates=ups)
+    transport.run_round = lambda plan, t: RoundResult(updates=ups)
     engine, writer = _engine(tmp_path, transport), MetricsWriter(tmp_path)
-    engine.run_round(1, STATE, writer)
+    state = engine.run_round(1, STATE, writer)
     assert writer.rows[-1]["train_loss"] == (2.0 * 1 + 4.0 * 3) / 4
     ups[2].metrics = {"train_loss": float("nan")}
-    engine.run_round(2, engine.resume()[0], writer)
+    state = engine.run_round(2, state, writer)
     assert writer.rows[-1]["train_loss"] == 3.5 and writer.rows[-1]["updates_rejected"] == 0
     ups[2].metrics = {"train_loss": -1e30}  # would drag the mean to -5.6e29
-    engine.run_round(3, engine.resume()[0], writer)
+    engine.run_round(3, state, writer)
     assert writer.rows[-1]["train_loss"] == 3.5 and writer.rows[-1]["updates_rejected"] == 1
     writer.close()
 

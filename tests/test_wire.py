@@ -4,22 +4,15 @@ import hashlib
 import random
 import tracemalloc
 
+import grpc
 import pytest
 import torch
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, payload_nbytes
-from fedtune.transports.wire import serde
-from fedtune.transports.wire.tensors import (
-    WireError,
-    WireIntegrityError,
-    WireLimitError,
-    pack,
-    pack_payload,
-    pack_update,
-    unpack,
-    unpack_payload,
-    unpack_update,
-)
+from fedtune.transports import wire
+from fedtune.transports.wire import fedtune_pb2 as pb2
+from fedtune.transports.wire.checks import WireError, WireIntegrityError, WireLimitError
+from fedtune.transports.wire.tensors import pack, pack_payload, pack_update, unpack, unpack_payload, unpack_update
 
 MiB = 1 << 20
 
@@ -139,36 +132,36 @@ def test_blob_errors_are_wire_errors():
 
 def test_task_chunking_3_5_mib():
     instr = make_instruction(int(3.5 * MiB) - 200)
-    chunks = list(serde.instruction_to_chunks(instr, "task-1"))
+    chunks = list(wire.instruction_to_chunks(instr, "task-1"))
     assert len(chunks) == 4
     assert all(len(c.data) <= MiB for c in chunks)
     assert [c.index for c in chunks] == [0, 1, 2, 3] and {c.total for c in chunks} == {4}
     assert chunks[0].HasField("header") and not any(c.HasField("header") for c in chunks[1:])
-    task = serde.read_task(chunks, max_bytes=8 * MiB)
-    assert isinstance(task, serde.Task) and task.task_id == "task-1"
+    task = wire.read_task(chunks, max_bytes=8 * MiB)
+    assert isinstance(task, wire.Task) and task.task_id == "task-1"
     got = task.instruction
     assert (got.round, got.client_id, got.base_version, got.train) == (7, "org-a", 6, instr.train)
     assert got.sync.meta == instr.sync.meta and got.setup.meta == instr.setup.meta
     assert bits_equal(got.sync.tensors, instr.sync.tensors) and bits_equal(got.setup.tensors, instr.setup.tensors)
     # also from serialized bytes, and without a setup payload
     plain = make_instruction(1000, setup=False)
-    got = serde.chunks_to_instruction(
-        [c.SerializeToString() for c in serde.instruction_to_chunks(plain, "t")], max_bytes=MiB
+    got = wire.chunks_to_instruction(
+        [c.SerializeToString() for c in wire.instruction_to_chunks(plain, "t")], max_bytes=MiB
     )
     assert got.setup is None and bits_equal(got.sync.tensors, plain.sync.tensors)
 
 
 def test_update_chunking_round_trip():
     u = ClientUpdate("org-a", 40, {"a": torch.randn(int(3.5 * MiB) // 4), "b": torch.zeros(0)}, {"loss": 1.25})
-    chunks = list(serde.update_to_chunks(u, "task-9"))
+    chunks = list(wire.update_to_chunks(u, "task-9"))
     assert len(chunks) == 4 and all(len(c.data) <= MiB for c in chunks)
-    task_id, v = serde.read_update(
+    task_id, v = wire.read_update(
         chunks, max_bytes=4 * MiB, expected_task_id={"task-9", "x"}, expected_client_id="org-a"
     )
     assert task_id == "task-9" and (v.client_id, v.num_examples, v.metrics) == ("org-a", 40, {"loss": 1.25})
     assert bits_equal(v.tensors, u.tensors)
     empty = ClientUpdate("org-a", 0, {}, {})
-    assert serde.chunks_to_update(serde.update_to_chunks(empty, "t"), max_bytes=MiB).tensors == {}
+    assert wire.chunks_to_update(wire.update_to_chunks(empty, "t"), max_bytes=MiB).tensors == {}
 
 
 def test_wire_overhead_33mb():
@@ -176,12 +169,12 @@ def test_wire_overhead_33mb():
     tensors = {f"layer{i}.lora_{ab}": torch.randn(33 * 10**6 // 4 // 16, generator=g) for i in range(8) for ab in "AB"}
     raw = payload_nbytes(tensors)
     assert raw >= 33 * 10**6 - 64
-    up = serde.wire_bytes(serde.update_to_chunks(ClientUpdate("c", 1, tensors, {"loss": 1.0}), "task"))
-    down = serde.wire_bytes(serde.instruction_to_chunks(Instruction(1, "c", 0, {}, Payload(tensors)), "task"))
+    up = wire.wire_bytes(wire.update_to_chunks(ClientUpdate("c", 1, tensors, {"loss": 1.0}), "task"))
+    down = wire.wire_bytes(wire.instruction_to_chunks(Instruction(1, "c", 0, {}, Payload(tensors)), "task"))
     assert up / raw <= 1.01 and down / raw <= 1.01
-    counter = serde.ByteCounter()
+    counter = wire.ByteCounter()
     assert (
-        sum(1 for _ in counter.wrap(serde.update_to_chunks(ClientUpdate("c", 1, tensors, {"loss": 1.0}), "task"))) == 32
+        sum(1 for _ in counter.wrap(wire.update_to_chunks(ClientUpdate("c", 1, tensors, {"loss": 1.0}), "task"))) == 32
     )
     assert counter.bytes == up and counter.messages == 32
 
@@ -198,44 +191,44 @@ def stream(first, rest=None):
 
 def test_declared_10gb_rejected_before_allocation():
     huge = 10 * 10**9
-    up = serde.pb2.UpdateChunk(task_id="t", index=0, total=10_000, total_bytes=huge, sha256=b"\0" * 32, data=b"x")
-    down = serde.pb2.TaskChunk(
-        kind=serde.pb2.TaskChunk.TASK,
+    up = pb2.UpdateChunk(task_id="t", index=0, total=10_000, total_bytes=huge, sha256=b"\0" * 32, data=b"x")
+    down = pb2.TaskChunk(
+        kind=pb2.TaskChunk.TASK,
         task_id="t",
         index=0,
         total=10_000,
         data=b"x",
-        header=serde.pb2.TaskHeader(total_bytes=huge, sha256=b"\0" * 32),
+        header=pb2.TaskHeader(total_bytes=huge, sha256=b"\0" * 32),
     )
     tracemalloc.start()
     try:
         with pytest.raises(WireLimitError, match="exceeds limit"):
-            serde.read_update(stream(up, map(_never, [0])), max_bytes=64 * MiB)
+            wire.read_update(stream(up, map(_never, [0])), max_bytes=64 * MiB)
         with pytest.raises(WireLimitError):
-            serde.read_task(stream(down, map(_never, [0])), max_bytes=64 * MiB)
+            wire.read_task(stream(down, map(_never, [0])), max_bytes=64 * MiB)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < MiB
-    assert serde.status_code(WireLimitError()) == serde.grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wire.status_code(WireLimitError()) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_actual_size_limit():
     u = ClientUpdate("c", 1, {"a": torch.zeros(1000)}, {})
     with pytest.raises(WireLimitError):
-        serde.read_update(serde.update_to_chunks(u, "t"), max_bytes=3000)
+        wire.read_update(wire.update_to_chunks(u, "t"), max_bytes=3000)
 
 
 def test_sha_mismatch():
-    chunks = list(serde.update_to_chunks(ClientUpdate("c", 1, {"a": torch.randn(100)}, {}), "t", chunk_bytes=128))
+    chunks = list(wire.update_to_chunks(ClientUpdate("c", 1, {"a": torch.randn(100)}, {}), "t", chunk_bytes=128))
     chunks[1].data = bytes([chunks[1].data[0] ^ 1]) + chunks[1].data[1:]
     with pytest.raises(WireIntegrityError, match="sha256"):
-        serde.read_update(chunks, max_bytes=MiB)
-    tchunks = list(serde.instruction_to_chunks(make_instruction(400), "t", chunk_bytes=128))
+        wire.read_update(chunks, max_bytes=MiB)
+    tchunks = list(wire.instruction_to_chunks(make_instruction(400), "t", chunk_bytes=128))
     tchunks[0].header.sha256 = hashlib.sha256(b"other").digest()
     with pytest.raises(WireIntegrityError):
-        serde.read_task(tchunks, max_bytes=MiB)
-    assert serde.status_code(WireIntegrityError()) == serde.grpc.StatusCode.DATA_LOSS
+        wire.read_task(tchunks, max_bytes=MiB)
+    assert wire.status_code(WireIntegrityError()) == grpc.StatusCode.DATA_LOSS
 
 
 @pytest.mark.parametrize(
@@ -252,74 +245,74 @@ def test_sha_mismatch():
 def test_order_duplicates_missing(edit, match):
     u = ClientUpdate("c", 1, {"a": torch.randn(200)}, {})
     with pytest.raises(WireError, match=match):
-        serde.read_update(edit(list(serde.update_to_chunks(u, "t", chunk_bytes=128))), max_bytes=MiB)
-    t = edit(list(serde.instruction_to_chunks(make_instruction(800), "t", chunk_bytes=128)))
+        wire.read_update(edit(list(wire.update_to_chunks(u, "t", chunk_bytes=128))), max_bytes=MiB)
+    t = edit(list(wire.instruction_to_chunks(make_instruction(800), "t", chunk_bytes=128)))
     with pytest.raises(WireError):
-        serde.read_task(t, max_bytes=MiB)
+        wire.read_task(t, max_bytes=MiB)
 
 
 def test_inconsistent_chunks():
-    chunks = list(serde.update_to_chunks(ClientUpdate("c", 1, {"a": torch.randn(200)}, {}), "t", chunk_bytes=128))
+    chunks = list(wire.update_to_chunks(ClientUpdate("c", 1, {"a": torch.randn(200)}, {}), "t", chunk_bytes=128))
     for field, value in [("task_id", "other"), ("total", 99), ("total_bytes", 10**5), ("sha256", b"\1" * 32)]:
         bad = [type(c)() for c in chunks]
         for b, c in zip(bad, chunks):
             b.CopyFrom(c)
         setattr(bad[2], field, value)
         with pytest.raises(WireError, match="inconsistent"):
-            serde.read_update(bad, max_bytes=MiB)
+            wire.read_update(bad, max_bytes=MiB)
     over = [type(c)() for c in chunks]  # a chunk longer than announced: caught while receiving
     for b, c in zip(over, chunks):
         b.CopyFrom(c)
     over[-1].data += b"\0" * 1000
     with pytest.raises(WireIntegrityError, match="more data"):
-        serde.read_update(over, max_bytes=MiB)
+        wire.read_update(over, max_bytes=MiB)
 
 
 def test_permission_checks_on_first_chunk():
     u = ClientUpdate("org-a", 1, {"a": torch.randn(20)}, {})
-    with pytest.raises(serde.WirePermissionError):
-        serde.read_update(
-            stream(next(serde.update_to_chunks(u, "t1")), map(_never, [0])), max_bytes=MiB, expected_task_id="t2"
+    with pytest.raises(wire.WirePermissionError):
+        wire.read_update(
+            stream(next(wire.update_to_chunks(u, "t1")), map(_never, [0])), max_bytes=MiB, expected_task_id="t2"
         )
-    with pytest.raises(serde.WirePermissionError):
-        serde.read_update(serde.update_to_chunks(u, "t1"), max_bytes=MiB, expected_client_id="org-b")
-    assert serde.status_code(serde.WirePermissionError()) == serde.grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(wire.WirePermissionError):
+        wire.read_update(wire.update_to_chunks(u, "t1"), max_bytes=MiB, expected_client_id="org-b")
+    assert wire.status_code(wire.WirePermissionError()) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_wait_and_finished():
-    assert serde.read_task(serde.wait_chunks(2.5, "round closed"), max_bytes=1) == serde.Wait(2.5, "round closed")
-    assert serde.read_task(serde.finished_chunks("done"), max_bytes=1) == serde.Finished("done")
+    assert wire.read_task(wire.wait_chunks(2.5, "round closed"), max_bytes=1) == wire.Wait(2.5, "round closed")
+    assert wire.read_task(wire.finished_chunks("done"), max_bytes=1) == wire.Finished("done")
     with pytest.raises(WireError, match="expected a task"):
-        serde.chunks_to_instruction(serde.finished_chunks(), max_bytes=1)
+        wire.chunks_to_instruction(wire.finished_chunks(), max_bytes=1)
     with pytest.raises(WireError, match="after a WAIT"):
-        serde.read_task([*serde.wait_chunks(1.0), *serde.wait_chunks(1.0)], max_bytes=1)
+        wire.read_task([*wire.wait_chunks(1.0), *wire.wait_chunks(1.0)], max_bytes=1)
     with pytest.raises(WireError, match="kind"):
-        serde.read_task([serde.pb2.TaskChunk()], max_bytes=1)
+        wire.read_task([pb2.TaskChunk()], max_bytes=1)
 
 
 def test_unary_dataclasses_round_trip():
     msgs = [
-        serde.JoinRequest("org-a", "ab" * 32, {"algorithms": "fedavg,flora"}, "0.1.0"),
-        serde.JoinReply(True, "", "ab" * 32, "demo", "flora", 5.0, serde.Limits(MiB, 64 * MiB, 4 * MiB)),
-        serde.TaskRequest("org-a", None),
-        serde.TaskRequest("org-a", 0),
-        serde.HeartbeatRequest("org-a", "t1"),
-        serde.HeartbeatReply(True, 5.0, False, True),
-        serde.PushReply(False, "round closed"),
+        wire.JoinRequest("org-a", "ab" * 32, {"algorithms": "fedavg,flora"}, "0.1.0"),
+        wire.JoinReply(True, "", "ab" * 32, "demo", "flora", 5.0, wire.Limits(MiB, 64 * MiB, 4 * MiB)),
+        wire.TaskRequest("org-a", None),
+        wire.TaskRequest("org-a", 0),
+        wire.HeartbeatRequest("org-a", "t1"),
+        wire.HeartbeatReply(True, 5.0, False, True),
+        wire.PushReply(False, "round closed"),
     ]
     for m in msgs:
-        assert serde.from_proto(type(serde.to_proto(m)).FromString(serde.to_proto(m).SerializeToString())) == m
+        assert wire.from_proto(type(wire.to_proto(m)).FromString(wire.to_proto(m).SerializeToString())) == m
     with pytest.raises(TypeError):
-        serde.to_proto(object())
+        wire.to_proto(object())
 
 
 def test_sender_side_limits():
     big_meta = make_instruction(100)
     big_meta.sync.meta = {"x": "y" * (2 * MiB)}
     with pytest.raises(WireLimitError, match="send tensors"):
-        next(serde.instruction_to_chunks(big_meta, "t"))
+        next(wire.instruction_to_chunks(big_meta, "t"))
     with pytest.raises(WireError, match="task_id"):
-        next(serde.update_to_chunks(ClientUpdate("c", 1, {}, {}), ""))
+        next(wire.update_to_chunks(ClientUpdate("c", 1, {}, {}), ""))
 
 
 # --- fuzzing ---------------------------------------------------------------------------------
@@ -356,11 +349,11 @@ def mutate(rng: random.Random, msgs: list[bytes]) -> list[bytes]:
 def test_fuzz_streams_raise_only_wire_errors():
     rng = random.Random(1234)
     task = [
-        c.SerializeToString() for c in serde.instruction_to_chunks(make_instruction(600), "task-1", chunk_bytes=256)
+        c.SerializeToString() for c in wire.instruction_to_chunks(make_instruction(600), "task-1", chunk_bytes=256)
     ]
     upd = [
         c.SerializeToString()
-        for c in serde.update_to_chunks(
+        for c in wire.update_to_chunks(
             ClientUpdate("org-a", 3, {"a": torch.randn(100), "b": torch.ones(3, dtype=torch.bfloat16)}, {"loss": 1.0}),
             "task-1",
             chunk_bytes=256,
@@ -370,9 +363,9 @@ def test_fuzz_streams_raise_only_wire_errors():
     for case in range(2000):
         try:
             if case % 2:
-                serde.read_task(mutate(rng, task), max_bytes=MiB)
+                wire.read_task(mutate(rng, task), max_bytes=MiB)
             else:
-                serde.read_update(mutate(rng, upd), max_bytes=MiB)
+                wire.read_update(mutate(rng, upd), max_bytes=MiB)
             outcomes["ok"] += 1
         except WireError:
             outcomes["error"] += 1
@@ -396,9 +389,9 @@ def test_fuzz_blobs_raise_only_wire_errors():
         except WireError:
             pass
         u = ClientUpdate("c", 1, {}, {})
-        chunks = list(serde.update_to_chunks(u, "t"))
+        chunks = list(wire.update_to_chunks(u, "t"))
         chunks[0].data, chunks[0].total_bytes, chunks[0].sha256 = (bytes(m), len(m), hashlib.sha256(m).digest())
         try:
-            serde.read_update(chunks, max_bytes=MiB)
+            wire.read_update(chunks, max_bytes=MiB)
         except WireError:
             pass

@@ -12,8 +12,11 @@ from conftest import fresh
 from fedtune.algorithms import ClientUpdate, TrainContext, get_algorithm
 from fedtune.algorithms.api import payload_nbytes, validate_update
 from fedtune.algorithms.fedkseed import FedKSeedConfig
-from fedtune.transports.wire import serde, sizes
-from fedtune.transports.wire.tensors import WireError, pack
+from fedtune.transports import wire
+from fedtune.transports.wire import fedtune_pb2 as pb2
+from fedtune.transports.wire import sizes
+from fedtune.transports.wire.checks import WireError
+from fedtune.transports.wire.tensors import pack
 
 TASK = "0" * 32  # sizes.update_bytes counts with a 32-char task id, like the coordinator's uuid4 hex
 MiB = 1 << 20
@@ -45,7 +48,7 @@ def pairs_records(tau: int) -> int:
 
 
 def read_back(update: ClientUpdate) -> ClientUpdate:
-    return serde.chunks_to_update([c.SerializeToString() for c in serde.update_to_chunks(update, TASK)], max_bytes=MiB)
+    return wire.chunks_to_update([c.SerializeToString() for c in wire.update_to_chunks(update, TASK)], max_bytes=MiB)
 
 
 def test_fedkseed_upload_is_pairs_plus_a_few_fields(ktok, kfeats):
@@ -106,7 +109,7 @@ def test_fedsb_smollm2_shaped_upload_is_payload_plus_123_bytes():
 def test_fedsb_client_update_round_trips_as_one_packed_tensor(tiny_fedsb_round):
     upd = tiny_fedsb_round
     assert list(upd.tensors) == ["R"] and upd.tensors["R"].shape == (4, 4, 4)  # 2 layers × q,v; r = 4
-    chunk0 = next(serde.update_to_chunks(upd, TASK))
+    chunk0 = next(wire.update_to_chunks(upd, TASK))
     assert [(r.name, list(r.shape)) for r in chunk0.raw_tensors] == [("R", [4, 4, 4])]
     assert len(chunk0.data) == 256  # raw float32 bytes, no header
     assert torch.equal(read_back(upd).tensors["R"], upd.tensors["R"])
@@ -129,12 +132,12 @@ def tiny_fedsb_round():
 
 
 def test_large_updates_stay_safetensors():
-    big = {"a": torch.zeros(serde.COMPACT_MAX_BYTES // 4 + 1)}
-    chunk0 = next(serde.update_to_chunks(ClientUpdate("c", 1, big, {}), TASK))
+    big = {"a": torch.zeros(wire.COMPACT_MAX_BYTES // 4 + 1)}
+    chunk0 = next(wire.update_to_chunks(ClientUpdate("c", 1, big, {}), TASK))
     assert not chunk0.raw_tensors and chunk0.data == pack(big)[: len(chunk0.data)]
-    edge = {"a": torch.zeros(serde.COMPACT_MAX_BYTES // 4)}
-    assert next(serde.update_to_chunks(ClientUpdate("c", 1, edge, {}), TASK)).raw_tensors
-    assert not next(serde.update_to_chunks(ClientUpdate("c", 1, {}, {}), TASK)).raw_tensors  # empty: safetensors
+    edge = {"a": torch.zeros(wire.COMPACT_MAX_BYTES // 4)}
+    assert next(wire.update_to_chunks(ClientUpdate("c", 1, edge, {}), TASK)).raw_tensors
+    assert not next(wire.update_to_chunks(ClientUpdate("c", 1, {}, {}), TASK)).raw_tensors  # empty: safetensors
 
 
 def test_mixed_dtypes_and_empty_tensors_round_trip_bit_exactly():
@@ -152,7 +155,7 @@ def _forged(records, blob: bytes, chunks: int = 1) -> list[bytes]:
     parts = [blob[i : i + step] for i in range(0, len(blob), step)]
     out = []
     for i, data in enumerate(parts):
-        m = serde.pb2.UpdateChunk(task_id="t", index=i, total=len(parts), total_bytes=len(blob),
+        m = pb2.UpdateChunk(task_id="t", index=i, total=len(parts), total_bytes=len(blob),
                                   sha256=hashlib.sha256(blob).digest(), data=data)
         if i == 0:
             m.client_id, m.num_examples = "c", 1
@@ -161,7 +164,7 @@ def _forged(records, blob: bytes, chunks: int = 1) -> list[bytes]:
     return [m.SerializeToString() for m in out]
 
 
-RT = serde.pb2.RawTensor
+RT = pb2.RawTensor
 
 
 @pytest.mark.parametrize("records, blob, match", [
@@ -178,7 +181,7 @@ RT = serde.pb2.RawTensor
 ])
 def test_malformed_compact_records_are_refused(records, blob, match):
     with pytest.raises(WireError, match=match):
-        serde.read_update(_forged(records, blob), max_bytes=MiB)
+        wire.read_update(_forged(records, blob), max_bytes=MiB)
 
 
 def test_compact_record_checks_before_buffering_and_only_on_chunk_0():
@@ -191,9 +194,9 @@ def test_compact_record_checks_before_buffering_and_only_on_chunk_0():
         raise AssertionError("read past chunk 0")
 
     with pytest.raises(WireError, match="tensors take 260 bytes"):
-        serde.read_update(only_chunk_0(), max_bytes=MiB)
-    later = serde.pb2.UpdateChunk.FromString(rest[0])
+        wire.read_update(only_chunk_0(), max_bytes=MiB)
+    later = pb2.UpdateChunk.FromString(rest[0])
     later.raw_tensors.extend(ok)
     with pytest.raises(WireError, match="chunk 0 only"):
-        serde.read_update([first, later.SerializeToString(), *rest[1:]], max_bytes=MiB)
-    assert serde.read_update([first, *rest], max_bytes=MiB)[1].tensors["a"].shape == (64,)
+        wire.read_update([first, later.SerializeToString(), *rest[1:]], max_bytes=MiB)
+    assert wire.read_update([first, *rest], max_bytes=MiB)[1].tensors["a"].shape == (64,)

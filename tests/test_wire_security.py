@@ -12,6 +12,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.algorithms.api import ClientUpdate
+from fedtune.transports import wire
 from fedtune.transports.grpc.certs import certs_main, make_dev_certs, make_tokens, write_tokens_toml
 from fedtune.transports.grpc.security import (
     TokenAuthInterceptor,
@@ -21,13 +22,12 @@ from fedtune.transports.grpc.security import (
     server_credentials,
     token_ok,
 )
-from fedtune.transports.wire import serde
 
 T = 5  # seconds: deadline of every RPC in these tests
 TOKENS = {"org-a": "token-a-" + "x" * 30, "org-b": "token-b-" + "y" * 30}
 
 
-class Servicer(serde.CoordinatorServicer):
+class Servicer(wire.CoordinatorServicer):
     """Echoes the authenticated client; accepts uploads up to 1 MiB for task "t-<client>"."""
 
     def __init__(self, auth: TokenAuthInterceptor) -> None:
@@ -35,31 +35,31 @@ class Servicer(serde.CoordinatorServicer):
 
     def Join(self, request, context):
         cid = self.auth.authenticated_client(context)
-        return serde.to_proto(serde.JoinReply(accepted=cid == request.client_id, reason=cid))
+        return wire.to_proto(wire.JoinReply(accepted=cid == request.client_id, reason=cid))
 
     def PullTask(self, request, context):
         self.auth.authenticated_client(context)
-        yield from serde.wait_chunks(1.0, "no task")
+        yield from wire.wait_chunks(1.0, "no task")
 
     def PushUpdate(self, request_iterator, context):
         cid = self.auth.authenticated_client(context)
-        with serde.abort_on_wire_error(context):
-            task_id, upd = serde.read_update(
+        with wire.abort_on_wire_error(context):
+            task_id, upd = wire.read_update(
                 request_iterator, max_bytes=1 << 20, expected_task_id=f"t-{cid}", expected_client_id=cid
             )
-        return serde.to_proto(serde.PushReply(True, f"{task_id}:{upd.num_examples}"))
+        return wire.to_proto(wire.PushReply(True, f"{task_id}:{upd.num_examples}"))
 
     def Heartbeat(self, request, context):
         self.auth.authenticated_client(context)
-        return serde.to_proto(serde.HeartbeatReply(known=True, heartbeat_interval_s=5.0))
+        return wire.to_proto(wire.HeartbeatReply(known=True, heartbeat_interval_s=5.0))
 
 
 def start_server(creds=None):
     auth = TokenAuthInterceptor(TOKENS)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4), interceptors=[auth], options=serde.channel_options()
+        futures.ThreadPoolExecutor(max_workers=4), interceptors=[auth], options=wire.channel_options()
     )
-    serde.add_servicer(server, Servicer(auth))
+    wire.add_servicer(server, Servicer(auth))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_secure_port("127.0.0.1:0", creds) if creds else server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -69,7 +69,7 @@ def start_server(creds=None):
 @pytest.fixture(scope="module")
 def plain():
     server, addr = start_server()
-    channel = grpc.insecure_channel(addr, options=serde.channel_options())
+    channel = grpc.insecure_channel(addr, options=wire.channel_options())
     yield channel
     channel.close()
     server.stop(None)
@@ -77,16 +77,16 @@ def plain():
 
 def call_all(channel, metadata):
     """Every Coordinator RPC once; returns {rpc: status code}."""
-    stub = serde.CoordinatorStub(channel)
+    stub = wire.CoordinatorStub(channel)
     upd = ClientUpdate("org-a", 3, {"w": torch.ones(4)}, {"loss": 0.5})
     calls = {
-        "Join": lambda: stub.Join(serde.to_proto(serde.JoinRequest("org-a", "ab")), metadata=metadata, timeout=T),
+        "Join": lambda: stub.Join(wire.to_proto(wire.JoinRequest("org-a", "ab")), metadata=metadata, timeout=T),
         "PullTask": lambda: list(
-            stub.PullTask(serde.to_proto(serde.TaskRequest("org-a")), metadata=metadata, timeout=T)
+            stub.PullTask(wire.to_proto(wire.TaskRequest("org-a")), metadata=metadata, timeout=T)
         ),
-        "PushUpdate": lambda: stub.PushUpdate(serde.update_to_chunks(upd, "t-org-a"), metadata=metadata, timeout=T),
+        "PushUpdate": lambda: stub.PushUpdate(wire.update_to_chunks(upd, "t-org-a"), metadata=metadata, timeout=T),
         "Heartbeat": lambda: stub.Heartbeat(
-            serde.to_proto(serde.HeartbeatRequest("org-a")), metadata=metadata, timeout=T
+            wire.to_proto(wire.HeartbeatRequest("org-a")), metadata=metadata, timeout=T
         ),
     }
     codes = {}
@@ -132,26 +132,26 @@ def test_no_or_wrong_token_is_unauthenticated(plain):
 def test_right_token_ok_and_identifies_client(plain):
     codes = call_all(plain, auth_metadata(TOKENS["org-a"]))
     assert set(codes.values()) == {grpc.StatusCode.OK}
-    stub = serde.CoordinatorStub(plain)
-    reply = serde.from_proto(
-        stub.Join(serde.to_proto(serde.JoinRequest("org-a", "ab")), metadata=auth_metadata(TOKENS["org-b"]), timeout=T)
+    stub = wire.CoordinatorStub(plain)
+    reply = wire.from_proto(
+        stub.Join(wire.to_proto(wire.JoinRequest("org-a", "ab")), metadata=auth_metadata(TOKENS["org-b"]), timeout=T)
     )
-    assert reply == serde.JoinReply(accepted=False, reason="org-b")  # org-b's token cannot join as org-a
+    assert reply == wire.JoinReply(accepted=False, reason="org-b")  # org-b's token cannot join as org-a
 
 
 def test_upload_errors_map_to_status(plain):
-    stub = serde.CoordinatorStub(plain)
+    stub = wire.CoordinatorStub(plain)
     md = auth_metadata(TOKENS["org-b"])
     upd = ClientUpdate("org-b", 1, {"w": torch.zeros(1 << 19)}, {})  # 2 MiB > 1 MiB limit
     with pytest.raises(grpc.RpcError) as e:
-        stub.PushUpdate(serde.update_to_chunks(upd, "t-org-b"), metadata=md, timeout=T)
+        stub.PushUpdate(wire.update_to_chunks(upd, "t-org-b"), metadata=md, timeout=T)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     small = ClientUpdate("org-b", 1, {"w": torch.zeros(4)}, {})
     with pytest.raises(grpc.RpcError) as e:  # org-a's task
-        stub.PushUpdate(serde.update_to_chunks(small, "t-org-a"), metadata=md, timeout=T)
+        stub.PushUpdate(wire.update_to_chunks(small, "t-org-a"), metadata=md, timeout=T)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    reply = serde.from_proto(stub.PushUpdate(serde.update_to_chunks(small, "t-org-b"), metadata=md, timeout=T))
-    assert reply == serde.PushReply(True, "t-org-b:1")
+    reply = wire.from_proto(stub.PushUpdate(wire.update_to_chunks(small, "t-org-b"), metadata=md, timeout=T))
+    assert reply == wire.PushReply(True, "t-org-b:1")
 
 
 def test_health_needs_no_token(plain):

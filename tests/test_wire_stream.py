@@ -14,21 +14,13 @@ from safetensors.torch import save as st_save
 from test_wire import _never, bits_equal, mixed, mutate, sorted_dict, stream
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, Payload
-from fedtune.transports.wire import serde
-from fedtune.transports.wire.tensors import (
-    META_KEY,
-    WireError,
-    WireIntegrityError,
-    WireLimitError,
-    dumps_json,
-    pack,
-    pack_parts,
-    pack_payload,
-    unpack,
-)
+from fedtune.transports import wire
+from fedtune.transports.wire import fedtune_pb2 as pb2
+from fedtune.transports.wire import framing, streams
+from fedtune.transports.wire.checks import WireError, WireIntegrityError, WireLimitError
+from fedtune.transports.wire.tensors import META_KEY, dumps_json, pack, pack_parts, pack_payload, unpack
 
 MiB = 1 << 20
-pb2 = serde.pb2
 
 
 def many_dtypes() -> dict[str, torch.Tensor]:
@@ -51,7 +43,7 @@ def many_dtypes() -> dict[str, torch.Tensor]:
 
 def raw_update(u: ClientUpdate, task_id: str = "t", chunk_bytes: int = 256, compact: bool = False) -> list[bytes]:
     """The streaming safetensors path (small updates default to the compact record: tests/test_wire_compact.py)."""
-    return list(serde.update_to_wire(u, task_id, chunk_bytes=chunk_bytes, compact=compact))
+    return list(wire.update_to_wire(u, task_id, chunk_bytes=chunk_bytes, compact=compact))
 
 
 def edit(raw: bytes, **fields) -> bytes:
@@ -78,11 +70,11 @@ def test_round_trip_bit_identical_through_chunked_streams():
     t = many_dtypes()
     u = ClientUpdate("org-a", 9, t, {"loss": 0.5})
     for chunk_bytes in (64, 1000, MiB):  # tensors straddle chunks; one chunk
-        task_id, v = serde.read_update(raw_update(u, "task-3", chunk_bytes), max_bytes=MiB, expected_task_id="task-3")
+        task_id, v = wire.read_update(raw_update(u, "task-3", chunk_bytes), max_bytes=MiB, expected_task_id="task-3")
         assert task_id == "task-3" and (v.client_id, v.num_examples, v.metrics) == ("org-a", 9, {"loss": 0.5})
         assert bits_equal(v.tensors, sorted_dict(t))
         ins = Instruction(2, "org-a", 1, {"lr": 0.1}, Payload(t, {"v": 1}), Payload({"s": t["seeds.i64"]}, {}))
-        got = serde.read_task(serde.instruction_to_wire(ins, "task-4", chunk_bytes), max_bytes=MiB).instruction
+        got = wire.read_task(wire.instruction_to_wire(ins, "task-4", chunk_bytes), max_bytes=MiB).instruction
         assert bits_equal(got.sync.tensors, sorted_dict(t)) and bits_equal(got.setup.tensors, {"s": t["seeds.i64"]})
     # received tensors are views of the one buffer, each with a storage of exactly its own bytes, writable and
     # independent of each other
@@ -104,7 +96,7 @@ def test_serialized_chunks_parse_as_the_protobuf_messages():
     assert blob == pack(u.tensors) and {m.total_bytes for m in msgs} == {len(blob)}
     assert [m.sha256 for m in msgs] == [b""] * (len(msgs) - 1) + [hashlib.sha256(blob).digest()]
     assert all(len(m.data) == 256 for m in msgs[:-1]) and [m.index for m in msgs] == list(range(len(msgs)))
-    t_raw = list(serde.instruction_to_wire(Instruction(1, "org-a", 0, {}, Payload(u.tensors)), "t", 256))
+    t_raw = list(wire.instruction_to_wire(Instruction(1, "org-a", 0, {}, Payload(u.tensors)), "t", 256))
     t_msgs = [pb2.TaskChunk.FromString(r) for r in t_raw]
     assert t_raw == [m.SerializeToString() for m in t_msgs]  # data is TaskChunk's last field: canonical bytes
     assert t_msgs[0].header.sha256 == hashlib.sha256(b"".join(m.data for m in t_msgs)).digest()
@@ -117,19 +109,19 @@ def test_corrupted_chunk_is_a_sha256_mismatch_and_nothing_is_unpacked(monkeypatc
     raw = raw_update(ClientUpdate("c", 1, many_dtypes(), {}))
     m = pb2.UpdateChunk.FromString(raw[2])
     flipped = edit(raw[2], data=m.data[:10] + bytes([m.data[10] ^ 0x01]) + m.data[11:])
-    monkeypatch.setattr(serde, "unpack", _never)
+    monkeypatch.setattr(streams, "unpack", _never)
     with pytest.raises(WireIntegrityError, match="sha256 mismatch"):
-        serde.read_update([*raw[:2], flipped, *raw[3:]], max_bytes=MiB)
+        wire.read_update([*raw[:2], flipped, *raw[3:]], max_bytes=MiB)
     last = pb2.UpdateChunk.FromString(raw[-1])
     wrong = edit(raw[-1], sha256=hashlib.sha256(b"x").digest())  # the declared digest itself is wrong
     with pytest.raises(WireIntegrityError, match="sha256 mismatch"):
-        serde.read_update([*raw[:-1], wrong], max_bytes=MiB)
+        wire.read_update([*raw[:-1], wrong], max_bytes=MiB)
     with pytest.raises(WireError, match="no sha256"):
-        serde.read_update([*raw[:-1], edit(raw[-1], sha256=b"")], max_bytes=MiB)
+        wire.read_update([*raw[:-1], edit(raw[-1], sha256=b"")], max_bytes=MiB)
     with pytest.raises(WireError, match="inconsistent"):  # an earlier chunk may repeat it, but must agree
-        serde.read_update([edit(raw[0], sha256=b"\1" * 32), *raw[1:]], max_bytes=MiB)
+        wire.read_update([edit(raw[0], sha256=b"\1" * 32), *raw[1:]], max_bytes=MiB)
     with pytest.raises(WireError, match="32 bytes"):
-        serde.read_update([*raw[:-1], edit(raw[-1], sha256=last.sha256[:31])], max_bytes=MiB)
+        wire.read_update([*raw[:-1], edit(raw[-1], sha256=last.sha256[:31])], max_bytes=MiB)
 
 
 def test_digest_repeated_on_every_chunk_is_accepted():
@@ -137,7 +129,7 @@ def test_digest_repeated_on_every_chunk_is_accepted():
     u = ClientUpdate("c", 1, many_dtypes(), {})
     raw = raw_update(u)
     digest = pb2.UpdateChunk.FromString(raw[-1]).sha256
-    _, v = serde.read_update([edit(r, sha256=digest) for r in raw], max_bytes=MiB)
+    _, v = wire.read_update([edit(r, sha256=digest) for r in raw], max_bytes=MiB)
     assert bits_equal(v.tensors, sorted_dict(u.tensors))
 
 
@@ -145,7 +137,7 @@ def test_more_bytes_than_declared_rejected_before_buffering():
     raw = raw_update(ClientUpdate("c", 1, {"a": torch.randn(200)}, {}))
     declared = pb2.UpdateChunk.FromString(raw[0]).total_bytes
     # chunk 0 alone carries more than the whole declared blob: refused before a buffer exists
-    asm = serde._Assembler("update", "t", 1, 100, b"", MiB)
+    asm = framing.Assembler("update", "t", 1, 100, b"", MiB)
     with pytest.raises(WireIntegrityError, match="more data"):
         asm.add("t", 0, 1, b"\0" * 101)
     assert asm.buffer is None and asm.received == 0
@@ -154,10 +146,10 @@ def test_more_bytes_than_declared_rejected_before_buffering():
     reserved = []
     over = edit(raw[3], data=pb2.UpdateChunk.FromString(raw[3]).data + b"\0" * (declared + 1))
     with pytest.raises(WireIntegrityError, match="more data"):
-        serde.read_update(stream(raw[0], chain(raw[1:3], [over], map(_never, [0]))), max_bytes=MiB,
+        wire.read_update(stream(raw[0], chain(raw[1:3], [over], map(_never, [0]))), max_bytes=MiB,
                           reserve=reserved.append)
     assert reserved == [declared]
-    asm = serde._Assembler("update", "t", 3, 300, b"", MiB)
+    asm = framing.Assembler("update", "t", 3, 300, b"", MiB)
     asm.add("t", 0, 3, b"\1" * 100)
     state = asm.hash.copy().digest()
     with pytest.raises(WireIntegrityError, match="more data"):
@@ -165,7 +157,7 @@ def test_more_bytes_than_declared_rejected_before_buffering():
     assert asm.received == 100 and asm.hash.digest() == state
     # the declared size itself over the limit: refused at chunk 0, before `reserve` and before any buffer
     with pytest.raises(WireLimitError, match="exceeds limit"):
-        serde.read_update(stream(raw[0], map(_never, [0])), max_bytes=declared - 1, reserve=_never)
+        wire.read_update(stream(raw[0], map(_never, [0])), max_bytes=declared - 1, reserve=_never)
 
 
 def _rss() -> int:
@@ -187,32 +179,32 @@ def test_declared_size_is_not_touched_before_data_arrives():
 
     before = _rss()
     with pytest.raises(WireError, match="ended after"):
-        serde.read_update(stream(first, rest()), max_bytes=declared)
+        wire.read_update(stream(first, rest()), max_bytes=declared)
     assert seen and seen[0] - before < 64 * MiB
 
 
 def test_truncated_stream_rejected(monkeypatch):
     u = ClientUpdate("c", 1, many_dtypes(), {})
     raw = raw_update(u)
-    monkeypatch.setattr(serde, "unpack", _never)
+    monkeypatch.setattr(streams, "unpack", _never)
     with pytest.raises(WireError, match="ended after"):  # chunks missing at the end
-        serde.read_update(raw[:-1], max_bytes=MiB)
+        wire.read_update(raw[:-1], max_bytes=MiB)
     last = pb2.UpdateChunk.FromString(raw[-1])
     with pytest.raises(WireIntegrityError, match="declared"):  # the last chunk short of data
-        serde.read_update([*raw[:-1], edit(raw[-1], data=last.data[:-1])], max_bytes=MiB)
+        wire.read_update([*raw[:-1], edit(raw[-1], data=last.data[:-1])], max_bytes=MiB)
     with pytest.raises(WireError, match="cannot decode"):  # a message cut mid-way
-        serde.read_update([*raw[:-1], raw[-1][: len(raw[-1]) // 2]], max_bytes=MiB)
-    t_raw = list(serde.instruction_to_wire(Instruction(1, "c", 0, {}, Payload(u.tensors)), "t", 256))
+        wire.read_update([*raw[:-1], raw[-1][: len(raw[-1]) // 2]], max_bytes=MiB)
+    t_raw = list(wire.instruction_to_wire(Instruction(1, "c", 0, {}, Payload(u.tensors)), "t", 256))
     with pytest.raises(WireError, match="ended after"):
-        serde.read_task(t_raw[:-1], max_bytes=MiB)
+        wire.read_task(t_raw[:-1], max_bytes=MiB)
 
 
 def test_task_header_needs_sha256():
     ins = Instruction(1, "c", 0, {}, Payload({"a": torch.randn(100)}))
-    msgs = list(serde.instruction_to_chunks(ins, "t", 128))
+    msgs = list(wire.instruction_to_chunks(ins, "t", 128))
     msgs[0].header.sha256 = b""
     with pytest.raises(WireError, match="lacks the sha256"):
-        serde.read_task(stream(msgs[0], map(_never, [0])), max_bytes=MiB)
+        wire.read_task(stream(msgs[0], map(_never, [0])), max_bytes=MiB)
 
 
 # --- hostile safetensors blobs (what unpack sees after a matching sha256) -----------------------
@@ -282,10 +274,10 @@ def test_lifted_data_agrees_with_protobuf_parse():
     u = ClientUpdate("org-a", 3, {"a": torch.randn(100)}, {f"m{i}": float(i) for i in range(3)})
     ours = raw_update(u, chunk_bytes=128)
     canonical = [pb2.UpdateChunk.FromString(r).SerializeToString() for r in ours]
-    twice = ours[1] + serde._varint(6 << 3 | 2) + serde._varint(3) + b"xyz"  # the last data field wins
-    unknown = ours[1] + serde._varint(99 << 3) + serde._varint(5)  # unknown varint field 99
+    twice = ours[1] + framing.varint(6 << 3 | 2) + framing.varint(3) + b"xyz"  # the last data field wins
+    unknown = ours[1] + framing.varint(99 << 3) + framing.varint(5)  # unknown varint field 99
     many = pb2.UpdateChunk(task_id="t", data=b"d", metrics={f"k{i}": 1.0 for i in range(100)}).SerializeToString()
-    instr = list(serde.instruction_to_wire(Instruction(1, "c", 0, {}, Payload({"a": torch.randn(50)})), "t", 100))
+    instr = list(wire.instruction_to_wire(Instruction(1, "c", 0, {}, Payload({"a": torch.randn(50)})), "t", 100))
     cases = [(pb2.UpdateChunk, r) for r in [*ours, *canonical, twice, unknown, many]]
     cases += [(pb2.TaskChunk, r) for r in instr]
     rng = random.Random(5)
@@ -299,13 +291,13 @@ def test_lifted_data_agrees_with_protobuf_parse():
         want = _protobuf_view(cls, raw)
         if want is None:
             with pytest.raises(WireError):
-                serde._parse_chunk(cls, raw)
+                framing.parse_chunk(cls, raw)
             continue
-        msg, data = serde._parse_chunk(cls, raw)
+        msg, data = framing.parse_chunk(cls, raw)
         lifted += isinstance(data, memoryview)
         assert bytes(data) == want[1]
         msg.data = want[1]
         assert msg == want[0]
     assert lifted > 500  # many cases took the zero-copy path (most mutations are not valid protobuf)
-    assert bytes(serde._parse_chunk(pb2.UpdateChunk, twice)[1]) == b"xyz"
-    assert not isinstance(serde._parse_chunk(pb2.UpdateChunk, many)[1], memoryview)  # > 64 fields: protobuf
+    assert bytes(framing.parse_chunk(pb2.UpdateChunk, twice)[1]) == b"xyz"
+    assert not isinstance(framing.parse_chunk(pb2.UpdateChunk, many)[1], memoryview)  # > 64 fields: protobuf

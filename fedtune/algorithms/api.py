@@ -1,5 +1,7 @@
 """The one extension point: a federated method is a `FedAlgorithm` (server side, pure) plus a
-`ClientAlgorithm` (client side), registered by name.
+`ClientAlgorithm` (client side), registered by name (fedtune.algorithms.registry) with what it can do
+(`Capabilities`, `train_fields`, `metric_ranges`, `resumable`): wrappers, transports and config checks ask these,
+never a method's name.
 
 Life of a client model, for every method:
   setup(model, setup_payload)  once: attach adapters / shared frozen factors / seed set
@@ -18,12 +20,14 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from fedtune.models.hardware import Placement
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -101,26 +105,27 @@ class UpdateRejected(ValueError):
 
 MAX_METRICS = 32  # honest clients send ≤ 7 (train_loss, epsilon, delta, noise_multiplier, sample_rate, zo_*)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")  # metric and module names: dotted identifiers
-# The values the server reads (train loss in the round row, ε/δ in the privacy report), with the range an honest
-# client can produce; NaN allowed where an honest client can report it (a FedKSeed client whose DP Poisson
-# batches were all empty has no train loss).
-METRIC_RANGES: dict[str, tuple[float, float, bool]] = {  # name: (lo, hi, NaN allowed), inclusive
+MetricRange = tuple[float, float, bool]  # (lo, hi, NaN allowed), inclusive
+# The values the server reads (train loss in the round row, ε/δ in the privacy report, memory), with the range an
+# honest client can produce; NaN allowed where an honest client can report it (a client whose DP Poisson batches
+# were all empty has no train loss). A method adds its own (FedAlgorithm.metric_ranges).
+METRIC_RANGES: dict[str, MetricRange] = {
     "train_loss": (0.0, math.inf, True),
     "epsilon": (0.0, math.inf, False),
     "delta": (0.0, 1.0, False),
     "noise_multiplier": (0.0, math.inf, False),
     "sample_rate": (0.0, 1.0, False),
-    "zo_clipped_frac": (0.0, 1.0, False),
-    "zo_skipped_steps": (0.0, 2.0**31, False),
     "mem_peak_mb": (0.0, 2.0**40, False),  # the client process's peak RSS
     "cuda_mem_peak_mb": (0.0, 2.0**40, False),  # torch.cuda.max_memory_allocated
 }
 
 
-def validate_metrics(update: ClientUpdate) -> None:
+def validate_metrics(update: ClientUpdate, ranges: Mapping[str, MetricRange] | None = None) -> None:
     """Refuse (UpdateRejected) client-reported metrics the server cannot trust: more than MAX_METRICS, a name
-    that is not an identifier of ≤ 64 characters, a value that is not a number, or a known metric outside
-    METRIC_RANGES (a negative or NaN loss, ε < 0, δ ∉ [0, 1], ...). Unknown names are kept but never read."""
+    that is not an identifier of ≤ 64 characters, a value that is not a number, or a known metric outside its
+    range (METRIC_RANGES, or `ranges`: those plus the method's; a negative or NaN loss, ε < 0, δ ∉ [0, 1], ...).
+    Unknown names are kept but never read."""
+    ranges = METRIC_RANGES if ranges is None else ranges
     who, m = f"update from {update.client_id!r}", update.metrics
     if not isinstance(m, dict) or len(m) > MAX_METRICS:
         raise UpdateRejected(f"{who}: {len(m) if isinstance(m, dict) else type(m).__name__} metrics, at most "
@@ -130,16 +135,17 @@ def validate_metrics(update: ClientUpdate) -> None:
             raise UpdateRejected(f"{who}: metric name {str(k)[:80]!r} is not an identifier of at most 64 characters")
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise UpdateRejected(f"{who}: metric {k} is a {type(v).__name__}, not a number")
-        if k in METRIC_RANGES:
-            lo, hi, nan_ok = METRIC_RANGES[k]
+        if k in ranges:
+            lo, hi, nan_ok = ranges[k]
             if math.isnan(v) and not nan_ok or not math.isnan(v) and not lo <= v <= hi:
                 raise UpdateRejected(f"{who}: metric {k} = {v!r} is outside [{lo:g}, {hi:g}]")
 
 
-def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int | None = None) -> None:
+def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int | None = None,
+                    metric_ranges: Mapping[str, MetricRange] | None = None) -> None:
     """Refuse (UpdateRejected) an update whose tensor names, shapes or dtypes differ from `spec`, that holds
     a non-finite or out-of-bounds value, whose num_examples is not in [1, max_examples], or whose metrics fail
-    validate_metrics."""
+    validate_metrics (with `metric_ranges`)."""
     who = f"update from {update.client_id!r}"
     n = update.num_examples
     if not isinstance(n, int) or n < 1:
@@ -147,7 +153,7 @@ def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int
     if max_examples is not None and n > max_examples:
         raise UpdateRejected(f"{who}: num_examples = {n} exceeds the allowed {max_examples} "
                              "(what the client declared at Join, or [server] max_examples_per_client)")
-    validate_metrics(update)
+    validate_metrics(update, metric_ranges)
     missing, extra = sorted(set(spec.tensors) - set(update.tensors)), sorted(set(update.tensors) - set(spec.tensors))
     if missing:
         raise UpdateRejected(f"{who}: {len(missing)} expected tensor(s) missing, e.g. {missing[0]!r}")
@@ -182,24 +188,32 @@ MAX_BATCH_SIZE = 4096
 MAX_GRAD_ACCUM = 1024
 MAX_RANK = 1024  # LoRA rank: r·(d_in + d_out) floats per target module
 _INT63 = 2**63 - 1
-# key: (kind, lo, hi, lo excluded); every key any method's configure_round sends. Unknown keys are refused: a
-# setting this client does not know (say a newer privacy knob) must not be silently ignored.
-TRAIN_FIELDS: dict[str, tuple[str, float, float, bool]] = {
-    "steps": ("int", 1, MAX_LOCAL_STEPS, False),
-    "batch_size": ("int", 1, MAX_BATCH_SIZE, False),
-    "grad_accum": ("int", 1, MAX_GRAD_ACCUM, False),
-    "seed": ("int", 0, _INT63, False),
-    "rank": ("int", 1, MAX_RANK, False),
-    "lr": ("float", 0.0, 10.0, False),
-    "weight_decay": ("float", 0.0, 1e3, False),
-    "max_grad_norm": ("float", 0.0, 1e6, False),
-    "alpha": ("float", 0.0, 1e6, True),
-    "eps": ("float", 0.0, 1.0, True),  # FedKSeed perturbation scale
-    "grad_clip": ("float", 0.0, 1e6, False),
-    "seed_sampling": ("choice", 0, 0, False),
-    "privacy": ("dict", 0, 0, False),
+
+
+class Bound(NamedTuple):
+    """What a client accepts for one train-config key: an "int" or "float" in [lo, hi] (lo excluded when lo_open),
+    one of `choices` ("choice"), or a map ("dict")."""
+
+    kind: str
+    lo: float = 0.0
+    hi: float = 0.0
+    lo_open: bool = False
+    choices: tuple[str, ...] = ()
+
+
+# Every key the engine puts in a train config (fedtune.run.assemble.train_config + the per-client seed); a method's
+# configure_round may add its own (FedAlgorithm.train_fields). Unknown keys are refused: a setting this client does
+# not know (say a newer privacy knob) must not be silently ignored.
+TRAIN_FIELDS: dict[str, Bound] = {
+    "steps": Bound("int", 1, MAX_LOCAL_STEPS),
+    "batch_size": Bound("int", 1, MAX_BATCH_SIZE),
+    "grad_accum": Bound("int", 1, MAX_GRAD_ACCUM),
+    "seed": Bound("int", 0, _INT63),
+    "lr": Bound("float", 0.0, 10.0),
+    "weight_decay": Bound("float", 0.0, 1e3),
+    "max_grad_norm": Bound("float", 0.0, 1e6),
+    "privacy": Bound("dict"),
 }
-_CHOICES = {"seed_sampling": ("uniform", "pro")}
 
 
 def check_number(value: Any, what: str, kind: str, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -213,24 +227,26 @@ def check_number(value: Any, what: str, kind: str, lo: float, hi: float, lo_open
                                   f" in {interval}")
 
 
-def validate_instruction(ins: Instruction) -> None:
-    """Refuse (InstructionRejected) a task whose train config has an unknown key or a value outside TRAIN_FIELDS,
-    or whose setup asks for a LoRA rank/alpha/dropout out of range; before anything is allocated or trained.
-    (Tensor shapes are checked where each method applies its setup/sync payload.)"""
+def validate_instruction(ins: Instruction, fields: Mapping[str, Bound] | None = None) -> None:
+    """Refuse (InstructionRejected) a task whose train config has a key outside `fields` (TRAIN_FIELDS plus the
+    method's own) or a value outside its Bound, or whose setup asks for a LoRA rank/alpha/dropout out of range;
+    before anything is allocated or trained. (Tensor shapes are checked where each method applies its
+    setup/sync payload.)"""
+    fields = TRAIN_FIELDS if fields is None else fields
     t = ins.train
     if not isinstance(t, dict):
         raise InstructionRejected(f"train config is a {type(t).__name__}, not a map")
-    if unknown := sorted(set(t) - set(TRAIN_FIELDS)):
+    if unknown := sorted(set(t) - set(fields)):
         raise InstructionRejected(f"train config has unknown keys {[str(k)[:40] for k in unknown[:5]]}; this client "
-                                  f"knows {sorted(TRAIN_FIELDS)} (is it older than the coordinator?)")
+                                  f"knows {sorted(fields)} (is it older than the coordinator?)")
     for k, v in t.items():
-        kind, lo, hi, lo_open = TRAIN_FIELDS[k]
-        if kind == "choice" and v not in _CHOICES[k]:
-            raise InstructionRejected(f"train.{k} = {str(v)[:40]!r} is not one of {list(_CHOICES[k])}")
-        elif kind == "dict" and not isinstance(v, dict):
+        b = fields[k]
+        if b.kind == "choice" and v not in b.choices:
+            raise InstructionRejected(f"train.{k} = {str(v)[:40]!r} is not one of {list(b.choices)}")
+        elif b.kind == "dict" and not isinstance(v, dict):
             raise InstructionRejected(f"train.{k} is a {type(v).__name__}, not a map")
-        elif kind in ("int", "float"):
-            check_number(v, f"train.{k}", kind, lo, hi, lo_open)
+        elif b.kind in ("int", "float"):
+            check_number(v, f"train.{k}", b.kind, b.lo, b.hi, b.lo_open)
     meta = ins.setup.meta if ins.setup is not None else {}
     for k, (kind, lo, hi, lo_open) in {"rank": ("int", 1, MAX_RANK, False), "alpha": ("float", 0.0, 1e6, True),
                                        "dropout": ("float", 0.0, 1.0, False)}.items():
@@ -243,13 +259,30 @@ def validate_instruction(ins: Instruction) -> None:
                                   "names")
 
 
-def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32) -> UpdateSpec:
-    """A LoRA update: "<m>.A" (r×d_in) and "<m>.B" (d_out×r) for every module {m: (d_out, d_in)}."""
-    out = {}
-    for m, (d_out, d_in) in modules.items():
-        out[f"{m}.A"] = TensorSpec((rank, int(d_in)), dtype)
-        out[f"{m}.B"] = TensorSpec((int(d_out), rank), dtype)
-    return UpdateSpec(out)
+HOLDINGS = ("float32", "bfloat16", "float16", "nf4", "int8")  # how a client may hold its base (models.hardware)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared by the method (FedAlgorithm.capabilities). Wrappers, the config checks, the
+    transports and the conformance tests ask these, never the method's name."""
+
+    # aggregate = the example-weighted mean of fixed-shape update tensors that replace the state tensors of the
+    # same names (FedAvg's A/B, Fed-SB's R): what client-level DP clips and noises, and what [robust] trims per
+    # coordinate
+    tensor_average: bool = False
+    # how [robust] measures and bounds one update: "delta" (‖θ_k − θ_g‖₂ over its tensors, clipped toward θ_g),
+    # "lora_product" (a fresh LoRA: ‖s·B·A‖_F, clipped by scaling B); "" = [robust] refused, see robust_refusal
+    update_norm: str = ""
+    robust_refusal: str = ""
+    no_tensor_average: str = ""  # why its aggregate is not a tensor average: said when client-level DP or a
+    # coordinate-wise [robust] aggregator is refused
+    sample_dp: bool = True  # [privacy] mode = "sample": its clients train under DP (opacus, or its own mechanism)
+    batched: bool = False  # its client's train_many trains a round's clients in one batched loop (simulation)
+    data_init: bool = False  # initialize reads a few tokenized examples given by set_init_data first
+    baseline: bool = False  # a one-client run is plain LoRA training: what `--baseline local|central` runs
+    holdings: frozenset[str] = frozenset(HOLDINGS)  # the base holdings its clients can train on
+    export: str = "adapter"  # the run's result: "adapter" (a peft LoRA adapter) or "merged" (a full model)
 
 
 class ClientAlgorithm(ABC):
@@ -258,6 +291,7 @@ class ClientAlgorithm(ABC):
     # A non-empty sync payload carries the whole global state (not a delta to replay): after setup, the
     # latest one alone rebuilds the model (lets a node that persists its payloads keep only that one).
     sync_replaces_state: ClassVar[bool] = False
+    export_info: dict[str, Any] | None = None  # what the last export_factors did (e.g. a truncation), for summary.json
 
     def __init__(self) -> None:
         from fedtune.privacy.sample import SampleLevelDP
@@ -272,8 +306,9 @@ class ClientAlgorithm(ABC):
         self.dp.load_state_dict(state.get("dp", {}))
 
     @abstractmethod
-    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
-        """Prepare the base model once (e.g. wrap with peft); return the model to train."""
+    def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
+        """Prepare the base model once (e.g. wrap with peft); return the model to train. `holding`: how the base is
+        held (device, dtype, quantization: the loader's Placement; None: read off the model)."""
 
     @abstractmethod
     def sync(self, model: nn.Module, payload: Payload) -> None:
@@ -290,6 +325,12 @@ class ClientAlgorithm(ABC):
         `train(model, ...)`. None: the method cannot train clients concurrently (e.g. full-parameter ZO)."""
         return None
 
+    def train_many(self, model: nn.Module, ctxs: list[TrainContext], configs: list[dict[str, Any]],
+                   ) -> list[ClientUpdate] | None:
+        """Optional (Capabilities.batched): a round's clients in one batched loop, or None when they cannot share
+        one (different schedules, DP, ...): the caller then trains them one by one."""
+        return None
+
     def export_factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """Optional: the current global adapter as {module: (A (r×d_in), B (d_out×r))}, scale folded
         into B. None if the method cannot export a LoRA adapter."""
@@ -297,15 +338,43 @@ class ClientAlgorithm(ABC):
 
 
 class FedAlgorithm(ABC):
-    """Server side of a method. `aggregate` must be pure and deterministic."""
+    """Server side of a method. `aggregate` must be pure and deterministic.
+
+    A method declares, beside its code: `name` (its registry key and config section), `config_class` (the
+    dataclass of its section), `capabilities` (see Capabilities), `train_fields` (the train-config keys its
+    configure_round adds to TRAIN_FIELDS, with what a client accepts), `metric_ranges` (client metrics it reports
+    beyond METRIC_RANGES), `resumable` (its config keys a --resume may change) and `state_format`."""
 
     name: ClassVar[str]
+    config_class: ClassVar[type]
     # Layout and meaning of the global state; bump it when either changes: a checkpoint stamped with another
-    # format is refused on resume instead of being misread (see simulation.check_resumed_state).
+    # format is refused on resume instead of being misread (see fedtune.run.assemble.check_resumed_state).
     state_format: ClassVar[int] = 1
+    train_fields: ClassVar[Mapping[str, Bound]] = {}
+    metric_ranges: ClassVar[Mapping[str, MetricRange]] = {}
+    resumable: ClassVar[tuple[str, ...]] = ()
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this method can do with its config (a method whose abilities depend on its settings overrides)."""
+        return self.CAPABILITIES
+
+    def holding_problem(self, quantization: str, dtype: str) -> str | None:
+        """Why this method, as configured, cannot train on a base held with `quantization` / `dtype` (a dtype name,
+        or "auto"), and what to use instead (one line); None when it can."""
+        holding = quantization if quantization != "none" else dtype
+        if holding == "auto" or holding in self.capabilities.holdings:
+            return None
+        return (f"{self.name} cannot train on a {holding} base; it supports "
+                f"{', '.join(h for h in HOLDINGS if h in self.capabilities.holdings)}")
+
+    def set_init_data(self, features: Sequence[dict[str, list[int]]], pad_id: int) -> None:
+        """Capabilities.data_init: a few tokenized examples for `initialize` (called before it)."""
+        raise TypeError(f"{self.name} takes no init data (Capabilities.data_init is False)")
 
     @abstractmethod
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
@@ -342,9 +411,14 @@ class FedAlgorithm(ABC):
     def make_client(self) -> ClientAlgorithm:
         """A client-side instance configured like this algorithm."""
 
-    # Capabilities the round engine / privacy layer may ask about.
-    supports_tensor_average: ClassVar[bool] = False  # aggregate is a weighted mean of update tensors
-    supports_sample_dp: ClassVar[bool] = True  # its clients train first-order through run_local_training
+    @classmethod
+    def accepts(cls) -> dict[str, Bound]:
+        """Every train-config key a client of this method accepts: TRAIN_FIELDS and the method's own."""
+        return {**TRAIN_FIELDS, **cls.train_fields}
+
+    def metrics_accepted(self) -> dict[str, MetricRange]:
+        """The client metrics whose range the server checks: METRIC_RANGES and the method's own."""
+        return {**METRIC_RANGES, **self.metric_ranges}
 
 
 def example_weights(updates: Sequence[ClientUpdate], *, uniform: bool = False) -> list[float]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from fedtune.config import ConfigError, RunConfig
+from fedtune.configbase import ConfigError
 from fedtune.data.format import OUTCOMES, ChatFormatter
 from fedtune.data.loaders import DataError, Example, load_chatterbot, load_path
 from fedtune.data.partition import partition, split_eval
@@ -27,6 +27,23 @@ CHATTERBOT_SEQ_LEN = 128  # the demo's max_seq_len when [data] max_seq_len = 0 (
 RESPONSE_KEEP = 0.99  # auto max_seq_len keeps at least this share of responses whole
 AUTO_SAMPLE = 20_000  # auto max_seq_len looks at up to this many examples
 TEST_STREAM = 0x7E57  # the test draw uses its own RNG stream: independent of the partition/eval draws
+
+
+class _Seeded(Protocol):
+    seed: int
+
+
+class _Clients(Protocol):
+    num_clients: int
+
+
+class RunConfig(Protocol):
+    """What data preparation reads of a run config (fedtune.config.RunConfig): [data], the client count and the
+    run seed."""
+
+    data: Any
+    federation: _Clients
+    run: _Seeded
 
 
 @dataclass

@@ -1,7 +1,18 @@
-"""Base models: tiny random test models, the offline SmolLM2 default, HF directories and GGUF files."""
+"""Base models: tiny random test models, the offline SmolLM2 default, HF directories and GGUF files (loading.py);
+their fingerprint; how a client holds them (hardware.py) and the hardware settings table (settings.py, importable
+without torch: the CLI builds its flags from it). The names below are imported on first use."""
 
-from fedtune.models.fingerprint import fingerprint
-from fedtune.models.loading import ModelError, hf_dir, load_model, smollm2_gguf
-from fedtune.models.tiny import tiny_llama, tiny_tokenizer
+from __future__ import annotations
 
-__all__ = ["ModelError", "fingerprint", "hf_dir", "load_model", "smollm2_gguf", "tiny_llama", "tiny_tokenizer"]
+import importlib
+
+_WHERE = {"Base": "loading", "ModelError": "loading", "hf_dir": "loading", "load_base": "loading",
+          "load_model": "loading", "smollm2_gguf": "loading", "fingerprint": "fingerprints", "tiny_llama": "tiny",
+          "tiny_tokenizer": "tiny"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"fedtune.models.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'fedtune.models' has no attribute {name!r}")

@@ -2,8 +2,12 @@
 
 Each organisation picks its own (`[model] device / dtype / quantization`, `[train] gradient_checkpointing`, or
 the same flags on every command); none of it travels, none of it changes the base fingerprint (which identifies
-the weights, see `base_fingerprint`), and adapters always keep float32 master weights, so what is uploaded and
-aggregated is the same kind of tensor whatever the hardware.
+the weights, see fedtune.models.loading.Base), and adapters always keep float32 master weights, so what is
+uploaded and aggregated is the same kind of tensor whatever the hardware.
+
+The settings are declared once, in fedtune.models.settings.SETTINGS; the CLI flags, the config fields and their
+checks, the Flower node keys, the keys a client reports at Join, the resume rules and the configuration reference
+are made from it.
 
   device        "auto" (cuda when torch sees a GPU, else cpu) | "cpu" | "cuda" | "cuda:N"
   dtype         "auto" | "float32" | "bfloat16" | "float16"; auto: bfloat16 on a GPU that supports it, and for
@@ -14,17 +18,17 @@ aggregated is the same kind of tensor whatever the hardware.
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("none", "nf4", "int8")
-ATTR = "fedtune_placement"  # set on every model load_model returns
+from fedtune.models.settings import DTYPE_NAMES, QUANTIZATIONS, SETTING, SETTINGS, Setting  # noqa: F401 (re-exported)
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
 
 
 class HardwareError(ValueError):
@@ -102,12 +106,18 @@ class Placement:
 
 
 def placement(model: nn.Module) -> Placement:
-    """The Placement `load_model` recorded (a model built by hand: read off its first parameter)."""
+    """How `model` holds its base, read off the model (for a model built or loaded by hand; a loaded base comes with
+    its Placement, fedtune.models.loading.Base): bitsandbytes' 4-bit / 8-bit layers and their compute dtype, else
+    the device and dtype of its first linear layer's weight (its first parameter's when it has none)."""
     base = getattr(model, "get_base_model", lambda: model)()
-    p = getattr(base, ATTR, None) or getattr(model, ATTR, None)
-    if p is not None:
-        return p
-    w = next(base.parameters())
+    for mod in base.modules():
+        kind = type(mod).__name__
+        if kind == "Linear4bit":
+            return Placement(mod.weight.device, getattr(mod, "compute_dtype", None) or torch.float32, "nf4")
+        if kind == "Linear8bitLt":
+            return Placement(mod.weight.device, base.dtype if base.dtype in DTYPES.values() else torch.float32, "int8")
+    w = next((m.weight for m in base.modules() if isinstance(m, nn.Linear)), None)
+    w = next(base.parameters()) if w is None else w
     return Placement(w.device, w.dtype if w.is_floating_point() else torch.float32, "none")
 
 
@@ -139,12 +149,14 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool) -> nn.Module:
+def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool, holding: Placement | None = None,
+                         ) -> nn.Module:
     """Once, before adapters are attached: freeze the base, and for a quantized base peft's k-bit preparation
     (norms and the embedding/head upcast to float32, as QLoRA and FlowerTune do); gradient checkpointing
     (non-reentrant: recomputes each decoder layer in the backward instead of keeping its activations; only
-    active in train mode, so evaluation and zeroth-order forwards are unchanged)."""
-    pl = placement(model)
+    active in train mode, so evaluation and zeroth-order forwards are unchanged). `holding`: how the model is held
+    (default: read off it)."""
+    pl = holding or placement(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if pl.quantization != "none":
@@ -152,7 +164,6 @@ def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool) -> n
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        setattr(model, ATTR, pl)
     elif gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise HardwareError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -163,25 +174,19 @@ def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool) -> n
 
 def gradient_checkpointing_on(model: nn.Module) -> bool:
     base = getattr(model, "get_base_model", lambda: model)()
+    if hasattr(base, "is_activation_checkpointing"):  # transformers ≥ 5 (is_gradient_checkpointing: a FutureWarning)
+        return bool(base.is_activation_checkpointing)
     return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
-def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
-    """{"mem_peak_mb": the process's peak RSS, "cuda_mem_peak_mb": torch.cuda.max_memory_allocated (on CUDA)}."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    out = {"mem_peak_mb": round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)}
-    if device is not None and device.type == "cuda":
-        out["cuda_mem_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / (1 << 20), 1)
-    return out
+def hardware_metrics(model: nn.Module, holding: Placement | None = None) -> dict[str, Any]:
+    """How a client trains, one entry per setting of SETTINGS (under its name): the holding's strings (`holding`,
+    else read off the model) and whether gradient checkpointing is on."""
+    return {**(holding or placement(model)).describe(), "gradient_checkpointing": gradient_checkpointing_on(model)}
 
 
-def hardware_metrics(model: nn.Module) -> dict[str, Any]:
-    """What a client reports about how it trained: placement strings + gradient checkpointing."""
-    return {**placement(model).describe(), "gradient_checkpointing": gradient_checkpointing_on(model)}
-
-
-def describe_hardware(model: nn.Module) -> str:
+def describe_hardware(model: nn.Module, holding: Placement | None = None) -> str:
     """One log line: "cpu, float32, quantization none, gradient checkpointing off"."""
-    h = hardware_metrics(model)
+    h = hardware_metrics(model, holding)
     return (f"{h['device']}, {h['dtype']}, quantization {h['quantization']}, gradient checkpointing "
             f"{'on' if h['gradient_checkpointing'] else 'off'}")

@@ -10,14 +10,17 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedtune.fileio import publish
-from fedtune.models.fingerprint import checkpoint_fingerprint, fingerprint
-from fedtune.models.hardware import ATTR, HardwareError, Placement, prepare_for_training, quantization_config
+from fedtune.models.fingerprints import checkpoint_fingerprint, fingerprint
+from fedtune.models.hardware import HardwareError, Placement, prepare_for_training, quantization_config
+from fedtune.models.settings import SETTINGS
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,9 +55,9 @@ def _load_gguf(path: Path):
 
 
 def _load_dir(path: Path, pl: Placement | None = None):
-    """(model, tokenizer) from an HF directory, held as `pl` says (default float32 on the CPU). A non-default
-    placement records the float32 checkpoint's fingerprint first (from the files), so every holding of the
-    same weights has the same base fingerprint."""
+    """(model, tokenizer, fingerprint or None) from an HF directory, held as `pl` says (default float32 on the CPU).
+    A non-default placement takes the float32 checkpoint's fingerprint from the files, so every holding of the
+    same weights has the same base fingerprint (None: fingerprint the float32 model itself)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -62,7 +65,7 @@ def _load_dir(path: Path, pl: Placement | None = None):
     tok = AutoTokenizer.from_pretrained(path)
     pl = pl or Placement()
     if pl.plain:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok, None
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         raise ModelError(f"{path} holds a pre-quantized checkpoint; give fedtune the unquantized model and set "
@@ -75,8 +78,7 @@ def _load_dir(path: Path, pl: Placement | None = None):
     if q is None:
         model.to(pl.device)
     no_cpu_repacking(model)
-    model.fedtune_base_fp = fp
-    return model, tok
+    return model, tok, fp
 
 
 def no_cpu_repacking(model) -> None:
@@ -159,7 +161,7 @@ def _cached_gguf(path: Path, pl: Placement | None = None):
     if pl is not None and not (pl.plain):
         del model
         return _load_dir(cache, pl)
-    return model, tok
+    return model, tok, None
 
 
 def _tiny(spec: str, seed: int, pl: Placement):
@@ -169,7 +171,7 @@ def _tiny(spec: str, seed: int, pl: Placement):
     hidden, layers = (64, 2) if spec == "tiny" else map(int, spec[len("tiny-"):].split("x"))
     model = tiny_llama(len(tok), seed=seed, hidden=hidden, layers=layers)
     if pl.plain:
-        return model, tok
+        return model, tok, None
     if pl.quantization != "none":  # bitsandbytes quantizes while loading: go through a model directory
         d = cache_root() / f"{spec}-seed{seed}"
         if not (d / "config.json").is_file():
@@ -180,48 +182,76 @@ def _tiny(spec: str, seed: int, pl: Placement):
                 tmp.rename(d)
             except OSError:  # another process won the race
                 shutil.rmtree(tmp, ignore_errors=True)
-        model, _ = _load_dir(d, pl)
-        return model, tok
+        model, _, fp = _load_dir(d, pl)
+        return model, tok, fp
     fp = fingerprint(model)
     model.to(pl.device, pl.dtype)
-    model.fedtune_base_fp = fp
-    return model, tok
+    return model, tok, fp
 
 
-def load_model(spec: str, *, seed: int = 0, device: str = "cpu", dtype: str = "float32", quantization: str = "none"):
-    """(model in eval mode, tokenizer with a pad token). The model is held on `device` in `dtype`, its linear
-    layers quantized by bitsandbytes when `quantization` is "nf4"/"int8" (fedtune.models.hardware; "auto"
-    resolved there); `hardware.placement(model)` says how, `base_fingerprint(model)` identifies the weights
-    whatever the holding."""
+@dataclass
+class Base:
+    """A loaded base model: the model (eval mode), its tokenizer (with a pad token), how it is held, and which weights
+    it holds. Callers pass the holding on (it is not stashed on the model)."""
+
+    model: nn.Module
+    tokenizer: Any
+    holding: Placement
+    _fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the base weights as stored (the float32 checkpoint), whatever dtype, device or quantization they
+        are held in: what every copy of the run's base must match. Read it before training changes the weights (a
+        float32 base is hashed on first use)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+
+def load_base(spec: str, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+              quantization: str = "none") -> Base:
+    """The base model `spec` ("tiny", "tiny-<hidden>x<layers>", "smollm2", an HF directory or a .gguf file), held on
+    `device` in `dtype`, its linear layers quantized by bitsandbytes when `quantization` is "nf4"/"int8"
+    (fedtune.models.hardware; "auto" resolved there)."""
     try:
         pl = Placement.resolve(device, dtype, quantization)
     except HardwareError as e:
         raise ModelError(str(e)) from None
     if spec == "tiny" or re.fullmatch(r"tiny-\d+x\d+", spec):  # "tiny-<hidden>x<layers>", e.g. tiny-256x4
-        model, tok = _tiny(spec, seed, pl)
+        model, tok, fp = _tiny(spec, seed, pl)
     elif spec == "smollm2":
-        model, tok = _cached_gguf(smollm2_gguf(), pl)
+        model, tok, fp = _cached_gguf(smollm2_gguf(), pl)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelError(f"model {spec!r} not found: use \"tiny\", \"smollm2\", an HF model dir or a .gguf file")
-        model, tok = _cached_gguf(path, pl) if path.suffix == ".gguf" else _load_dir(path, pl)
+        model, tok, fp = _cached_gguf(path, pl) if path.suffix == ".gguf" else _load_dir(path, pl)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.use_cache = False
-    setattr(model, ATTR, pl)
-    return model.eval(), tok
+    return Base(model.eval(), tok, pl, fp)
 
 
-def load_for(cfg, *, seed: int | None = None, train: bool = False):
-    """load_model with a run config's [model] section (name, device, dtype, quantization); with `train`, also
+def load_model(spec: str, *, seed: int = 0, device: str = "cpu", dtype: str = "float32", quantization: str = "none"):
+    """(model, tokenizer) of load_base, for callers that need neither the holding nor the fingerprint."""
+    base = load_base(spec, seed=seed, device=device, dtype=dtype, quantization=quantization)
+    return base.model, base.tokenizer
+
+
+def holding_args(model_section) -> dict[str, str]:
+    """load_base's device/dtype/quantization keywords from a [model] section (the model settings of SETTINGS)."""
+    return {s.name: getattr(model_section, s.name) for s in SETTINGS if s.section == "model"}
+
+
+def load_for(cfg, *, seed: int | None = None, train: bool = False) -> Base:
+    """load_base with a run config's [model] section (name, device, dtype, quantization); with `train`, also
     hardware.prepare_for_training with [train] gradient_checkpointing (for a process whose clients train)."""
-    m = cfg.model
-    model, tok = load_model(m.name, seed=cfg.run.seed if seed is None else seed, device=m.device, dtype=m.dtype,
-                            quantization=m.quantization)
+    base = load_base(cfg.model.name, seed=cfg.run.seed if seed is None else seed, **holding_args(cfg.model))
     if train:
         try:
-            model = prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+            base.model = prepare_for_training(base.model, holding=base.holding,
+                                              gradient_checkpointing=cfg.train.gradient_checkpointing)
         except HardwareError as e:
             raise ModelError(str(e)) from None
-    return model, tok
+    return base

@@ -1,8 +1,28 @@
-"""Peak resident memory of a call, for memory benchmarks and tests (Linux /proc)."""
+"""Memory, measured one way everywhere: the process's peak resident set (what a client reports each round, and what
+the benchmarks compare), torch's CUDA peak, and the peak of one call (VmHWM reset through /proc, for memory
+benchmarks and tests)."""
 
 from __future__ import annotations
 
+import resource
+import sys
 from collections.abc import Callable
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size so far, in MiB (getrusage ru_maxrss)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
+    """{"mem_peak_mb": the process's peak RSS, "cuda_mem_peak_mb": torch.cuda.max_memory_allocated (on CUDA)}."""
+    out = {"mem_peak_mb": peak_rss_mb()}
+    if device is not None and device.type == "cuda":
+        out["cuda_mem_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / (1 << 20), 1)
+    return out
 
 
 def status(key: str) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedtune.configbase import dataclass_from_dict
+
 MODES = ("none", "sample", "client")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -67,6 +69,4 @@ class PrivacyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | PrivacyConfig) -> PrivacyConfig:
-        from fedtune.config import dataclass_from_dict
-
         return d if isinstance(d, PrivacyConfig) else dataclass_from_dict(cls, d, "privacy")

@@ -32,10 +32,17 @@ import torch
 from torch import nn
 
 from fedtune.data.format import collate
-from fedtune.models.hardware import model_device, to_device
 from fedtune.privacy.accounting import Accountant, noise_for_target
 from fedtune.privacy.config import PrivacyConfig
-from fedtune.training.local import LocalTrainConfig, TrainResult, trainable_parameters
+from fedtune.training.loop import (
+    LocalTrainConfig,
+    StepHook,
+    Steps,
+    StepsFactory,
+    TrainResult,
+    train_local,
+    trainable_parameters,
+)
 from fedtune.training.zo import example_losses as per_example_loss  # (B,) mean token loss of each example
 
 if TYPE_CHECKING:  # opacus is imported where it is used (see fedtune/privacy/accounting.py)
@@ -93,51 +100,55 @@ def dp_training(
         model.zero_grad(set_to_none=True)
 
 
-def private_train_local(
-    model: nn.Module, features: Sequence[dict], cfg: LocalTrainConfig, *, noise_multiplier: float,
-    max_grad_norm: float, pad_id: int, generator: torch.Generator | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> TrainResult:
-    """cfg.steps DP-SGD(AdamW) steps; Poisson rate q = min(1, batch_size·grad_accum / N). Micro-batches of at
-    most cfg.batch_size share one DP step. cfg.max_grad_norm is ignored (C = max_grad_norm clips per example)."""
-    if not features:
-        raise ValueError("no training examples for this client")
-    n = len(features)
-    expected = min(cfg.batch_size * cfg.grad_accum, n)
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
+def dp_steps(*, noise_multiplier: float, max_grad_norm: float, generator: torch.Generator | None = None,
+             ) -> StepsFactory:
+    """The `steps` of fedtune.training.loop.train_local for DP-SGD(AdamW): each step a Poisson batch (rate
+    q = min(1, batch_size·grad_accum / N), opacus' sampler) in micro-batches of at most batch_size, the per-example
+    loss summed, and opacus' DPOptimizer (clip each example to C = max_grad_norm, Σ + N(0, σ²C²), ÷ E). cfg's
+    max_grad_norm is not used (C clips per example)."""
     g = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=expected / n, generator=g, steps=cfg.steps)
-    losses: list[float] = []
-    seen = 0
-    device = model_device(model)
-    model.train()
-    with warnings.catch_warnings():
-        # benign with frozen inputs: opacus only needs the gradient w.r.t. the LoRA modules' outputs
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        try:
+
+    @contextmanager
+    def steps(model: nn.Module, params: list[nn.Parameter], features: Sequence[dict], cfg: LocalTrainConfig,
+              pad_id: int) -> Iterator[Steps]:
+        if not features:
+            raise ValueError("no training examples for this client")
+        n = len(features)
+        expected = min(cfg.batch_size * cfg.grad_accum, n)
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=expected / n, generator=g, steps=cfg.steps)
+        with warnings.catch_warnings():
+            # benign with frozen inputs: opacus only needs the gradient w.r.t. the LoRA modules' outputs
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             with dp_training(model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=expected, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              generator=g) as (gsm, opt):
-                for step, idx in enumerate(sampler):
-                    for i in range(0, len(idx), cfg.batch_size):
-                        batch = to_device(collate([features[j] for j in idx[i : i + cfg.batch_size]], pad_id),
-                                          device)
-                        per_ex = per_example_loss(gsm, batch)
-                        per_ex.sum().backward()
-                        losses.append(per_ex.mean().item())
-                    if not idx:  # empty Poisson batch: the step is pure noise (and still accounted)
-                        for p in opt.params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                    seen += len(idx)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if on_step is not None:
-                        on_step(step, losses[-1] if idx else float("nan"))  # nan: empty Poisson batch
-        finally:
-            model.eval()
-    mean = sum(losses) / len(losses) if losses else float("nan")
-    return TrainResult(loss=mean, steps=cfg.steps, examples_seen=seen, losses=losses)
+
+                def loss(module: nn.Module, batch: dict[str, torch.Tensor], _: int) -> tuple[torch.Tensor, float]:
+                    per_ex = per_example_loss(module, batch)
+                    return per_ex.sum(), per_ex.mean().item()
+
+                def empty() -> None:  # the step is pure noise (and still accounted)
+                    for p in opt.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+                micro = ([collate([features[j] for j in idx[i : i + cfg.batch_size]], pad_id)
+                          for i in range(0, len(idx), cfg.batch_size)] for idx in sampler)
+                yield Steps(gsm, opt, opt.original_optimizer, micro, loss, on_empty=empty)
+
+    return steps
+
+
+def private_train_local(
+    model: nn.Module, features: Sequence[dict], cfg: LocalTrainConfig, *, noise_multiplier: float,
+    max_grad_norm: float, pad_id: int, generator: torch.Generator | None = None,
+    on_step: Callable[[int, float], None] | None = None, hooks: Sequence[StepHook] = (),
+) -> TrainResult:
+    """cfg.steps DP-SGD(AdamW) steps through the one training loop (see dp_steps)."""
+    return train_local(model, features, cfg, pad_id=pad_id, on_step=on_step, hooks=hooks,
+                       steps=dp_steps(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                      generator=generator))
 
 
 def poisson_batches(num_examples: int, expected_batch: int, steps: int,
@@ -222,13 +233,14 @@ class SampleLevelDP:
 
     def train(self, model: nn.Module, client_id: str, features: Sequence[dict], cfg: LocalTrainConfig,
               privacy: dict[str, Any] | PrivacyConfig, *, pad_id: int,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[TrainResult, dict[str, float]]:
+              on_step: Callable[[int, float], None] | None = None,
+              hooks: Sequence[StepHook] = ()) -> tuple[TrainResult, dict[str, float]]:
         """One round of DP-SGD local training for `client_id`; returns (result, metrics with epsilon/delta)."""
         expected = min(cfg.batch_size * cfg.grad_accum, len(features))
         return self.run(client_id, len(features), expected, cfg.steps, cfg.seed, privacy,
                         lambda dp: private_train_local(model, features, cfg, noise_multiplier=dp.noise_multiplier,
                                                        max_grad_norm=dp.clip, pad_id=pad_id, generator=dp.generator,
-                                                       on_step=on_step))
+                                                       on_step=on_step, hooks=hooks))
 
     def state_dict(self) -> dict[str, Any]:
         return {cid: a.state_dict() for cid, a in sorted(self.accountants.items())}

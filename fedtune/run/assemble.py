@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fedtune.algorithms import get_algorithm
 from fedtune.algorithms.api import FedAlgorithm, GlobalState
-from fedtune.algorithms.runner import GlobalModel
+from fedtune.algorithms.registry import get_algorithm, with_capability
+from fedtune.algorithms.runner import Node
 from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
 from fedtune.algorithms.wrappers.robust import RobustAggregation
 from fedtune.config import ConfigError, RunConfig, ServerSection
@@ -33,13 +33,13 @@ from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_i
     prepare_data,
 )
 from fedtune.models import fingerprint
-from fedtune.models.fingerprint import base_fingerprint
 from fedtune.models.hardware import describe_hardware, hardware_metrics
 from fedtune.models.loading import load_for
-from fedtune.run import export
-from fedtune.run.engine import EngineConfig, RoundEngine, clients_per_round
+from fedtune.run import checkpoint, export
+from fedtune.run.engine import EngineConfig, EngineHooks, RoundEngine, clients_per_round
 from fedtune.run.metrics import MetricsWriter
-from fedtune.run.rundir import RunDir, RunDirError, identity
+from fedtune.run.rundir import RunDir, RunDirError, identity, resumable
+from fedtune.transports.base import Transport
 from fedtune.transports.inprocess import InProcessTransport, plan_workers, usable_cpus
 
 log = logging.getLogger("fedtune")
@@ -63,9 +63,9 @@ def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
     client-level DP noise comes from the OS unless [privacy] noise_seed is set."""
     algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
     pc, rc = cfg.privacy_config(), cfg.robust_config()
-    if pc.mode == "sample" and not algo.supports_sample_dp:
-        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r}; "
-                          "use fedavg, flora, fedsb or fedkseed")
+    if pc.mode == "sample" and not algo.capabilities.sample_dp:
+        able = ", ".join(with_capability(lambda c: c.sample_dp))
+        raise ConfigError(f"[privacy] mode = \"sample\" is not available for {algo.name!r}; use one of {able}")
     dp: ClientLevelDP | None = None
     try:
         if pc.mode == "client":
@@ -122,8 +122,8 @@ class Run:
     data: dict[str, ClientData]
     global_eval: list[dict]
     algo: FedAlgorithm
-    engine: RoundEngine
-    gm: GlobalModel
+    engine: RoundEngine | None  # None only while its transport is made (prepare_run's `transport(run)`)
+    gm: Node  # the global model: evaluated between rounds, and in simulation the base every client trains on
     writer: MetricsWriter
     state: GlobalState
     start_round: int
@@ -139,18 +139,23 @@ class Run:
         self.rundir.release()
 
 
-def prepare_run(cfg: RunConfig, *, resume: bool = False, roster: list[str] | None = None,
-                deployment: bool = False) -> Run:
-    """Lock the run directory (fedtune.run.rundir), load the base model and data, build the algorithm, the engine
-    (resumed from this run's newest checkpoint when asked) and the global model used for evaluation (and, in
-    simulation, shared by the clients). `deployment`: a real server (see build_algorithm). The caller must
-    `run.close()`."""
+TransportFactory = Callable[[Run], Transport]
+
+
+def prepare_run(cfg: RunConfig, *, transport: TransportFactory, resume: bool = False,
+                roster: list[str] | None = None, deployment: bool = False, evaluate: bool = True) -> Run:
+    """Lock the run directory (fedtune.run.rundir), load the base model and data, build the algorithm, the global
+    model (resumed from this run's newest checkpoint when asked) used for evaluation (and, in simulation, shared by
+    the clients), then `transport(run)` (the run, its engine not built yet) and the engine that drives it.
+    `deployment`: a real server (see build_algorithm); `evaluate`: evaluate the global model between rounds. The
+    caller must `run.close()`."""
     rd = RunDir(cfg.out_dir).lock()
     try:
         rd.clean_temp()
         if not resume:
             rd.check_fresh()  # before the slow part
-        return _prepare_run(cfg, rd, resume=resume, roster=roster, deployment=deployment)
+        return _prepare_run(cfg, rd, transport, resume=resume, roster=roster, deployment=deployment,
+                            evaluate=evaluate)
     except BaseException:
         rd.release(failed=True)
         raise
@@ -180,61 +185,63 @@ def check_resumed_state(algo: FedAlgorithm, fresh: GlobalState, resumed: GlobalS
                           "written by another fedtune); start a new run (another --out, or --overwrite)")
 
 
-def _prepare_run(cfg: RunConfig, rd: RunDir, *, resume: bool, roster: list[str] | None, deployment: bool) -> Run:
+def _prepare_run(cfg: RunConfig, rd: RunDir, transport: TransportFactory, *, resume: bool, roster: list[str] | None,
+                 deployment: bool, evaluate: bool) -> Run:
     t_start = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     corpus = load_corpus(cfg)  # bad data fails here, before the model is loaded and before anything is written
-    model, tok = load_for(cfg, train=not deployment)  # one shared frozen base for every simulated client
-    base_fp = base_fingerprint(model)
-    log.info("model %s: %s", cfg.model.name, describe_hardware(model))
+    base = load_for(cfg, train=not deployment)  # one shared frozen base for every simulated client
+    model, tok, base_fp = base.model, base.tokenizer, base.fingerprint
+    log.info("model %s: %s", cfg.model.name, describe_hardware(model, base.holding))
     prep = prepare_data(cfg, tok, roster, context_len=context_length(model), corpus=corpus)
     data, global_eval = prep.clients, prep.global_eval
     log.info("%s", format_report(prep.report))
     algo, budget_check = build_algorithm(cfg, deployment=deployment)
-    if hasattr(algo, "set_init_data"):  # methods whose init reads data (Fed-SB) use the first client's
+    if algo.capabilities.data_init:  # methods whose init reads data (Fed-SB) use the first client's
         if cfg.privacy_config().enabled:  # that read would not be covered by the reported ε
             log.warning("privacy is on: %s starts from a data-independent (seeded random) init instead of "
                         "reading a client's data", algo.name)
         else:
             algo.set_init_data(next(iter(data.values())).train, tok.pad_token_id)
     state = algo.initialize(model, seed=cfg.run.seed)
-    engine = RoundEngine(algo=algo, transport=None, roster=list(data), cfg=engine_config(cfg),  # type: ignore[arg-type]
-                         out_dir=cfg.out_dir, budget_check=budget_check)
-    rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume)
-    start, client_state = 1, {}
-    if resume and (ck := engine.resume(rec["run_id"])) is not None:
-        fresh, (state, start, engine_state) = state, ck
-        check_resumed_state(algo, fresh, state, engine_state, cfg.out_dir)
-        client_state = engine_state.get("client_state", {})
+    rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume, may_change=resumable(cfg))
+    start, resumed = 1, {}
+    if resume and (ck := checkpoint.latest(rd.ckpt_dir, run_id=rec["run_id"])) is not None:
+        check_resumed_state(algo, state, ck.state, ck.engine, cfg.out_dir)
+        state, start, resumed = ck.state, ck.round + 1, ck.engine
         log.info("resuming from the checkpoint of round %d (run %s)", start - 1, rec["run_id"][:8])
     if resume:
         rd.drop_after(start - 1)
-    gm = GlobalModel(model, algo.make_client(), algo=algo, state=state)
-    gm.client.load_state_dict(client_state)  # e.g. the simulated clients' DP accountants
+    gm = Node.for_server(model, algo, state, base.holding)
+    gm.client.load_state_dict(resumed.get("client_state", {}))  # e.g. the simulated clients' DP accountants
+    writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
+    run = Run(cfg, tok, base_fp, data, global_eval, algo, None, gm, writer, state, start, t_start, rd,
+              test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
     run_ids = {"run_id": rec["run_id"], "config_hash": rec["config_hash"]}
-    engine.extra_state = lambda: {"client_state": gm.client.state_dict(), **run_ids}
-    bs = cfg.run.eval_batch_size
+    bs, pad = cfg.run.eval_batch_size, tok.pad_token_id
 
-    def evaluate_fn(s: GlobalState) -> float:
-        gm.advance(algo, s)
-        return gm.evaluate(global_eval, pad_id=tok.pad_token_id, batch_size=bs)
+    def on(features: list[dict]) -> Callable[[GlobalState], float] | None:
+        if not features or not evaluate:
+            return None
 
-    def test_fn(s: GlobalState) -> float:
-        gm.advance(algo, s)
-        return gm.evaluate(prep.test, pad_id=tok.pad_token_id, batch_size=bs)
+        def loss(s: GlobalState) -> float:
+            gm.catch_up(algo, s)
+            return gm.evaluate(features, pad_id=pad, batch_size=bs)
 
-    engine.evaluate_fn = evaluate_fn if global_eval else None
-    engine.test_fn = test_fn if prep.test else None
+        return loss
+
     if not global_eval:
         log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",
                     cfg.data.eval_fraction)
     if not prep.test:
         log.warning("no global test examples ([data] test_fraction = %s): test is skipped, test loss is reported as -",
                     cfg.data.test_fraction)
-    writer = MetricsWriter(cfg.out_dir, resume_round=start - 1 if start > 1 else None)
-    return Run(cfg, tok, base_fp, data, global_eval, algo, engine, gm, writer, state, start, t_start, rd,
-               test=prep.test, test_examples=prep.test_examples, data_report=prep.report)
+    hooks = EngineHooks(evaluate=on(global_eval), test=on(prep.test), budget_check=budget_check,
+                        extra_state=lambda: {"client_state": gm.client.state_dict(), **run_ids})
+    run.engine = RoundEngine(algo=algo, transport=transport(run), roster=list(data), cfg=engine_config(cfg),
+                             out_dir=cfg.out_dir, hooks=hooks, resumed=resumed)
+    return run
 
 
 def execute(run: Run, *, progress: bool = True) -> GlobalState:
@@ -246,9 +253,8 @@ def execute(run: Run, *, progress: bool = True) -> GlobalState:
         tqdm.write(format_row(row))
         sys.stdout.flush()  # one line per round, visible at once even when stdout is a file
 
-    run.engine.on_round = on_round
     try:
-        run.state = run.engine.run(run.state, start_round=run.start_round, writer=run.writer)
+        run.state = run.engine.run(run.state, start_round=run.start_round, writer=run.writer, on_round=on_round)
     finally:
         bar.close()
     return run.state
@@ -261,7 +267,7 @@ def _finite_column(rows: list[dict[str, Any]], key: str) -> list[float]:
 def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
-    gm.advance(run.algo, state)
+    gm.catch_up(run.algo, state)
     pad = run.tokenizer.pad_token_id  # the global model on each client's own held-out slice (personalisation gap)
     client_eval = {cid: gm.evaluate(d.eval, pad_id=pad, batch_size=cfg.run.eval_batch_size) if d.eval else None
                    for cid, d in run.data.items()}
@@ -288,10 +294,10 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
         "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
                     for cid, d in run.data.items()},
-        "hardware": hardware_metrics(gm.model), "client_hardware": run.engine.client_hardware,
+        "hardware": hardware_metrics(gm.model, gm.holding), "client_hardware": run.engine.client_hardware,
         "data": run.data_report,
         "adapter": str(adapter_dir) if adapter_dir else None,
-        "adapter_export": getattr(gm.client, "export_info", None) if adapter_dir else None,
+        "adapter_export": gm.client.export_info if adapter_dir else None,
         "merged": str(merged_dir) if merged_dir else None,
         "plot": str(plot) if plot else None, "metrics": str(writer.path),
         "wall_s": round(time.perf_counter() - run.t_start, 2), "config": cfg.to_dict(),
@@ -300,24 +306,27 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     return summary
 
 
+def in_process(run: Run, *, progress: bool = True) -> InProcessTransport:
+    """The in-process transport of a simulation: every client on the run's one shared model."""
+    cfg = run.cfg
+    workers, per_worker = plan_workers(cfg.federation.workers, torch.get_num_threads(), usable_cpus())
+    transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
+                                   batch_clients=cfg.federation.batch_clients and run.algo.capabilities.batched,
+                                   workers=workers, threads_per_worker=per_worker)
+    log.info("simulation: %s", transport.describe())
+    return transport
+
+
 def simulate(cfg: RunConfig, *, resume: bool = False, progress: bool = True, save_merged: bool = False,
-             transport_factory: Callable[[RoundEngine, GlobalModel, dict[str, ClientData], int], Any] | None = None,
-             roster: list[str] | None = None) -> dict[str, Any]:
+             transport_factory: TransportFactory | None = None, roster: list[str] | None = None) -> dict[str, Any]:
     """Run a whole simulated federation; returns the summary (also written to summary.json).
 
-    `transport_factory(engine, global_model, data, pad_id)` replaces the in-process transport (the Flower
-    engine passes one that sends each round over a Flower Grid); everything else is shared. `roster`: the
-    client ids in partition order (default client-0 … client-N-1)."""
-    run = prepare_run(cfg, resume=resume, roster=roster)
+    `transport_factory(run)` replaces the in-process transport (the Flower engine passes one that sends each round
+    over a Flower Grid); everything else is shared. `roster`: the client ids in partition order (default
+    client-0 … client-N-1)."""
+    factory = transport_factory or (lambda run: in_process(run, progress=progress))
+    run = prepare_run(cfg, transport=factory, resume=resume, roster=roster)
     try:
-        if transport_factory is None:
-            workers, per_worker = plan_workers(cfg.federation.workers, torch.get_num_threads(), usable_cpus())
-            run.engine.transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
-                                                      batch_clients=cfg.federation.batch_clients, workers=workers,
-                                                      threads_per_worker=per_worker)
-            log.info("simulation: %s", run.engine.transport.describe())
-        else:
-            run.engine.transport = transport_factory(run.engine, run.gm, run.data, run.tokenizer.pad_token_id)
         execute(run, progress=progress)
         return finalize_run(run, save_merged=save_merged)
     finally:

@@ -27,16 +27,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.algorithms.runner import GlobalModel
+from fedtune.algorithms.registry import with_capability
+from fedtune.algorithms.runner import Node
 from fedtune.config import RunConfig
 from fedtune.data.prepare import ClientData
 from fedtune.run.assemble import Run, engine_config, execute, finalize_run, prepare_run
-from fedtune.run.engine import RoundEngine, clients_per_round
+from fedtune.run.engine import EngineHooks, RoundEngine, clients_per_round
 from fedtune.run.metrics import MetricsWriter
 from fedtune.transports.inprocess import InProcessTransport
 
 KINDS = ("local", "central", "central-seq")
-METHOD = "fedavg"  # the baselines train plain LoRA ([lora] / [fedavg] settings and lr)
+
+
+def baseline_method() -> str:
+    """The method the baselines train with: the one whose one-client run is plain LoRA training
+    (Capabilities.baseline; its [lora] / own settings and lr apply)."""
+    names = with_capability(lambda c: c.baseline)
+    if len(names) != 1:
+        raise RuntimeError(f"exactly one method must declare Capabilities.baseline, got {names}")
+    return names[0]
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -54,18 +63,14 @@ def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bo
     cfg.train.batch_size = batch_size
     cfg.federation.num_clients, cfg.federation.min_clients, cfg.federation.fraction = 1, 1, 1.0
     algo, pad, bs = run.algo, run.tokenizer.pad_token_id, cfg.run.eval_batch_size
-    gm = GlobalModel(run.gm.model, algo.make_client(), algo=algo, state=run.state)
-    engine = RoundEngine(algo=algo, transport=InProcessTransport(gm, {name: data}, pad, progress=False,
-                                                                 batch_clients=False),
-                         roster=[name], cfg=engine_config(cfg), out_dir=cfg.out_dir)
+    gm = Node.for_server(run.gm.model, algo, run.state, run.gm.holding)
 
     def on(features):
         def fn(s):
-            gm.advance(algo, s)
+            gm.catch_up(algo, s)
             return gm.evaluate(features, pad_id=pad, batch_size=bs)
         return fn
 
-    engine.evaluate_fn = on(data.eval) if data.eval else None
     test = on(run.test)
 
     def test_fn(s):
@@ -75,16 +80,25 @@ def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bo
             return cache["base"]
         return test(s) if test_every_round or s.version in (0, cfg.run.rounds) else math.nan
 
-    engine.test_fn = test_fn if run.test else None
+    hooks = EngineHooks(evaluate=on(data.eval) if data.eval else None, test=test_fn if run.test else None)
+    engine = RoundEngine(algo=algo, transport=InProcessTransport(gm, {name: data}, pad, progress=False),
+                         roster=[name], cfg=engine_config(cfg), out_dir=cfg.out_dir, hooks=hooks)
     sub = dataclasses.replace(run, cfg=cfg, data={name: data}, global_eval=data.eval, engine=engine, gm=gm,
                               writer=MetricsWriter(cfg.out_dir), state=run.state, start_round=1,
                               t_start=time.perf_counter())
     execute(sub, progress=progress)
-    gm.advance(algo, sub.state)
+    gm.catch_up(algo, sub.state)
     summary = finalize_run(sub)
     summary["client_eval_loss_final"] = {cid: gm.evaluate(d.eval, pad_id=pad, batch_size=bs) if d.eval else None
                                          for cid, d in run.data.items()}  # this model on every client's slice
     return summary
+
+
+class _NoRounds:
+    """The transport of a baseline's outer run, which trains no rounds itself (each model is a run of its own)."""
+
+    def run_round(self, plan, timeout_s):
+        raise RuntimeError("a baseline's outer run trains no rounds")
 
 
 def simulate_baseline(cfg: RunConfig, kind: str, *, progress: bool = True) -> dict[str, Any]:
@@ -92,8 +106,8 @@ def simulate_baseline(cfg: RunConfig, kind: str, *, progress: bool = True) -> di
     if kind not in KINDS:
         raise ValueError(f"baseline must be one of {KINDS}, got {kind!r}")
     cfg = copy.deepcopy(cfg)
-    cfg.run.algorithm = METHOD
-    run = prepare_run(cfg)
+    cfg.run.algorithm = baseline_method()
+    run = prepare_run(cfg, transport=lambda _: _NoRounds())
     try:
         return _baseline(run, cfg, kind, progress)
     finally:
@@ -133,7 +147,7 @@ def _baseline(run: Run, cfg: RunConfig, kind: str, progress: bool) -> dict[str, 
     run.writer.write_csv()
     plot = run.writer.plot()
     summary = {
-        "algorithm": kind, "baseline": kind, "method": METHOD, "rounds_completed": cfg.run.rounds,
+        "algorithm": kind, "baseline": kind, "method": cfg.run.algorithm, "rounds_completed": cfg.run.rounds,
         "test_loss_first": tests[0] if tests else None, "test_loss_final": tests[-1] if tests else None,
         "eval_loss_first": evals[0] if evals else None, "eval_loss_final": evals[-1] if evals else None,
         "test_examples": len(run.test), "client_eval_loss_final": client_eval, "client_test_loss_final": client_test,

@@ -3,8 +3,8 @@ instructions and updates; the algorithm aggregates; the engine samples, validate
 and logs.
 
 One round:  sample clients (seeded by run seed, round, attempt) → build instructions (setup once, sync to
-the current global version, per-client train config) → transport.run_round → drop every update that does
-not match what its client was assigned (algo.expected_update; the client counts as failed) → if fewer than
+the current global version, per-client train config) → transport.run_round(RoundPlan) → drop every update that
+does not match what its client was assigned (algo.expected_update; the client counts as failed) → if fewer than
 min_clients valid updates, or aggregate raises or yields non-finite tensors, abort the attempt (nothing
 written) and retry → evaluate the global model (eval loss on the clients' held-out slices, test loss on the
 global test set; each skipped when its set is empty) → atomic checkpoint → metrics row. Round 0 logs the
@@ -29,13 +29,14 @@ from fedtune.algorithms.api import (
     FedAlgorithm,
     GlobalState,
     Instruction,
+    Payload,
     UpdateRejected,
     UpdateSpec,
     validate_update,
 )
 from fedtune.run import checkpoint
 from fedtune.run.metrics import MetricsWriter
-from fedtune.transports.base import RoundResult, Transport
+from fedtune.transports.base import RoundPlan, RoundResult, Transport
 
 log = logging.getLogger("fedtune")
 HARDWARE_METRICS = ("mem_peak_mb", "cuda_mem_peak_mb")  # client-reported (validated: METRIC_RANGES)
@@ -79,7 +80,20 @@ class EngineConfig:
     max_examples_per_client: int = 0  # cap on an update's num_examples (0 = none)
 
 
+@dataclass
+class EngineHooks:
+    """What the engine calls besides its transport and method; all optional."""
+
+    evaluate: Callable[[GlobalState], float] | None = None  # eval loss: the union of the clients' held-out slices
+    test: Callable[[GlobalState], float] | None = None  # test loss: the global test set (what methods compare on)
+    budget_check: Callable[[GlobalState], str | None] | None = None  # a reason to stop before the next round
+    extra_state: Callable[[], dict[str, Any]] | None = None  # more state for each checkpoint (client state, run id)
+
+
 class RoundEngine:
+    """Runs the rounds of one run over `transport`; `resumed` is the engine state of the checkpoint the run resumes
+    from (client versions, ε so far), None for a new run."""
+
     def __init__(
         self,
         *,
@@ -88,26 +102,23 @@ class RoundEngine:
         roster: Sequence[str],
         cfg: EngineConfig,
         out_dir: Path,
-        evaluate_fn: Callable[[GlobalState], float] | None = None,
-        test_fn: Callable[[GlobalState], float] | None = None,
-        on_round: Callable[[dict[str, Any]], None] | None = None,
-        budget_check: Callable[[GlobalState], str | None] | None = None,
+        hooks: EngineHooks | None = None,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
         self.algo, self.transport, self.cfg = algo, transport, cfg
+        self.hooks = hooks or EngineHooks()
         self.roster = list(roster)
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.evaluate_fn = evaluate_fn  # eval loss: union of the clients' held-out slices
-        self.test_fn = test_fn  # test loss: the global test set (what methods are compared on)
-        self.on_round = on_round
-        self.budget_check = budget_check
         self.client_versions = {c: -1 for c in self.roster}  # -1: never set up
         # per client: how it holds the model (device/dtype/quantization, when its transport knows) and the peak
         # memory its updates reported; written to summary.json
         self.client_hardware: dict[str, dict[str, Any]] = {}
         self.stop_reason: str | None = None
         self.epsilon_max: float | None = None  # sample-level DP: max ε over clients so far
-        self.extra_state: Callable[[], dict[str, Any]] | None = None  # more state for checkpoints
+        if resumed:
+            self.client_versions.update(resumed.get("client_versions", {}))
+            self.epsilon_max = resumed.get("epsilon_max")
 
     # -- sampling and instructions ------------------------------------------------------------
     def sample(self, rnd: int, attempt: int) -> list[str]:
@@ -119,14 +130,21 @@ class RoundEngine:
     def client_seed(self, rnd: int, cid: str) -> int:
         return int(np.random.default_rng([self.cfg.seed, rnd, self.roster.index(cid), 7]).integers(2**31 - 1))
 
-    def instructions(self, rnd: int, state: GlobalState, sampled: list[str]) -> dict[str, Instruction]:
+    def plan(self, rnd: int, state: GlobalState, sampled: list[str]) -> RoundPlan:
+        """This attempt's instructions, and the hooks a transport checks what comes back with."""
         configs = self.algo.configure_round(rnd, state, sampled, self.cfg.train, self.roster)
         self._current = (rnd, state, configs)
-        return {cid: self.instruction_for(cid, self.client_versions.get(cid, -1)) for cid in sampled}
+        versions = {cid: self.client_versions.get(cid, -1) for cid in sampled}
+        return RoundPlan(
+            round=rnd, version=state.version, min_clients=self.cfg.min_clients, roster=tuple(self.roster),
+            instructions={cid: self.instruction_for(cid, v) for cid, v in versions.items()}, versions=versions,
+            instruction_for=self.instruction_for, check_update=self.check_update,
+            expected_update=self.expected_update, sync_payload=self.sync_payload,
+        )
 
     def instruction_for(self, cid: str, version: int) -> Instruction:
         """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).
-        Transports whose clients report their own version (gRPC) rebuild with it."""
+        Transports whose clients report their own version (gRPC, Flower) rebuild with it."""
         rnd, state, configs = self._current
         if version > state.version:
             raise ValueError(f"{cid} reports global version {version}, newer than the server's {state.version}")
@@ -137,6 +155,11 @@ class RoundEngine:
             setup=self.algo.setup_payload(state) if version < 0 else None,
         )
 
+    def sync_payload(self, version: int) -> Payload:
+        """What brings a copy of the global model at `version` to this round's state (a shared model)."""
+        _, state, _ = self._current
+        return self.algo.sync_payload(state, version)
+
     # -- validation -------------------------------------------------------------------------------
     def check_update(self, cid: str, update: ClientUpdate, *, max_examples: int | None = None) -> None:
         """Raise UpdateRejected unless `update` is what `cid` was assigned this round (names, shapes,
@@ -144,7 +167,8 @@ class RoundEngine:
         if update.client_id != cid:
             raise UpdateRejected(f"update names client {update.client_id!r}, sent by {cid!r}")
         caps = [c for c in (max_examples, self.cfg.max_examples_per_client) if c]
-        validate_update(self.expected_update(cid), update, max_examples=min(caps) if caps else None)
+        validate_update(self.expected_update(cid), update, max_examples=min(caps) if caps else None,
+                        metric_ranges=self.algo.metrics_accepted())
 
     def expected_update(self, cid: str) -> UpdateSpec:
         """What `cid` must send this round (UpdateRejected if it was not sampled or the method cannot say)."""
@@ -187,11 +211,15 @@ class RoundEngine:
         return new_state, metrics
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter) -> GlobalState:
-        if start_round == 1 and (self.evaluate_fn or self.test_fn) and not writer.rows:
+    def run(self, state: GlobalState, *, start_round: int = 1, writer: MetricsWriter,
+            on_round: Callable[[dict[str, Any]], None] | None = None) -> GlobalState:
+        """Rounds start_round … cfg.rounds from `state` (stopping early on a spent privacy budget); each round's
+        metrics row goes to `writer` and `on_round`. Returns the last global state."""
+        h = self.hooks
+        if start_round == 1 and (h.evaluate or h.test) and not writer.rows:
             writer.append({"round": 0, "algorithm": self.algo.name, **self.losses(state)})
         for rnd in range(start_round, self.cfg.rounds + 1):
-            if self.budget_check is not None and (reason := self.budget_check(state)):
+            if h.budget_check is not None and (reason := h.budget_check(state)):
                 self.stop_reason = reason
                 log.warning("stopping before round %d: %s", rnd, reason)
                 break
@@ -201,13 +229,15 @@ class RoundEngine:
                 self.stop_reason = str(e)
                 log.warning("stopping before round %d: %s", rnd, e)
                 break
+            if on_round is not None:
+                on_round(writer.rows[-1])
         return state
 
     def run_round(self, rnd: int, state: GlobalState, writer: MetricsWriter) -> GlobalState:
         t0 = time.perf_counter()
         for attempt in range(self.cfg.max_round_retries + 1):
             sampled = self.sample(rnd, attempt)
-            res = self.transport.run_round(rnd, self.instructions(rnd, state, sampled), self.cfg.round_timeout_s)
+            res = self.transport.run_round(self.plan(rnd, state, sampled), self.cfg.round_timeout_s)
             updates = self.accept(res)
             if len(updates) >= self.cfg.min_clients:
                 if (out := self._aggregate(rnd, state, updates)) is not None:
@@ -225,7 +255,7 @@ class RoundEngine:
         for u in updates:
             self.client_versions[u.client_id] = state.version
             mem = {k: u.metrics[k] for k in HARDWARE_METRICS if k in u.metrics}
-            told = getattr(self.transport, "client_hardware", {}).get(u.client_id, {})
+            told = res.client_hardware.get(u.client_id, {})
             self.client_hardware.setdefault(u.client_id, {}).update({**told, **mem})
         losses = self.losses(new_state)
         eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
@@ -245,26 +275,15 @@ class RoundEngine:
             **agg_metrics,
         }
         writer.append(row)
-        if self.on_round is not None:
-            self.on_round(row)
         return new_state
 
     def losses(self, state: GlobalState) -> dict[str, float]:
         """eval_loss and test_loss of the global model at `state` (nan when that set is not evaluated)."""
-        nan = float("nan")
-        return {"eval_loss": self.evaluate_fn(state) if self.evaluate_fn is not None else nan,
-                "test_loss": self.test_fn(state) if self.test_fn is not None else nan}
+        nan, h = float("nan"), self.hooks
+        return {"eval_loss": h.evaluate(state) if h.evaluate is not None else nan,
+                "test_loss": h.test(state) if h.test is not None else nan}
 
     def engine_state(self) -> dict[str, Any]:
-        extra = self.extra_state() if self.extra_state is not None else {}
+        extra = self.hooks.extra_state() if self.hooks.extra_state is not None else {}
         return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max,
                 "state_format": self.algo.state_format, **extra}
-
-    def resume(self, run_id: str | None = None) -> tuple[GlobalState, int, dict[str, Any]] | None:
-        """(state, next round, engine state) from the newest complete checkpoint (of run `run_id`), or None."""
-        ck = checkpoint.latest(self.ckpt_dir, run_id=run_id)
-        if ck is None:
-            return None
-        self.client_versions.update(ck.engine.get("client_versions", {}))
-        self.epsilon_max = ck.engine.get("epsilon_max")
-        return ck.state, ck.round + 1, ck.engine

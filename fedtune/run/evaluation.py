@@ -20,7 +20,8 @@ from fedtune import config as config_mod
 from fedtune.config import ConfigError, RunConfig
 from fedtune.models import ModelError, load_model
 from fedtune.models.hardware import model_device
-from fedtune.training.local import evaluate
+from fedtune.models.loading import holding_args
+from fedtune.training.evaluate import evaluate
 
 _SECTIONS = ("run", "model", "data", "federation", "train")
 
@@ -59,10 +60,10 @@ class Loaded:
 
 
 def load_tuned(model_name: str, *, adapter: str | None = None, merged: str | None = None, seed: int = 0,
-               hardware: dict[str, str] | None = None) -> Loaded:
+               holding: Any = None) -> Loaded:
     """The base model `model_name`, with `adapter` attached (peft), or the merged model directory `merged`;
-    held as `hardware` says ({"device", "dtype", "quantization"}: load_model's keywords; default fp32 CPU)."""
-    hw = hardware or {}
+    held as the [model] section `holding` says (its device, dtype, quantization; None: float32 on the CPU)."""
+    hw = holding_args(holding) if holding is not None else {}
     if merged:
         p = Path(merged)
         if not (p / "config.json").is_file():

@@ -45,7 +45,7 @@ def export_adapter(gm, out_dir: Path, *, base_name: str, seed: int, base_fingerp
     base = hf_dir(base_name)
     path = write_peft_adapter(out_dir, factors, base_name=str(base) if base else base_name)
     info = {"global_version": gm.version, "base_model": base_name, "seed": seed,
-            "base_model_fingerprint": base_fingerprint, "export": getattr(gm.client, "export_info", None)}
+            "base_model_fingerprint": base_fingerprint, "export": gm.client.export_info}
     (out_dir / "fedtune.json").write_text(json.dumps(info, indent=1))
     return publish(path)
 

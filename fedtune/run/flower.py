@@ -65,9 +65,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False, progress: bo
                            timeout_s=float(opts["node_timeout_s"]))
         log.info("flower: %d nodes host clients %s", len(node_of), list(node_of))
 
-        def factory(engine, gm, data, pad_id):
-            holder["t"] = FlowerTransport(grid, node_of, engine.algo,
-                                          straggler_timeout_s=float(opts["straggler_timeout_s"])).attach(engine)
+        def factory(run):
+            holder["t"] = FlowerTransport(grid, node_of, straggler_timeout_s=float(opts["straggler_timeout_s"]))
             return holder["t"]
 
         summary = simulate(cfg, resume=resume, progress=progress, save_merged=save_merged, transport_factory=factory,

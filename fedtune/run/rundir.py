@@ -23,8 +23,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fedtune.algorithms.registry import method
 from fedtune.config import ConfigError, RunConfig
 from fedtune.fileio import write_text_atomic
+from fedtune.models.settings import SETTINGS
 
 log = logging.getLogger("fedtune")
 
@@ -34,16 +36,21 @@ LOCK = ".fedtune.lock"
 OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints", "adapter", "merged", "plots", "tb",
            "flower-nodes")
 
-# Settings a resume may change (they do not change what the rounds already done computed). Everything else in
-# the resolved config is hashed; run.rounds too when [privacy] calibrates σ to target_epsilon without a fixed
-# noise_multiplier (σ then depends on the planned number of rounds).
+# Settings a resume may change (they do not change what the rounds already done computed): these, the resumable
+# hardware settings (fedtune.models.hardware.SETTINGS) and the method's own (FedAlgorithm.resumable, as
+# "algorithm.<key>"); see `resumable`. Everything else in the resolved config is hashed; run.rounds too when
+# [privacy] calibrates σ to target_epsilon without a fixed noise_multiplier (σ then depends on the planned rounds).
 RESUMABLE = (
     "run.name", "run.out", "run.rounds", "run.threads", "run.eval_batch_size", "model.name",
-    "model.device", "model.dtype", "model.quantization", "train.gradient_checkpointing",
+    *(s.key for s in SETTINGS if s.resumable),
     "federation.round_timeout_s", "federation.max_round_retries", "federation.batch_clients",
     "federation.workers",
-    "algorithm.export_rank", "algorithm.keep_rounds",
 )
+
+
+def resumable(cfg: RunConfig) -> list[str]:
+    """Every key of `cfg` a --resume may change: RESUMABLE and the method's own."""
+    return [*RESUMABLE, *(f"algorithm.{k}" for k in method(cfg.run.algorithm).resumable)]
 
 
 class RunDirError(ConfigError):
@@ -58,7 +65,7 @@ def identity(cfg: RunConfig, roster: list[str]) -> dict[str, Any]:
     privacy = cfg.privacy_config()
     d["privacy"] = privacy.to_dict()
     d["roster"] = list(roster)
-    for key in RESUMABLE:
+    for key in resumable(cfg):
         if key == "run.rounds" and privacy.enabled and privacy.noise_multiplier is None:
             continue
         section, name = key.split(".")
@@ -179,8 +186,10 @@ class RunDir:
         what = f"run {rec['run_id'][:8]} (created {rec.get('created', '?')})" if rec else "another run's outputs"
         raise RunDirError(f"{self.out} already holds {what}: {', '.join(found)}; {_choices(self.out)}")
 
-    def begin(self, ident: dict[str, Any], base_fingerprint: str, *, resume: bool) -> dict[str, Any]:
-        """Check (resume) or write (new run) run.json; returns the record."""
+    def begin(self, ident: dict[str, Any], base_fingerprint: str, *, resume: bool,
+              may_change: list[str] | tuple[str, ...] = RESUMABLE) -> dict[str, Any]:
+        """Check (resume) or write (new run) run.json; returns the record. `may_change`: the keys left out of
+        `ident` (said when a resume is refused)."""
         h = config_hash(ident)
         rec = self.read_record()
         if resume and rec is not None:
@@ -191,7 +200,7 @@ class RunDir:
             if rec["config_hash"] != h:
                 diff = differences(rec.get("config", {}), ident)
                 raise RunDirError(f"cannot resume {self.out}: the config differs from the run's in "
-                                  f"{'; '.join(diff) or 'its hash'}. Only {', '.join(RESUMABLE)} may change on "
+                                  f"{'; '.join(diff) or 'its hash'}. Only {', '.join(may_change)} may change on "
                                   "resume; restore the others, or start a new run with a new --out")
             rec.setdefault("resumed", []).append(_now())
         else:

@@ -9,9 +9,9 @@ import threading
 from grpc_health.v1 import health_pb2
 
 from fedtune.config import ConfigError, RunConfig, ServerSection, load_tokens
-from fedtune.run.assemble import execute, finalize_run, prepare_run
+from fedtune.run.assemble import Run, execute, finalize_run, prepare_run
+from fedtune.transports import wire
 from fedtune.transports.grpc.coordinator import GrpcTransport, drain, start_grpc_server
-from fedtune.transports.wire import serde
 
 log = logging.getLogger("fedtune.server")
 
@@ -34,26 +34,22 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     if len(roster) != cfg.federation.num_clients:
         raise ConfigError(f"{len(roster)} clients in the roster but federation.num_clients = "
                           f"{cfg.federation.num_clients}; make them agree")
-    run = prepare_run(cfg, resume=resume, roster=roster, deployment=True)
+    def grpc_transport(run: Run) -> GrpcTransport:
+        return GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
+                             model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg,
+                             stop=stop)
+
+    run = prepare_run(cfg, transport=grpc_transport, resume=resume, roster=roster, deployment=True,
+                      evaluate=scfg.evaluate)
     try:
-        return _serve_run(run, cfg, scfg, roster, tokens, progress=progress, ready=ready, port_box=port_box, stop=stop)
+        return _serve_run(run, run.engine.transport, cfg, scfg, roster, progress=progress, ready=ready,
+                          port_box=port_box)
     finally:
         run.close()
 
 
-def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], tokens: dict[str, str], *, progress: bool,
-               ready: threading.Event | None, port_box: list | None, stop: threading.Event | None) -> dict:
-    if not scfg.evaluate:
-        run.engine.evaluate_fn = run.engine.test_fn = None
-    transport = GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
-                              model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg,
-                              min_clients=cfg.federation.min_clients)
-    transport.instruction_for = run.engine.instruction_for
-    transport.check_update = run.engine.check_update
-    transport.expected_update = run.engine.expected_update
-    if stop is not None:
-        transport.stop_event = stop
-    run.engine.transport = transport
+def _serve_run(run: Run, transport: GrpcTransport, cfg: RunConfig, scfg: ServerSection, roster: list[str], *,
+               progress: bool, ready: threading.Event | None, port_box: list | None) -> dict:
     server, port, health_servicer = start_grpc_server(transport, scfg.address, scfg)
     log.info("coordinator for run %r (%s, %d clients) listening on port %d%s", cfg.run.name, run.algo.name,
              len(roster), port, (" with mTLS" if transport.mtls else " with TLS") if scfg.tls_cert else " WITHOUT TLS")
@@ -73,7 +69,7 @@ def _serve_run(run, cfg: RunConfig, scfg: ServerSection, roster: list[str], toke
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for svc in ("", serde.SERVICE_NAME):
+        for svc in ("", wire.SERVICE_NAME):
             health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.stop(grace=1.0)
         transport.closed.set()

@@ -1,5 +1,7 @@
-"""Local training: the first-order trainer for LoRA-style adapters, and evaluation."""
+"""Local training: the one first-order loop (loop.py) and its batched multi-client form (batched.py), zeroth-order
+primitives (zo.py), and evaluation."""
 
-from fedtune.training.local import LocalTrainConfig, TrainResult, batches, evaluate, train_local
+from fedtune.training.evaluate import evaluate
+from fedtune.training.loop import LocalTrainConfig, TrainResult, batches, train_local
 
 __all__ = ["LocalTrainConfig", "TrainResult", "batches", "evaluate", "train_local"]

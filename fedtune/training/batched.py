@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fedtune.data.format import IGNORE
-from fedtune.training.local import LocalTrainConfig, TrainResult, batches
+from fedtune.training.loop import LocalTrainConfig, StepHook, TrainResult, batches
 
 
 class ClientStackedLinear(nn.Module):
@@ -114,10 +114,12 @@ def train_lora_clients(
     cfgs: Sequence[LocalTrainConfig],
     *,
     pad_id: int,
+    hooks: Sequence[StepHook] = (),
 ) -> list[tuple[dict[str, torch.Tensor], TrainResult]]:
     """Train len(starts) clients together; `layers` are the model's peft LoraLayers ({module: layer}),
     `starts[k]` client k's initial {"<module>.A", "<module>.B"}. Returns each client's trained factors
-    and result. The model's own lora_A/lora_B modules are restored afterwards (values unchanged)."""
+    and result. The model's own lora_A/lora_B modules are restored afterwards (values unchanged). `hooks` as in
+    fedtune.training.loop (they see the stacked (K, …) factors: an elementwise hook acts on each client alone)."""
     k, cfg = len(starts), cfgs[0]
     saved = {}
     params = []
@@ -129,6 +131,9 @@ def train_lora_clients(
         params += [a.weight, b.weight]
     try:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        callbacks = [hook(params) for hook in hooks]
+        if callbacks:  # after the per-client clipping, before the update (as in the one-client loop)
+            opt.register_step_pre_hook(lambda *_: [cb() for cb in callbacks])
         streams = [batches(f, c.batch_size, c.seed, pad_id) for f, c in zip(features, cfgs, strict=True)]
         losses: list[list[float]] = [[] for _ in range(k)]
         split = decoder_and_head(model)

@@ -43,7 +43,6 @@ from fedtune.models.hardware import model_device, to_device
 
 CHUNK = 1 << 20  # elements of a z block (4 MiB fp32); changing it changes z(seed)
 _M64 = (1 << 64) - 1
-COMPUTE_ATTR = "fedtune_zo_compute_dtype"  # set by keep_master_weights: the autocast dtype of the ZO forwards
 HALF = (torch.bfloat16, torch.float16)
 
 NamedParams = Sequence[tuple[str, torch.Tensor]]
@@ -62,19 +61,18 @@ def _raw(p: torch.Tensor) -> memoryview:
     return memoryview(p.detach().reshape(-1).view(torch.uint8).numpy())
 
 
-def keep_master_weights(model: nn.Module, compute_dtype: torch.dtype) -> None:
+def keep_master_weights(model: nn.Module, compute_dtype: torch.dtype) -> torch.dtype | None:
     """Full-parameter ZO on a half-precision base: every floating tensor of the model to float32 (in place: the
-    master weights the perturbations and updates accumulate in) and the ZO forwards (`example_losses`) under
-    autocast to `compute_dtype`. A float32 `compute_dtype` changes nothing."""
+    master weights the perturbations and updates accumulate in); returns the dtype the ZO forwards then run in
+    (pass it to `example_losses` / `spsa_example_grads`), None for a float32 `compute_dtype` (nothing changes)."""
     if compute_dtype not in HALF:
-        return
+        return None
     model.float()
-    setattr(model, COMPUTE_ATTR, compute_dtype)
+    return compute_dtype
 
 
-def autocast(model: nn.Module) -> contextlib.AbstractContextManager:
-    """torch.autocast to the dtype `keep_master_weights` recorded on the model, else a no-op."""
-    dtype = getattr(model, COMPUTE_ATTR, None)
+def autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` on the model's device (None: no autocast)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(model_device(model).type, dtype=dtype)
@@ -219,12 +217,14 @@ def materialize(params: NamedParams, seed: int) -> list[torch.Tensor]:
     return [z for _, z in zs]
 
 
-def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], compute_dtype: torch.dtype | None = None,
+                   ) -> torch.Tensor:
     """(B,) mean next-token loss of each example over its labels != -100 (labels are shifted, not the logits:
     no copy of the (B, T, V) logits beyond the loss's own, as in HF's causal-LM loss), on the model's device
-    (the batch is moved there); the forward under `autocast(model)`, the loss in float32."""
+    (the batch is moved there); the forward under autocast to `compute_dtype` (see keep_master_weights), the loss
+    in float32."""
     batch = to_device(batch, model_device(model))
-    with autocast(model):
+    with autocast(model, compute_dtype):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, T): target of position t is token t+1
     tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
@@ -234,7 +234,7 @@ def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 @torch.no_grad()
 def spsa_example_grads(
     model: nn.Module, params: NamedParams, parts: Sequence[dict[str, torch.Tensor]], seed: int, eps: float,
-    *, restore: bool = True,
+    *, restore: bool = True, compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example (g_i float64, L_i(θ+εz), L_i(θ−εz)), CPU tensors, over the micro-batches `parts` (one forward
     per part and sign). Perturbs +εz, −2εz, then +εz if `restore` (θ back up to fp32 rounding, not bit-exact); with
@@ -244,9 +244,9 @@ def spsa_example_grads(
         empty = torch.zeros(0)
         return empty.double(), empty, empty
     perturb(params, seed, eps)
-    plus = torch.cat([example_losses(model, b).cpu() for b in parts])
+    plus = torch.cat([example_losses(model, b, compute_dtype).cpu() for b in parts])
     perturb(params, seed, -2.0 * eps)
-    minus = torch.cat([example_losses(model, b).cpu() for b in parts])
+    minus = torch.cat([example_losses(model, b, compute_dtype).cpu() for b in parts])
     if restore:
         perturb(params, seed, eps)
     return (plus.double() - minus.double()) / (2.0 * eps), plus, minus

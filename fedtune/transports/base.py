@@ -1,12 +1,15 @@
-"""The contract between the round engine and a transport: what a transport is handed for a round, and what it
-hands back. A transport moves instructions to clients and their updates back; it never aggregates."""
+"""The contract between the round engine and a transport: what a transport is handed for one attempt at a round
+(`RoundPlan`), and what it hands back (`RoundResult`). A transport moves instructions to clients and their updates
+back; it never aggregates, and it knows no method: whatever it must ask about the round (a client's instruction
+for the version it reports, whether an update is what its client was assigned) it asks the plan."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from fedtune.algorithms.api import ClientUpdate, Instruction
+from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, UpdateSpec
 
 
 @dataclass
@@ -19,7 +22,32 @@ class RoundResult:
     payload_bytes_down: int = 0
     budget_exhausted: list[str] = field(default_factory=list)  # clients whose DP budget is spent
     rejected: list[str] = field(default_factory=list)  # clients whose update failed validation
+    # how each client holds its base, as far as the transport knows (gRPC: what it declared at Join)
+    client_hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One attempt at one round, as the engine hands it to a transport."""
+
+    round: int
+    version: int  # the global version the instructions bring a client to
+    instructions: dict[str, Instruction]  # one per sampled client, for the version the engine last knew it at
+    versions: dict[str, int]  # that version per sampled client (-1: never set up)
+    min_clients: int
+    roster: Sequence[str]
+    # (client, the global version it reports) → its instruction rebuilt from there (ValueError: a version newer
+    # than the server's)
+    instruction_for: Callable[[str, int], Instruction]
+    # (client, update, max_examples=None): UpdateRejected unless the update is what the client was assigned
+    check_update: Callable[..., None]
+    expected_update: Callable[[str], UpdateSpec]  # what a client must send (UpdateRejected: not sampled)
+    sync_payload: Callable[[int], Payload]  # brings a copy of the global model at that version to `version`
+
+    def index(self, cid: str) -> int:
+        """The client's place in the run's roster (its data partition), -1 when it is not in it."""
+        return list(self.roster).index(cid) if cid in self.roster else -1
 
 
 class Transport(Protocol):
-    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult: ...
+    def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult: ...

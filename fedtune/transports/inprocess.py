@@ -18,11 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, TrainContext, payload_nbytes
-from fedtune.algorithms.runner import GlobalModel
+from fedtune.algorithms.runner import Node
 from fedtune.data.prepare import ClientData
-from fedtune.models.hardware import model_device, peak_memory_mb, placement
+from fedtune.models.hardware import model_device
+from fedtune.models.memory import peak_memory_mb
 from fedtune.privacy.sample import PrivacyBudgetExhausted
-from fedtune.transports.base import RoundResult
+from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.wire import sizes as wire_size
 
 log = logging.getLogger("fedtune")
@@ -31,22 +32,24 @@ log = logging.getLogger("fedtune")
 class InProcessTransport:
     """Runs a round's sampled clients on the shared model; counts the bytes a network would carry.
 
-    Modes (chosen per round, see `plan`): clients one by one on the shared model; the round's clients on
-    `workers` threads, each thread training on its own fork of the model (ClientAlgorithm.fork: own adapter
-    tensors, the frozen base shared, not copied) with `threads_per_worker` torch intra-op threads (torch
-    releases the GIL inside ops, so W threads use W cores); with `batch_clients`, one batched loop per worker
-    over a contiguous group of clients (fedtune.training.batched). Each client's update depends only on its
-    own instruction, and updates are returned in instruction order (the engine sorts them by client id), so
-    the result does not depend on the mode's timing: threaded equals one by one bit for bit."""
+    The shared model is one Node (fedtune.algorithms.runner), brought to the round's global version from the plan
+    before any client trains. Modes (chosen per round, see `workers_for`): clients one by one on the shared model;
+    the round's clients on `workers` threads, each thread training on its own fork of the model
+    (ClientAlgorithm.fork: own adapter tensors, the frozen base shared, not copied) with `threads_per_worker` torch
+    intra-op threads (torch releases the GIL inside ops, so W threads use W cores); with `batch_clients` (the
+    method's Capabilities.batched and [federation] batch_clients), one batched loop per worker over a contiguous
+    group of clients (fedtune.training.batched). Each client's update depends only on its own instruction, and
+    updates are returned in instruction order (the engine sorts them by client id), so the result does not depend
+    on the mode's timing: threaded equals one by one bit for bit."""
 
-    def __init__(self, gm: GlobalModel, data: dict[str, ClientData], pad_id: int, progress: bool = True,
-                 batch_clients: bool = True, workers: int = 1, threads_per_worker: int = 1) -> None:
-        self.gm, self.data, self.pad_id, self.progress = gm, data, pad_id, progress
+    def __init__(self, node: Node, data: dict[str, ClientData], pad_id: int, progress: bool = True,
+                 batch_clients: bool = False, workers: int = 1, threads_per_worker: int = 1) -> None:
+        self.node, self.data, self.pad_id, self.progress = node, data, pad_id, progress
         self.batch_clients = batch_clients
         self.workers, self.threads_per_worker = max(1, workers), max(1, threads_per_worker)
         self.last_mode = ""
 
-    def plan(self, instructions: dict[str, Instruction]) -> tuple[int, str]:
+    def workers_for(self, instructions: dict[str, Instruction]) -> tuple[int, str]:
         """(worker threads, why) for this round: 1 when the clients must share the one model in turn."""
         if self.workers < 2:
             return 1, "[federation] workers = 1" if self.workers == 1 else "one CPU"
@@ -54,30 +57,31 @@ class InProcessTransport:
             return 1, "one client"
         if any(ins.train.get("privacy") for ins in instructions.values()):
             return 1, "sample-level DP (per-client accountants and opacus hooks on the one model)"
-        if dropout_active(self.gm.model):
+        if dropout_active(self.node.model):
             return 1, "dropout draws from torch's global RNG, whose order threads would change"
         return min(self.workers, len(instructions)), ""
 
     def describe(self) -> str:
         """The mode, for the log line at start."""
-        batched = " in one batched loop per thread" if self.batch_clients and hasattr(self.gm.client, "train_many") else ""
+        batched = " in one batched loop per thread" if self.batch_clients else ""
         if self.workers < 2:
             return (f"clients one by one{' (batched)' if batched else ''} on the shared model, "
                     f"{torch.get_num_threads()} torch thread(s)")
         return (f"up to {self.workers} worker threads × {self.threads_per_worker} torch thread(s), each on its own "
                 f"adapter copy of the shared base{batched or ', clients one by one (bit-identical to sequential)'}")
 
-    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
+    def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        rnd, instructions, node = plan.round, plan.instructions, self.node
+        if node.version != plan.version:  # the shared model is every client's: it syncs once
+            node.advance(plan.sync_payload(node.version), plan.version)
         res = RoundResult(updates=[])
-        for ins in instructions.values():
-            if self.gm.version != ins.base_version:
-                raise RuntimeError(f"shared model at version {self.gm.version}, instruction expects {ins.base_version}")
+        for ins in instructions.values():  # what each client, on its own machine, would have downloaded
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
-        workers, why = self.plan(instructions)
-        forks = [self.gm.client.fork(self.gm.model) for _ in range(workers)] if workers > 1 else []
+        workers, why = self.workers_for(instructions)
+        forks = [node.client.fork(node.model) for _ in range(workers)] if workers > 1 else []
         if forks and forks[0] is None:
-            workers, why = 1, f"{type(self.gm.client).__name__} cannot train clients on forks of the model"
+            workers, why = 1, f"{type(node.client).__name__} cannot train clients on forks of the model"
         mode = f"on {workers} worker threads" if workers > 1 else f"one by one ({why})"
         if mode != self.last_mode:
             log.info("round %d: clients %s", rnd, mode)
@@ -85,7 +89,7 @@ class InProcessTransport:
         if workers > 1:
             updates = self._train_threaded(rnd, instructions, forks)
         else:
-            updates = self._train_batched(self.gm.model, instructions) if self.batch_clients else None
+            updates = self._train_batched(node.model, instructions)
         if updates is None:
             updates = []
             bar = tqdm(instructions.items(), desc=f"round {rnd} clients", leave=False, disable=not self.progress,
@@ -97,7 +101,7 @@ class InProcessTransport:
                     log.warning("%s", e)
                     res.failed.append(cid)
                     res.budget_exhausted.append(cid)
-        mem = peak_memory_mb(model_device(self.gm.model))  # what a client on its own machine would report
+        mem = peak_memory_mb(model_device(node.model))  # what a client on its own machine would report
         for update in updates:
             update.metrics.update(mem)
             res.bytes_up += wire_size.update_bytes(update)
@@ -107,12 +111,10 @@ class InProcessTransport:
 
     def _train_batched(self, model: nn.Module, instructions: dict[str, Instruction]) -> list[ClientUpdate] | None:
         """All clients in one batched loop when the method supports it (fedtune.training.batched), else None."""
-        train_many = getattr(self.gm.client, "train_many", None)
-        pl = placement(model)
-        if train_many is None or len(instructions) < 2 or not pl.plain:
+        if not self.batch_clients or len(instructions) < 2 or not self.node.holding.plain:
             return None  # the batched loop stacks float32 CPU factors; other holdings train one by one
         ctxs = [TrainContext(cid, self.data[cid].train, self.pad_id) for cid in instructions]
-        return train_many(model, ctxs, [ins.train for ins in instructions.values()])
+        return self.node.client.train_many(model, ctxs, [ins.train for ins in instructions.values()])
 
     def _train_threaded(self, rnd: int, instructions: dict[str, Instruction], models: list[nn.Module],
                         ) -> list[ClientUpdate]:
@@ -121,7 +123,7 @@ class InProcessTransport:
         forks: queue.SimpleQueue = queue.SimpleQueue()
         for m in models:
             forks.put(m)
-        if self.batch_clients and hasattr(self.gm.client, "train_many"):  # contiguous groups, one batched loop each
+        if self.batch_clients:  # contiguous groups, one batched loop each
             size = -(-len(items) // workers)
             tasks = [dict(items[i:i + size]) for i in range(0, len(items), size)]
         else:
@@ -134,7 +136,7 @@ class InProcessTransport:
             try:
                 got = self._train_batched(model, group) if len(group) > 1 else None
                 if got is None:
-                    got = [self.gm.client.train(model, TrainContext(cid, self.data[cid].train, self.pad_id), ins.train)
+                    got = [self.node.train(self.data[cid].train, self.pad_id, ins.train, client_id=cid, model=model)
                            for cid, ins in group.items()]
                 return got
             finally:
@@ -164,9 +166,8 @@ class InProcessTransport:
             steps.update(1)
             steps.set_postfix(loss=f"{loss:.3f}")
 
-        ctx = TrainContext(cid, self.data[cid].train, self.pad_id, on_step)
         try:
-            return self.gm.client.train(self.gm.model, ctx, ins.train)
+            return self.node.train(self.data[cid].train, self.pad_id, ins.train, client_id=cid, on_step=on_step)
         finally:
             steps.close()
 

@@ -19,7 +19,7 @@ import torch
 from fedtune.algorithms.common.lora import activate, attach_lora
 from fedtune.data import ChatFormatter, collate, load_chatterbot
 from fedtune.models import load_model
-from fedtune.training.local import LocalTrainConfig, batches, train_local
+from fedtune.training.loop import LocalTrainConfig, batches, train_local
 
 
 def plain_peft_loop(model, feats, cfg: LocalTrainConfig, pad_id: int) -> None:

@@ -127,17 +127,17 @@ def wire_only(rank: int, tau: int, num_seeds: int = 4096) -> list[dict[str, Any]
     from fedtune.algorithms.api import ClientUpdate, GlobalState, Instruction, payload_nbytes
     from fedtune.algorithms.fedkseed import FedKSeedConfig
     from fedtune.algorithms.fedsb import FedSBConfig
-    from fedtune.transports.wire import serde
+    from fedtune.transports import wire
 
     task = "0" * 32
     g = torch.Generator().manual_seed(0)
     loss = {"train_loss": 2.3456}
 
     def up(u: ClientUpdate, compact: bool) -> int:
-        return serde.wire_bytes(serde.update_to_chunks(u, task, compact=compact))
+        return wire.wire_bytes(wire.update_to_chunks(u, task, compact=compact))
 
     def down(ins: Instruction) -> int:
-        return serde.wire_bytes(serde.instruction_to_chunks(ins, task))
+        return wire.wire_bytes(wire.instruction_to_chunks(ins, task))
 
     mods = sorted(f"model.layers.{i}.self_attn.{m}" for i in range(SMOLLM2_LAYERS) for m in SMOLLM2_QV)
     t = {f"{m}.A": torch.zeros(rank, SMOLLM2_QV[m.rsplit(".", 1)[1]][1]) for m in mods}

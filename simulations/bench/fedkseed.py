@@ -61,11 +61,11 @@ def calibrate(a: argparse.Namespace, modes: list[str]) -> dict[str, float]:
 
     from fedtune.algorithms import get_algorithm
     from fedtune.algorithms.api import TrainContext
-    from fedtune.algorithms.fedkseed import FedKSeedConfig
     from fedtune.algorithms.common.lora import activate, attach_lora
+    from fedtune.algorithms.fedkseed import FedKSeedConfig
     from fedtune.data import ChatFormatter, load_chatterbot
     from fedtune.models import load_model
-    from fedtune.training.local import LocalTrainConfig, train_local
+    from fedtune.training.loop import LocalTrainConfig, train_local
 
     base, tok = load_model(a.model, seed=a.seed)
     pad = tok.pad_token_id

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtune.run import checkpoint
 from fedtune.algorithms import ClientUpdate, get_algorithm
 from fedtune.algorithms.api import payload_nbytes
-from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.algorithms.common.lora import lora_shapes
+from fedtune.algorithms.flora import FLoRAConfig
 from fedtune.models import tiny_llama, tiny_tokenizer
+from fedtune.run import checkpoint
 
 
 def main() -> None:

@@ -55,20 +55,18 @@ REFERENCE = {("smollm2", "fp32"): (6.17, 3762), ("smollm2", "bf16"): (3.88, 2594
 
 # ----------------------------------------------------------------------------------------------- child side
 def vm_hwm_mb() -> float:
+    from fedtune.models.memory import status  # fedtune's one way to read memory (no other fedtune code loads)
+
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return float("nan")
+        return round(status("VmHWM") / 2**20, 1)
+    except (OSError, KeyError):
+        return float("nan")
 
 
 def ru_maxrss_mb() -> float:
-    import resource
+    from fedtune.models.memory import peak_rss_mb
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+    return peak_rss_mb()
 
 
 def build_random_llama(name: str, cache: Path, device: str) -> dict:
@@ -199,7 +197,8 @@ def one(a) -> dict:
         from fedtune.algorithms import TrainContext, get_algorithm
         from fedtune.algorithms.fedavg import FedAvgConfig
         from fedtune.models import load_model
-        from fedtune.models.hardware import hardware_metrics, peak_memory_mb, prepare_for_training
+        from fedtune.models.hardware import hardware_metrics, prepare_for_training
+        from fedtune.models.memory import peak_memory_mb
 
         model, tok = load_model(a.dir, device=a.device, dtype=dtype_name, quantization=quant)
         res["load_s"] = time.perf_counter() - t

@@ -103,8 +103,8 @@ def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
 def sigmas(a: argparse.Namespace) -> dict[str, Any]:
     """σ each client gets for each finite ε (same calibration as SampleLevelDP), from the clients' train sizes."""
     from fedtune import config
-    from fedtune.models import load_model
     from fedtune.data.prepare import prepare_data
+    from fedtune.models import load_model
 
     cfg = config.load("simulations/demo.toml", base_overrides(a))
     _, tok = load_model(a.model)
@@ -129,7 +129,7 @@ def step_cost(a: argparse.Namespace) -> dict[str, Any]:
     from fedtune.data import ChatFormatter, collate, load_chatterbot
     from fedtune.models import load_model
     from fedtune.privacy.sample import dp_training, per_example_loss
-    from fedtune.training.local import LocalTrainConfig, train_local
+    from fedtune.training.loop import LocalTrainConfig, train_local
 
     torch.manual_seed(0)
     model, tok = load_model(a.model)

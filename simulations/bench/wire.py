@@ -1,15 +1,15 @@
 """Wire overhead and loopback throughput of fedtune's chunked gRPC streams.
 
-1. Overhead: serialized bytes (Σ protobuf ByteSize of the chunk messages, `serde.wire_bytes`) ÷ raw tensor
+1. Overhead: serialized bytes (Σ protobuf ByteSize of the chunk messages, `wire.wire_bytes`) ÷ raw tensor
    payload (Σ numel·itemsize) for an adapter-like TensorDict (~33 MB, LoRA-shaped factors of a 30-layer
    576-wide model on all 7 projections) and for a ~1 KB update (four 8×8 Fed-SB-like R matrices), both as an
    update (`update_to_chunks`) and as an instruction sync payload (`instruction_to_chunks`). Goal ≤ 1.01 for
    the large one. (gRPC adds 5 bytes of length prefix per message and HTTP/2 framing on top; not counted.)
 2. Throughput on 127.0.0.1, side by side (runs alternate, median of --repeats), one process (client and
    server share the CPUs, as on one machine):
-   - chunked: fedtune's PushUpdate path — client `serde.update_to_wire` (1 MiB chunks serialized straight from
-     the tensors' memory, sha256 while streaming) → server registered with `serde.add_servicer` →
-     `serde.read_update` (order/size checks, sha256 per chunk into one buffer, compare, zero-copy unpack). End to
+   - chunked: fedtune's PushUpdate path — client `wire.update_to_wire` (1 MiB chunks serialized straight from
+     the tensors' memory, sha256 while streaming) → server registered with `wire.add_servicer` →
+     `wire.read_update` (order/size checks, sha256 per chunk into one buffer, compare, zero-copy unpack). End to
      end, tensors in → tensors out, fedtune's default 4 MiB message limits.
    - chunked_before: the same path as it was before (kept here as a reference implementation): safetensors.torch
      save, sha256 of the blob, 1 MiB chunk copies, protobuf messages; the server joins the chunks, hashes the
@@ -53,7 +53,9 @@ import safetensors.torch
 import torch
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, payload_nbytes
-from fedtune.transports.wire import serde
+from fedtune.transports import wire
+from fedtune.transports.wire import fedtune_pb2 as pb2
+from fedtune.transports.wire import framing
 from fedtune.transports.wire.tensors import pack, pack_parts, unpack
 
 HIDDEN, INTER, LAYERS = 576, 1536, 30  # SmolLM2-135M shapes
@@ -89,16 +91,16 @@ def overhead(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     ins = Instruction(round=3, client_id="client-0", base_version=2,
                       train={"steps": 4, "batch_size": 8, "lr": 1e-3, "seed": 12345},
                       sync=Payload(tensors=tensors, meta={"version": 2}), setup=None)
-    up_msgs = list(serde.update_to_chunks(upd, TASK_ID))
-    down_msgs = list(serde.instruction_to_chunks(ins, TASK_ID))
-    up, down = serde.wire_bytes(up_msgs), serde.wire_bytes(down_msgs)
+    up_msgs = list(wire.update_to_chunks(upd, TASK_ID))
+    down_msgs = list(wire.instruction_to_chunks(ins, TASK_ID))
+    up, down = wire.wire_bytes(up_msgs), wire.wire_bytes(down_msgs)
     return {"tensors": len(tensors), "payload_bytes": payload, "safetensors_blob_bytes": len(pack(tensors)),
             "update_wire_bytes": up, "update_chunks": len(up_msgs), "update_ratio": up / payload,
             "instruction_wire_bytes": down, "instruction_chunks": len(down_msgs), "instruction_ratio": down / payload,
             "grpc_length_prefix_bytes_update": 5 * len(up_msgs)}
 
 
-class StubCoordinator(serde.CoordinatorServicer):
+class StubCoordinator(wire.CoordinatorServicer):
     """Only PushUpdate, exactly as fedtune's coordinator reads it (minus auth and the round book)."""
 
     def __init__(self, max_bytes: int) -> None:
@@ -106,20 +108,20 @@ class StubCoordinator(serde.CoordinatorServicer):
         self.last: ClientUpdate | None = None
 
     def PushUpdate(self, request_iterator, context):
-        with serde.abort_on_wire_error(context):
-            _, self.last = serde.read_update(request_iterator, max_bytes=self.max_bytes, expected_task_id=TASK_ID)
-        return serde.to_proto(serde.PushReply(True))
+        with wire.abort_on_wire_error(context):
+            _, self.last = wire.read_update(request_iterator, max_bytes=self.max_bytes, expected_task_id=TASK_ID)
+        return wire.to_proto(wire.PushReply(True))
 
 
 # --- the chunked path before (reference; same checks, the old data handling) -------------------------------
 
 
-def before_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = serde.CHUNK_BYTES):
+def before_chunks(update: ClientUpdate, task_id: str, chunk_bytes: int = wire.CHUNK_BYTES):
     blob = safetensors.torch.save(update.tensors)
     digest = hashlib.sha256(blob).digest()
     total, view = max(1, math.ceil(len(blob) / chunk_bytes)), memoryview(blob)
     for i in range(total):
-        msg = serde.pb2.UpdateChunk(task_id=task_id, index=i, total=total, total_bytes=len(blob), sha256=digest,
+        msg = pb2.UpdateChunk(task_id=task_id, index=i, total=total, total_bytes=len(blob), sha256=digest,
                                     data=bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes]))
         if i == 0:
             msg.client_id, msg.num_examples = update.client_id, update.num_examples
@@ -134,24 +136,24 @@ def before_unpack(blob: bytes) -> dict[str, torch.Tensor]:
 def before_read(chunks, max_bytes: int) -> ClientUpdate:
     parts, received, first = [], 0, None
     for raw in chunks:
-        c = serde.pb2.UpdateChunk.FromString(raw)
+        c = pb2.UpdateChunk.FromString(raw)
         first = first or c
         if c.total_bytes > max_bytes or c.index != len(parts) or c.sha256 != first.sha256 or c.task_id != TASK_ID:
-            raise serde.WireError("bad chunk")
+            raise wire.WireError("bad chunk")
         received += len(c.data)
         if received > c.total_bytes:
-            raise serde.WireError("too much data")
+            raise wire.WireError("too much data")
         parts.append(c.data)
     blob = b"".join(parts)
     if len(parts) != first.total or hashlib.sha256(blob).digest() != first.sha256:
-        raise serde.WireError("bad stream")
+        raise wire.WireError("bad stream")
     return ClientUpdate(first.client_id, first.num_examples, before_unpack(blob), dict(first.metrics))
 
 
 def start_server(max_msg: int, max_bytes: int):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=serde.channel_options(max_msg))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=wire.channel_options(max_msg))
     stub = StubCoordinator(max_bytes)
-    serde.add_servicer(server, stub)
+    wire.add_servicer(server, stub)
     received = {}
 
     def raw_send(blob: bytes, context) -> bytes:
@@ -164,7 +166,7 @@ def start_server(max_msg: int, max_bytes: int):
 
     def before_push(request_iterator, context) -> bytes:
         stub.last = before_read(request_iterator, max_bytes)
-        return serde.to_proto(serde.PushReply(True)).SerializeToString()
+        return wire.to_proto(wire.PushReply(True)).SerializeToString()
 
     raw = grpc.method_handlers_generic_handler("bench.Raw", {"Send": grpc.unary_unary_rpc_method_handler(raw_send)})
     before = grpc.method_handlers_generic_handler(
@@ -196,13 +198,13 @@ def main() -> None:
     max_msg = len(blob) + (8 << 20)
     server, port, stub, received = start_server(max_msg, 1 << 30)
     addr = f"127.0.0.1:{port}"
-    chunk_ch = grpc.insecure_channel(addr, options=serde.channel_options())  # fedtune's default 4 MiB limits
-    unary_ch = grpc.insecure_channel(addr, options=serde.channel_options(max_msg))
-    push = serde.CoordinatorStub(chunk_ch).PushUpdate
+    chunk_ch = grpc.insecure_channel(addr, options=wire.channel_options())  # fedtune's default 4 MiB limits
+    unary_ch = grpc.insecure_channel(addr, options=wire.channel_options(max_msg))
+    push = wire.CoordinatorStub(chunk_ch).PushUpdate
     raw_send = unary_ch.unary_unary(RAW_METHOD)
     update = ClientUpdate("client-0", 1000, big, {"train_loss": 1.0})
 
-    push_before = chunk_ch.stream_unary(BEFORE_METHOD, request_serializer=serde.pb2.UpdateChunk.SerializeToString)
+    push_before = chunk_ch.stream_unary(BEFORE_METHOD, request_serializer=pb2.UpdateChunk.SerializeToString)
 
     def check(tensors: dict[str, torch.Tensor]) -> None:
         assert list(tensors) == sorted(big) and tensors[last_key].shape == big[last_key].shape
@@ -210,7 +212,7 @@ def main() -> None:
     last_key = max(big)
 
     def chunked():
-        reply = push(serde.update_to_wire(update, TASK_ID), timeout=120)
+        reply = push(wire.update_to_wire(update, TASK_ID), timeout=120)
         assert reply.accepted and stub.last is not None
         check(stub.last.tensors)
         stub.last = None
@@ -228,7 +230,7 @@ def main() -> None:
             check(received.pop("tensors"))
 
     def chunked_no_net():  # fedtune's serde alone: update_to_wire → read_update
-        _, u = serde.read_update(list(serde.update_to_wire(update, TASK_ID)), max_bytes=1 << 30,
+        _, u = wire.read_update(list(wire.update_to_wire(update, TASK_ID)), max_bytes=1 << 30,
                                  expected_task_id=TASK_ID)
         check(u.tensors)
 
@@ -312,9 +314,9 @@ def profile(update: ClientUpdate, repeats: int) -> dict[str, float]:
         return d.digest()
 
     stage("sender sha256", lambda: sha(parts))
-    raw = stage("sender update_to_wire (all)", lambda: list(serde.update_to_wire(update, TASK_ID)))
-    stage("(protobuf parse + .data: 2 copies)", lambda: [serde.pb2.UpdateChunk.FromString(r).data for r in raw])
-    lifted = stage("receiver parse (data as views)", lambda: [serde._parse_chunk(serde.pb2.UpdateChunk, r) for r in raw])
+    raw = stage("sender update_to_wire (all)", lambda: list(wire.update_to_wire(update, TASK_ID)))
+    stage("(protobuf parse + .data: 2 copies)", lambda: [pb2.UpdateChunk.FromString(r).data for r in raw])
+    lifted = stage("receiver parse (data as views)", lambda: [framing.parse_chunk(pb2.UpdateChunk, r) for r in raw])
     data = [d for _, d in lifted]
 
     def fill():
@@ -328,7 +330,7 @@ def profile(update: ClientUpdate, repeats: int) -> dict[str, float]:
     buf = stage("receiver copy into buffer", fill)
     stage("receiver sha256", lambda: sha(data))
     stage("receiver unpack (views)", lambda: unpack(buf))
-    stage("receiver read_update (all)", lambda: serde.read_update(raw, max_bytes=1 << 30))
+    stage("receiver read_update (all)", lambda: wire.read_update(raw, max_bytes=1 << 30))
     return out
 
 

@@ -9,13 +9,40 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fedtune.algorithms.api import TensorDict
+from fedtune.algorithms.api import MAX_RANK, TensorDict, TensorSpec, UpdateSpec
 
 PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings shared by LoRA-based methods ([lora] in a run config applies to every method whose config
+    subclasses this; the method's own section overrides it)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (> 0)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale s = alpha / r"})
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                      metadata={"help": "names (last part) of the nn.Linear modules to adapt"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout on the adapter input"})
+    lr: float | None = field(default=None, metadata={"help": "local AdamW lr; None = [train] lr, else DEFAULT_LR"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or not 0 < self.rank <= MAX_RANK:
+            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r} (at most {MAX_RANK}; e.g. rank = 8)")
+        if self.alpha <= 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r} (e.g. alpha = 2 * rank)")
+        if not self.target_modules:
+            raise ValueError("lora target_modules is empty; e.g. target_modules = [\"q_proj\", \"v_proj\"]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r} (e.g. lr = 1e-3)")
 
 
 def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
@@ -131,3 +158,18 @@ def fork_model(model: nn.Module, owned: Callable[[str], bool] = lambda name: ".l
     shared = {id(t): t for n, t in [*model.named_parameters(remove_duplicate=False),
                                     *model.named_buffers(remove_duplicate=False)] if not owned(n)}
     return copy.deepcopy(model, memo=shared)
+
+
+def adapter_factors(model: nn.Module, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter as {module: (A (r×d_in), s·B (d_out×r))}: what ClientAlgorithm.export_factors hands out."""
+    st = get_lora_state(model, adapter, fold_scale=True)
+    return {k[:-2]: (st[f"{k[:-2]}.A"], st[f"{k[:-2]}.B"]) for k in st if k.endswith(".A")}
+
+
+def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32) -> UpdateSpec:
+    """A LoRA update: "<m>.A" (r×d_in) and "<m>.B" (d_out×r) for every module {m: (d_out, d_in)}."""
+    out = {}
+    for m, (d_out, d_in) in modules.items():
+        out[f"{m}.A"] = TensorSpec((rank, int(d_in)), dtype)
+        out[f"{m}.B"] = TensorSpec((int(d_out), rank), dtype)
+    return UpdateSpec(out)

@@ -10,5 +10,8 @@ relative to ‖Σ p_k B_k A_k‖_F) is reported as a metric. All clients use the
 from fedtune.algorithms.fedavg.client import LoRAClient
 from fedtune.algorithms.fedavg.config import FedAvgConfig
 from fedtune.algorithms.fedavg.server import FedAvg
+from fedtune.algorithms.registry import register
+
+register(FedAvg)
 
 __all__ = ["FedAvg", "FedAvgConfig", "LoRAClient"]

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from fedtune.algorithms.api import ClientAlgorithm, ClientUpdate, Payload, TensorDict, TrainContext
 from fedtune.algorithms.common.lora import (
     activate,
+    adapter_factors,
     attach_lora,
     fork_model,
     get_lora_state,
     lora_layers,
     set_lora_state,
 )
-from fedtune.privacy.sample import SampleLevelDP
+from fedtune.algorithms.common.train import run_local_training
+from fedtune.models.hardware import Placement
 from fedtune.training.batched import batchable, train_lora_clients
-from fedtune.training.local import LocalTrainConfig, TrainResult, train_local
 
 ADAPTER = "default"
-
-
-def run_local_training(
-    model: nn.Module, ctx: TrainContext, config: dict[str, Any], dp: SampleLevelDP
-) -> tuple[TrainResult, dict[str, float]]:
-    """Seed, then the shared first-order loop (fedtune.training), or DP-SGD when config["privacy"] says
-    mode = "sample". Returns (result, privacy metrics: epsilon, delta, ... or {})."""
-    cfg = LocalTrainConfig.from_dict(config)
-    torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use
-    priv = config.get("privacy")
-    if priv and priv.get("mode") == "sample":
-        return dp.train(model, ctx.client_id, ctx.features, cfg, priv, pad_id=ctx.pad_id, on_step=ctx.on_step)
-    return train_local(model, ctx.features, cfg, pad_id=ctx.pad_id, on_step=ctx.on_step), {}
 
 
 class LoRAClient(ClientAlgorithm):
@@ -43,7 +30,7 @@ class LoRAClient(ClientAlgorithm):
         super().__init__()
         self.global_tensors: TensorDict | None = None
 
-    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+    def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
         m = payload.meta
         model = attach_lora(model, adapter=ADAPTER, rank=m["rank"], alpha=m["alpha"],
                             targets=m["target_modules"], dropout=m.get("dropout", 0.0))
@@ -80,5 +67,4 @@ class LoRAClient(ClientAlgorithm):
                 for c, (t, r) in zip(ctxs, results, strict=True)]
 
     def export_factors(self, model: nn.Module):
-        st = get_lora_state(model, ADAPTER, fold_scale=True)
-        return {k[:-2]: (st[f"{k[:-2]}.A"], st[f"{k[:-2]}.B"]) for k in st if k.endswith(".A")}
+        return adapter_factors(model, ADAPTER)

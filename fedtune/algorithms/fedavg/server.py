@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.api import (
+    Capabilities,
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -18,12 +19,14 @@ from fedtune.algorithms.api import (
     weighted_mean,
 )
 from fedtune.algorithms.common.lora import init_lora_factors, lora_shapes
+from fedtune.algorithms.fedavg.client import LoRAClient
 from fedtune.algorithms.fedavg.config import FedAvgConfig
 
 
 class FedAvg(FedAlgorithm):
     name = "fedavg"
-    supports_tensor_average = True
+    config_class = FedAvgConfig
+    CAPABILITIES = Capabilities(tensor_average=True, update_norm="delta", batched=True, baseline=True)
     config: FedAvgConfig
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
@@ -61,7 +64,5 @@ class FedAvg(FedAlgorithm):
         metrics = {"fedavg_gap": gap2**0.5, "fedavg_gap_rel": (gap2 / exact2) ** 0.5 if exact2 > 0 else 0.0}
         return GlobalState(version=state.version + 1, tensors=new, meta=dict(state.meta)), metrics
 
-    def make_client(self):
-        from fedtune.algorithms.fedavg.client import LoRAClient
-
+    def make_client(self) -> LoRAClient:
         return LoRAClient()

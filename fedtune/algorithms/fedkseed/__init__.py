@@ -53,5 +53,8 @@ Holdings (each client's own [model] device / dtype / quantization; fedtune.train
 from fedtune.algorithms.fedkseed.client import FedKSeedClient
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedkseed.server import FedKSeed
+from fedtune.algorithms.registry import register
+
+register(FedKSeed)
 
 __all__ = ["FedKSeed", "FedKSeedClient", "FedKSeedConfig"]

@@ -19,19 +19,19 @@ from torch import nn
 from fedtune.algorithms.api import ClientAlgorithm, ClientUpdate, Payload, TrainContext
 from fedtune.algorithms.common.lora import (
     activate,
+    adapter_factors,
     attach_lora,
     fork_model,
-    get_lora_state,
     init_lora_factors,
     lora_shapes,
     set_lora_state,
 )
 from fedtune.algorithms.fedkseed.config import hardware_problem
-from fedtune.algorithms.fedkseed.server import MAX_SEEDS, PROBS, candidate_seeds, round_key
+from fedtune.algorithms.fedkseed.shared import MAX_SEEDS, PROBS, candidate_seeds, round_key
 from fedtune.data.format import collate
-from fedtune.models.hardware import HardwareError, placement
+from fedtune.models.hardware import HardwareError, Placement, placement
 from fedtune.privacy.sample import DPRound, poisson_batches, private_scalar_mean
-from fedtune.training.local import batches
+from fedtune.training.loop import batches
 from fedtune.training.zo import (
     ParamBackup,
     apply_update,
@@ -57,8 +57,9 @@ class FedKSeedClient(ClientAlgorithm):
         self.seeds: list[int] | None = None  # the K candidate seeds
         self.probs: torch.Tensor | None = None  # "pro" sampling probabilities float32 [K]
         self.lora = False
+        self.compute_dtype: torch.dtype | None = None  # full on a half-precision base: the ZO forwards' autocast dtype
 
-    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+    def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
         m = payload.meta
         k, seed_set = m.get("num_seeds"), m.get("seed_set")
         if not (type(k) is int and 1 <= k <= MAX_SEEDS and type(seed_set) is int and -(2**63) <= seed_set < 2**64):
@@ -66,7 +67,7 @@ class FedKSeedClient(ClientAlgorithm):
                              f"seed_set, got {k!r}, {seed_set!r}")
         self.seeds = candidate_seeds(k, seed_set).tolist()
         self.lora = m["trainable"] == "lora"
-        held = placement(model)  # how this client holds its base (its own choice: checked here, not by the server)
+        held = holding or placement(model)  # how this client holds its base (its own choice: checked here, not by the server)
         problem = hardware_problem(m["trainable"], held.quantization)
         if problem:
             raise HardwareError(problem)
@@ -78,7 +79,7 @@ class FedKSeedClient(ClientAlgorithm):
             set_lora_state(model, ADAPTER, init_lora_factors(shapes, m["rank"], seed=m["lora_seed"]))
         else:
             # float32 master weights on a bf16/fp16 base, forwards under autocast to it (zo module docstring)
-            keep_master_weights(model, held.dtype)
+            self.compute_dtype = keep_master_weights(model, held.dtype)
             model.requires_grad_(True)
         bad = [(n, p.dtype) for n, p in zo_parameters(model) if p.dtype != torch.float32]
         if bad:  # not reachable from load_model's holdings: a hand-built float64 model, say
@@ -140,7 +141,8 @@ class FedKSeedClient(ClientAlgorithm):
         """One ZO step in place, 3 z regenerations: +εz, −2εz (the two forwards), then the restore fused with
         the update θ ← θ − η·g·z. g = mean of the per-example g_i, or its DP release; clamped to ±grad_clip and
         rounded to float32 (what is uploaded is what was applied). Returns (g, mean loss, skipped, clamped)."""
-        g_i, plus, minus = spsa_example_grads(model, params, parts, seed, eps, restore=False)
+        g_i, plus, minus = spsa_example_grads(model, params, parts, seed, eps, restore=False,
+                                              compute_dtype=self.compute_dtype)
         loss = float((plus + minus).mean()) / 2 if g_i.numel() else float("nan")  # nan: empty Poisson batch
         if dp is None:
             g = mean_grad(g_i)
@@ -202,7 +204,4 @@ class FedKSeedClient(ClientAlgorithm):
 
     def export_factors(self, model: nn.Module):
         """LoRA mode: the global adapter {module: (A, s·B)}; full mode: None (the result is the merged model)."""
-        if not self.lora:
-            return None
-        st = get_lora_state(model, ADAPTER, fold_scale=True)
-        return {k[:-2]: (st[f"{k[:-2]}.A"], st[f"{k[:-2]}.B"]) for k in st if k.endswith(".A")}
+        return adapter_factors(model, ADAPTER) if self.lora else None

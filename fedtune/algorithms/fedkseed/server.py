@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.api import (
+    Bound,
+    Capabilities,
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -19,23 +22,9 @@ from fedtune.algorithms.api import (
     payload_nbytes,
 )
 from fedtune.algorithms.common.lora import lora_shapes
-from fedtune.algorithms.fedkseed.config import FedKSeedConfig
-
-ABS_SUM, COUNT, PROBS = "pro/abs_sum", "pro/count", "seed_probs"
-MAX_SEEDS = 2**31 - 1  # FedKSeedConfig's bound on K, also checked on the client
-
-
-def round_key(version: int, name: str) -> str:
-    return f"v{version:05d}/{name}"
-
-
-def candidate_seeds(num_seeds: int, run_seed: int) -> torch.Tensor:
-    """K distinct seeds drawn once from the run seed. int64 [K]."""
-    g = torch.Generator().manual_seed(run_seed)
-    seeds = torch.randint(0, 2**62, (num_seeds,), generator=g, dtype=torch.int64)
-    if seeds.unique().numel() != num_seeds:  # ~K²/2^63 chance; fail loudly rather than bias sampling
-        raise RuntimeError(f"duplicate candidate seeds for run seed {run_seed}; use another seed")
-    return seeds
+from fedtune.algorithms.fedkseed.client import FedKSeedClient
+from fedtune.algorithms.fedkseed.config import FedKSeedConfig, hardware_problem
+from fedtune.algorithms.fedkseed.shared import ABS_SUM, COUNT, PROBS, candidate_seeds, round_key
 
 
 def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -47,16 +36,35 @@ def seed_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tens
 
 
 class FedKSeed(FedAlgorithm):
-    # Sample-level DP clips each example's projected gradient and noises the step's scalar (client.py).
-    supports_sample_dp = True
-    client_dp_refusal = (
-        "a FedKSeed update is τ (seed, scalar) pairs and the global state is the log of per-seed sums, not a "
-        "model delta; hiding a client's participation would need noise on all K per-seed sums every round, "
-        "since the set of seeds used reveals who took part, so every client would replay K z regenerations "
-        "per round instead of the seeds actually used")
     name = "fedkseed"
+    config_class = FedKSeedConfig
     state_format = 2  # 2: z(seed) drawn in seeded 2^20-number blocks (1: one stream), so replayed pairs mean another θ
+    # Sample-level DP clips each example's projected gradient and noises the step's scalar (client.py).
+    CAPABILITIES = Capabilities(
+        no_tensor_average=(
+            "a FedKSeed update is τ (seed, scalar) pairs and the global state is the log of per-seed sums, not a "
+            "model delta; hiding a client's participation would need noise on all K per-seed sums every round, "
+            "since the set of seeds used reveals who took part, so every client would replay K z regenerations "
+            "per round instead of the seeds actually used"),
+        robust_refusal="its update is not a fixed-shape tensor delta (fedkseed: each step's scalar is already "
+                       "clamped by [fedkseed] grad_clip)")
+    train_fields = {"eps": Bound("float", 0.0, 1.0, lo_open=True),  # the SPSA perturbation scale
+                    "grad_clip": Bound("float", 0.0, 1e6),
+                    "seed_sampling": Bound("choice", choices=("uniform", "pro"))}
+    metric_ranges = {"zo_clipped_frac": (0.0, 1.0, False), "zo_skipped_steps": (0.0, 2.0**31, False)}
     config: FedKSeedConfig
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Full-parameter ZO perturbs the base's own weights: not on a 4/8-bit base, and the result is the merged
+        model; "lora" trains float32 factors on any base and exports an adapter."""
+        if self.config.trainable == "lora":
+            return self.CAPABILITIES
+        return dataclasses.replace(self.CAPABILITIES, holdings=frozenset({"float32", "bfloat16", "float16"}),
+                                   export="merged")
+
+    def holding_problem(self, quantization: str, dtype: str) -> str | None:
+        return hardware_problem(self.config.trainable, quantization)
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
         c = self.config
@@ -157,7 +165,5 @@ class FedKSeed(FedAlgorithm):
         tensors[ABS_SUM], tensors[COUNT] = abs_sum, count
         tensors[PROBS] = seed_probabilities(abs_sum, count)
 
-    def make_client(self):
-        from fedtune.algorithms.fedkseed.client import FedKSeedClient
-
+    def make_client(self) -> FedKSeedClient:
         return FedKSeedClient()

@@ -43,5 +43,8 @@ from fedtune.algorithms.fedsb.client import FedSBClient
 from fedtune.algorithms.fedsb.config import FedSBConfig
 from fedtune.algorithms.fedsb.layer import SBLinear, attach_sb, get_R, sb_layers, set_R
 from fedtune.algorithms.fedsb.server import FedSB
+from fedtune.algorithms.registry import register
+
+register(FedSB)
 
 __all__ = ["FedSB", "FedSBClient", "FedSBConfig", "SBLinear", "attach_sb", "get_R", "sb_layers", "set_R"]

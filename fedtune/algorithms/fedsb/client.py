@@ -9,9 +9,10 @@ from torch import nn
 
 from fedtune.algorithms.api import MAX_RANK, ClientAlgorithm, ClientUpdate, Payload, TrainContext
 from fedtune.algorithms.common.lora import fork_model
-from fedtune.algorithms.fedavg.client import run_local_training
+from fedtune.algorithms.common.train import run_local_training
 from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
-from fedtune.algorithms.fedsb.server import R_KEY
+from fedtune.algorithms.fedsb.shared import R_KEY
+from fedtune.models.hardware import Placement
 
 
 class FedSBClient(ClientAlgorithm):
@@ -21,7 +22,7 @@ class FedSBClient(ClientAlgorithm):
         super().__init__()
         self.global_R: torch.Tensor | None = None  # packed [n_modules, r, r]
 
-    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+    def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
         t = payload.tensors
         mods = sorted(k[:-2] for k in t if k.endswith(".A"))
         if not mods:

@@ -20,7 +20,7 @@ from torch import nn
 
 from fedtune.algorithms.fedsb.layer import Factors
 from fedtune.models.hardware import model_device, to_device
-from fedtune.training.local import batches
+from fedtune.training.loop import batches
 
 OVERSAMPLE = 8  # extra columns for svd_lowrank: the rank-r part is much closer to the exact SVD
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.api import (
+    Capabilities,
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
@@ -20,24 +21,19 @@ from fedtune.algorithms.api import (
     weighted_mean,
 )
 from fedtune.algorithms.common.lora import target_linears
+from fedtune.algorithms.fedsb.client import FedSBClient
 from fedtune.algorithms.fedsb.config import FedSBConfig
 from fedtune.algorithms.fedsb.init import full_weight_grads, random_factors, svd_factors
+from fedtune.algorithms.fedsb.shared import R_KEY, modules_of
 
 log = logging.getLogger(__name__)
 
 
-R_KEY = "R"  # all R matrices packed [n_modules, r, r], sorted module-name order (one tensor: one header on the wire)
-
-
-def modules_of(state: GlobalState) -> list[str]:
-    """The adapted modules in packing order: the sorted names of the A factors (known to every client)."""
-    return sorted(k[:-2] for k in state.tensors if k.endswith(".A"))
-
-
 class FedSB(FedAlgorithm):
     name = "fedsb"
+    config_class = FedSBConfig
     state_format = 2  # 2: all R in one packed [n_modules, r, r] tensor "R" (1: one "<module>.R" each)
-    supports_tensor_average = True
+    CAPABILITIES = Capabilities(tensor_average=True, update_norm="delta", data_init=True)
     config: FedSBConfig
 
     def __init__(self, config: FedSBConfig) -> None:
@@ -121,7 +117,5 @@ class FedSB(FedAlgorithm):
         metrics = {"fedsb_upload_bytes": float(sum(up) / len(up)), "fedsb_vs_lora_upload_ratio": sb / lora}
         return GlobalState(version=state.version + 1, tensors=tensors, meta=dict(state.meta)), metrics
 
-    def make_client(self):
-        from fedtune.algorithms.fedsb.client import FedSBClient
-
+    def make_client(self) -> FedSBClient:
         return FedSBClient()

@@ -19,5 +19,8 @@ rank ≤ min(Σ r, d_in, d_out), scale 1, exact (or truncated to `export_rank`, 
 from fedtune.algorithms.flora.client import FLoRAClient
 from fedtune.algorithms.flora.config import FLoRAConfig
 from fedtune.algorithms.flora.server import FLoRA
+from fedtune.algorithms.registry import register
+
+register(FLoRA, default=True)  # what a run config without [run] algorithm runs
 
 __all__ = ["FLoRA", "FLoRAClient", "FLoRAConfig"]

@@ -30,9 +30,9 @@ from fedtune.algorithms.common.lora import (
     set_lora_state,
     target_linears,
 )
-from fedtune.algorithms.fedavg.client import run_local_training
-from fedtune.algorithms.flora.server import CUM, add_to_cumulative, cumulative_delta, round_key
-from fedtune.models.hardware import placement
+from fedtune.algorithms.common.train import run_local_training
+from fedtune.algorithms.flora.shared import CUM, add_to_cumulative, cumulative_delta, round_key
+from fedtune.models.hardware import Placement, placement
 from fedtune.training.batched import batchable, train_lora_clients
 
 log = logging.getLogger("fedtune")
@@ -114,7 +114,7 @@ class FLoRAClient(ClientAlgorithm):
         self.deltas: dict[str, CumulativeDelta] = {}
         self.export_info: dict[str, Any] | None = None
 
-    def setup(self, model: nn.Module, payload: Payload) -> nn.Module:
+    def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
         self.targets = list(payload.meta["target_modules"])
         self.dropout = float(payload.meta.get("dropout", 0.0))
         self.export_rank = int(payload.meta.get("export_rank", 0))
@@ -123,7 +123,7 @@ class FLoRAClient(ClientAlgorithm):
         for layer in lora_layers(model, f"r{r}").values():  # B = 0: the model equals the base
             layer.lora_B[f"r{r}"].weight.data.zero_()
         linears = target_linears(model, self.targets)
-        self.exact = placement(model).exact
+        self.exact = (holding or placement(model)).exact
         self.cum = {}
         for lin in linears.values():  # idempotent: a second setup drops the first one's hooks
             for key in [k for k, h in lin._forward_hooks.items() if isinstance(h, CumulativeDelta)]:

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fedtune.algorithms.api import MAX_RANK
-from fedtune.algorithms.fedavg.config import LoRAConfig
+from fedtune.algorithms.common.lora import LoRAConfig
 
 
 @dataclass

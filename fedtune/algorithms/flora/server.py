@@ -1,6 +1,6 @@
 """FLoRA server side: stack p_k-weighted client factors (see package docstring).
 
-State, bounded in the number of rounds:
+State (the update rule it shares with the clients is in shared.py), bounded in the number of rounds:
   cum/<module>.{A,B}   the cumulative merged ΔW = Σ_rounds B_stack·A_stack as stacked factors, while its rank
                        R = Σ r stays below min(d_in, d_out) ...
   cum/<module>.D       ... then as a dense float64 matrix (d_out × d_in)
@@ -20,63 +20,33 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.api import (
+    MAX_RANK,
+    Bound,
+    Capabilities,
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
     Payload,
-    TensorDict,
     UpdateSpec,
     example_weights,
-    lora_update_spec,
     payload_nbytes,
 )
-from fedtune.algorithms.common.lora import lora_shapes
+from fedtune.algorithms.common.lora import lora_shapes, lora_update_spec
+from fedtune.algorithms.flora.client import FLoRAClient
 from fedtune.algorithms.flora.config import FLoRAConfig
-
-CUM = "cum/"
-
-
-def round_key(version: int, name: str) -> str:
-    return f"v{version:05d}/{name}"
-
-
-def _version_of(key: str) -> int | None:
-    return int(key[1:6]) if key.startswith("v") and key[6:7] == "/" else None
-
-
-def add_to_cumulative(cum: TensorDict, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """cum ← cum + b·a for one module (a: R×d_in, b: d_out×R). Replaces entries, never edits a tensor in
-    place (the server's previous state stays intact). Factors while the rank stays < min(d_in, d_out),
-    dense float64 from then on."""
-    ka, kb, kd = f"{CUM}{module}.A", f"{CUM}{module}.B", f"{CUM}{module}.D"
-    if kd in cum:
-        cum[kd] = cum[kd] + b.double() @ a.double()
-        return
-    if ka in cum:
-        a, b = torch.cat([cum[ka], a], 0), torch.cat([cum[kb], b], 1)
-    else:  # own storage: the round's stack may sit beside it in the same state (safetensors refuses aliases)
-        a, b = a.clone(), b.clone()
-    if a.shape[0] < min(a.shape[1], b.shape[0]):
-        cum[ka], cum[kb] = a, b
-    else:
-        cum.pop(ka, None)
-        cum.pop(kb, None)
-        cum[kd] = b.double() @ a.double()
-
-
-def cumulative_delta(cum: TensorDict, module: str) -> tuple[torch.Tensor, int] | None:
-    """(ΔW float64, its rank bound min(R, d_in, d_out)) of one module, or None before the first merge."""
-    if f"{CUM}{module}.D" in cum:
-        d = cum[f"{CUM}{module}.D"]
-        return d, min(d.shape)
-    if f"{CUM}{module}.A" in cum:
-        a, b = cum[f"{CUM}{module}.A"], cum[f"{CUM}{module}.B"]
-        return b.double() @ a.double(), a.shape[0]
-    return None
+from fedtune.algorithms.flora.shared import CUM, add_to_cumulative, round_key, version_of
 
 
 class FLoRA(FedAlgorithm):
     name = "flora"
+    config_class = FLoRAConfig
+    CAPABILITIES = Capabilities(
+        update_norm="lora_product", batched=True,
+        no_tensor_average="FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
+                          "updates are concatenated; there is no fixed-shape sum to clip and noise, and no "
+                          "coordinate-wise mean to trim")
+    train_fields = {"rank": Bound("int", 1, MAX_RANK), "alpha": Bound("float", 0.0, 1e6, lo_open=True)}
+    resumable = ("keep_rounds", "export_rank")  # what is kept and how it is exported; not what was computed
     config: FLoRAConfig
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
@@ -99,7 +69,7 @@ class FLoRA(FedAlgorithm):
         prefixes = tuple(round_key(v, "") for v in versions)
         stacks = {k: v for k, v in state.tensors.items() if k.startswith(prefixes)}
         cum = {k: v for k, v in state.tensors.items() if k.startswith(CUM)}
-        kept = {_version_of(k) for k in stacks}
+        kept = {version_of(k) for k in stacks}
         if kept == set(versions) and payload_nbytes(stacks) <= payload_nbytes(cum):
             return Payload(tensors=stacks, meta={"merge_versions": versions, "version": state.version})
         return Payload(tensors=cum, meta={"cumulative": True, "merge_versions": [], "version": state.version})
@@ -134,18 +104,16 @@ class FLoRA(FedAlgorithm):
         cum_bytes = payload_nbytes({k: t for k, t in tensors.items() if k.startswith(CUM)})
         total, kept = 0, set()
         for w in range(v, oldest - 1, -1):
-            total += payload_nbytes({k: t for k, t in tensors.items() if _version_of(k) == w})
+            total += payload_nbytes({k: t for k, t in tensors.items() if version_of(k) == w})
             if total > cum_bytes:
                 break
             kept.add(w)
-        tensors = {k: t for k, t in tensors.items() if _version_of(k) in kept or k.startswith(CUM)}
+        tensors = {k: t for k, t in tensors.items() if version_of(k) in kept or k.startswith(CUM)}
         stacked = sum(u.tensors[f"{modules[0]}.A"].shape[0] for u in updates)
         ranks = {k: r for k, r in state.meta.get("stacked_rank", {}).items() if int(k) in kept}
         meta = dict(state.meta, stacked_rank=dict(ranks, **({str(v): stacked} if v in kept else {})),
                     total_rank=int(state.meta.get("total_rank", 0)) + stacked)
         return GlobalState(version=v, tensors=tensors, meta=meta), {"flora_stacked_rank": float(stacked)}
 
-    def make_client(self):
-        from fedtune.algorithms.flora.client import FLoRAClient
-
+    def make_client(self) -> FLoRAClient:
         return FLoRAClient()

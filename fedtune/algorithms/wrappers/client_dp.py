@@ -1,5 +1,6 @@
 """Client-level DP: DP-FedAvg with server-side fixed clipping (McMahan et al., 2018; Flower's
-DifferentialPrivacyServerSideFixedClipping), wrapped around any tensor-averaging FedAlgorithm.
+DifferentialPrivacyServerSideFixedClipping), wrapped around any method whose aggregate is a tensor average
+(Capabilities.tensor_average).
 
     Δ_k = clip_C(θ_k − θ_g),   θ_g' = θ_g + (Σ_k Δ_k + N(0, σ²C² I)) / m
 
@@ -11,6 +12,7 @@ without noise_seed) drawn from a generator seeded with 128 bits from the OS each
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -19,15 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtune.algorithms.api import (
-    ClientAlgorithm,
-    ClientUpdate,
-    FedAlgorithm,
-    GlobalState,
-    Payload,
-    TensorDict,
-    UpdateSpec,
-)
+from fedtune.algorithms.api import Capabilities, ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.registry import with_capability
+from fedtune.algorithms.wrappers.base import Wrapper
 from fedtune.privacy.accounting import Accountant, noise_for_target
 from fedtune.privacy.config import PrivacyConfig
 
@@ -42,10 +38,11 @@ def clip_update(delta: TensorDict, clip_norm: float) -> tuple[TensorDict, float]
     return {k: (t.double() * scale).to(t.dtype) for k, t in delta.items()}, norm
 
 
-class ClientLevelDP(FedAlgorithm):
-    """Wraps `inner` (must have supports_tensor_average); delegates everything except aggregate."""
+class ClientLevelDP(Wrapper):
+    """Wraps `inner` (its aggregate must be a tensor average); replaces initialize (the accountant's state) and
+    aggregate (clip, sum, noise)."""
 
-    supports_tensor_average = False  # do not wrap twice
+    suffix = "client_dp"
 
     def __init__(
         self, inner: FedAlgorithm, privacy: PrivacyConfig | dict[str, Any], *, clients_per_round: int,
@@ -53,23 +50,20 @@ class ClientLevelDP(FedAlgorithm):
     ) -> None:
         if isinstance(inner, ClientLevelDP):
             raise TypeError("the algorithm is already wrapped with client-level DP")
-        if not inner.supports_tensor_average:
-            why = getattr(inner, "client_dp_refusal", None) or (
-                "e.g. FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
-                "updates are concatenated; there is no fixed-shape sum to clip and noise")
+        if not inner.capabilities.tensor_average:
+            why = inner.capabilities.no_tensor_average or "its aggregate is not declared a tensor average"
+            able = ", ".join(repr(n) for n in with_capability(lambda c: c.tensor_average))
             raise ValueError(
                 f"client-level DP cannot wrap {inner.name!r}: its aggregate is not an average of fixed-shape "
-                f"update tensors ({why}). Use a tensor-averaging method such as 'fedavg' (or Fed-SB), or "
-                f"sample-level DP ([privacy] mode = \"sample\") with {inner.name!r}.")
+                f"update tensors ({why}). Use a method whose aggregate is one ({able}), or sample-level DP "
+                f"([privacy] mode = \"sample\") with {inner.name!r}.")
         pc = PrivacyConfig.from_dict(privacy)
         if pc.mode != "client":
             raise ValueError(f"ClientLevelDP needs [privacy] mode = \"client\", got {pc.mode!r}")
         if not 0 < clients_per_round <= num_clients:
             raise ValueError(f"need 0 < clients_per_round ≤ num_clients, got {clients_per_round} / {num_clients}")
-        super().__init__(inner.config)
-        self.inner, self.privacy, self.os_noise = inner, pc, os_noise
-        self.name = f"{inner.name}+client_dp"  # type: ignore[misc]
-        self.state_format = inner.state_format  # type: ignore[misc]
+        super().__init__(inner)
+        self.privacy, self.os_noise = pc, os_noise
         self.clients_per_round, self.num_clients = clients_per_round, num_clients
         self.sample_rate = clients_per_round / num_clients
         self.delta = pc.client_delta(num_clients)
@@ -81,7 +75,11 @@ class ClientLevelDP(FedAlgorithm):
             self.noise_multiplier = noise_for_target(pc.target_epsilon, self.delta, self.sample_rate, rounds,
                                                      pc.accountant)
 
-    # ---- delegation -------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        """Do not wrap twice: the noised mean is no longer a plain tensor average."""
+        return dataclasses.replace(self.inner.capabilities, tensor_average=False)
+
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
         state = self.inner.initialize(model, seed=seed)
         meta = dict(state.meta)
@@ -89,22 +87,6 @@ class ClientLevelDP(FedAlgorithm):
         if not self.os_noise:
             meta[META_SEED] = self.privacy.noise_seed if self.privacy.noise_seed is not None else seed
         return GlobalState(version=state.version, tensors=state.tensors, meta=meta)
-
-    def setup_payload(self, state: GlobalState) -> Payload:
-        return self.inner.setup_payload(state)
-
-    def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
-        return self.inner.sync_payload(state, from_version)
-
-    def configure_round(self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any],
-                        roster: Sequence[str]) -> dict[str, dict[str, Any]]:
-        return self.inner.configure_round(rnd, state, client_ids, base_train, roster)
-
-    def make_client(self) -> ClientAlgorithm:
-        return self.inner.make_client()
-
-    def expected_update(self, state: GlobalState, train: dict[str, Any]) -> UpdateSpec:
-        return self.inner.expected_update(state, train)
 
     # ---- privacy ----------------------------------------------------------------------------------
     def accountant(self, state: GlobalState) -> Accountant:

@@ -1,13 +1,13 @@
 """Robust aggregation ([robust], off by default): bound each client's influence, then aggregate.
 
-Per client k, the size of its update:
-    tensor-averaging methods (FedAvg's A and B, Fed-SB's R):  ‖Δ_k‖₂,  Δ_k = θ_k − θ_g over all its tensors
-    FLoRA (the client's whole weight change):                 (Σ_m ‖s_k B_k,m A_k,m‖_F²)^½
+Per client k, the size of its update, as the method declares it (Capabilities.update_norm):
+    "delta" (FedAvg's A and B, Fed-SB's R):          ‖Δ_k‖₂,  Δ_k = θ_k − θ_g over all its tensors
+    "lora_product" (FLoRA: the whole weight change):  (Σ_m ‖s_k B_k,m A_k,m‖_F²)^½
 The bound b = norm_bound, or b = norm_bound_median_mult · median_k ‖Δ_k‖ (this round's median).
-    clip:   Δ_k ← Δ_k · min(1, b / ‖Δ_k‖)   (FLoRA: B_k ← B_k · min(1, b / ‖Δ_k‖), so s·B·A scales)
+    clip:   Δ_k ← Δ_k · min(1, b / ‖Δ_k‖)   ("lora_product": B_k ← B_k · min(1, b / ‖Δ_k‖), so s·B·A scales)
     reject: client k is left out of this round when ‖Δ_k‖ > b
-Then, for tensor-averaging methods, per coordinate over the K kept clients, unweighted (a client's
-claimed num_examples gives it no extra say):
+Then, for methods whose aggregate is a tensor average (Capabilities.tensor_average), per coordinate over the K
+kept clients, unweighted (a client's claimed num_examples gives it no extra say):
     mean:          the method's own (example-weighted) aggregate
     trimmed_mean:  drop the ⌊β·K⌋ largest and ⌊β·K⌋ smallest values, average the rest (β = trim_fraction)
     median:        the middle value (mean of the two middle values when K is even)
@@ -16,13 +16,16 @@ A wrapper around `aggregate` like ClientLevelDP: pure and deterministic; everyth
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.api import Capabilities, ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.wrappers.base import Wrapper
+from fedtune.configbase import dataclass_from_dict
 
 ACTIONS = ("clip", "reject")
 AGGREGATORS = ("mean", "trimmed_mean", "median")
@@ -65,15 +68,7 @@ class RobustConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | RobustConfig) -> RobustConfig:
-        from fedtune.config import dataclass_from_dict
-
         return d if isinstance(d, RobustConfig) else dataclass_from_dict(cls, d, "robust")
-
-
-def _base(algo: FedAlgorithm) -> FedAlgorithm:
-    while hasattr(algo, "inner"):
-        algo = algo.inner
-    return algo
 
 
 def coordinate_trimmed_mean(tensors: Sequence[torch.Tensor], trim: int) -> torch.Tensor:
@@ -85,60 +80,36 @@ def coordinate_trimmed_mean(tensors: Sequence[torch.Tensor], trim: int) -> torch
     return s[trim:k - trim].mean(dim=0).to(tensors[0].dtype)
 
 
-class RobustAggregation(FedAlgorithm):
-    """Wraps `inner` (a tensor-averaging method, FLoRA, or either under client-level DP)."""
+class RobustAggregation(Wrapper):
+    """Wraps `inner`: a method that declares how its update is measured (Capabilities.update_norm), possibly
+    under client-level DP."""
 
-    supports_tensor_average = False
+    suffix = "robust"
 
     def __init__(self, inner: FedAlgorithm, robust: RobustConfig | dict[str, Any]) -> None:
         from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
 
         rc = RobustConfig.from_dict(robust)
-        base = _base(inner)
-        if base.supports_tensor_average:
-            self.kind = "tensor"
-        elif base.name == "flora":
-            self.kind = "lora"
-            if rc.aggregator != "mean":
-                raise ValueError(f"[robust] aggregator = {rc.aggregator!r} is not available for flora: FLoRA stacks "
-                                 "the clients' factors (each client adds its own rank), so there is no coordinate-wise "
-                                 "mean to trim; use norm_bound / norm_bound_median_mult, which bound each client's s·B·A")
-        else:
-            raise ValueError(f"[robust] does not apply to {base.name!r}: its update is not a fixed-shape tensor delta "
-                             "(fedkseed: each step's scalar is already clamped by [fedkseed] grad_clip)")
+        super().__init__(inner)
+        caps, method = inner.capabilities, self.method.name
+        if caps.update_norm not in ("delta", "lora_product"):
+            raise ValueError(f"[robust] does not apply to {method!r}: {caps.robust_refusal or 'it declares no update norm'}")
+        self.kind = "tensor" if caps.update_norm == "delta" else "lora"
+        if rc.aggregator != "mean" and not self.method.capabilities.tensor_average:
+            raise ValueError(f"[robust] aggregator = {rc.aggregator!r} is not available for {method}: "
+                             f"{self.method.capabilities.no_tensor_average or 'its aggregate is not a tensor average'}; "
+                             "use norm_bound / norm_bound_median_mult, which bound each client's whole update")
         if isinstance(inner, ClientLevelDP) and (rc.aggregator != "mean" or rc.norm_bound_median_mult):
             raise ValueError("[robust] with client-level DP takes only an absolute norm_bound and aggregator = "
                              "\"mean\": the DP guarantee assumes each client's contribution is bounded by a constant "
                              "and summed; a median-relative bound or a trimmed mean/median lets one client's data "
                              "change how the others are counted (the DP clip_norm is already a norm bound)")
-        super().__init__(inner.config)
-        self.inner, self.robust = inner, rc
-        self.name = f"{inner.name}+robust"  # type: ignore[misc]
-        self.supports_sample_dp = inner.supports_sample_dp  # type: ignore[misc]
-        self.state_format = inner.state_format  # type: ignore[misc]
+        self.robust = rc
 
-    def __getattr__(self, name: str):  # delegation: initialize's helpers, DP accounting, set_init_data, ...
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def initialize(self, model, *, seed: int) -> GlobalState:
-        return self.inner.initialize(model, seed=seed)
-
-    def setup_payload(self, state: GlobalState):
-        return self.inner.setup_payload(state)
-
-    def sync_payload(self, state: GlobalState, from_version: int):
-        return self.inner.sync_payload(state, from_version)
-
-    def configure_round(self, rnd, state, client_ids, base_train, roster):
-        return self.inner.configure_round(rnd, state, client_ids, base_train, roster)
-
-    def expected_update(self, state: GlobalState, train: dict[str, Any]):
-        return self.inner.expected_update(state, train)
-
-    def make_client(self):
-        return self.inner.make_client()
+    @property
+    def capabilities(self) -> Capabilities:
+        """The result is no longer the method's plain weighted mean: nothing wraps it as a tensor average."""
+        return dataclasses.replace(self.inner.capabilities, tensor_average=False)
 
     # ---- norms ------------------------------------------------------------------------------------
     def update_norm(self, state: GlobalState, u: ClientUpdate) -> float:

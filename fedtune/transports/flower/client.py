@@ -40,12 +40,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
 
-from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.api import ClientAlgorithm, TrainContext, validate_instruction
+from fedtune.algorithms.runner import Node
 from fedtune.config import ConfigError, RunConfig
-from fedtune.models.hardware import model_device, peak_memory_mb
+from fedtune.models.loading import Base
+from fedtune.models.settings import SETTINGS
 from fedtune.transports.flower import records as serde
 from fedtune.transports.flower.nodestate import NodeStore, PayloadLog, config_key
 from fedtune.transports.flower.runconfig import resolve_config
@@ -53,8 +52,7 @@ from fedtune.transports.flower.runconfig import resolve_config
 log = logging.getLogger("fedtune")
 # node-config keys; the hardware ones override the run's [model] / [train] for this node only (each organisation
 # holds the base its own way: device, dtype, quantization, gradient checkpointing)
-HARDWARE_NODE_KEYS = {"device": "model.device", "dtype": "model.dtype", "quantization": "model.quantization",
-                      "gradient-checkpointing": "train.gradient_checkpointing"}
+HARDWARE_NODE_KEYS = {s.node_key: s.key for s in SETTINGS}
 NODE_KEYS = {"client-name", "data", "partition-id", "num-partitions", "state-dir", *HARDWARE_NODE_KEYS}
 
 
@@ -74,9 +72,9 @@ def node_hardware(node_config: dict[str, Any]) -> dict[str, Any]:
     from fedtune.models.hardware import HardwareError, check_choice
 
     out = {dotted: node_config[k] for k, dotted in HARDWARE_NODE_KEYS.items() if k in node_config}
-    gc = out.get("train.gradient_checkpointing", False)
-    if not isinstance(gc, bool):
-        raise ConfigError(f"node-config gradient-checkpointing={gc!r} must be true or false")
+    for s in SETTINGS:  # a true/false setting must be one (the model settings are checked by check_choice below)
+        if isinstance(s.default, bool) and not isinstance(out.get(s.key, False), bool):
+            raise ConfigError(f"node-config {s.node_key}={out[s.key]!r} must be true or false")
     m = {k.split(".")[1]: v for k, v in out.items() if k.startswith("model.")}
     try:
         check_choice(str(m.get("device", "auto")), str(m.get("dtype", "auto")), str(m.get("quantization", "none")))
@@ -147,10 +145,8 @@ def load_node_data(cfg: RunConfig, spec: NodeSpec, tok, index: int, partitions: 
 
 @dataclass
 class NodeState:
-    model: nn.Module
-    client: ClientAlgorithm
-    version: int
-    plog: PayloadLog | None = None
+    node: Node  # the client's model at the global version it holds (fedtune.algorithms.runner)
+    plog: PayloadLog | None = None  # the payloads that built it, when the node keeps them on disk
 
 
 class _ProcessCache:
@@ -159,7 +155,7 @@ class _ProcessCache:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.key: str | None = None
-        self.base: nn.Module | None = None
+        self.base: Base | None = None
         self.tok = None
         self.data: dict[str, Any] = {}
         self.partitions: dict[str, Any] | None = None
@@ -172,7 +168,8 @@ class _ProcessCache:
         if key != self.key:  # new run / config in this process: drop everything
             if cfg.run.threads > 0:
                 torch.set_num_threads(cfg.run.threads)
-            self.base, self.tok = load_for(cfg, train=True)
+            self.base = load_for(cfg, train=True)
+            self.tok = self.base.tokenizer
             self.data, self.partitions, self.nodes = {}, None, OrderedDict()
             self.key = key
 
@@ -181,23 +178,20 @@ class _ProcessCache:
 
         if spec.client_id not in self.data:
             if not spec.data and self.partitions is None:  # demo partitions: prepared once per process
-                self.partitions = prepare_data(cfg, self.tok, context_len=context_length(self.base)).clients
+                self.partitions = prepare_data(cfg, self.tok, context_len=context_length(self.base.model)).clients
             self.data[spec.client_id] = load_node_data(cfg, spec, self.tok, index, self.partitions)
         return self.data[spec.client_id]
 
-    def new_node(self, cfg: RunConfig) -> NodeState:
-        algo = get_algorithm(cfg.run.algorithm, cfg.algorithm_config())
-        return NodeState(copy.deepcopy(self.base), algo.make_client(), -1)
+    def new_node(self) -> NodeState:
+        return NodeState(Node(copy.deepcopy(self.base.model), self.base.holding))
 
-    def restore(self, cfg: RunConfig, plog: PayloadLog) -> NodeState:
-        """A node model rebuilt from its stored payloads (setup, then every sync in order)."""
-        node = self.new_node(cfg)
-        node.model = node.client.setup(node.model, plog.setup)
-        for p in plog.syncs:
-            node.client.sync(node.model, p)
-        node.client.load_state_dict(plog.client_state)
-        node.version, node.plog = plog.version, plog
-        return node
+    def restore(self, plog: PayloadLog) -> NodeState:
+        """A node model rebuilt from its stored payloads (setup, then every sync in order): its own disk, checked
+        when they arrived."""
+        state = self.new_node()
+        state.node.replay(plog.setup, plog.syncs, plog.version, plog.client_state)
+        state.plog = plog
+        return state
 
 
 _CACHE = _ProcessCache()
@@ -216,9 +210,9 @@ def check_dp_state(spec: NodeSpec, cfg: RunConfig) -> None:
 
 
 def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> Message:
-    """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply."""
+    """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply. The node checks
+    the instruction (input from another organisation) before it sets anything up or syncs."""
     ins, from_version = serde.record_to_instruction(msg.content)
-    validate_instruction(ins)  # the server's config is input from another organisation too
     cid = ins.client_id
     spec = spec or NodeSpec(cid, partition=int(cid.rsplit("-", 1)[1]))
     check_dp_state(spec, cfg)
@@ -226,34 +220,35 @@ def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> 
     store = NodeStore(spec.state_dir, cid, config_key(cfg.to_dict(), cid)) if spec.state_dir else None
     with _CACHE.lock:  # one message at a time per process (Ray actors are single-threaded anyway)
         _CACHE.ensure(cfg)
-        node = _CACHE.nodes.get(cid)
-        stored = store.load() if store is not None and (node is None or node.version != from_version) else None
+        cached = _CACHE.nodes.get(cid)
+        at = -1 if cached is None else cached.node.version
+        stored = store.load() if store is not None and at != from_version else None
         if ins.setup is not None:
-            node = _CACHE.new_node(cfg)
-            node.model = node.client.setup(node.model, ins.setup)
-            node.plog = PayloadLog(-1, ins.setup) if store is not None else None
-            if stored is not None:  # a re-setup keeps the client state (DP accountants), as fedtune client does
-                node.client.load_state_dict(stored.client_state)
-        elif stored is not None and stored.version == from_version:
-            node = _CACHE.restore(cfg, stored)
-        elif node is None or node.version != from_version:
-            have = stored.version if stored is not None else -1 if node is None else node.version
-            log.info("%s: local model at version %d, server assumed %d; asking for a resync", cid, have, from_version)
-            return Message(serde.stale_record(cid, have), reply_to=msg)
-        node.client.sync(node.model, ins.sync)
-        node.version = ins.base_version
-        if node.plog is not None:
-            node.plog.add_sync(ins.sync, ins.base_version, replaces=node.client.sync_replaces_state)
-        _CACHE.nodes[cid] = node
+            cached = _CACHE.new_node()
+            kept = stored.client_state if stored is not None else None  # a re-setup keeps the DP accountants
+            cached.node.apply(ins, client_id=cid, state=lambda: kept)
+            cached.plog = PayloadLog(-1, ins.setup) if store is not None else None
+        else:
+            if stored is not None and stored.version == from_version:
+                cached = _CACHE.restore(stored)
+            elif at != from_version:
+                have = stored.version if stored is not None else at
+                log.info("%s: local model at version %d, server assumed %d; asking for a resync", cid, have,
+                         from_version)
+                return Message(serde.stale_record(cid, have), reply_to=msg)
+            cached.node.apply(ins, client_id=cid)
+        node = cached.node
+        if cached.plog is not None:
+            cached.plog.add_sync(ins.sync, ins.base_version, replaces=node.client.sync_replaces_state)
+        _CACHE.nodes[cid] = cached
         _CACHE.nodes.move_to_end(cid)
         while limit and len(_CACHE.nodes) > limit:
             _CACHE.nodes.popitem(last=False)
         data = _CACHE.node_data(cfg, spec, serde.record_client_index(msg.content))
-        update = node.client.train(node.model, TrainContext(cid, data.train, _CACHE.tok.pad_token_id), ins.train)
-        update.metrics.update(peak_memory_mb(model_device(node.model)))
-        if store is not None and node.plog is not None:
-            node.plog.client_state = node.client.state_dict()
-            store.save(node.plog)
+        update = node.train(data.train, _CACHE.tok.pad_token_id, ins.train, client_id=cid)
+        if store is not None and cached.plog is not None:
+            cached.plog.client_state = node.client.state_dict()
+            store.save(cached.plog)
     return Message(serde.update_to_record(update), reply_to=msg)
 
 

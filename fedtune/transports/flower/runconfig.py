@@ -11,7 +11,8 @@ Keys:
 
 Flower accepts only `--run-config` keys the app declares, so the app's pyproject declares every fedtune key
 (`declared_keys()`; `python -m fedtune.transports.flower.runconfig` prints the block; tests/test_flower.py checks the
-app is in step). The values go through fedtune's own config loading and validation (clear errors).
+app is in step; `--write simulations/flower_app/pyproject.toml` updates it). The values go through fedtune's own
+config loading and validation (clear errors).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _find(path: str) -> Path:
 def section_keys() -> dict[str, list[str]]:
     """section → its keys, for every section a Flower run can set."""
     from fedtune.algorithms import available, config_class
+    from fedtune.algorithms.common.lora import LoRAConfig
     from fedtune.privacy.config import PrivacyConfig
     from fedtune.transports.flower.options import KEYS as FLOWER_KEYS
 
@@ -51,7 +53,7 @@ def section_keys() -> dict[str, list[str]]:
 
     out = {name: names(cls) for name, cls in config._SECTIONS.items()}
     algos = {name: names(config_class(name)) for name in available()}
-    return out | {"lora": algos["fedavg"]} | algos | {"privacy": names(PrivacyConfig), "flower": sorted(FLOWER_KEYS)}
+    return out | {"lora": names(LoRAConfig)} | algos | {"privacy": names(PrivacyConfig), "flower": sorted(FLOWER_KEYS)}
 
 
 def declared_keys() -> list[str]:
@@ -128,5 +130,20 @@ def pyproject_block(values: dict[str, Any] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    print(pyproject_block(), end="")
+def write_block(pyproject: Path) -> bool:
+    """Replace the [tool.flwr.app.config] block (everything from its header to the end of the file) of a Flower
+    app's pyproject.toml with `pyproject_block()`; True when the file changed."""
+    text = pyproject.read_text()
+    head = text.index("[tool.flwr.app.config]\n")
+    new = text[:head] + pyproject_block()
+    if new == text:
+        return False
+    pyproject.write_text(new)
+    return True
+
+
+if __name__ == "__main__":  # python -m fedtune.transports.flower.runconfig [--write simulations/flower_app/pyproject.toml]
+    if sys.argv[1:2] == ["--write"]:
+        print("updated" if write_block(Path(sys.argv[2])) else "up to date", sys.argv[2])
+    else:
+        print(pyproject_block(), end="")

@@ -14,7 +14,7 @@ gets a new node id).
 
 A client whose local model is not at the version the server assumed answers "stale" (see client.py); it
 gets a second message built from the version it has (setup + full sync when it has nothing) by the
-engine's own `instruction_for(cid, version)` — the same rebuild the gRPC coordinator uses.
+round plan's `instruction_for(cid, version)` — the same rebuild the gRPC coordinator uses.
 
 Bytes: bytes_*/payload_bytes_* are counted with fedtune.transports.wire.sizes exactly like InProcessTransport (so the
 engines compare), including resent messages. Flower's own serialized message sizes are kept in
@@ -32,11 +32,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, Instruction, payload_nbytes, validate_metrics
-from fedtune.run.engine import RoundEngine, RoundResult
+from fedtune.algorithms.api import ClientUpdate, Instruction, payload_nbytes, validate_metrics
+from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.flower import records as serde
+from fedtune.transports.wire import safe_str
 from fedtune.transports.wire import sizes as wire_size
-from fedtune.transports.wire.serde import safe_str
 
 log = logging.getLogger("fedtune")
 
@@ -145,24 +145,14 @@ def discover(grid: Grid, num_clients: int, roster: list[str] | None = None, *, t
 
 
 class FlowerTransport:
-    def __init__(self, grid: Grid, node_of: dict[str, int], algo: FedAlgorithm, *, poll_s: float = POLL_S,
+    def __init__(self, grid: Grid, node_of: dict[str, int], *, poll_s: float = POLL_S,
                  query_timeout_s: float = 30.0, straggler_timeout_s: float = 0.0) -> None:
-        self.grid, self.node_of, self.algo = grid, dict(node_of), algo
+        self.grid, self.node_of = grid, dict(node_of)
         self.poll_s, self.query_timeout_s = poll_s, query_timeout_s
         # once min_clients replies are in, wait at most this long for the rest (0: until the round timeout)
         self.straggler_timeout_s = straggler_timeout_s
-        self.engine: RoundEngine | None = None
         self.flower_rounds: list[dict[str, Any]] = []
         self.resyncs = 0
-
-    def attach(self, engine: RoundEngine) -> FlowerTransport:
-        """Become `engine`'s transport (resends are rebuilt with engine.instruction_for)."""
-        self.engine = engine
-        engine.transport = self
-        return self
-
-    def roster_index(self, cid: str) -> int:
-        return self.engine.roster.index(cid) if self.engine is not None and cid in self.engine.roster else -1
 
     # -- nodes ------------------------------------------------------------------------------------
     def refresh_nodes(self, wanted: Iterable[str]) -> set[str]:
@@ -184,14 +174,14 @@ class FlowerTransport:
         return gone
 
     # -- one round --------------------------------------------------------------------------------
-    def _send(self, rnd: int, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
+    def _send(self, plan: RoundPlan, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
               timeout: float, *, quorum: int = 0) -> dict[str, Message]:
         msgs = {}
         for cid, (ins, from_v) in batch.items():
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
-            content = serde.instruction_to_record(ins, from_version=from_v, client_index=self.roster_index(cid))
-            msgs[cid] = Message(content, self.node_of[cid], TRAIN, group_id=str(rnd))
+            content = serde.instruction_to_record(ins, from_version=from_v, client_index=plan.index(cid))
+            msgs[cid] = Message(content, self.node_of[cid], TRAIN, group_id=str(plan.round))
             fl["down"] += serde.message_nbytes(content)
         straggler = self.straggler_timeout_s if quorum else 0.0
         return exchange(self.grid, msgs, timeout, poll_s=self.poll_s, quorum=quorum, straggler_s=straggler)
@@ -201,9 +191,8 @@ class FlowerTransport:
         res.failed.append(cid)
         fl["failed"][cid] = why
 
-    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
-        if self.engine is None:
-            raise RuntimeError("FlowerTransport.attach(engine) was not called")
+    def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        rnd, instructions = plan.round, plan.instructions
         deadline = time.monotonic() + timeout_s
         res = RoundResult(updates=[])
         fl: dict[str, Any] = {"round": rnd, "down": 0, "up": 0, "resyncs": 0, "failed": {}}
@@ -211,11 +200,10 @@ class FlowerTransport:
         for cid in sorted(gone):
             self._fail(res, fl, cid, "its Flower node is offline", rnd)
         # the versions the engine built these instructions from (it updates them only after aggregation)
-        batch = {cid: (ins, self.engine.client_versions.get(cid, -1)) for cid, ins in instructions.items()
-                 if cid not in gone}
+        batch = {cid: (ins, plan.versions[cid]) for cid, ins in instructions.items() if cid not in gone}
         for attempt in range(2):
-            quorum = self.engine.cfg.min_clients if attempt == 0 else 0  # resends wait for the round timeout
-            replies = self._send(rnd, batch, res, fl, deadline - time.monotonic(), quorum=quorum)
+            quorum = plan.min_clients if attempt == 0 else 0  # resends wait for the round timeout
+            replies = self._send(plan, batch, res, fl, deadline - time.monotonic(), quorum=quorum)
             retry: dict[str, tuple[Instruction, int]] = {}
             for cid in batch:
                 reply = replies.get(cid)
@@ -231,7 +219,7 @@ class FlowerTransport:
                     status = str(head["status"])
                     if status == "stale" and attempt == 0:
                         have = serde.header_int(head, "have_version", -1)  # > the server's: instruction_for refuses
-                        retry[cid] = (self.engine.instruction_for(cid, have), have)
+                        retry[cid] = (plan.instruction_for(cid, have), have)
                         continue
                     if status != "ok":
                         raise ValueError(f"status {status!r}")

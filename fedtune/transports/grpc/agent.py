@@ -19,16 +19,15 @@ from pathlib import Path
 import grpc
 
 from fedtune import __version__
-from fedtune.algorithms import get_algorithm
-from fedtune.algorithms.api import ClientAlgorithm, InstructionRejected, TrainContext, validate_instruction
+from fedtune.algorithms.api import InstructionRejected
+from fedtune.algorithms.runner import Node
 from fedtune.config import ClientSection, ConfigError, RunConfig, load_tokens
 from fedtune.data.prepare import context_length
 from fedtune.fileio import write_text_atomic
-from fedtune.models.fingerprint import base_fingerprint
-from fedtune.models.hardware import describe_hardware, hardware_metrics, model_device, peak_memory_mb
+from fedtune.models.hardware import describe_hardware, hardware_metrics
 from fedtune.models.loading import load_for
+from fedtune.transports import wire
 from fedtune.transports.grpc.security import auth_metadata, channel_credentials
-from fedtune.transports.wire import serde
 
 log = logging.getLogger("fedtune.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
@@ -75,7 +74,7 @@ def check_transport(c: ClientSection) -> None:
 
 
 def make_channel(c: ClientSection) -> grpc.Channel:
-    opts = serde.channel_options()
+    opts = wire.channel_options()
     if c.tls_ca:
         creds = channel_credentials(c.tls_ca, c.tls_cert or None, c.tls_key or None)
         return grpc.secure_channel(c.server, creds, options=opts)
@@ -107,13 +106,11 @@ class Agent:
         check_transport(c)
         self.token = resolve_token(c)
         self.meta = auth_metadata(self.token)
-        self.base, self.tok = load_for(cfg, train=True)  # held as this organisation's [model] says
-        self.fp = base_fingerprint(self.base)  # the weights' identity, whatever the holding
-        log.info("%s: model %s on %s", c.client_id, cfg.model.name, describe_hardware(self.base))
-        self.data = local_data(cfg, c, self.tok, context_length(self.base))
-        self.model = None
-        self.client: ClientAlgorithm | None = None
-        self.version: int | None = None  # global version held; None = not set up
+        self.base = load_for(cfg, train=True)  # held as this organisation's [model] says
+        self.tok, self.fp = self.base.tokenizer, self.base.fingerprint  # the weights' identity, whatever the holding
+        log.info("%s: model %s on %s", c.client_id, cfg.model.name, describe_hardware(self.base.model, self.base.holding))
+        self.data = local_data(cfg, c, self.tok, context_length(self.base.model))
+        self.node = Node(self.base.model, self.base.holding)  # the model this client trains, at its global version
         self.state_dir = Path(c.state_dir or f"runs/client-{c.client_id}")
         self.task_id = ""
         self.heartbeat_s = 5.0
@@ -122,54 +119,52 @@ class Agent:
         self.finished = False  # the server said the run is over (heartbeat reply or FINISHED)
 
     @property
+    def model(self):
+        return self.node.model
+
+    @property
+    def version(self) -> int | None:
+        """The global version held; None = not set up."""
+        return self.node.version if self.node.version >= 0 else None
+
+    @property
     def hardware(self) -> dict[str, str]:
         """Join capabilities: how this client holds the base (device, dtype, quantization, checkpointing)."""
-        return {k: str(v).lower() for k, v in hardware_metrics(self.base).items()}
+        return {k: str(v).lower() for k, v in hardware_metrics(self.base.model, self.base.holding).items()}
 
     # -- one exchange ----------------------------------------------------------------------------
     def join(self, stub) -> None:
-        reply = serde.from_proto(stub.Join(serde.to_proto(serde.JoinRequest(
+        reply = wire.from_proto(stub.Join(wire.to_proto(wire.JoinRequest(
             self.c.client_id, self.fp, {**self.hardware, "train_examples": str(len(self.data.train))}, __version__)),
             metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
-            raise Refused(f"join refused: {serde.safe_str(reply.reason, 500)}")
+            raise Refused(f"join refused: {wire.safe_str(reply.reason, 500)}")
         self.heartbeat_s = _interval(reply.heartbeat_interval_s, self.heartbeat_s)
-        self.algorithm = reply.algorithm.split("+")[0]
+        if self.node.client is None:  # the method a setup payload that does not name one sets up
+            self.node.method = reply.algorithm.split("+")[0]
         log.info("%s joined run %r (%s)", self.c.client_id, reply.run_name, reply.algorithm)
 
     def step(self, stub) -> bool:
         """Pull one task and do it. False when the run is finished."""
-        req = serde.to_proto(serde.TaskRequest(self.c.client_id, self.version))
-        res = serde.read_task(stub.PullTask(req, metadata=self.meta, timeout=self.c.rpc_timeout_s),
+        req = wire.to_proto(wire.TaskRequest(self.c.client_id, self.version))
+        res = wire.read_task(stub.PullTask(req, metadata=self.meta, timeout=self.c.rpc_timeout_s),
                               max_bytes=self.max_download)
-        if isinstance(res, serde.Finished):
+        if isinstance(res, wire.Finished):
             self.finished = True
             return False
-        if isinstance(res, serde.Wait):
+        if isinstance(res, wire.Wait):
             self.stop.wait(min(res.retry_after_s, MAX_WAIT_S))  # a coordinator saying "wait 1e9 s" must not park us
             return True
         ins = res.instruction
-        try:  # the coordinator's task is input from another organisation: check it before acting on it
-            validate_instruction(ins)
-            if ins.client_id != self.c.client_id:
-                raise InstructionRejected(f"the task is for {serde.safe_str(ins.client_id, 40)}, not this client")
-            self._check_privacy(ins.train)
-            if ins.setup is not None:
-                self.client = get_algorithm(ins.setup.meta.get("algorithm", self.algorithm)).make_client()
-                self.model = self.client.setup(self.base, ins.setup)
-                self._load_state()
-            elif self.client is None:
-                raise InstructionRejected("a task without setup for a client that is not set up")
-            self.client.sync(self.model, ins.sync)
+        try:  # the coordinator's task is input from another organisation: the node checks it before acting on it
+            self.node.apply(ins, client_id=self.c.client_id, vet=lambda i: self._check_privacy(i.train),
+                            state=self._saved_state)
         except (ValueError, LookupError, TypeError, RuntimeError) as e:  # InstructionRejected, shapes, missing keys
             why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            raise Refused(f"refused the coordinator's task for round {ins.round}: {serde.safe_str(why, 300)}") from None
-        self.version = ins.base_version
+            raise Refused(f"refused the coordinator's task for round {ins.round}: {wire.safe_str(why, 300)}") from None
         self.task_id = res.task_id
-        ctx = TrainContext(self.c.client_id, self.data.train, self.tok.pad_token_id)
         t0 = time.perf_counter()
-        update = self.client.train(self.model, ctx, ins.train)
-        update.metrics.update(peak_memory_mb(model_device(self.model)))
+        update = self.node.train(self.data.train, self.tok.pad_token_id, ins.train, client_id=self.c.client_id)
         if self.finished:  # told by a heartbeat while training: nobody wants this update any more
             return False
         try:
@@ -177,7 +172,7 @@ class Agent:
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
-            reply = serde.PushReply(False, serde.safe_str(e.details(), 500))  # refused by validation: failed this round, carry on
+            reply = wire.PushReply(False, wire.safe_str(e.details(), 500))  # refused by validation: failed this round, carry on
         self.task_id = ""
         self._save_state()
         log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,
@@ -206,7 +201,7 @@ class Agent:
         attempt = 0
         while True:
             try:
-                return serde.from_proto(stub.PushUpdate(serde.update_to_wire(update, task_id), metadata=self.meta,
+                return wire.from_proto(stub.PushUpdate(wire.update_to_wire(update, task_id), metadata=self.meta,
                                                         timeout=self.c.rpc_timeout_s))
             except grpc.RpcError as e:
                 attempt += 1
@@ -221,18 +216,18 @@ class Agent:
 
     def _save_state(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self._state_file(), json.dumps(self.client.state_dict()))
+        write_text_atomic(self._state_file(), json.dumps(self.node.client.state_dict()))
 
-    def _load_state(self) -> None:
-        if self._state_file().is_file():
-            self.client.load_state_dict(json.loads(self._state_file().read_text()))
+    def _saved_state(self) -> dict | None:
+        """The client state saved by an earlier process (DP accountants), to restore into a freshly set-up client."""
+        return json.loads(self._state_file().read_text()) if self._state_file().is_file() else None
 
     # -- loops -----------------------------------------------------------------------------------
     def _heartbeat(self, stub) -> None:
         while not self.stop.wait(self.heartbeat_s):
             try:
-                reply = serde.from_proto(stub.Heartbeat(
-                    serde.to_proto(serde.HeartbeatRequest(self.c.client_id, self.task_id)),
+                reply = wire.from_proto(stub.Heartbeat(
+                    wire.to_proto(wire.HeartbeatRequest(self.c.client_id, self.task_id)),
                     metadata=self.meta, timeout=min(self.c.rpc_timeout_s, 10)))
             except grpc.RpcError:
                 continue  # the main loop notices outages and reconnects
@@ -247,7 +242,7 @@ class Agent:
         attempt = 0
         failing_since: float | None = None  # start of the current run of failed exchanges
         channel = make_channel(self.c)
-        stub = serde.CoordinatorStub(channel)
+        stub = wire.CoordinatorStub(channel)
         hb = threading.Thread(target=self._heartbeat, args=(stub,), daemon=True)
         joined = False
         try:
@@ -278,8 +273,8 @@ class Agent:
                                      f"giving up ([client] max_retry_s = {self.c.max_retry_s:g})") from None
                     if code == grpc.StatusCode.FAILED_PRECONDITION:  # ahead of the server: start over
                         log.warning("%s: %s; reloading the base model", self.c.client_id, _why(e))
-                        self.base, _ = load_for(self.cfg, train=True)
-                        self.version, self.client, self.model = None, None, None
+                        self.base = load_for(self.cfg, train=True)
+                        self.node = Node(self.base.model, self.base.holding)
                     joined = False
                     delay = random.uniform(0, min(self.c.max_backoff_s, 0.5 * 2**attempt))  # full jitter
                     delay = min(delay, max(0.0, failing_since + self.c.max_retry_s - now))
@@ -298,7 +293,7 @@ class Agent:
 
 def _why(e: grpc.RpcError) -> str:
     """The server's error details, escaped and capped (they are logged)."""
-    return serde.safe_str(e.details(), 300)
+    return wire.safe_str(e.details(), 300)
 
 
 def _interval(value: float, default: float) -> float:

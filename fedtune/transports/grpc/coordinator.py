@@ -25,10 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, UpdateRejected, payload_nbytes
 from fedtune.config import ConfigError, ServerSection
-from fedtune.transports.base import RoundResult
+from fedtune.models.settings import SETTINGS
+from fedtune.transports import wire
+from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.grpc.security import TokenAuthInterceptor, peer_identities, server_credentials
-from fedtune.transports.wire import serde
-from fedtune.transports.wire.serde import safe_str
+from fedtune.transports.wire import safe_str
 
 log = logging.getLogger("fedtune.server")
 
@@ -47,7 +48,7 @@ class _Task:
 
 @dataclass
 class _RoundBook:
-    rnd: int
+    plan: RoundPlan
     sampled: set[str]
     started: float = field(default_factory=time.monotonic)
     tasks: dict[str, _Task] = field(default_factory=dict)  # by client id
@@ -81,16 +82,15 @@ class _Stream:
         self.last = time.monotonic()
 
 
-HARDWARE_KEYS = ("device", "dtype", "quantization", "gradient_checkpointing")  # reported at Join, escaped
+HARDWARE_KEYS = tuple(s.name for s in SETTINGS)  # how a client holds its base, reported at Join (escaped)
 
 
-class GrpcTransport(serde.CoordinatorServicer):
+class GrpcTransport(wire.CoordinatorServicer):
     """The Coordinator servicer and the engine's Transport in one object (they share the round book)."""
 
     def __init__(self, *, roster: list[str], tokens: dict[str, str], fingerprint: str, model_name: str,
-                 run_name: str, algorithm: str, cfg: ServerSection, min_clients: int = 1) -> None:
+                 run_name: str, algorithm: str, cfg: ServerSection, stop: threading.Event | None = None) -> None:
         self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
-        self.min_clients = min_clients  # with cfg.straggler_timeout_s: when a round may stop waiting for the rest
         self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
         self.auth = TokenAuthInterceptor(tokens)
         self.mtls = bool(cfg.tls_cert and cfg.tls_client_ca)
@@ -100,10 +100,7 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.book: _RoundBook | None = None
         self.finished = False
         self.told: set[str] = set()  # clients that were told the run is finished (FINISHED pull / heartbeat)
-        self.stop_event = threading.Event()
-        self.instruction_for = None  # set by the engine owner: (cid, version) -> Instruction
-        self.check_update = None  # set by the engine owner: (cid, update, max_examples=) -> None or UpdateRejected
-        self.expected_update = None  # set by the engine owner: cid -> UpdateSpec (or UpdateRejected)
+        self.stop_event = stop if stop is not None else threading.Event()  # set: abandon the round (SIGTERM)
         self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
         self.client_hardware: dict[str, dict[str, str]] = {}  # how each client holds the base (Join capabilities)
         # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
@@ -114,10 +111,11 @@ class GrpcTransport(serde.CoordinatorServicer):
         self.watchdog = threading.Thread(target=self._watch, name="fedtune-stream-watchdog", daemon=True)
 
     # -- Transport ------------------------------------------------------------------------------
-    def run_round(self, rnd: int, instructions: dict[str, Instruction], timeout_s: float) -> RoundResult:
+    def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        rnd = plan.round
         with self.lock:
-            self.book = _RoundBook(rnd, set(instructions))
-            for cid, ins in instructions.items():
+            self.book = _RoundBook(plan, set(plan.instructions))
+            for cid, ins in plan.instructions.items():
                 self.book.tasks[cid] = _Task(uuid.uuid4().hex, cid, ins)
             self.lock.notify_all()
         deadline = time.monotonic() + timeout_s
@@ -138,13 +136,13 @@ class GrpcTransport(serde.CoordinatorServicer):
                         log.warning("round %d: lease expired for %s", rnd, sorted(pending))
                         break
                     wait = min(0.5, deadline - now)
-                    if (grace := self.cfg.straggler_timeout_s) > 0 and len(self.book.updates) >= self.min_clients:
+                    if (grace := self.cfg.straggler_timeout_s) > 0 and len(self.book.updates) >= plan.min_clients:
                         # a client that heartbeats but never uploads would hold every round until its timeout
                         if self.book.quorum_at is None:
                             self.book.quorum_at = now
                         if now - self.book.quorum_at >= grace:
                             log.warning("round %d: %d valid updates (min_clients %d) for %g s (straggler_timeout_s); "
-                                        "not waiting for %s", rnd, len(self.book.updates), self.min_clients, grace,
+                                        "not waiting for %s", rnd, len(self.book.updates), plan.min_clients, grace,
                                         sorted(pending))
                             break
                         wait = min(wait, self.book.quorum_at + grace - now)
@@ -156,10 +154,11 @@ class GrpcTransport(serde.CoordinatorServicer):
                 self.book = None
             raise
         failed = sorted(book.sampled - set(book.updates))
+        with self.lock:
+            hardware = {c: dict(self.client_hardware[c]) for c in book.sampled if c in self.client_hardware}
         return RoundResult(updates=list(book.updates.values()), failed=failed, rejected=sorted(book.rejected),
-                           bytes_up=book.bytes_up,
-                           bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
-                           payload_bytes_down=book.payload_down)
+                           bytes_up=book.bytes_up, bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
+                           payload_bytes_down=book.payload_down, client_hardware=hardware)
 
     # -- RPCs -----------------------------------------------------------------------------------
     def _caller(self, context: grpc.ServicerContext, claimed: str) -> str:
@@ -178,15 +177,15 @@ class GrpcTransport(serde.CoordinatorServicer):
         return cid
 
     def Join(self, request, context):
-        req = serde.from_proto(request)
+        req = wire.from_proto(request)
         cid = self._caller(context, req.client_id)
-        limits = serde.Limits(max_upload_bytes=self.max_upload)
+        limits = wire.Limits(max_upload_bytes=self.max_upload)
         if req.base_fingerprint != self.fingerprint:
             reason = (f"base model mismatch: this run uses {self.model_name!r} with fingerprint "
                       f"{self.fingerprint[:16]}…, the client has {safe_str(req.base_fingerprint, 16)}; "
                       f"load the same base model (model.name = {self.model_name!r})")
             log.warning("refused %s: %s", cid, reason)
-            return serde.to_proto(serde.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
+            return wire.to_proto(wire.JoinReply(False, reason, self.fingerprint, self.run_name, self.algorithm))
         declared = req.capabilities.get("train_examples")
         if declared is not None:
             if not (len(declared) <= 16 and declared.isascii() and declared.isdigit() and 0 < int(declared) <= 2**53):
@@ -200,7 +199,7 @@ class GrpcTransport(serde.CoordinatorServicer):
             self.client_hardware[cid] = hw
         log.info("%s joined (fedtune %s%s)", cid, safe_str(req.client_version, 32),
                  "".join(f", {k} {v}" for k, v in hw.items()))
-        return serde.to_proto(serde.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
+        return wire.to_proto(wire.JoinReply(True, "", self.fingerprint, self.run_name, self.algorithm,
                                               self.cfg.heartbeat_interval_s, limits))
 
     # -- stream limits ----------------------------------------------------------------------------
@@ -251,33 +250,33 @@ class GrpcTransport(serde.CoordinatorServicer):
 
     # -- RPCs (streams) ---------------------------------------------------------------------------
     def PullTask(self, request, context) -> Iterator:
-        req = serde.from_proto(request)
+        req = wire.from_proto(request)
         cid = self._caller(context, req.client_id)
         with self._stream(cid, "download", context) as st:
             for chunk in self._pull_task(cid, req, context):
                 yield chunk
                 st.touch()  # resumed: the previous chunk went out
 
-    def _pull_task(self, cid: str, req: serde.TaskRequest, context) -> Iterator:
+    def _pull_task(self, cid: str, req: wire.TaskRequest, context) -> Iterator:
         with self.lock:
             if self.finished:
                 self._told(cid)
-                yield from serde.finished_chunks("run complete")
+                yield from wire.finished_chunks("run complete")
                 return
             task = self.book.tasks.get(cid) if self.book is not None else None
             if task is None or cid in self.book.updates or cid in self.book.rejected:
-                yield from serde.wait_chunks(self.cfg.poll_interval_s, "no task for you this round")
+                yield from wire.wait_chunks(self.cfg.poll_interval_s, "no task for you this round")
                 return
             version = -1 if req.base_version is None else req.base_version
             try:  # the client says which global version it holds: sync it from there
-                task.instruction = self.instruction_for(cid, version)
+                task.instruction = self.book.plan.instruction_for(cid, version)
             except ValueError as e:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             task.pulled = True
             book = self.book
         ins = task.instruction
         sent = 0
-        for chunk in serde.instruction_to_wire(ins, task.task_id):
+        for chunk in wire.instruction_to_wire(ins, task.task_id):
             sent += len(chunk)
             yield chunk
         with self.lock:
@@ -297,7 +296,7 @@ class GrpcTransport(serde.CoordinatorServicer):
             book = self.book
             open_ids = ({t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled}
                         if book and cid not in book.rejected else set())
-        counter = serde.ByteCounter()
+        counter = wire.ByteCounter()
 
         def counted():
             for msg in request_iterator:
@@ -305,7 +304,7 @@ class GrpcTransport(serde.CoordinatorServicer):
                 counter.bytes += len(msg)  # raw chunk bytes, parsed by read_update
                 yield msg
 
-        assigned = self._assigned_bytes(cid) if open_ids else None
+        assigned = self._assigned_bytes(book.plan, cid) if open_ids else None
 
         def reserve(nbytes: int) -> None:  # chunk 0 passed the wire checks; nothing buffered yet
             if assigned is not None and nbytes > assigned:  # no update of the assigned shapes is that large
@@ -315,19 +314,19 @@ class GrpcTransport(serde.CoordinatorServicer):
 
         refused = None
         try:
-            with serde.abort_on_wire_error(context):
+            with wire.abort_on_wire_error(context):
                 if not open_ids:
-                    raise serde.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
-                _, update = serde.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
+                    raise wire.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
+                _, update = wire.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
                                               reserve=reserve, expected_client_id=cid)
         except UpdateRejected as e:
             refused = safe_str(str(e), 1000)
         with self.lock:
             if self.book is not book or cid in book.updates or cid in book.rejected:
-                return serde.to_proto(serde.PushReply(False, "round already closed or update already received"))
+                return wire.to_proto(wire.PushReply(False, "round already closed or update already received"))
             try:  # against what this client was assigned this round (the engine checks again before aggregate)
                 if refused is None:
-                    self.check_update(cid, update, max_examples=self.declared_examples.get(cid))
+                    book.plan.check_update(cid, update, max_examples=self.declared_examples.get(cid))
             except UpdateRejected as e:
                 refused = safe_str(str(e), 1000)
             if refused is not None:
@@ -338,22 +337,23 @@ class GrpcTransport(serde.CoordinatorServicer):
             book.bytes_up += counter.bytes
             self.lock.notify_all()
         if refused is not None:
-            log.warning("round %d: refused the update of %s (failed for this round): %s", book.rnd, cid, refused)
+            log.warning("round %d: refused the update of %s (failed for this round): %s", book.plan.round, cid, refused)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
-        log.info("round %d: update from %s (%d examples, %d bytes)", book.rnd, cid, update.num_examples, counter.bytes)
-        return serde.to_proto(serde.PushReply(True))
+        log.info("round %d: update from %s (%d examples, %d bytes)", book.plan.round, cid, update.num_examples,
+                 counter.bytes)
+        return wire.to_proto(wire.PushReply(True))
 
-    def _assigned_bytes(self, cid: str) -> int | None:
+    def _assigned_bytes(self, plan: RoundPlan, cid: str) -> int | None:
         """The largest blob `cid` may declare this round: what its assigned update takes (a few KB for a LoRA
         update), so a client cannot reserve max_upload_mb of the shared in-flight budget and hold it with a trickle.
-        None: unknown (not sampled, no engine hook): the update is checked after it is read."""
+        None: unknown (not sampled): the update is checked after it is read."""
         try:
-            return serde.max_update_blob_bytes(self.expected_update(cid))
+            return wire.max_update_blob_bytes(plan.expected_update(cid))
         except (UpdateRejected, TypeError):
             return None
 
     def Heartbeat(self, request, context):
-        req = serde.from_proto(request)
+        req = wire.from_proto(request)
         cid = self._caller(context, req.client_id)
         with self.lock:
             open_ids = {t.task_id for t in self.book.tasks.values() if t.client_id == cid} if self.book else set()
@@ -361,7 +361,7 @@ class GrpcTransport(serde.CoordinatorServicer):
             finished = self.finished
             if finished:
                 self._told(cid)
-        return serde.to_proto(serde.HeartbeatReply(True, self.cfg.heartbeat_interval_s, finished, cancel))
+        return wire.to_proto(wire.HeartbeatReply(True, self.cfg.heartbeat_interval_s, finished, cancel))
 
     def _told(self, cid: str) -> None:  # under self.lock
         self.told.add(cid)
@@ -375,8 +375,8 @@ def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection
     2 × roster threads can be parked and `workers` more stay free for unary RPCs and the health service."""
     workers += 2 * len(transport.roster)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[transport.auth],
-                         options=serde.channel_options(), maximum_concurrent_rpcs=workers * 4)
-    serde.add_servicer(server, transport)
+                         options=wire.channel_options(), maximum_concurrent_rpcs=workers * 4)
+    wire.add_servicer(server, transport)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if cfg.tls_cert:
@@ -388,7 +388,7 @@ def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection
         raise ConfigError(f"cannot listen on {address} (address in use or invalid)")
     server.start()
     transport.watchdog.start()
-    for svc in ("", serde.SERVICE_NAME):
+    for svc in ("", wire.SERVICE_NAME):
         health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
 

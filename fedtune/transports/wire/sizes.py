@@ -4,7 +4,8 @@ transport reports bytes_up/bytes_down the same way; the in-process simulation us
 from __future__ import annotations
 
 from fedtune.algorithms.api import ClientUpdate, Instruction
-from fedtune.transports.wire.serde import instruction_to_wire, update_to_wire, wire_bytes
+from fedtune.transports.wire.framing import wire_bytes
+from fedtune.transports.wire.streams import instruction_to_wire, update_to_wire
 
 TASK_ID_LEN = 32  # task ids are uuid4 hex strings
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fedtune.algorithms.api import ClientUpdate, Payload, TensorDict
+from fedtune.transports.wire.checks import WireError, WireLimitError
 
 META_KEY = "fedtune.meta"
 UPDATE_KEY = "fedtune.update"
@@ -39,18 +40,6 @@ _ST_NAMES: dict[torch.dtype, str] = {
 _RANK = {dt: i for i, dt in enumerate(_ST_NAMES)}
 _ST_DTYPES = {name: dt for dt, name in _ST_NAMES.items()}
 _MAX_DIMS = 64
-
-
-class WireError(ValueError):
-    """Malformed or unacceptable data on the wire."""
-
-
-class WireLimitError(WireError):
-    """A declared or actual size exceeds a limit (gRPC: RESOURCE_EXHAUSTED)."""
-
-
-class WireIntegrityError(WireError):
-    """Data does not match its declared sha256 / size (gRPC: DATA_LOSS)."""
 
 
 def _little_endian() -> None:

@@ -99,11 +99,3 @@ def checkpoint_fingerprint(path, config) -> str | None:
         return None
     finally:
         handles.clear()
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """The fingerprint of the base weights as stored (what `load_model` recorded, whatever dtype, device or
-    quantization the model is held in); for a model built by hand, `fingerprint(model)`."""
-    base = getattr(model, "get_base_model", lambda: model)()
-    fp = getattr(base, "fedtune_base_fp", None) or getattr(model, "fedtune_base_fp", None)
-    return fp if fp is not None else fingerprint(model)

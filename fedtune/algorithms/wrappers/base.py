@@ -1,0 +1,89 @@
+"""The one delegating base of every wrapper: it holds the inner method and forwards the whole protocol to it;
+a wrapper overrides only what it changes (robust aggregation: `aggregate`; client-level DP: `initialize` and
+`aggregate`) and says what the wrapped method can still do (`capabilities`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from fedtune.algorithms.api import (
+    Bound,
+    Capabilities,
+    ClientAlgorithm,
+    ClientUpdate,
+    FedAlgorithm,
+    GlobalState,
+    MetricRange,
+    Payload,
+    UpdateSpec,
+)
+
+
+class Wrapper(FedAlgorithm):
+    """`inner` with some of its protocol replaced; named "<inner>+<suffix>" (e.g. "fedavg+client_dp")."""
+
+    suffix = "wrapped"
+
+    def __init__(self, inner: FedAlgorithm) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.name = f"{inner.name}+{self.suffix}"  # type: ignore[misc] - per instance: the inner method's name
+
+    @property
+    def method(self) -> FedAlgorithm:
+        """The innermost (registered) method."""
+        inner = self.inner
+        return inner.method if isinstance(inner, Wrapper) else inner
+
+    # what the inner method declares
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    @property
+    def state_format(self) -> int:  # type: ignore[override]
+        return self.inner.state_format
+
+    @property
+    def train_fields(self) -> Mapping[str, Bound]:  # type: ignore[override]
+        return self.inner.train_fields
+
+    @property
+    def metric_ranges(self) -> Mapping[str, MetricRange]:  # type: ignore[override]
+        return self.inner.metric_ranges
+
+    @property
+    def resumable(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner.resumable
+
+    # the protocol, forwarded
+    def holding_problem(self, quantization: str, dtype: str) -> str | None:
+        return self.inner.holding_problem(quantization, dtype)
+
+    def set_init_data(self, features: Sequence[dict[str, list[int]]], pad_id: int) -> None:
+        self.inner.set_init_data(features, pad_id)
+
+    def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
+        return self.inner.initialize(model, seed=seed)
+
+    def setup_payload(self, state: GlobalState) -> Payload:
+        return self.inner.setup_payload(state)
+
+    def sync_payload(self, state: GlobalState, from_version: int) -> Payload:
+        return self.inner.sync_payload(state, from_version)
+
+    def configure_round(self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any],
+                        roster: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self.inner.configure_round(rnd, state, client_ids, base_train, roster)
+
+    def expected_update(self, state: GlobalState, train: dict[str, Any]) -> UpdateSpec:
+        return self.inner.expected_update(state, train)
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
+        return self.inner.aggregate(rnd, state, updates)
+
+    def make_client(self) -> ClientAlgorithm:
+        return self.inner.make_client()
