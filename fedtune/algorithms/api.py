@@ -271,6 +271,9 @@ class Capabilities:
     # same names (FedAvg's A/B, Fed-SB's R): what client-level DP clips and noises, and what [robust] trims per
     # coordinate
     tensor_average: bool = False
+    # the global weight change is Σ_k p_k (the change client k's update alone would make): FLoRA's stacked
+    # products, Fed-SB's R, FedKSeed's replayed steps; not FedAvg (the product of averaged factors)
+    exact: bool = False
     # how [robust] measures and bounds one update: "delta" (‖θ_k − θ_g‖₂ over its tensors, clipped toward θ_g),
     # "lora_product" (a fresh LoRA: ‖s·B·A‖_F, clipped by scaling B); "" = [robust] refused, see robust_refusal
     update_norm: str = ""
@@ -410,6 +413,12 @@ class FedAlgorithm(ABC):
     @abstractmethod
     def make_client(self) -> ClientAlgorithm:
         """A client-side instance configured like this algorithm."""
+
+    @classmethod
+    def quick_settings(cls) -> dict[str, Any]:
+        """[<method>] settings under which a seconds-long run on the tiny test model learns visibly (the conformance
+        tests use them); {} when the defaults do."""
+        return {}
 
     @classmethod
     def accepts(cls) -> dict[str, Bound]:

@@ -41,6 +41,7 @@ class FedKSeed(FedAlgorithm):
     state_format = 2  # 2: z(seed) drawn in seeded 2^20-number blocks (1: one stream), so replayed pairs mean another θ
     # Sample-level DP clips each example's projected gradient and noises the step's scalar (client.py).
     CAPABILITIES = Capabilities(
+        exact=True,  # replay is linear in g: the sum of each client's steps weighted by p_k (weight decay 0)
         no_tensor_average=(
             "a FedKSeed update is τ (seed, scalar) pairs and the global state is the log of per-seed sums, not a "
             "model delta; hiding a client's participation would need noise on all K per-seed sums every round, "
@@ -65,6 +66,11 @@ class FedKSeed(FedAlgorithm):
 
     def holding_problem(self, quantization: str, dtype: str) -> str | None:
         return hardware_problem(self.config.trainable, quantization)
+
+    @classmethod
+    def quick_settings(cls) -> dict[str, Any]:
+        """η = 1e-3: the 0.1M-parameter tiny model tolerates it (the default 1e-6 is sized for ~135M weights)."""
+        return {"lr": 1e-3, "num_seeds": 256}
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
         c = self.config

@@ -41,7 +41,7 @@ class FLoRA(FedAlgorithm):
     name = "flora"
     config_class = FLoRAConfig
     CAPABILITIES = Capabilities(
-        update_norm="lora_product", batched=True,
+        update_norm="lora_product", exact=True, batched=True,
         no_tensor_average="FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
                           "updates are concatenated; there is no fixed-shape sum to clip and noise, and no "
                           "coordinate-wise mean to trim")
