@@ -19,11 +19,15 @@ from fedtune.algorithms.common.lora import (
 from fedtune.algorithms.common.train import run_local_training
 from fedtune.models.hardware import Placement
 from fedtune.training.batched import batchable, train_lora_clients
+from fedtune.training.loop import StepHook
 
 ADAPTER = "default"
 
 
 class LoRAClient(ClientAlgorithm):
+    """Trains the global LoRA adapter first-order and uploads it; a variant that only adds gradient terms to the
+    local objective (FedProx) subclasses it and overrides `step_hooks`."""
+
     sync_replaces_state = True  # the sync payload is the whole global adapter
 
     def __init__(self) -> None:
@@ -46,7 +50,7 @@ class LoRAClient(ClientAlgorithm):
         if self.global_tensors is None:
             raise RuntimeError("train() before the first sync: the client has no global adapter")
         activate(model, ADAPTER)
-        res, privacy = run_local_training(model, ctx, config, self.dp)
+        res, privacy = run_local_training(model, ctx, config, self.dp, self.step_hooks(config))
         update = get_lora_state(model, ADAPTER)
         set_lora_state(model, ADAPTER, self.global_tensors)  # leave the model at the global state
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
@@ -62,9 +66,15 @@ class LoRAClient(ClientAlgorithm):
             return None
         activate(model, ADAPTER)
         results = train_lora_clients(lora_layers(model, ADAPTER), ADAPTER, model, [self.global_tensors] * len(ctxs),
-                                     [c.features for c in ctxs], cfgs, pad_id=ctxs[0].pad_id)
+                                     [c.features for c in ctxs], cfgs, pad_id=ctxs[0].pad_id,
+                                     hooks=self.step_hooks(configs[0]))
         return [ClientUpdate(c.client_id, len(c.features), t, {"train_loss": r.loss})
                 for c, (t, r) in zip(ctxs, results, strict=True)]
+
+    def step_hooks(self, config: dict[str, Any]) -> tuple[StepHook, ...]:
+        """Gradient terms of the local objective beyond the data loss (fedtune.training.loop.StepHook), from a round's
+        train config; the same for every client of a round (a batched round uses the first client's). None here."""
+        return ()
 
     def export_factors(self, model: nn.Module):
         return adapter_factors(model, ADAPTER)
