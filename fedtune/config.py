@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.algorithms.registry import available, config_class, default_method, get_algorithm
-from fedtune.configbase import ConfigError, build_section, dataclass_from_dict
+from fedtune.configbase import ConfigError, build_section, dataclass_from_dict, option
 from fedtune.models.settings import SETTING, SETTINGS
 
 __all__ = ["ConfigError", "RunConfig", "dataclass_from_dict", "load", "load_tokens", "validate"]
@@ -24,19 +24,25 @@ __all__ = ["ConfigError", "RunConfig", "dataclass_from_dict", "load", "load_toke
 
 @dataclass
 class RunSection:
-    name: str = "demo"
-    seed: int = 0
-    rounds: int = 3
-    algorithm: str = field(default_factory=default_method)  # a registered method (fedtune.algorithms.registry)
-    out: str = ""  # default runs/<name>
-    eval_batch_size: int = 16
-    threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is often faster for small models or on a busy machine
+    """[run]: what the run is called, where it writes, how long it runs."""
+
+    name: str = option("demo", "the run's name; its outputs go to runs/<name> unless out is set")
+    seed: int = option(0, "the run seed: client sampling, data split, adapter init, the tiny model's weights")
+    rounds: int = option(3, "federated rounds to run (more on --resume continues)")
+    algorithm: str = field(default_factory=default_method,
+                           metadata={"help": "the method: one of fedtune.algorithms.available() (docs/methods/)"})
+    out: str = option("", "output directory; empty: runs/<name>")
+    eval_batch_size: int = option(16, "batch size of the evaluations between rounds")
+    threads: int = option(0, "torch intra-op threads; 0: torch's default (1 is often faster for small models or "
+                             "on a busy machine)")
 
 
 @dataclass
 class ModelSection:
-    name: str = "smollm2"  # "tiny" | "smollm2" | HF model dir | .gguf file
-    # How this process holds the base (each client its own; nothing of it travels). See fedtune/models/hardware.py
+    """[model]: the base model, and how this process holds it (each client its own; nothing of it travels)."""
+
+    name: str = option("smollm2", '"tiny" (random test model), "tiny-<hidden>x<layers>", "smollm2", a Hugging Face '
+                                  "model directory or a .gguf file")
     device: str = SETTING["model.device"].field()
     dtype: str = SETTING["model.dtype"].field()
     quantization: str = SETTING["model.quantization"].field()
@@ -44,100 +50,109 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "chatterbot"  # "chatterbot" | "jsonl" (your own files: JSONL/JSON/CSV/Parquet/save_to_disk dirs)
-    language: str = "english"
-    categories: list[str] = field(default_factory=list)  # keep only these categories; empty = all
-    paths: list[str] = field(default_factory=list)  # one file (or dir) per client, or one or more to partition
-    partition: str = "by_category"  # iid | dirichlet | by_category | pathological (see README "Your own data")
-    dirichlet_alpha: float = 0.5
-    categories_per_client: int = 2  # pathological: categories each client draws
-    eval_fraction: float = 0.1
-    max_eval_per_client: int = 16
-    # global test set: drawn once by run.seed from the whole corpus before partitioning (same for any partitioner
-    # or client count) and removed from the clients' data; max_test_examples caps it (0 = no cap)
-    test_fraction: float = 0.1
-    max_test_examples: int = 128
-    max_train_per_client: int = 0  # 0 = all
-    # 0 = auto: 128 for chatterbot; for your own data the smallest length keeping ≥ 99 % of responses whole
-    max_seq_len: int = 0
-    max_drop_fraction: float = 0.01  # stop if more than this share of a client's examples cannot be kept
+    """[data]: where examples come from and how they are split (docs/data.md)."""
+
+    source: str = option("chatterbot", '"chatterbot" (the bundled corpus) or "jsonl" (your own files: JSONL, JSON, '
+                                       "CSV, Parquet, save_to_disk directories)")
+    language: str = option("english", "chatterbot: the corpus language")
+    categories: list[str] = option([], "keep only these categories; empty: all")
+    paths: list[str] = option([], "your files: one file (or directory) per client, or one or more to partition")
+    partition: str = option("by_category", "how one data set is split: iid | dirichlet | by_category | pathological")
+    dirichlet_alpha: float = option(0.5, "dirichlet: concentration (smaller: more skewed clients)")
+    categories_per_client: int = option(2, "pathological: categories each client draws")
+    eval_fraction: float = option(0.1, "share of each client's examples held out for evaluation")
+    max_eval_per_client: int = option(16, "cap on each client's held-out slice")
+    test_fraction: float = option(0.1, "global test set: share of the whole corpus drawn once by run.seed before "
+                                       "partitioning (the same for any partitioner or client count) and removed "
+                                       "from the clients' data")
+    max_test_examples: int = option(128, "cap on the global test set; 0: no cap")
+    max_train_per_client: int = option(0, "cap on each client's training examples; 0: all")
+    max_seq_len: int = option(0, "tokens per example; 0: auto (128 for chatterbot; for your own data the smallest "
+                                 "length keeping ≥ 99 % of responses whole)")
+    max_drop_fraction: float = option(0.01, "stop if more than this share of a client's examples cannot be kept")
 
 
 @dataclass
 class FederationSection:
-    num_clients: int = 4
-    fraction: float = 1.0  # share of clients sampled per round
-    min_clients: int = 1  # fewer reporting updates → the round is aborted and retried
-    round_timeout_s: float = 600.0
-    max_round_retries: int = 3
-    # simulation: train a round's clients in one batched loop per worker thread (FedAvg, FLoRA). Faster for small
-    # models, but (clients ÷ workers)× the decoder's activation memory and equal to one by one only up to float
-    # rounding (SmolLM2 demo before worker threads and the chunked loss: 12 GB peak, 2.2× the wall time), so opt-in.
-    batch_clients: bool = False
-    # simulation: worker threads that train a round's clients in parallel, each on its own adapter copy of the
-    # one shared base ([run] threads split between them, ≥ 1 each). 0 = auto: one per usable CPU; 1 = one by
-    # one. Bit-identical to one by one at the same torch threads per client.
-    workers: int = 0
+    """[federation]: who takes part in a round and how long a round may take."""
+
+    num_clients: int = option(4, "clients in the run")
+    fraction: float = option(1.0, "share of clients sampled per round")
+    min_clients: int = option(1, "fewer valid updates: the round is aborted (nothing written) and retried")
+    round_timeout_s: float = option(600.0, "a round stops waiting for updates after this long")
+    max_round_retries: int = option(3, "aborted attempts of a round before the run stops")
+    batch_clients: bool = option(False, "simulation: train a round's clients in one batched loop per worker thread "
+                                        "(methods that declare it). Faster for small models, (clients ÷ workers)× "
+                                        "the activation memory, equal to one by one up to float rounding")
+    workers: int = option(0, "simulation: worker threads that train a round's clients in parallel, each on its own "
+                             "adapter copy of the shared base; 0: one per usable CPU; 1: one by one "
+                             "(threads are bit-identical to one by one)")
 
 
 @dataclass
 class TrainSection:
-    local_steps: int = 8
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None  # None: the method's tuned default. [<method>] lr > [train] lr > the method's default
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    """[train]: each client's local training."""
+
+    local_steps: int = option(8, "optimiser steps per client per round")
+    batch_size: int = option(8, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    lr: float | None = option(None, "local learning rate; unset: the method's tuned default. [<method>] lr wins "
+                                    "over [train] lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "global gradient-norm clip per step; 0: none (DP clips per example instead)")
     gradient_checkpointing: bool = SETTING["train.gradient_checkpointing"].field()
 
 
 @dataclass
 class ServerSection:
-    """[server] of `fedtune server`."""
+    """[server] of `fedtune server` (docs/deploy.md)."""
 
-    address: str = "0.0.0.0:50051"
-    tokens_file: str = ""  # TOML {client_id = "token"}; required
-    clients: list[str] = field(default_factory=list)  # roster order (partition i ↔ clients[i]); default: sorted tokens
-    tls_cert: str = ""  # empty: plaintext, refused unless insecure = true
-    tls_key: str = ""
-    tls_client_ca: str = ""  # set for mTLS: a token is then only valid with a certificate naming its client (CN/SAN)
-    insecure: bool = False  # allow plaintext (tokens in clear text; only for tests on a trusted network)
-    heartbeat_interval_s: float = 5.0
-    lease_timeout_s: float = 60.0  # a client silent this long is dropped from the round
-    # once min_clients valid updates are in, wait at most this long for the rest (0: until round_timeout_s or
-    # their leases expire); bounds what a client that heartbeats but never uploads can hold a round for
-    straggler_timeout_s: float = 0.0
-    poll_interval_s: float = 1.0  # how soon an idle client asks again
-    max_upload_mb: float = 512.0
-    max_examples_per_client: int = 1_000_000  # cap on an update's num_examples (its aggregation weight); 0 = none
-    # no client can hold the server: per chunked stream (PushUpdate upload, PullTask download) at most one per
-    # client at a time, cancelled after this long without a chunk, or this long in total; uploads in flight may
-    # buffer at most max_inflight_mb together (declared sizes, reserved at chunk 0)
-    stream_idle_timeout_s: float = 60.0
-    stream_timeout_s: float = 900.0
-    max_inflight_mb: float = 1024.0
-    evaluate: bool = True  # evaluate the global model on the [data] eval split (needs the data here)
-    finish_grace_s: float = 10.0  # keep serving after the last round so clients hear "finished"
+    address: str = option("0.0.0.0:50051", "listen address")
+    tokens_file: str = option("", "TOML of client_id = \"token\" lines (fedtune certs writes one); required")
+    clients: list[str] = option([], "the roster in order (client i holds partition i); empty: the tokens' ids, "
+                                    "sorted")
+    tls_cert: str = option("", "server certificate; empty: plaintext, refused unless insecure = true")
+    tls_key: str = option("", "server private key")
+    tls_client_ca: str = option("", "mTLS: the CA of client certificates; a token is then only valid with a "
+                                    "certificate naming its client (CN/SAN)")
+    insecure: bool = option(False, "allow plaintext (tokens in clear text): tests on a trusted network only")
+    heartbeat_interval_s: float = option(5.0, "how often clients heartbeat (told at Join)")
+    lease_timeout_s: float = option(60.0, "a client silent this long is dropped from the round")
+    straggler_timeout_s: float = option(0.0, "once min_clients valid updates are in, wait at most this long for the "
+                                             "rest; 0: until round_timeout_s or their leases expire")
+    poll_interval_s: float = option(1.0, "how soon an idle client asks for a task again")
+    max_upload_mb: float = option(512.0, "largest update a client may send")
+    max_examples_per_client: int = option(1_000_000, "cap on an update's num_examples (its aggregation weight); "
+                                                     "0: none")
+    stream_idle_timeout_s: float = option(60.0, "a chunked stream (one per client and kind at a time) is cancelled "
+                                                "after this long without a chunk")
+    stream_timeout_s: float = option(900.0, "... or after this long in total")
+    max_inflight_mb: float = option(1024.0, "uploads in flight may buffer at most this much together (declared "
+                                            "sizes, reserved at chunk 0)")
+    evaluate: bool = option(True, "evaluate the global model between rounds (needs the [data] eval/test sets here)")
+    finish_grace_s: float = option(10.0, "keep serving after the last round so clients hear the run finished")
 
 
 @dataclass
 class ClientSection:
-    """[client] of `fedtune client`."""
+    """[client] of `fedtune client` (docs/deploy.md)."""
 
-    server: str = "localhost:50051"
-    client_id: str = ""
-    partition: int = -1  # which [data] partition this client holds (demo data); -1 with [data] paths = own files
-    token: str = ""  # prefer the FEDTUNE_TOKEN environment variable or token_file
-    token_file: str = ""  # TOML {client_id = "token"}: the token of client_id is used
-    tls_ca: str = ""  # empty: plaintext, refused unless insecure = true
-    insecure: bool = False  # allow sending the token without TLS (only for tests on a trusted network)
-    tls_cert: str = ""  # mTLS identity
-    tls_key: str = ""
-    state_dir: str = ""  # client-side state (DP accountants); default runs/client-<id>
-    rpc_timeout_s: float = 60.0
-    max_backoff_s: float = 30.0
-    max_retry_s: float = 600.0  # give up (exit 4) after this long without one successful exchange
-    max_download_mb: float = 2048.0
+    server: str = option("localhost:50051", "the coordinator's HOST:PORT")
+    client_id: str = option("", "this client's id (its token's)")
+    partition: int = option(-1, "which [data] partition this client holds (demo data); -1 with [data] paths: all "
+                                "of its own files")
+    token: str = option("", "the token; prefer the FEDTUNE_TOKEN environment variable or token_file")
+    token_file: str = option("", "TOML of client_id = \"token\" lines: the token of client_id is used")
+    tls_ca: str = option("", "the CA of the coordinator's certificate; empty: plaintext, refused unless "
+                             "insecure = true")
+    insecure: bool = option(False, "allow sending the token without TLS: tests on a trusted network only")
+    tls_cert: str = option("", "mTLS: this client's certificate")
+    tls_key: str = option("", "mTLS: this client's private key")
+    state_dir: str = option("", "client-side state (DP accountants); empty: runs/client-<id>")
+    rpc_timeout_s: float = option(60.0, "deadline of each RPC")
+    max_backoff_s: float = option(30.0, "longest wait between retries")
+    max_retry_s: float = option(600.0, "give up (exit 4) after this long without one successful exchange")
+    max_download_mb: float = option(2048.0, "largest task this client downloads")
 
 
 @dataclass

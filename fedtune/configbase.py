@@ -4,6 +4,7 @@ methods, data, models) uses these, so no lower layer has to import fedtune.confi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -31,3 +32,10 @@ def build_section(cls, raw: dict[str, Any], section: str):
         return cls(**raw)
     except TypeError as e:
         raise ConfigError(f"[{section}]: {e}") from None
+
+
+def option(default: Any, help: str):  # noqa: A002 - the metadata key dataclass configs use (as peft's)
+    """A config field with its help text (docs/configuration.md is generated from it); a list default is copied."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})

@@ -37,7 +37,8 @@ class FedKSeedConfig:
     trainable: str = field(default="full", metadata={"help": '"full" (all weights) or "lora" (A/B only)'})
     rank: int = field(default=8, metadata={"help": 'LoRA rank when trainable = "lora"'})
     alpha: float = field(default=16.0, metadata={"help": 'LoRA alpha when trainable = "lora"'})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      metadata={"help": 'LoRA target modules when trainable = "lora"'})
     seed_sampling: str = field(default="uniform", metadata={"help": '"uniform" or "pro" (by past |g|)'})
     grad_clip: float = field(default=100.0, metadata={"help": "clamp each step's scalar g to ±grad_clip; 0 = off"})
     pro_clip: float = field(default=1000.0, metadata={"help": '|g| clip inside the "pro" statistics'})

@@ -17,7 +17,8 @@ class FedSBConfig:
     DEFAULT_LR: ClassVar[float] = 1e-1
 
     rank: int = field(default=8, metadata={"help": "r: A r×d_in, R r×r, B d_out×r (upload r² per module)"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      metadata={"help": "names (last part) of the nn.Linear modules to adapt"})
     init_batches: int = field(default=4, metadata={"help": "batches of init data whose ∇W is summed"})
     init_batch_size: int = field(default=8, metadata={"help": "batch size for the init gradients"})
     init_seed: int | None = field(default=None, metadata={"help": "init seed (batches, SVD); None = run seed"})

@@ -12,13 +12,14 @@ class FLoRAConfig(LoRAConfig):
     # lr sweep 3e-3 / 1e-2 / 3e-2 → final eval loss 2.236 / 2.027 / 13.6 (diverged) on the report workload
     # (simulations/results/REPORT.md): 1e-2
     DEFAULT_LR: ClassVar[float] = 1e-2
-    rank: int = 16
-    alpha: float = 32.0
+    rank: int = field(default=16, metadata={"help": "LoRA rank r of every client (unless ranks is set)"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha at `rank`; every client keeps the scale "
+                                                         "s = alpha / rank whatever its own rank"})
     ranks: list[int] = field(
         default_factory=list,
         metadata={"help": "per-client ranks in roster order (cycled); empty = `rank` for everyone"},
     )
-    uniform: bool = False
+    uniform: bool = field(default=False, metadata={"help": "weight clients equally instead of by examples"})
     keep_rounds: int = field(default=4, metadata={
         "help": "keep this many rounds' stacked factors; a client further behind gets the cumulative ΔW"})
     export_rank: int = field(default=0, metadata={

@@ -25,7 +25,7 @@ import torch
 
 from fedtune.algorithms.api import Capabilities, ClientUpdate, FedAlgorithm, GlobalState, TensorDict
 from fedtune.algorithms.wrappers.base import Wrapper
-from fedtune.configbase import dataclass_from_dict
+from fedtune.configbase import dataclass_from_dict, option
 
 ACTIONS = ("clip", "reject")
 AGGREGATORS = ("mean", "trimmed_mean", "median")
@@ -35,11 +35,12 @@ AGGREGATORS = ("mean", "trimmed_mean", "median")
 class RobustConfig:
     """[robust] section. Nothing set = off."""
 
-    norm_bound: float = 0.0  # absolute bound on each client's update norm; 0 = none
-    norm_bound_median_mult: float = 0.0  # bound = this × the round's median update norm; 0 = none
-    norm_action: str = "clip"  # "clip" | "reject" updates above the bound
-    aggregator: str = "mean"  # "mean" | "trimmed_mean" | "median" (coordinate-wise; FedAvg, Fed-SB)
-    trim_fraction: float = 0.1  # trimmed_mean: share of clients dropped at each end, per coordinate
+    norm_bound: float = option(0.0, "absolute bound on each client's update norm; 0: none")
+    norm_bound_median_mult: float = option(0.0, "bound = this × the round's median update norm; 0: none")
+    norm_action: str = option("clip", '"clip" or "reject" the updates above the bound')
+    aggregator: str = option("mean", '"mean" (the method\'s own), "trimmed_mean" or "median" (coordinate-wise; '
+                                     "methods whose aggregate is a tensor average)")
+    trim_fraction: float = option(0.1, "trimmed_mean: share of clients dropped at each end, per coordinate")
 
     def __post_init__(self) -> None:
         for k in ("norm_bound", "norm_bound_median_mult", "trim_fraction"):

@@ -8,19 +8,39 @@ have replied, wait at most this long for the rest of the round's nodes)."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from fedtune.config import ConfigError, RunConfig
+from fedtune.configbase import option
 
-KEYS = {"num_actors", "cpus_per_actor", "backend", "client_cache", "clients", "node_timeout_s", "straggler_timeout_s"}
+
+@dataclass
+class FlowerOptions:
+    """[flower]: the Flower engine (`fedtune simulate --engine flower`, the Flower app)."""
+
+    num_actors: int = option(2, "simulation: Ray actors (processes) that run the ClientApp")
+    cpus_per_actor: float = option(1.0, "simulation: CPUs Ray reserves per actor")
+    backend: str = option("ray", "simulation: Flower's simulation backend")
+    client_cache: int = option(0, "simulation: node models kept per actor process (least recently used evicted); "
+                                  "0: unbounded")
+    clients: list[str] = option([], "deployment: the run's client ids in roster order; empty: the ids the "
+                                    "SuperNodes report, sorted")
+    node_timeout_s: float = option(120.0, "deployment: how long the ServerApp waits for federation.num_clients "
+                                          "SuperNodes to connect")
+    straggler_timeout_s: float = option(0.0, "once federation.min_clients nodes have replied, wait at most this "
+                                             "long for the rest of the round's nodes; 0: off")
+
+
+KEYS = {f.name for f in dataclasses.fields(FlowerOptions)}
 
 
 def flower_options(cfg: RunConfig) -> dict[str, Any]:
     raw = dict(cfg.extra.get("flower", {}))
     if unknown := sorted(set(raw) - KEYS):
         raise ConfigError(f"[flower] has unknown keys {unknown}; valid: {sorted(KEYS)}")
-    opts = {"num_actors": 2, "cpus_per_actor": 1.0, "backend": "ray", "client_cache": 0, "clients": [],
-            "node_timeout_s": 120.0, "straggler_timeout_s": 0.0} | raw
+    opts = dataclasses.asdict(FlowerOptions()) | raw
     if int(opts["num_actors"]) < 1 or float(opts["cpus_per_actor"]) <= 0:
         raise ConfigError("[flower] num_actors must be ≥ 1 and cpus_per_actor > 0")
     clients = opts["clients"]

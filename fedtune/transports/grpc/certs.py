@@ -214,8 +214,8 @@ def write_tokens_toml(path: str | os.PathLike, tokens: Mapping[str, str]) -> Pat
     return p
 
 
-def certs_main(argv: Sequence[str] | None = None) -> int:
-    """`fedtune certs --out certs/ --clients org-a,org-b [--server-names ...] [--days N] [--force]`."""
+def certs_parser() -> argparse.ArgumentParser:
+    """The arguments of `fedtune certs`."""
     ap = argparse.ArgumentParser(
         prog="fedtune certs",
         description="Make a dev CA and one directory per party: OUT/server (server cert/key, all tokens, health "
@@ -226,7 +226,12 @@ def certs_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--server-names", default="localhost,server,127.0.0.1", help="comma-separated DNS names / IPs")
     ap.add_argument("--days", type=int, default=365, help="validity in days")
     ap.add_argument("--force", action="store_true", help="overwrite existing files")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def certs_main(argv: Sequence[str] | None = None) -> int:
+    """`fedtune certs --out certs/ --clients org-a,org-b [--server-names ...] [--days N] [--force]`."""
+    args = certs_parser().parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
     clients, names = split(args.clients), split(args.server_names)
     try:
