@@ -44,3 +44,36 @@ def test_same_seed_same_update(tiny, feats, tok):
     u1 = client.train(model, TrainContext("c", feats[:30], tok.pad_token_id), cfg)
     u2 = client.train(model, TrainContext("c", feats[:30], tok.pad_token_id), cfg)
     assert all(torch.equal(u1.tensors[k], u2.tensors[k]) for k in u1.tensors)
+
+
+def _recording_hook(seen: list):
+    """A step hook that records the gradient norm it sees at each step (after clipping: ≤ the clip) and zeroes B's
+    gradients, so the update it leaves is visible in the result."""
+    def attach(params):
+        def step():
+            seen.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))))
+            for p in params:
+                if p.grad is not None and p.shape[0] > p.shape[1]:  # lora_B: d_out × r
+                    p.grad.zero_()
+        return step
+    return attach
+
+
+def test_step_hooks_run_once_per_step_after_clipping_and_before_the_update(tiny, feats, tok):
+    from fedtune.privacy.sample import private_train_local
+
+    for private in (False, True):
+        _state, _client, model = synced_fedavg(tiny, rank=4)
+        b_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n}
+        seen: list[float] = []
+        cfg = LocalTrainConfig(steps=3, batch_size=4, lr=1e-2, max_grad_norm=0.01)
+        if private:  # under DP the gradient the hook sees is the clipped, noised mean (no global clip)
+            private_train_local(model, feats[:40], cfg, noise_multiplier=0.5, max_grad_norm=1.0,
+                                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                                hooks=[_recording_hook(seen)])
+        else:
+            train_local(model, feats[:40], cfg, pad_id=tok.pad_token_id, hooks=[_recording_hook(seen)])
+            assert all(g <= 0.01 + 1e-6 for g in seen)  # after the global-norm clip
+        assert len(seen) == 3
+        after = dict(model.named_parameters())
+        assert all(torch.equal(b_before[n], after[n].detach()) for n in b_before)  # B's zeroed gradient: no step

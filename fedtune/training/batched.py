@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fedtune.data.format import IGNORE
-from fedtune.training.loop import LocalTrainConfig, StepHook, TrainResult, batches
+from fedtune.training.loop import LocalTrainConfig, StepHook, TrainResult, batches, run_hooks
 
 
 class ClientStackedLinear(nn.Module):
@@ -131,9 +131,8 @@ def train_lora_clients(
         params += [a.weight, b.weight]
     try:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        callbacks = [hook(params) for hook in hooks]
-        if callbacks:  # after the per-client clipping, before the update (as in the one-client loop)
-            opt.register_step_pre_hook(lambda *_: [cb() for cb in callbacks])
+        if hooks:  # after the per-client clipping, before the update (as in the one-client loop)
+            opt.register_step_pre_hook(run_hooks(hooks, params))
         streams = [batches(f, c.batch_size, c.seed, pad_id) for f, c in zip(features, cfgs, strict=True)]
         losses: list[list[float]] = [[] for _ in range(k)]
         split = decoder_and_head(model)

@@ -71,6 +71,18 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 StepHook = Callable[[list[nn.Parameter]], Callable[[], None]]
 
 
+def run_hooks(hooks: Sequence[StepHook], params: list[nn.Parameter]) -> Callable[..., None]:
+    """An optimiser step pre-hook (torch.optim.Optimizer.register_step_pre_hook) that runs every hook's step: on the
+    AdamW itself it runs after clipping and, under opacus' DPOptimizer, after the noise."""
+    callbacks = [hook(params) for hook in hooks]
+
+    def pre_step(*_) -> None:
+        for cb in callbacks:
+            cb()
+
+    return pre_step
+
+
 @dataclass
 class Steps:
     """What one run of the loop steps with: the module the forwards go through, the optimiser whose step updates,
@@ -125,8 +137,7 @@ def train_local(
     losses: list[float] = []
     seen = 0
     with steps(model, params, features, cfg, pad_id) as s:
-        callbacks = [hook(params) for hook in hooks]
-        handle = s.inner.register_step_pre_hook(lambda *_: [cb() for cb in callbacks]) if callbacks else None
+        handle = s.inner.register_step_pre_hook(run_hooks(hooks, params)) if hooks else None
         model.train()
         try:
             for step, micro in enumerate(s.micro_batches):
