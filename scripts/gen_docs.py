@@ -93,9 +93,9 @@ def configuration() -> str:
         if any(k.startswith(name + ".") for k in hardware):
             out += ["", f"Also the hardware settings of `[{name}]`: see [Hardware settings](#hardware-settings)."]
         out.append("")
-    out += ["## Methods", "", "`[run] algorithm` picks one; its section holds its own settings:", ""]
-    out += [f"- [`[{n}]`](methods/{n}.md)" for n in available()]
-    out += ["", "## Hardware settings", "",
+    out += ["## Methods", "", "`[run] algorithm` picks one; its section, `[<method>]`, holds its own settings, listed "
+            "on its page in [methods/](methods/) with what it can do.", "",
+            "## Hardware settings", "",
             "How a process holds its base model and trains it (each organisation its own; nothing of it travels). "
             "One table in the code (`fedtune/models/settings.py`): the flags of every command that loads the "
             "base, the config keys, the Flower `--node-config` keys and what a client reports at Join are all made "
