@@ -12,7 +12,7 @@ FROM ${BASE_IMAGE} AS deps
 COPY wheels /wheels
 COPY constraints.txt /wheels-meta/constraints.txt
 RUN test -f /wheels/requirements.txt \
-    || { echo "wheels/ is empty: run 'bash scripts/compose_prepare.sh' on the host first (see README)" >&2; exit 1; }
+    || { echo "wheels/ is empty: run 'bash scripts/compose_prepare.sh' on the host first (see docs/deploy.md)" >&2; exit 1; }
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels \
       -c /wheels-meta/constraints.txt -r /wheels/requirements.txt "setuptools>=68" \

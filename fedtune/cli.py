@@ -313,12 +313,13 @@ def _add_hw_args(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     for s in SETTINGS:
         if s.training_only and not train:
             continue
+        text = f"{s.help} ({s.key})".replace("%", "%%")  # argparse %-formats help texts
         if isinstance(s.default, bool):
-            g.add_argument(s.flag, action="store_true", help=f"{s.help} ({s.key})")
+            g.add_argument(s.flag, action="store_true", help=text)
         elif any(":" in c for c in s.choices):  # a pattern among the values (cuda:N): checked with the config
-            g.add_argument(s.flag, help=f"{s.help} ({s.key})")
+            g.add_argument(s.flag, help=text)
         else:
-            g.add_argument(s.flag, choices=list(s.choices), help=f"{s.help} ({s.key})")
+            g.add_argument(s.flag, choices=list(s.choices), help=text)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

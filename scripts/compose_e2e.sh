@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end check of README's "docker compose" section, from a fresh clone, with rootful podman
+# End-to-end check of docs/deploy.md's "docker compose" section, from a fresh clone, with rootful podman
 # (compose-here.sh) standing in for Docker: a `docker` shim on PATH turns `docker compose ARGS` into
-# `compose-here.sh compose ARGS`, and every README command below is checked to appear verbatim in README.md.
+# `compose-here.sh compose ARGS`, and every documented command below is checked to appear verbatim in
+# docs/deploy.md.
 #
 #   sudo scripts/compose_e2e.sh          # ~10 min with a cached image (a cold build adds ~5-8 min)
 #
@@ -50,14 +51,14 @@ SHIM
 chmod +x "$WORK/bin/docker"
 export PATH=$WORK/bin:$PATH
 
-readme() {  # run a README command verbatim (it must be a line of README.md, optionally with a # comment)
+readme() {  # run a documented command verbatim (a line of docs/deploy.md, optionally with a # comment)
   local cmd=$1
-  "$PY" - "$CLONE/README.md" "$cmd" <<'P' || { check "README has: $cmd" 0 "not found verbatim in README.md"; return 1; }
+  "$PY" - "$CLONE/docs/deploy.md" "$cmd" <<'P' || { check "docs have: $cmd" 0 "not found verbatim in docs/deploy.md"; return 1; }
 import sys
 cmd = sys.argv[2]
 sys.exit(0 if any(line.split("  #")[0].strip() == cmd for line in open(sys.argv[1])) else 1)
 P
-  say "README: $cmd"
+  say "docs/deploy.md: $cmd"
   (cd "$CLONE" && bash -c "$cmd")
 }
 
@@ -156,7 +157,7 @@ P
 check "phase 1: run completes with the survivors" "${p1%% *}" "${p1#* }"
 
 # ---------------------------------------------------------------- phase 2: SIGKILL the server, resume
-say "phase 2: start over, SIGKILL the server after round 1, resume with the README one-liner"
+say "phase 2: start over, SIGKILL the server after round 1, resume with the documented one-liner"
 readme "docker compose down"
 readme "rm -rf runs/compose-demo"
 t=$SECONDS; readme "docker compose up -d"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a fresh clone for `docker compose` (README "docker compose"). Idempotent; run it from anywhere.
+# Prepare a fresh clone for `docker compose` (docs/deploy.md, "docker compose"). Idempotent; run it from anywhere.
 #
 #   bash scripts/compose_prepare.sh
 #

@@ -17,7 +17,7 @@ def _run(capsys, *argv):
     ("argv", "needle"),
     [
         (["--config", "nope.toml"], "config file not found: nope.toml"),
-        (["--algorithm", "fedprox", "--model", "tiny"], "unknown algorithm 'fedprox'; choose one of: "),
+        (["--algorithm", "nosuchmethod", "--model", "tiny"], "unknown algorithm 'nosuchmethod'; choose one of: "),
         (["--model", "tiny", "--clients", "5000"], "5000 clients but only"),
         (["--model", "/no/such/model"], "model '/no/such/model' not found"),
         (["--model", "tiny", "--rounds", "0"], "run.rounds must be ≥ 1, got 0"),
@@ -70,3 +70,12 @@ def test_empty_client_file(capsys, tmp_path):
     empty.write_text("")
     code, err = _run(capsys, "--model", "tiny", "--clients", "2", "--data", str(good), str(empty))
     assert code == 2 and "no examples (the file is empty)" in err
+
+
+@pytest.mark.parametrize("command", ["simulate", "server", "client", "eval", "generate", "chat", "export-base", "certs"])
+def test_every_command_prints_its_help(capsys, command):
+    """--help of every command (argparse %-formats help texts: a bare % in one, e.g. the hardware settings', crashed
+    it)."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage: fedtune" in capsys.readouterr().out

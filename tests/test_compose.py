@@ -1,8 +1,8 @@
 """docker-compose.yml: static checks (default suite) and the end-to-end run from a fresh clone (opt-in).
 
-The e2e tests (`pytest -m compose`; default addopts exclude them) run scripts/compose_e2e.sh: clone → README's
-commands verbatim (docker → rootful podman via compose-here.sh) → per-organisation secrets checked inside each
-container → one organisation SIGKILLed mid-run, survivors finish → server SIGKILLed, resumed with the README
+The e2e tests (`pytest -m compose`; default addopts exclude them) run scripts/compose_e2e.sh: clone → the
+commands of docs/deploy.md verbatim (docker → rootful podman via compose-here.sh) → per-organisation secrets checked inside each
+container → one organisation SIGKILLed mid-run, survivors finish → server SIGKILLed, resumed with the documented
 one-liner. Needs root, Debian packages (podman, docker-compose v1, debootstrap; installed by compose-here.sh),
 ~3 GB disk; ~10 min with a cached image, plus ~8 min for a cold build.
 """
@@ -60,8 +60,8 @@ def test_healthcheck_presents_the_health_cert_and_resume_switch(spec):
     assert spec["server"]["environment"]["FEDTUNE_RESUME"] == "${FEDTUNE_RESUME:-0}"
 
 
-def test_e2e_script_runs_readme_commands_that_exist():
-    readme = [line.split("  #")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()]
+def test_e2e_script_runs_documented_commands_that_exist():
+    readme = [line.split("  #")[0].strip() for line in (ROOT / "docs/deploy.md").read_text().splitlines()]
     cmds = re.findall(r'readme "([^"]+)"', SCRIPT.read_text())
     assert {"bash scripts/compose_prepare.sh", "docker compose build", "docker compose up -d",
             "FEDTUNE_RESUME=1 docker compose up -d", "docker compose down"} <= set(cmds)
@@ -135,7 +135,7 @@ def test_compose_outputs_owned_by_host_user_and_0644(e2e):
 def test_compose_script_passes(e2e):
     proc, checks, summary = e2e
     assert proc.returncode == 0 and "E2E PASSED" in proc.stderr, (summary, proc.stderr[-4000:])
-    assert not [k for k in checks if k.startswith("README has")], summary
+    assert not [k for k in checks if k.startswith("docs have")], summary
 
 
 def test_prepare_makes_dirs_and_env_for_a_non_root_uid(tmp_path):

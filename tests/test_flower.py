@@ -364,6 +364,23 @@ def test_node_state_on_disk_survives_a_process_per_message(tmp_path, flower_task
     assert files == {"node.json", node["setup"]["file"], *(s["file"] for s in node["syncs"])}  # no tmp, no orphans
 
 
+def test_regenerating_the_apps_keys_keeps_the_values_it_sets(tmp_path):
+    """`python -m fedtune.transports.flower.runconfig --write` re-declares the keys and keeps what the app sets (its
+    model, method, rounds, out); a value for a key fedtune no longer has is dropped."""
+    import tomllib
+
+    from fedtune.transports.flower.runconfig import write_block
+
+    app = tmp_path / "pyproject.toml"
+    text = (ROOT / "simulations/flower_app/pyproject.toml").read_text()
+    app.write_text(text.replace("[tool.flwr.app.config.fedtune.run]\n", "[tool.flwr.app.config.fedtune.run]\ngone = 1\n"))
+    assert write_block(app) is True
+    assert app.read_text() == text  # the unknown key dropped, every set value kept, nothing else changed
+    values = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]["fedtune"]
+    assert (values["model"]["name"], values["run"]["algorithm"], values["run"]["rounds"]) == ("tiny", "flora", 2)
+    assert write_block(app) is False
+
+
 def test_run_config_reaches_every_fedtune_key_and_validates_it(tmp_path):
     """The app declares every fedtune key (Flower refuses undeclared --run-config keys); values go through
     fedtune's config: lists as TOML arrays in strings, wrong types and unknown keys are clear errors."""

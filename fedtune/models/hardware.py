@@ -56,7 +56,7 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise HardwareError(f"model.device = {spec!r} but torch sees no CUDA GPU (torch {torch.__version__}, "
                                 f"CUDA build: {torch.version.cuda or 'no'}); use \"cpu\" or \"auto\", or install a "
-                                "CUDA build of torch (README: Hardware)")
+                                "CUDA build of torch (docs/hardware.md)")
         index = int(spec[5:]) if ":" in spec else 0
         if index >= torch.cuda.device_count():
             raise HardwareError(f"model.device = {spec!r} but torch sees {torch.cuda.device_count()} GPU(s)")

@@ -1,5 +1,5 @@
 """A Flower deployment on localhost: one `flower-superlink` + N `flower-supernode` processes (ports picked
-free) and `flwr run` against them — the commands of the README's "Scale out with Flower", for the
+free) and `flwr run` against them — the commands of docs/flower.md's deployment section, for the
 `flower_deploy` tests and simulations/bench/flower_deploy.py.
 
 Each SuperNode runs in its own process group, so `kill(i)` (SIGKILL to the group) takes the node and the

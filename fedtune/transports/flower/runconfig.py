@@ -112,12 +112,15 @@ def resolve_config(run_config: dict[str, Any]) -> RunConfig:
     return resolve(run_config)[0]
 
 
-def pyproject_block(values: dict[str, Any] | None = None) -> str:
-    """The [tool.flwr.app.config] block declaring every fedtune key ("" = unset unless in `values`)."""
+def pyproject_block(values: dict[str, Any] | None = None, *, config_path: str = "fedtune.toml",
+                    resume: bool = False) -> str:
+    """The [tool.flwr.app.config] block declaring every fedtune key ("" = unset unless in `values`, keyed
+    "<section>.<key>")."""
     import json
 
     values = values or {}
-    lines = ["[tool.flwr.app.config]", f'{CONFIG_KEY} = "fedtune.toml"', f"{RESUME_KEY} = false"]
+    lines = ["[tool.flwr.app.config]", f"{CONFIG_KEY} = {json.dumps(config_path)}",
+             f"{RESUME_KEY} = {json.dumps(resume)}"]
     by_section: dict[str, list[str]] = {}
     for k in declared_keys():
         section, key = k[len(PREFIX):].split(".", 1)
@@ -132,10 +135,23 @@ def pyproject_block(values: dict[str, Any] | None = None) -> str:
 
 def write_block(pyproject: Path) -> bool:
     """Replace the [tool.flwr.app.config] block (everything from its header to the end of the file) of a Flower
-    app's pyproject.toml with `pyproject_block()`; True when the file changed."""
+    app's pyproject.toml with `pyproject_block()`, keeping the values the app sets (a key fedtune no longer has is
+    dropped, and said); True when the file changed."""
     text = pyproject.read_text()
     head = text.index("[tool.flwr.app.config]\n")
-    new = text[:head] + pyproject_block()
+    app = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
+    declared = set(declared_keys())
+    values = {}
+    for section, keys in app.get("fedtune", {}).items():
+        for key, v in keys.items():
+            if v == UNSET:
+                continue
+            if f"{PREFIX}{section}.{key}" not in declared:
+                print(f"dropped {PREFIX}{section}.{key} = {v!r}: not a fedtune key any more", file=sys.stderr)
+                continue
+            values[f"{section}.{key}"] = v
+    new = text[:head] + pyproject_block(values, config_path=app.get(CONFIG_KEY, "fedtune.toml"),
+                                        resume=bool(app.get(RESUME_KEY, False)))
     if new == text:
         return False
     pyproject.write_text(new)
