@@ -1,4 +1,5 @@
-"""`fedtune export-base` + README's peft snippet, run literally in a process that never imports fedtune."""
+"""`fedtune export-base` + the peft snippet of docs/evaluate.md, run literally in a process that never imports
+fedtune."""
 
 import json
 import re
@@ -10,13 +11,13 @@ from fedtune import config
 from fedtune.cli import main
 from fedtune.run.assemble import simulate
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs/evaluate.md"
 
 
 def _readme_snippet() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
     found = [b for b in blocks if "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in b]
-    assert len(found) == 1, "README must show exactly one PeftModel.from_pretrained snippet"
+    assert len(found) == 1, "docs/evaluate.md must show exactly one PeftModel.from_pretrained snippet"
     return "\n".join(line.strip() for line in found[0].splitlines())  # the block is indented in a list item
 
 
@@ -26,9 +27,9 @@ import torch
 from peft import AutoPeftModelForCausalLM
 assert not any(m == "fedtune" or m.startswith("fedtune.") for m in sys.modules), "the snippet imported fedtune"
 ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
-merged = AutoModelForCausalLM.from_pretrained("runs/demo/merged")
-auto = AutoPeftModelForCausalLM.from_pretrained("runs/demo/adapter")  # the base named in adapter_config.json
-base = AutoModelForCausalLM.from_pretrained("bases/demo")
+merged = AutoModelForCausalLM.from_pretrained("runs/t1/merged")
+auto = AutoPeftModelForCausalLM.from_pretrained("runs/t1/adapter")  # the base named in adapter_config.json
+base = AutoModelForCausalLM.from_pretrained("runs/t1-base")
 with torch.no_grad():
     want, got, got_auto = merged(ids).logits, model(ids).logits, auto(ids).logits
     print(float((got - want).abs().max()), float((got_auto - want).abs().max()), float((base(ids).logits - want).abs().max()))
@@ -39,17 +40,17 @@ def test_export_base_and_readme_peft_snippet_on_tiny(tmp_path, capsys):
     cfg = config.load(None, {"model.name": "tiny", "run.seed": 3, "run.rounds": 1, "federation.num_clients": 2,
                              "train.local_steps": 2, "train.lr": 0.02, "data.max_train_per_client": 8,
                              "data.max_seq_len": 32, "data.max_eval_per_client": 4,
-                             "run.out": str(tmp_path / "runs/demo")})
+                             "run.out": str(tmp_path / "runs/t1")})
     summary = simulate(cfg, progress=False, save_merged=True)
     # FLoRA, 2 clients × r 16: ΔW of q (64×64) has rank 32 as factors, v (32×64) is dense at rank 32; exact
     info = summary["adapter_export"]
     assert (info["rank"], info["ranks"], info["export_rank"]) == (32, [32], None) and info["relative_error"] < 1e-12
-    adapter = tmp_path / "runs/demo/adapter"
+    adapter = tmp_path / "runs/t1/adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
-    assert main(["export-base", str(tmp_path / "bases/demo"), "--adapter", str(adapter), "--seed", "4"]) == 2
+    assert main(["export-base", str(tmp_path / "runs/t1-base"), "--adapter", str(adapter), "--seed", "4"]) == 2
     assert "not the base the adapter was trained on" in capsys.readouterr().err
-    assert main(["export-base", str(tmp_path / "bases/demo"), "--adapter", str(adapter)]) == 0  # seed 3 from the adapter
-    base_dir = tmp_path / "bases/demo"
+    assert main(["export-base", str(tmp_path / "runs/t1-base"), "--adapter", str(adapter)]) == 0  # seed 3 from the adapter
+    base_dir = tmp_path / "runs/t1-base"
     assert {"config.json", "model.safetensors", "tokenizer.json", "fedtune-base.json"} <= {p.name for p in base_dir.iterdir()}
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir.resolve())
     proc = subprocess.run([sys.executable, "-c", _readme_snippet() + CHECK], check=False, cwd=tmp_path, capture_output=True,
