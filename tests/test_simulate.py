@@ -104,3 +104,25 @@ def test_smollm2_one_local_step():
     assert upd.metrics["train_loss"] < 10
     assert fingerprint(model) == fp
     assert any(not torch.equal(upd.tensors[k], state.tensors[k]) for k in upd.tensors if k.endswith(".B"))
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "flora"])
+def test_a_run_without_eval_or_test_sets_syncs_the_shared_model_itself(tmp_path, algorithm):
+    """With no eval and no test set nothing evaluates the global model between rounds, so nothing advanced the shared
+    model: round 2 failed ("shared model at version 0, instruction expects 1"). The in-process transport now brings it
+    to the round's version from the plan, which gives the same model as syncing through evaluation."""
+    from fedtune.run.assemble import execute, finalize_run, in_process, prepare_run
+
+    quiet = simulate(_cfg(tmp_path, "quiet", **{"run.algorithm": algorithm, "run.rounds": 3,
+                                                "data.eval_fraction": 0.0, "data.test_fraction": 0.0}), progress=False)
+    assert quiet["rounds_completed"] == 3 and quiet["eval_loss_final"] is None and quiet["test_loss_final"] is None
+    over = {"run.algorithm": algorithm, "run.rounds": 3}
+    evaluated = simulate(_cfg(tmp_path, "evaluated", **over), progress=False)
+    run = prepare_run(_cfg(tmp_path, "not-evaluated", **over), transport=in_process, evaluate=False)
+    try:
+        execute(run, progress=False)
+        unevaluated = finalize_run(run)
+    finally:
+        run.close()
+    assert unevaluated["global_model_fingerprint"] == evaluated["global_model_fingerprint"]
+    assert unevaluated["eval_loss_final"] is None and evaluated["eval_loss_final"] is not None
