@@ -36,6 +36,11 @@ from fedtune.models.memory import peak_memory_mb
 from fedtune.training.evaluate import evaluate
 
 
+def _new_client(cls: type[FedAlgorithm]) -> ClientAlgorithm:
+    """A fresh client side of method `cls` (a client's settings come in the setup payload, not from a config)."""
+    return cls(cls.config_class()).make_client()
+
+
 class Node:
     def __init__(self, base: nn.Module, holding: Placement | None = None) -> None:
         self.base = base
@@ -71,8 +76,7 @@ class Node:
     def replay(self, setup: Payload, syncs: Sequence[Payload], version: int, state: dict[str, Any]) -> None:
         """Rebuild the model from payloads this node applied before (its own record of them): set up, sync each
         in order, restore the client state; the model is then at `version`."""
-        name = str(setup.meta.get("algorithm", self.method))
-        self.setup(method(name)(method(name).config_class()).make_client(), setup, state)
+        self.setup(_new_client(method(str(setup.meta.get("algorithm", self.method)))), setup, state)
         for payload in syncs:
             self.client.sync(self.model, payload)
         self.version = version
@@ -103,7 +107,7 @@ class Node:
         if vet is not None:
             vet(ins)
         if ins.setup is not None:
-            self.setup(cls(cls.config_class()).make_client(), ins.setup, state() if state is not None else None)
+            self.setup(_new_client(cls), ins.setup, state() if state is not None else None)
         self.advance(ins.sync, ins.base_version)
 
     def train(self, features: Sequence[dict], pad_id: int, config: dict[str, Any], *, client_id: str,

@@ -6,9 +6,9 @@ mode = "sample": DP-SGD inside each client (opacus: Poisson sampling, per-exampl
     model). ε is per client, tracked by the client's own accountant (`SampleLevelDP`).
     FedKSeed (zeroth-order) clips each example's projected-gradient scalar to [−C, C] and noises the step's
     sum instead: the same mechanism and accountant on one scalar per step.
-mode = "client": DP-FedAvg at the server (fedtune.algorithms.wrappers.client_dp.ClientLevelDP): each client's whole update is clipped to
-    clip_norm and Gaussian noise is added to the sum. Protects the participation of a whole client
-    (an organisation's entire dataset) in the released global model, assuming a trusted server.
+mode = "client": DP-FedAvg at the server (fedtune.algorithms.wrappers.client_dp.ClientLevelDP): each client's
+    whole update is clipped to clip_norm and Gaussian noise is added to the sum. Protects the participation of a
+    whole client (an organisation's entire dataset) in the released global model, assuming a trusted server.
 mode = "none": no protection.
 
 Accounting always uses opacus' accountants (RDP or PRV) through `Accountant`.

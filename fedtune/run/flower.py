@@ -1,6 +1,7 @@
 """The Flower ServerApp, and `fedtune simulate --engine flower` (in-process `flwr.simulation.run_simulation`,
-Ray backend, one virtual SuperNode per client). The ServerApp: fedtune's `simulate()` (same model, data, algorithm, RoundEngine, evaluation,
-checkpoints, metrics, exports) with the rounds carried by a FlowerTransport over the Grid.
+Ray backend, one virtual SuperNode per client). The ServerApp: fedtune's `simulate()` (same model, data,
+algorithm, RoundEngine, evaluation, checkpoints, metrics, exports) with the rounds carried by a FlowerTransport
+over the Grid.
 
 The ServerApp's [data] is its evaluation data (and Fed-SB's init data); in a deployment each SuperNode
 trains on its own (client.py). `flwr run` exits 0 whether the run succeeded or not, so the outcome is

@@ -67,7 +67,7 @@ class FedKSeedClient(ClientAlgorithm):
                              f"seed_set, got {k!r}, {seed_set!r}")
         self.seeds = candidate_seeds(k, seed_set).tolist()
         self.lora = m["trainable"] == "lora"
-        held = holding or placement(model)  # how this client holds its base (its own choice: checked here, not by the server)
+        held = holding or placement(model)  # how this client holds its base (its own choice: checked here)
         problem = hardware_problem(m["trainable"], held.quantization)
         if problem:
             raise HardwareError(problem)

@@ -94,12 +94,13 @@ class RobustAggregation(Wrapper):
         super().__init__(inner)
         caps, method = inner.capabilities, self.method.name
         if caps.update_norm not in ("delta", "lora_product"):
-            raise ValueError(f"[robust] does not apply to {method!r}: {caps.robust_refusal or 'it declares no update norm'}")
+            why = caps.robust_refusal or "it declares no update norm"
+            raise ValueError(f"[robust] does not apply to {method!r}: {why}")
         self.kind = "tensor" if caps.update_norm == "delta" else "lora"
         if rc.aggregator != "mean" and not self.method.capabilities.tensor_average:
-            raise ValueError(f"[robust] aggregator = {rc.aggregator!r} is not available for {method}: "
-                             f"{self.method.capabilities.no_tensor_average or 'its aggregate is not a tensor average'}; "
-                             "use norm_bound / norm_bound_median_mult, which bound each client's whole update")
+            why = self.method.capabilities.no_tensor_average or "its aggregate is not a tensor average"
+            raise ValueError(f"[robust] aggregator = {rc.aggregator!r} is not available for {method}: {why}; use "
+                             "norm_bound / norm_bound_median_mult, which bound each client's whole update")
         if isinstance(inner, ClientLevelDP) and (rc.aggregator != "mean" or rc.norm_bound_median_mult):
             raise ValueError("[robust] with client-level DP takes only an absolute norm_bound and aggregator = "
                              "\"mean\": the DP guarantee assumes each client's contribution is bounded by a constant "

@@ -108,7 +108,8 @@ class Agent:
         self.meta = auth_metadata(self.token)
         self.base = load_for(cfg, train=True)  # held as this organisation's [model] says
         self.tok, self.fp = self.base.tokenizer, self.base.fingerprint  # the weights' identity, whatever the holding
-        log.info("%s: model %s on %s", c.client_id, cfg.model.name, describe_hardware(self.base.model, self.base.holding))
+        log.info("%s: model %s on %s", c.client_id, cfg.model.name,
+                 describe_hardware(self.base.model, self.base.holding))
         self.data = local_data(cfg, c, self.tok, context_length(self.base.model))
         self.node = Node(self.base.model, self.base.holding)  # the model this client trains, at its global version
         self.state_dir = Path(c.state_dir or f"runs/client-{c.client_id}")
