@@ -88,7 +88,6 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
     """Run one matrix entry into runs/<name> (skipped when its summary.json exists); returns the run dir.
     With own_process (the entry is the only one this process runs) writes the process's peak RSS to
     <run>/peak_rss_mb.txt; entries sharing a process get none (their peak would be the process's so far)."""
-    import resource
 
     from fedtune import config
     from fedtune.run.assemble import simulate
@@ -108,7 +107,9 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
     else:
         simulate(cfg, progress=False)
     if own_process:
-        (out / "peak_rss_mb.txt").write_text(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}\n")
+        from fedtune.models.memory import peak_rss_mb  # the process's peak RSS, as every client reports it
+
+        (out / "peak_rss_mb.txt").write_text(f"{peak_rss_mb():.1f}\n")
     return out
 
 
