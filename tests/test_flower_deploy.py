@@ -39,7 +39,7 @@ def _setup(tmp: Path, **extra):
     nodes = [{"data": p, "client-name": org, "state-dir": str(tmp / "state" / org)} for p, org in zip(paths, ORGS)]
     run_cfg = {"fedtune.run.out": str(tmp / "flower"), "fedtune.run.rounds": 3, "fedtune.run.threads": 1,
                "fedtune.data.source": "jsonl", "fedtune.data.paths": json.dumps(paths),
-               "fedtune.transports.flower.clients": json.dumps(ORGS), "fedtune.federation.round_timeout_s": 900.0,
+               "fedtune.flower.clients": json.dumps(ORGS), "fedtune.federation.round_timeout_s": 900.0,
                "fedtune.data.test_fraction": 0.0,  # simulate's global test split is drawn from all files together
                **extra}
     over = {k[len("fedtune."):]: json.loads(v) if isinstance(v, str) and v.startswith("[") else v
@@ -130,7 +130,7 @@ def test_tls_and_supernode_authentication(tmp_path):
     nodes, run_cfg, _ = _setup(tmp_path, **{"fedtune.run.rounds": 1, "fedtune.run.algorithm": "fedavg",
                                             "fedtune.federation.num_clients": 2, "fedtune.federation.min_clients": 2})
     run_cfg["fedtune.data.paths"] = json.dumps(json.loads(run_cfg["fedtune.data.paths"])[:2])
-    run_cfg["fedtune.transports.flower.clients"] = json.dumps(ORGS[:2])
+    run_cfg["fedtune.flower.clients"] = json.dumps(ORGS[:2])
     keys = [_ssh_ecdsa_key(tmp_path / f"{org}.key") for org in ORGS]
     fed = LocalFederation(tmp_path / "fed", nodes, tls=tls, auth_keys=[k for k, _ in keys])
     try:
