@@ -34,7 +34,7 @@ def build_section(cls, raw: dict[str, Any], section: str):
         raise ConfigError(f"[{section}]: {e}") from None
 
 
-def option(default: Any, help: str):  # noqa: A002 - the metadata key dataclass configs use (as peft's)
+def option(default: Any, help: str):
     """A config field with its help text (docs/configuration.md is generated from it); a list default is copied."""
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})

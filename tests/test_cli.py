@@ -79,3 +79,20 @@ def test_every_command_prints_its_help(capsys, command):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and "usage: fedtune" in capsys.readouterr().out
+
+
+def test_a_process_that_attaches_lora_logs_no_dependency_notices():
+    """peft's deprecated-alias FutureWarning and bitsandbytes' "pip install kernels" notice (on AVX512-BF16 CPUs) are
+    dropped by `import fedtune`, even with FutureWarnings made errors; anything else a dependency says still shows."""
+    import subprocess
+    import sys
+
+    code = ("import fedtune, warnings\n"
+            "from fedtune.models.tiny import tiny_llama\n"
+            "from fedtune.algorithms.common.lora import attach_lora\n"
+            "attach_lora(tiny_llama(64), adapter='a', rank=2, alpha=4, targets=['q_proj'])\n"
+            "warnings.warn('still shown', FutureWarning)\n")
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("FutureWarning: still shown"), proc.stderr
+    assert "is_gradient_checkpointing" not in proc.stderr and "kernels-community" not in proc.stderr, proc.stderr

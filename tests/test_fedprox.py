@@ -99,7 +99,7 @@ def test_under_sample_level_dp_the_term_applies_and_mu_zero_is_the_dp_fedavg_ste
 
 @pytest.mark.parametrize("mu", [0.0, 5.0])
 def test_batched_clients_equal_one_by_one_with_the_term(mu):
-    state, client, model, ctxs, cfgs = _clients(mu, max_grad_norm=0.05)
+    _state, client, model, ctxs, cfgs = _clients(mu, max_grad_norm=0.05)
     seq = [client.train(model, c, g) for c, g in zip(ctxs, cfgs)]
     bat = client.train_many(model, ctxs, cfgs)
     assert bat is not None

@@ -15,7 +15,7 @@ from fedtune.algorithms import available, method
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fedtune"
 sys.path.insert(0, str(ROOT / "scripts"))
-from import_graph import cycles  # noqa: E402
+from import_graph import cycles
 
 
 def _package_of(name: str) -> Path:

@@ -35,7 +35,7 @@ def register(cls: type[FedAlgorithm], *, default: bool = False) -> type[FedAlgor
         raise ValueError(f"method name {name!r} of {cls.__qualname__} must be a lower-case identifier that is not a "
                          f"config section of fedtune's own ({', '.join(sorted(_RESERVED))})")
     if not isinstance(getattr(cls, "config_class", None), type):
-        raise ValueError(f"{cls.__qualname__} declares no config_class (the dataclass of its [{name}] section)")
+        raise TypeError(f"{cls.__qualname__} declares no config_class (the dataclass of its [{name}] section)")
     if name in _METHODS and _METHODS[name] is not cls:
         raise ValueError(f"two methods register as {name!r}: {_METHODS[name].__module__} and {cls.__module__}")
     _METHODS[name] = cls

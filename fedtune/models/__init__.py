@@ -9,7 +9,7 @@ import importlib
 _WHERE = {"Base": "loading", "ModelError": "loading", "hf_dir": "loading", "load_base": "loading",
           "load_model": "loading", "smollm2_gguf": "loading", "fingerprint": "fingerprints", "tiny_llama": "tiny",
           "tiny_tokenizer": "tiny"}
-__all__ = sorted(_WHERE)
+__all__ = sorted(_WHERE)  # noqa: PLE0605 - the lazily imported names above
 
 
 def __getattr__(name: str):

@@ -182,7 +182,7 @@ def test_hostile_updates_are_refused(name):
     spec = algo.expected_update(state, train)
     honest = _updates(algo, state, [5])[0]
     validate_update(spec, honest, metric_ranges=algo.metrics_accepted())  # passes
-    first = sorted(spec.tensors)[0]
+    first = min(spec.tensors)
     floats = [k for k in sorted(spec.tensors) if spec.tensors[k].dtype.is_floating_point]
 
     def mutated(**tensors):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from fedtune.algorithms.api import (
     ClientUpdate,
     FedAlgorithm,
     GlobalState,
+    MetricRange,
     Payload,
     TensorSpec,
     UpdateSpec,
@@ -49,10 +50,10 @@ class FedKSeed(FedAlgorithm):
             "per round instead of the seeds actually used"),
         robust_refusal="its update is not a fixed-shape tensor delta (fedkseed: each step's scalar is already "
                        "clamped by [fedkseed] grad_clip)")
-    train_fields = {"eps": Bound("float", 0.0, 1.0, lo_open=True),  # the SPSA perturbation scale
+    train_fields: ClassVar[Mapping[str, Bound]] = {"eps": Bound("float", 0.0, 1.0, lo_open=True),  # the SPSA perturbation scale
                     "grad_clip": Bound("float", 0.0, 1e6),
                     "seed_sampling": Bound("choice", choices=("uniform", "pro"))}
-    metric_ranges = {"zo_clipped_frac": (0.0, 1.0, False), "zo_skipped_steps": (0.0, 2.0**31, False)}
+    metric_ranges: ClassVar[Mapping[str, MetricRange]] = {"zo_clipped_frac": (0.0, 1.0, False), "zo_skipped_steps": (0.0, 2.0**31, False)}
     config: FedKSeedConfig
 
     @property

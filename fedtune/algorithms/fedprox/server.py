@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from fedtune.algorithms.api import Bound, GlobalState
 from fedtune.algorithms.fedavg import FedAvg
@@ -16,7 +16,7 @@ class FedProx(FedAvg):
     name = "fedprox"
     config_class = FedProxConfig
     CAPABILITIES = dataclasses.replace(FedAvg.CAPABILITIES, baseline=False)  # FedAvg's, but FedAvg is the baseline
-    train_fields = {"mu": Bound("float", 0.0, 1e6)}
+    train_fields: ClassVar[Mapping[str, Bound]] = {"mu": Bound("float", 0.0, 1e6)}
     config: FedProxConfig
 
     def configure_round(self, rnd: int, state: GlobalState, client_ids: Sequence[str], base_train: dict[str, Any],

@@ -13,8 +13,8 @@ and by every client, so all of them hold the same ΔW bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class FLoRA(FedAlgorithm):
         no_tensor_average="FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
                           "updates are concatenated; there is no fixed-shape sum to clip and noise, and no "
                           "coordinate-wise mean to trim")
-    train_fields = {"rank": Bound("int", 1, MAX_RANK), "alpha": Bound("float", 0.0, 1e6, lo_open=True)}
+    train_fields: ClassVar[Mapping[str, Bound]] = {"rank": Bound("int", 1, MAX_RANK), "alpha": Bound("float", 0.0, 1e6, lo_open=True)}
     resumable = ("keep_rounds", "export_rank")  # what is kept and how it is exported; not what was computed
     config: FLoRAConfig
 
