@@ -17,7 +17,8 @@
 #
 # Environment: COMPOSE_HERE (compose-here.sh), E2E_SRC (repo to clone; default this checkout — committed
 # state only), E2E_OUT (default <this checkout>/runs/compose-e2e), E2E_WHEELS (a prepared wheels/ to copy
-# instead of downloading), E2E_KEEP=1 (leave containers, clone and podman service up).
+# instead of downloading), E2E_LOCAL_STEPS ([train] local_steps of the run, default 60: pacing), E2E_KEEP=1
+# (leave containers, clone and podman service up).
 set -euo pipefail
 HERE_DIR=$(cd "$(dirname "$0")/.." && pwd)
 SRC=${E2E_SRC:-$HERE_DIR}
@@ -89,7 +90,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local end=$((SECONDS + limit))
   until "$@"; do
     [ $SECONDS -lt $end ] || { note "timeout ($limit s) waiting for $what"; return 1; }
-    sleep 2
+    sleep 0.5
   done
 }
 exited() { [ "$(status "$1" | cut -d' ' -f1)" = exited ]; }
@@ -104,6 +105,10 @@ git clone -q "$SRC" "$CLONE"
 note "clone: $(git -C "$CLONE" log --oneline -1)"
 (cd "$CLONE" && docker compose down -t 2 --remove-orphans >/dev/null 2>&1) || true   # leftovers of an earlier run
 if [ -n "${E2E_WHEELS:-}" ]; then cp -a "$E2E_WHEELS/." "$CLONE/wheels/"; fi
+# Pacing only: the shipped config's rounds take ~1-2 s each with the tiny model, faster than a kill "after round 1"
+# can land; more local steps make each round last seconds, so org-c and the server die mid-run, not after it.
+sed -i "s/^local_steps = .*/local_steps = ${E2E_LOCAL_STEPS:-60}/" "$CLONE/server/config.toml"
+grep -q "^local_steps = ${E2E_LOCAL_STEPS:-60}$" "$CLONE/server/config.toml" || { echo "server/config.toml has no local_steps line" >&2; exit 2; }
 
 t=$SECONDS; readme "bash scripts/compose_prepare.sh"; note "prepare: $((SECONDS - t)) s"
 t=$SECONDS; readme "docker compose build"; build_s=$((SECONDS - t))
