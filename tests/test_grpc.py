@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from conftest import max_abs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
@@ -201,6 +202,36 @@ def test_dead_client_round_completes_with_survivors(tmp_path, monkeypatch):
     assert rows(tmp_path / "out")[1]["clients_completed"] == 2
 
 
+def test_a_late_update_is_dropped_and_its_client_carries_on(tmp_path, caplog):
+    """client-2 is still training when round 1 times out: its upload finds no open task. It is told so in a
+    reply (not a PERMISSION_DENIED that ends the client), pulls round 2's task and finishes the run with exit 0.
+    The same holds for an update that reaches a coordinator restarted with --resume (compose e2e)."""
+    cfg_path = write_run(tmp_path, rounds=2, server="straggler_timeout_s = 0")
+    agents = [agent(cfg_path, 0, i) for i in range(3)]
+    srv = Server(cfg_path, **{"federation.round_timeout_s": 4.0, "server.lease_timeout_s": 30.0})
+    for a in agents:
+        a.c.server = a.c.server.replace(":0", f":{srv.port}")
+    slow, calls, train = agents[2], [], agents[2].node.train
+
+    def late_once(*args, **kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(6.0)  # round 1 closes at 4 s; round 2 stays open for this client until 8 s
+        return train(*args, **kwargs)
+
+    slow.node.train = late_once
+    with caplog.at_level("INFO", logger="fedtune"):
+        threads, results = run_agents(agents)
+        srv.join()
+        for t in threads:
+            t.join(60)
+    assert srv.error is None, srv.error
+    assert results == dict.fromkeys(IDS, 0)  # client-2 did not end with Refused
+    assert len(calls) == 2  # it took part in round 2
+    assert any("update refused: client-2 has no open task" in r.getMessage() for r in caplog.records)
+    assert rows(tmp_path / "out")[1]["clients_completed"] == 2  # round 1: without the late client
+
+
 def test_below_min_clients_aborts_and_writes_nothing(tmp_path):
     cfg_path = write_run(tmp_path, rounds=1, server="")
     srv = Server(cfg_path, **{"federation.min_clients": 2, "federation.round_timeout_s": 3.0})
@@ -255,6 +286,20 @@ def test_wrong_model_is_refused_at_join(live_server):
     assert not reply.accepted
     assert "base model mismatch: this run uses 'tiny'" in reply.reason
     assert len(reply.expected_fingerprint) == 64 and reply.expected_fingerprint != "ab" * 32
+
+
+def test_a_push_without_an_open_task_is_refused_in_a_reply(live_server):
+    """An upload for a task this coordinator has no record of (a stale id from before a restart, or a round that
+    closed) is answered "not accepted" with the reason; the client's next pull gets its task as usual."""
+    _, channel = live_server
+    stub, md = wire.CoordinatorStub(channel), auth_metadata(TOKENS[IDS[0]])
+    upd = ClientUpdate(IDS[0], 5, {"w": torch.zeros(4)})
+    reply = wire.from_proto(stub.PushUpdate(wire.update_to_chunks(upd, "ab" * 16), metadata=md, timeout=10))
+    assert not reply.accepted and "has no open task" in reply.reason
+    task = pull_until_task(stub, IDS[0], md)
+    ok = ClientUpdate(IDS[0], 5, {k: v.clone() for k, v in task.instruction.sync.tensors.items()})
+    assert wire.from_proto(stub.PushUpdate(wire.update_to_chunks(ok, task.task_id), metadata=md, timeout=10)).accepted
+    assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_push_to_another_clients_task_bad_hash_and_huge_upload(live_server):

@@ -296,6 +296,7 @@ class GrpcTransport(wire.CoordinatorServicer):
             book = self.book
             open_ids = ({t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled}
                         if book and cid not in book.rejected else set())
+            foreign = {t.task_id for t in book.tasks.values() if t.client_id != cid} if book else set()
         counter = wire.ByteCounter()
 
         def counted():
@@ -315,10 +316,20 @@ class GrpcTransport(wire.CoordinatorServicer):
         refused = None
         try:
             with wire.abort_on_wire_error(context):
-                if not open_ids:
-                    raise wire.WirePermissionError(f"{cid} has no open task (round closed or not pulled)")
-                _, update = wire.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
-                                              reserve=reserve, expected_client_id=cid)
+                if book and cid in book.rejected:
+                    raise wire.WirePermissionError(f"{cid} failed this round; no second upload")
+                try:
+                    _, update = wire.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
+                                                  reserve=reserve, expected_client_id=cid)
+                except wire.WirePermissionError as e:
+                    task_id = getattr(e, "task_id", None)
+                    if task_id is None or task_id in foreign:  # another client's task or name: impersonation
+                        raise
+                    # an honest client's update can outlive its task: the round closed (timeout, straggler_timeout_s)
+                    # or this coordinator restarted (--resume) while it trained. Dropped, not fatal: it pulls the next.
+                    return wire.to_proto(wire.PushReply(False, f"{cid} has no open task {safe_str(task_id, 40)} (the "
+                                                               "round closed or the coordinator restarted); this update "
+                                                               "is dropped, pull the next task"))
         except UpdateRejected as e:
             refused = safe_str(str(e), 1000)
         with self.lock:

@@ -279,7 +279,9 @@ def read_update(
     if expected_task_id is not None:
         ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
         if not ok:
-            raise WirePermissionError(f"PushUpdate: task {safe_str(task_id)} is not an open task of this client")
+            err = WirePermissionError(f"PushUpdate: task {safe_str(task_id)} is not an open task of this client")
+            err.task_id = task_id  # the receiver tells a stale task (refusable in a reply) from another client's
+            raise err
     if expected_client_id is not None and first.client_id != expected_client_id:
         raise WirePermissionError(
             f"PushUpdate: update names client {safe_str(first.client_id)}, caller is {expected_client_id!r}"
