@@ -208,7 +208,7 @@ def test_a_late_update_is_dropped_and_its_client_carries_on(tmp_path, caplog):
     The same holds for an update that reaches a coordinator restarted with --resume (compose e2e)."""
     cfg_path = write_run(tmp_path, rounds=2, server="straggler_timeout_s = 0")
     agents = [agent(cfg_path, 0, i) for i in range(3)]
-    srv = Server(cfg_path, **{"federation.round_timeout_s": 4.0, "server.lease_timeout_s": 30.0})
+    srv = Server(cfg_path, **{"federation.round_timeout_s": 5.0, "server.lease_timeout_s": 30.0})
     for a in agents:
         a.c.server = a.c.server.replace(":0", f":{srv.port}")
     slow, calls, train = agents[2], [], agents[2].node.train
@@ -216,7 +216,7 @@ def test_a_late_update_is_dropped_and_its_client_carries_on(tmp_path, caplog):
     def late_once(*args, **kwargs):
         calls.append(time.monotonic())
         if len(calls) == 1:
-            time.sleep(6.0)  # round 1 closes at 4 s; round 2 stays open for this client until 8 s
+            time.sleep(7.0)  # round 1 closes at 5 s; round 2 stays open for this client until >= 10 s
         return train(*args, **kwargs)
 
     slow.node.train = late_once
