@@ -215,6 +215,13 @@ TRAIN_FIELDS: dict[str, Bound] = {
     "privacy": Bound("dict"),
 }
 
+# LoRA numbers a setup payload's meta may carry (checked by validate_instruction); FLoRA's train config reuses them.
+SETUP_FIELDS: dict[str, Bound] = {
+    "rank": Bound("int", 1, MAX_RANK),
+    "alpha": Bound("float", 0.0, 1e6, lo_open=True),
+    "dropout": Bound("float", 0.0, 1.0),
+}
+
 
 def check_number(value: Any, what: str, kind: str, lo: float, hi: float, lo_open: bool = False) -> None:
     """InstructionRejected unless `value` is an int (kind "int") or a finite int/float in [lo, hi] (lo excluded
@@ -248,10 +255,9 @@ def validate_instruction(ins: Instruction, fields: Mapping[str, Bound] | None = 
         elif b.kind in ("int", "float"):
             check_number(v, f"train.{k}", b.kind, b.lo, b.hi, b.lo_open)
     meta = ins.setup.meta if ins.setup is not None else {}
-    for k, (kind, lo, hi, lo_open) in {"rank": ("int", 1, MAX_RANK, False), "alpha": ("float", 0.0, 1e6, True),
-                                       "dropout": ("float", 0.0, 1.0, False)}.items():
+    for k, b in SETUP_FIELDS.items():
         if k in meta:
-            check_number(meta[k], f"setup.{k}", kind, lo, hi, lo_open)
+            check_number(meta[k], f"setup.{k}", b.kind, b.lo, b.hi, b.lo_open)
     targets = meta.get("target_modules", [])  # peft reads a str as a regex over every module name
     if not isinstance(targets, list) or len(targets) > 64 or not all(
             isinstance(x, str) and _IDENT.fullmatch(x) for x in targets):

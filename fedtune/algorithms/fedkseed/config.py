@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedtune.algorithms.api import MAX_RANK
+from fedtune.algorithms.common.lora import DEFAULT_TARGETS
 
 # η by trainable mode (see the package docstring). "lora": from the sweep 1e-3 / 3e-3 / 1e-2 → final eval loss
 # 3.358 / 3.327 / 4.548 (diverged) on the report workload (simulations/results/REPORT.md); "full" is not swept.
@@ -37,7 +38,7 @@ class FedKSeedConfig:
     trainable: str = field(default="full", metadata={"help": '"full" (all weights) or "lora" (A/B only)'})
     rank: int = field(default=8, metadata={"help": 'LoRA rank when trainable = "lora"'})
     alpha: float = field(default=16.0, metadata={"help": 'LoRA alpha when trainable = "lora"'})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
                                       metadata={"help": 'LoRA target modules when trainable = "lora"'})
     seed_sampling: str = field(default="uniform", metadata={"help": '"uniform" or "pro" (by past |g|)'})
     grad_clip: float = field(default=100.0, metadata={"help": "clamp each step's scalar g to ±grad_clip; 0 = off"})

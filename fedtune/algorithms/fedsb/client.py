@@ -11,7 +11,7 @@ from fedtune.algorithms.api import MAX_RANK, ClientAlgorithm, ClientUpdate, Payl
 from fedtune.algorithms.common.lora import fork_model
 from fedtune.algorithms.common.train import run_local_training
 from fedtune.algorithms.fedsb.layer import attach_sb, freeze_all_but_r, get_R, sb_layers, set_R
-from fedtune.algorithms.fedsb.shared import R_KEY
+from fedtune.algorithms.fedsb.shared import R_KEY, modules_of
 from fedtune.models.hardware import Placement
 
 
@@ -24,7 +24,7 @@ class FedSBClient(ClientAlgorithm):
 
     def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
         t = payload.tensors
-        mods = sorted(k[:-2] for k in t if k.endswith(".A"))
+        mods = modules_of(t)
         if not mods:
             raise ValueError("fedsb setup payload carries no A/B factors")
         ranks = {t[f"{m}.A"].shape[0] if t[f"{m}.A"].dim() == 2 else -1 for m in mods}

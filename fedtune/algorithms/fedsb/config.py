@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fedtune.algorithms.api import MAX_RANK
+from fedtune.algorithms.common.lora import DEFAULT_TARGETS
 
 INIT_MODES = ("sign", "grad")
 
@@ -17,7 +18,7 @@ class FedSBConfig:
     DEFAULT_LR: ClassVar[float] = 1e-1
 
     rank: int = field(default=8, metadata={"help": "r: A r×d_in, R r×r, B d_out×r (upload r² per module)"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
                                       metadata={"help": "names (last part) of the nn.Linear modules to adapt"})
     init_batches: int = field(default=4, metadata={"help": "batches of init data whose ∇W is summed"})
     init_batch_size: int = field(default=8, metadata={"help": "batch size for the init gradients"})

@@ -49,7 +49,7 @@ class FedSB(FedAlgorithm):
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
         """State: "<m>.A" (r×d_in), "<m>.B" (d_out×r) frozen and never aggregated; "R" [n_modules, r, r] = 0, the
-        R of module i of modules_of(state) at R[i]."""
+        R of module i of modules_of(state.tensors) at R[i]."""
         c = self.config
         linears = target_linears(model, c.target_modules)
         found = {n.rsplit(".", 1)[-1] for n in linears}
@@ -98,7 +98,7 @@ class FedSB(FedAlgorithm):
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         """R_g = Σ p_k R_k (exact: B R_g A = Σ p_k B R_k A). A, B carried over unchanged."""
         p = example_weights(updates, uniform=self.config.uniform)
-        mods, want = modules_of(state), tuple(state.tensors[R_KEY].shape)
+        mods, want = modules_of(state.tensors), tuple(state.tensors[R_KEY].shape)
         for u in updates:
             if set(u.tensors) != {R_KEY}:
                 raise ValueError(f"update from {u.client_id} must hold exactly one tensor {R_KEY!r} (the packed R), "

@@ -112,7 +112,6 @@ class FLoRAClient(ClientAlgorithm):
         self.cum: TensorDict = {}  # cumulative merged ΔW, same form and bits as the server's cum/
         self.exact = True  # float32 unquantized base: ΔW merged into W; else kept beside it (CumulativeDelta)
         self.deltas: dict[str, CumulativeDelta] = {}
-        self.export_info: dict[str, Any] | None = None
 
     def setup(self, model: nn.Module, payload: Payload, holding: Placement | None = None) -> nn.Module:
         self.targets = list(payload.meta["target_modules"])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedtune.algorithms.api import (
-    MAX_RANK,
+    SETUP_FIELDS,
     Bound,
     Capabilities,
     ClientUpdate,
@@ -45,7 +45,7 @@ class FLoRA(FedAlgorithm):
         no_tensor_average="FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
                           "updates are concatenated; there is no fixed-shape sum to clip and noise, and no "
                           "coordinate-wise mean to trim")
-    train_fields: ClassVar[Mapping[str, Bound]] = {"rank": Bound("int", 1, MAX_RANK), "alpha": Bound("float", 0.0, 1e6, lo_open=True)}
+    train_fields: ClassVar[Mapping[str, Bound]] = {k: SETUP_FIELDS[k] for k in ("rank", "alpha")}
     resumable = ("keep_rounds", "export_rank")  # what is kept and how it is exported; not what was computed
     config: FLoRAConfig
 

@@ -4,13 +4,13 @@ a wrapper overrides only what it changes (robust aggregation: `aggregate`; clien
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from fedtune.algorithms.api import (
-    Bound,
     Capabilities,
     ClientAlgorithm,
     ClientUpdate,
@@ -41,23 +41,17 @@ class Wrapper(FedAlgorithm):
     # what the inner method declares
     @property
     def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
+        """The inner method's, but a wrapped aggregate (noised, bounded, trimmed) is no longer its plain weighted
+        mean: nothing wraps it again as a tensor average."""
+        return dataclasses.replace(self.inner.capabilities, tensor_average=False)
 
     @property
     def state_format(self) -> int:  # type: ignore[override]
         return self.inner.state_format
 
     @property
-    def train_fields(self) -> Mapping[str, Bound]:  # type: ignore[override]
-        return self.inner.train_fields
-
-    @property
     def metric_ranges(self) -> Mapping[str, MetricRange]:  # type: ignore[override]
         return self.inner.metric_ranges
-
-    @property
-    def resumable(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.inner.resumable
 
     # the protocol, forwarded
     def holding_problem(self, quantization: str, dtype: str) -> str | None:

@@ -12,7 +12,6 @@ without noise_seed) drawn from a generator seeded with 128 bits from the OS each
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtune.algorithms.api import Capabilities, ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, TensorDict
 from fedtune.algorithms.registry import with_capability
 from fedtune.algorithms.wrappers.base import Wrapper
 from fedtune.privacy.accounting import Accountant, noise_for_target
@@ -74,11 +73,6 @@ class ClientLevelDP(Wrapper):
         else:
             self.noise_multiplier = noise_for_target(pc.target_epsilon, self.delta, self.sample_rate, rounds,
                                                      pc.accountant)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        """Do not wrap twice: the noised mean is no longer a plain tensor average."""
-        return dataclasses.replace(self.inner.capabilities, tensor_average=False)
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:
         state = self.inner.initialize(model, seed=seed)

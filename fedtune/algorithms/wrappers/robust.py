@@ -16,14 +16,13 @@ A wrapper around `aggregate` like ClientLevelDP: pure and deterministic; everyth
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from fedtune.algorithms.api import Capabilities, ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, TensorDict
 from fedtune.algorithms.wrappers.base import Wrapper
 from fedtune.configbase import dataclass_from_dict, option
 
@@ -96,7 +95,7 @@ class RobustAggregation(Wrapper):
         if caps.update_norm not in ("delta", "lora_product"):
             why = caps.robust_refusal or "it declares no update norm"
             raise ValueError(f"[robust] does not apply to {method!r}: {why}")
-        self.kind = "tensor" if caps.update_norm == "delta" else "lora"
+        self.norm_kind = caps.update_norm  # "delta": a tensor method's ‖u − w‖; "lora_product": ‖B·A‖
         if rc.aggregator != "mean" and not self.method.capabilities.tensor_average:
             why = self.method.capabilities.no_tensor_average or "its aggregate is not a tensor average"
             raise ValueError(f"[robust] aggregator = {rc.aggregator!r} is not available for {method}: {why}; use "
@@ -108,14 +107,9 @@ class RobustAggregation(Wrapper):
                              "change how the others are counted (the DP clip_norm is already a norm bound)")
         self.robust = rc
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """The result is no longer the method's plain weighted mean: nothing wraps it as a tensor average."""
-        return dataclasses.replace(self.inner.capabilities, tensor_average=False)
-
     # ---- norms ------------------------------------------------------------------------------------
     def update_norm(self, state: GlobalState, u: ClientUpdate) -> float:
-        if self.kind == "tensor":
+        if self.norm_kind == "delta":
             return float(sum(((t.double() - state.tensors[k].double()) ** 2).sum() for k, t in u.tensors.items()) ** 0.5)
         total = torch.zeros((), dtype=torch.float64)
         for mod in sorted({k[:-2] for k in u.tensors}):
@@ -125,7 +119,7 @@ class RobustAggregation(Wrapper):
 
     def scale(self, state: GlobalState, u: ClientUpdate, c: float) -> ClientUpdate:
         """The update with its delta (tensor methods) or its B factors (FLoRA) scaled by c."""
-        if self.kind == "tensor":
+        if self.norm_kind == "delta":
             t: TensorDict = {k: (state.tensors[k].double() + c * (v.double() - state.tensors[k].double())).to(v.dtype)
                              for k, v in u.tensors.items()}
         else:
