@@ -30,15 +30,27 @@ from fedtune.algorithms.api import (
     TrainContext,
     validate_instruction,
 )
-from fedtune.algorithms.registry import method
+from fedtune.algorithms.registry import get_algorithm, method
 from fedtune.models.hardware import Placement, model_device, placement
 from fedtune.models.memory import peak_memory_mb
 from fedtune.training.evaluate import evaluate
 
 
-def _new_client(cls: type[FedAlgorithm]) -> ClientAlgorithm:
-    """A fresh client side of method `cls` (a client's settings come in the setup payload, not from a config)."""
-    return cls(cls.config_class()).make_client()
+def check_instruction(ins: Instruction, current: str | None, *, client_id: str | None = None,
+                      vet: Callable[[Instruction], None] | None = None) -> str:
+    """InstructionRejected unless `ins` is a valid task for `client_id` of its setup's method (else `current`, the
+    method the node is set up with); returns that method's name. `vet`: the caller's own checks, last."""
+    name = str(ins.setup.meta.get("algorithm", current) if ins.setup is not None else current)
+    try:
+        cls = method(name)
+    except ValueError:
+        raise InstructionRejected(f"the task's method {name[:40]!r} is not one this client knows") from None
+    validate_instruction(ins, cls.accepts())
+    if client_id is not None and ins.client_id != client_id:
+        raise InstructionRejected(f"the task is for {str(ins.client_id)[:40]!r}, not this client")
+    if vet is not None:
+        vet(ins)
+    return name
 
 
 class Node:
@@ -76,7 +88,7 @@ class Node:
     def replay(self, setup: Payload, syncs: Sequence[Payload], version: int, state: dict[str, Any]) -> None:
         """Rebuild the model from payloads this node applied before (its own record of them): set up, sync each
         in order, restore the client state; the model is then at `version`."""
-        self.setup(_new_client(method(str(setup.meta.get("algorithm", self.method)))), setup, state)
+        self.setup(get_algorithm(str(setup.meta.get("algorithm", self.method))).make_client(), setup, state)
         for payload in syncs:
             self.client.sync(self.model, payload)
         self.version = version
@@ -94,20 +106,11 @@ class Node:
         """Check the instruction (InstructionRejected), set up when it carries a setup (restoring `state()`, the
         client's saved state, if given), sync. `client_id`: this node's client; a task for another is refused.
         `vet`: the caller's own checks of a valid instruction (raise to refuse it), before anything changes."""
-        name = ins.setup.meta.get("algorithm", self.method) if ins.setup is not None else self.method
         if ins.setup is None and self.client is None:
             raise InstructionRejected("a task without setup for a client that is not set up")
-        try:
-            cls = method(str(name))
-        except ValueError:
-            raise InstructionRejected(f"the task's method {str(name)[:40]!r} is not one this client knows") from None
-        validate_instruction(ins, cls.accepts())
-        if client_id is not None and ins.client_id != client_id:
-            raise InstructionRejected(f"the task is for {str(ins.client_id)[:40]!r}, not this client")
-        if vet is not None:
-            vet(ins)
+        name = check_instruction(ins, self.method, client_id=client_id, vet=vet)
         if ins.setup is not None:
-            self.setup(_new_client(cls), ins.setup, state() if state is not None else None)
+            self.setup(get_algorithm(name).make_client(), ins.setup, state() if state is not None else None)
         self.advance(ins.sync, ins.base_version)
 
     def train(self, features: Sequence[dict], pad_id: int, config: dict[str, Any], *, client_id: str,
@@ -121,3 +124,12 @@ class Node:
 
     def evaluate(self, features: Sequence[dict], *, pad_id: int, batch_size: int = 16) -> float:
         return evaluate(self.model, features, pad_id=pad_id, batch_size=batch_size)
+
+    def loss_of(self, algo: FedAlgorithm, features: Sequence[dict], *, pad_id: int,
+                batch_size: int = 16) -> Callable[[GlobalState], float]:
+        """Server side: state ↦ the loss on `features` of the model caught up to that state (an eval/test hook)."""
+        def loss(state: GlobalState) -> float:
+            self.catch_up(algo, state)
+            return self.evaluate(features, pad_id=pad_id, batch_size=batch_size)
+
+        return loss

@@ -222,14 +222,7 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, transport: TransportFactory, *, res
     bs, pad = cfg.run.eval_batch_size, tok.pad_token_id
 
     def on(features: list[dict]) -> Callable[[GlobalState], float] | None:
-        if not features or not evaluate:
-            return None
-
-        def loss(s: GlobalState) -> float:
-            gm.catch_up(algo, s)
-            return gm.evaluate(features, pad_id=pad, batch_size=bs)
-
-        return loss
+        return gm.loss_of(algo, features, pad_id=pad, batch_size=bs) if features and evaluate else None
 
     if not global_eval:
         log.warning("no eval examples ([data] eval_fraction = %s): eval is skipped, eval loss is reported as -",

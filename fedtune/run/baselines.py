@@ -66,10 +66,7 @@ def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bo
     gm = Node.for_server(run.gm.model, algo, run.state, run.gm.holding)
 
     def on(features):
-        def fn(s):
-            gm.catch_up(algo, s)
-            return gm.evaluate(features, pad_id=pad, batch_size=bs)
-        return fn
+        return gm.loss_of(algo, features, pad_id=pad, batch_size=bs)
 
     test = on(run.test)
 

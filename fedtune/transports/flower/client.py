@@ -41,7 +41,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.algorithms.runner import Node
+from fedtune.algorithms.runner import Node, check_instruction
 from fedtune.config import ConfigError, RunConfig
 from fedtune.models.loading import Base
 from fedtune.models.settings import SETTINGS
@@ -210,9 +210,10 @@ def check_dp_state(spec: NodeSpec, cfg: RunConfig) -> None:
 
 
 def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> Message:
-    """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply. The node checks
-    the instruction (input from another organisation) before it sets anything up or syncs."""
+    """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply. The instruction
+    (input from another organisation) is checked first, before anything is loaded, set up or synced."""
     ins, from_version = serde.record_to_instruction(msg.content)
+    check_instruction(ins, cfg.run.algorithm)  # before any model is loaded or copied for it (Node.apply checks again)
     cid = ins.client_id
     spec = spec or NodeSpec(cid, partition=int(cid.rsplit("-", 1)[1]))
     check_dp_state(spec, cfg)
