@@ -49,7 +49,6 @@ class _Task:
 @dataclass
 class _RoundBook:
     plan: RoundPlan
-    sampled: set[str]
     started: float = field(default_factory=time.monotonic)
     tasks: dict[str, _Task] = field(default_factory=dict)  # by client id
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
@@ -59,6 +58,10 @@ class _RoundBook:
     bytes_down: int = 0
     payload_up: int = 0
     payload_down: int = 0
+
+    @property
+    def sampled(self) -> set[str]:
+        return set(self.plan.instructions)
 
 
 class _Busy(Exception):
@@ -114,7 +117,7 @@ class GrpcTransport(wire.CoordinatorServicer):
     def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
         rnd = plan.round
         with self.lock:
-            self.book = _RoundBook(plan, set(plan.instructions))
+            self.book = _RoundBook(plan)
             for cid, ins in plan.instructions.items():
                 self.book.tasks[cid] = _Task(uuid.uuid4().hex, cid, ins)
             self.lock.notify_all()
@@ -294,9 +297,9 @@ class GrpcTransport(wire.CoordinatorServicer):
     def _push_update(self, cid: str, st: _Stream, request_iterator, context):
         with self.lock:
             book = self.book
+            rejected = book is not None and cid in book.rejected  # refused this round: no second upload
             open_ids = ({t.task_id for t in book.tasks.values() if t.client_id == cid and t.pulled}
-                        if book and cid not in book.rejected else set())
-            foreign = {t.task_id for t in book.tasks.values() if t.client_id != cid} if book else set()
+                        if book and not rejected else set())
         counter = wire.ByteCounter()
 
         def counted():
@@ -316,18 +319,17 @@ class GrpcTransport(wire.CoordinatorServicer):
         refused = None
         try:
             with wire.abort_on_wire_error(context):
-                if book and cid in book.rejected:
+                if rejected:
                     raise wire.WirePermissionError(f"{cid} failed this round; no second upload")
                 try:
                     _, update = wire.read_update(counted(), max_bytes=self.max_upload, expected_task_id=open_ids,
                                                   reserve=reserve, expected_client_id=cid)
-                except wire.WirePermissionError as e:
-                    task_id = getattr(e, "task_id", None)
-                    if task_id is None or task_id in foreign:  # another client's task or name: impersonation
-                        raise
+                except wire.WireUnknownTaskError as e:  # (an update naming another client: PERMISSION_DENIED)
+                    if book and any(t.task_id == e.task_id and t.client_id != cid for t in book.tasks.values()):
+                        raise  # another client's task: impersonation
                     # an honest client's update can outlive its task: the round closed (timeout, straggler_timeout_s)
                     # or this coordinator restarted (--resume) while it trained. Dropped, not fatal: it pulls the next.
-                    return wire.to_proto(wire.PushReply(False, f"{cid} has no open task {safe_str(task_id, 40)} (the "
+                    return wire.to_proto(wire.PushReply(False, f"{cid} has no open task {safe_str(e.task_id, 40)} (the "
                                                                "round closed or the coordinator restarted); this update "
                                                                "is dropped, pull the next task"))
         except UpdateRejected as e:

@@ -17,6 +17,7 @@ from fedtune.transports.wire.checks import (
     WireIntegrityError,
     WireLimitError,
     WirePermissionError,
+    WireUnknownTaskError,
     check_id,
     safe_str,
 )
@@ -65,7 +66,8 @@ __all__ = [
     "CHUNK_BYTES", "COMPACT_MAX_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "MAX_HEADER_BYTES", "MAX_ID_CHARS", "SERVICE_NAME",
     "ByteCounter", "CoordinatorServicer", "CoordinatorStub", "Finished", "HeartbeatReply", "HeartbeatRequest",
     "JoinReply", "JoinRequest", "Limits", "PushReply", "Task", "TaskRequest", "Wait", "WireError",
-    "WireIntegrityError", "WireLimitError", "WirePermissionError", "abort_on_wire_error", "add_servicer",
+    "WireIntegrityError", "WireLimitError", "WirePermissionError", "WireUnknownTaskError", "abort_on_wire_error",
+    "add_servicer",
     "channel_options", "check_id", "chunks_to_instruction", "chunks_to_update", "finished_chunks", "from_proto",
     "instruction_to_chunks", "instruction_to_wire", "max_update_blob_bytes", "read_task", "read_update",
     "safe_str", "status_code", "to_proto", "update_to_chunks", "update_to_wire", "wait_chunks", "wire_bytes",

@@ -22,6 +22,15 @@ class WirePermissionError(WireError):
     """The stream is well-formed but not this client's to send (gRPC: PERMISSION_DENIED)."""
 
 
+class WireUnknownTaskError(WirePermissionError):
+    """An update for a task that is not an open task of its sender; `task_id` lets the receiver tell a stale task
+    of its own (a late update: refusable in a reply) from another client's."""
+
+    def __init__(self, message: str, task_id: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
 def safe_str(value: object, limit: int = 80) -> str:
     """A peer-supplied string for logs and error details: repr-quoted (newlines and control characters escaped,
     so it cannot forge a log line) and capped at `limit` characters."""

@@ -31,7 +31,14 @@ import torch
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, TensorDict, UpdateSpec, payload_nbytes
 from fedtune.transports.wire import fedtune_pb2 as pb2
-from fedtune.transports.wire.checks import WireError, WireLimitError, WirePermissionError, check_id, safe_str
+from fedtune.transports.wire.checks import (
+    WireError,
+    WireLimitError,
+    WirePermissionError,
+    WireUnknownTaskError,
+    check_id,
+    safe_str,
+)
 from fedtune.transports.wire.framing import CHUNK_BYTES, Assembler, chunk_runs, parse_chunk, with_data
 from fedtune.transports.wire.tensors import (
     blob_size,
@@ -276,16 +283,15 @@ def read_update(
         raise WireError("PushUpdate: empty request stream")
     first, data = parse_chunk(pb2.UpdateChunk, raw)
     task_id = check_id(first.task_id, "task_id")
-    if expected_task_id is not None:
-        ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
-        if not ok:
-            err = WirePermissionError(f"PushUpdate: task {safe_str(task_id)} is not an open task of this client")
-            err.task_id = task_id  # the receiver tells a stale task (refusable in a reply) from another client's
-            raise err
     if expected_client_id is not None and first.client_id != expected_client_id:
         raise WirePermissionError(
             f"PushUpdate: update names client {safe_str(first.client_id)}, caller is {expected_client_id!r}"
         )
+    if expected_task_id is not None:
+        ok = task_id == expected_task_id if isinstance(expected_task_id, str) else task_id in expected_task_id
+        if not ok:
+            raise WireUnknownTaskError(f"PushUpdate: task {safe_str(task_id)} is not an open task of this client",
+                                       task_id)
     if first.num_examples < 0:
         raise WireError(f"PushUpdate: num_examples must be >= 0, got {first.num_examples}")
     asm = Assembler("update", task_id, first.total, first.total_bytes, first.sha256, max_bytes)
