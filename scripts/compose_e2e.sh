@@ -107,8 +107,9 @@ note "clone: $(git -C "$CLONE" log --oneline -1)"
 if [ -n "${E2E_WHEELS:-}" ]; then cp -a "$E2E_WHEELS/." "$CLONE/wheels/"; fi
 # Pacing only: the shipped config's rounds take ~1-2 s each with the tiny model, faster than a kill "after round 1"
 # can land; more local steps make each round last seconds, so org-c and the server die mid-run, not after it.
-sed -i "s/^local_steps = .*/local_steps = ${E2E_LOCAL_STEPS:-60}/" "$CLONE/server/config.toml"
-grep -q "^local_steps = ${E2E_LOCAL_STEPS:-60}$" "$CLONE/server/config.toml" || { echo "server/config.toml has no local_steps line" >&2; exit 2; }
+steps=${E2E_LOCAL_STEPS:-60}
+sed -i "s/^local_steps = .*/local_steps = $steps/" "$CLONE/server/config.toml"
+grep -q "^local_steps = $steps$" "$CLONE/server/config.toml" || { echo "server/config.toml has no local_steps line" >&2; exit 2; }
 
 t=$SECONDS; readme "bash scripts/compose_prepare.sh"; note "prepare: $((SECONDS - t)) s"
 t=$SECONDS; readme "docker compose build"; build_s=$((SECONDS - t))

@@ -88,7 +88,6 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
     """Run one matrix entry into runs/<name> (skipped when its summary.json exists); returns the run dir.
     With own_process (the entry is the only one this process runs) writes the process's peak RSS to
     <run>/peak_rss_mb.txt; entries sharing a process get none (their peak would be the process's so far)."""
-
     from fedtune import config
     from fedtune.run.assemble import simulate
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,28 +22,14 @@ from fedtune.data.format import OUTCOMES, ChatFormatter
 from fedtune.data.loaders import DataError, Example, load_chatterbot, load_path
 from fedtune.data.partition import partition, split_eval
 
+if TYPE_CHECKING:  # annotations only: the data layer does not import fedtune.config
+    from fedtune.config import RunConfig
+
 log = logging.getLogger("fedtune")
 CHATTERBOT_SEQ_LEN = 128  # the demo's max_seq_len when [data] max_seq_len = 0 (auto)
 RESPONSE_KEEP = 0.99  # auto max_seq_len keeps at least this share of responses whole
 AUTO_SAMPLE = 20_000  # auto max_seq_len looks at up to this many examples
 TEST_STREAM = 0x7E57  # the test draw uses its own RNG stream: independent of the partition/eval draws
-
-
-class _Seeded(Protocol):
-    seed: int
-
-
-class _Clients(Protocol):
-    num_clients: int
-
-
-class RunConfig(Protocol):
-    """What data preparation reads of a run config (fedtune.config.RunConfig): [data], the client count and the
-    run seed."""
-
-    data: Any
-    federation: _Clients
-    run: _Seeded
 
 
 @dataclass

@@ -24,11 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.models.settings import DTYPE_NAMES, QUANTIZATIONS, SETTING, SETTINGS, Setting  # noqa: F401 (re-exported)
+from fedtune.models.settings import DTYPE_NAMES, QUANTIZATIONS
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
-
 
 
 class HardwareError(ValueError):

@@ -37,7 +37,7 @@ OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints"
            "flower-nodes")
 
 # Settings a resume may change (they do not change what the rounds already done computed): these, the resumable
-# hardware settings (fedtune.models.hardware.SETTINGS) and the method's own (FedAlgorithm.resumable, as
+# hardware settings (fedtune.models.settings.SETTINGS) and the method's own (FedAlgorithm.resumable, as
 # "algorithm.<key>"); see `resumable`. Everything else in the resolved config is hashed; run.rounds too when
 # [privacy] calibrates σ to target_epsilon without a fixed noise_multiplier (σ then depends on the planned rounds).
 RESUMABLE = (
@@ -187,7 +187,7 @@ class RunDir:
         raise RunDirError(f"{self.out} already holds {what}: {', '.join(found)}; {_choices(self.out)}")
 
     def begin(self, ident: dict[str, Any], base_fingerprint: str, *, resume: bool,
-              may_change: list[str] | tuple[str, ...] = RESUMABLE) -> dict[str, Any]:
+              may_change: list[str] | tuple[str, ...]) -> dict[str, Any]:
         """Check (resume) or write (new run) run.json; returns the record. `may_change`: the keys left out of
         `ident` (said when a resume is refused)."""
         h = config_hash(ident)

@@ -33,14 +33,8 @@ class FlowerOptions:
                                              "long for the rest of the round's nodes; 0: off")
 
 
-KEYS = {f.name for f in dataclasses.fields(FlowerOptions)}
-
-
 def flower_options(cfg: RunConfig) -> dict[str, Any]:
-    raw = dict(cfg.extra.get("flower", {}))
-    if unknown := sorted(set(raw) - KEYS):
-        raise ConfigError(f"[flower] has unknown keys {unknown}; valid: {sorted(KEYS)}")
-    opts = dataclasses.asdict(FlowerOptions()) | raw
+    opts = dataclasses.asdict(cfg.section("flower", FlowerOptions))
     if int(opts["num_actors"]) < 1 or float(opts["cpus_per_actor"]) <= 0:
         raise ConfigError("[flower] num_actors must be ≥ 1 and cpus_per_actor > 0")
     clients = opts["clients"]

@@ -46,14 +46,14 @@ def section_keys() -> dict[str, list[str]]:
     from fedtune.algorithms import available, config_class
     from fedtune.algorithms.common.lora import LoRAConfig
     from fedtune.privacy.config import PrivacyConfig
-    from fedtune.transports.flower.options import KEYS as FLOWER_KEYS
+    from fedtune.transports.flower.options import FlowerOptions
 
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
     out = {name: names(cls) for name, cls in config._SECTIONS.items()}
     algos = {name: names(config_class(name)) for name in available()}
-    return out | {"lora": names(LoRAConfig)} | algos | {"privacy": names(PrivacyConfig), "flower": sorted(FLOWER_KEYS)}
+    return out | {"lora": names(LoRAConfig)} | algos | {"privacy": names(PrivacyConfig), "flower": sorted(names(FlowerOptions))}
 
 
 def declared_keys() -> list[str]:

@@ -107,10 +107,9 @@ class Agent:
         self.token = resolve_token(c)
         self.meta = auth_metadata(self.token)
         self.base = load_for(cfg, train=True)  # held as this organisation's [model] says
-        self.tok, self.fp = self.base.tokenizer, self.base.fingerprint  # the weights' identity, whatever the holding
         log.info("%s: model %s on %s", c.client_id, cfg.model.name,
                  describe_hardware(self.base.model, self.base.holding))
-        self.data = local_data(cfg, c, self.tok, context_length(self.base.model))
+        self.data = local_data(cfg, c, self.base.tokenizer, context_length(self.base.model))
         self.node = Node(self.base.model, self.base.holding)  # the model this client trains, at its global version
         self.state_dir = Path(c.state_dir or f"runs/client-{c.client_id}")
         self.task_id = ""
@@ -136,7 +135,7 @@ class Agent:
     # -- one exchange ----------------------------------------------------------------------------
     def join(self, stub) -> None:
         reply = wire.from_proto(stub.Join(wire.to_proto(wire.JoinRequest(
-            self.c.client_id, self.fp, {**self.hardware, "train_examples": str(len(self.data.train))}, __version__)),
+            self.c.client_id, self.base.fingerprint, {**self.hardware, "train_examples": str(len(self.data.train))}, __version__)),
             metadata=self.meta, timeout=self.c.rpc_timeout_s))
         if not reply.accepted:
             raise Refused(f"join refused: {wire.safe_str(reply.reason, 500)}")
@@ -165,7 +164,7 @@ class Agent:
             raise Refused(f"refused the coordinator's task for round {ins.round}: {wire.safe_str(why, 300)}") from None
         self.task_id = res.task_id
         t0 = time.perf_counter()
-        update = self.node.train(self.data.train, self.tok.pad_token_id, ins.train, client_id=self.c.client_id)
+        update = self.node.train(self.data.train, self.base.tokenizer.pad_token_id, ins.train, client_id=self.c.client_id)
         if self.finished:  # told by a heartbeat while training: nobody wants this update any more
             return False
         try:
