@@ -1,0 +1,160 @@
+"""Fixed-point encoding of a client's vector into the ring Z_{2^b}, and of the ring sum back to a mean.
+
+    x (float, each coordinate clipped to ±c)  →  q = ⌊s·x + U⌋, U ~ U[0, 1)   (stochastic rounding: E q = s·x, |q − s·x| < 1)
+    y = w·q mod 2^b                           (w: the client's public integer weight; 1 for an unweighted part)
+
+Read as a signed b-bit integer, Σ_u y_u is exact as long as T·(s·c + 1) ≤ 2^(b−1) − 1, T = Σ w over the clients that
+advertised keys (a superset of those whose vectors are summed): `scales` picks the largest such s (capped at 2^52/c,
+where float64 stops resolving the rounding), so no sum can wrap. The decoded weighted mean Σ_u w_u q_u / (s·Σ_u w_u)
+differs from the plain Σ_u w_u x_u / Σ_u w_u by less than 1/s per coordinate (an unweighted sum: by less than n/s);
+`error_bound` states it. Integer parts (counts) travel with s = 1 and are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_FLOAT_SCALE = 2.0**52
+BITS = (32, 64)
+
+
+class EncodingError(ValueError):
+    """A configuration whose sums could wrap the ring, a vector that does not fit the layout, or a decoded sum out of
+    the range honest clients can produce."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One named block of the summed vector: its shape, the per-coordinate bound |x| ≤ clip the client clamps to,
+    whether it is multiplied by the client's weight (a weighted mean) or summed as is, and whether it holds exact
+    integers (counts; s = 1)."""
+
+    name: str
+    shape: tuple[int, ...]
+    clip: float
+    weighted: bool = True
+    integer: bool = False
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "clip": self.clip, "weighted": self.weighted,
+                "integer": self.integer}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Part:
+        if not isinstance(d, Mapping) or set(d) != {"name", "shape", "clip", "weighted", "integer"}:
+            raise EncodingError("a layout part needs exactly name, shape, clip, weighted, integer")
+        name, shape, clip = d["name"], d["shape"], d["clip"]
+        if not (isinstance(name, str) and 0 < len(name) <= 200 and isinstance(shape, list) and len(shape) <= 8
+                and all(type(n) is int and 0 <= n <= 2**31 for n in shape)
+                and isinstance(clip, int | float) and not isinstance(clip, bool) and 0 < clip < math.inf
+                and isinstance(d["weighted"], bool) and isinstance(d["integer"], bool)):
+            raise EncodingError(f"a layout part is malformed: {str(d)[:120]}")
+        return cls(name, tuple(shape), float(clip), d["weighted"], d["integer"])
+
+
+Layout = tuple[Part, ...]
+
+
+def ring_dtype(bits: int) -> np.dtype:
+    if bits not in BITS:
+        raise EncodingError(f"the ring has 32 or 64 bits, not {bits!r}")
+    return np.dtype(np.uint32 if bits == 32 else np.uint64)
+
+
+def length(layout: Layout) -> int:
+    """m: the number of ring elements a masked vector holds."""
+    return sum(p.size for p in layout)
+
+
+def scales(layout: Layout, bits: int, total_weight: int, n_clients: int) -> list[float]:
+    """The scale s of each part so that no sum over these clients can wrap (EncodingError when a part does not fit:
+    the message says what to change)."""
+    ring_dtype(bits)
+    lim = 2 ** (bits - 1) - 1
+    out = []
+    for p in layout:
+        total = total_weight if p.weighted else n_clients
+        if p.integer:
+            if total * p.clip > lim:
+                raise EncodingError(f"secagg: part {p.name} sums {total} × {p.clip:g} > 2^{bits - 1}; use bits = 64")
+            out.append(1.0)
+            continue
+        s = min((lim / total - 1) / p.clip, MAX_FLOAT_SCALE / p.clip)
+        if s < 1:
+            raise EncodingError(f"secagg: a {bits}-bit ring cannot hold {total} × clip {p.clip:g} for {p.name} "
+                                "with any precision; use bits = 64 or a smaller clip")
+        out.append(s)
+    return out
+
+
+def error_bound(layout: Layout, part_scales: Sequence[float], n_clients: int) -> float:
+    """Worst-case |secure − plain| per coordinate of the decoded result: 1/s for a weighted mean, n/s for a sum."""
+    errs = [(1.0 if p.weighted else n_clients) / s for p, s in zip(layout, part_scales, strict=True) if not p.integer]
+    return max(errs, default=0.0)
+
+
+def encode(parts: Mapping[str, np.ndarray], layout: Layout, part_scales: Sequence[float], weight: int, bits: int,
+           rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(y in the ring [m], how many coordinates were clipped). `parts`: float arrays of the layout's names/shapes."""
+    if set(parts) != {p.name for p in layout}:
+        raise EncodingError(f"secagg: the vector has parts {sorted(parts)[:4]}, the layout {[p.name for p in layout][:4]}")
+    dt = ring_dtype(bits)
+    out, clipped = [], 0
+    for p, s in zip(layout, part_scales, strict=True):
+        x = np.asarray(parts[p.name], dtype=np.float64)
+        if tuple(x.shape) != p.shape:
+            raise EncodingError(f"secagg: part {p.name} has shape {tuple(x.shape)}, the layout says {p.shape}")
+        x = x.reshape(-1)
+        if not np.isfinite(x).all():
+            raise EncodingError(f"secagg: part {p.name} holds NaN/inf; refusing to encode it")
+        clipped += int((np.abs(x) > p.clip).sum())
+        x = np.clip(x, -p.clip, p.clip)
+        if p.integer:
+            q = np.rint(x).astype(np.int64)
+        else:
+            sx = x * s
+            q = np.floor(sx + rng.random(sx.shape)).astype(np.int64)
+        if p.weighted:
+            q *= int(weight)
+        out.append(q)
+    q = np.concatenate(out) if out else np.zeros(0, np.int64)
+    return q.astype(dt), clipped  # two's complement: int64 → uint64 wraps; → uint32 keeps the low 32 bits
+
+
+def signed(z: np.ndarray, bits: int) -> np.ndarray:
+    """A ring vector as signed int64 (two's complement of b bits)."""
+    if bits == 64:
+        return z.astype(np.uint64).view(np.int64)
+    v = z.astype(np.int64)
+    return np.where(v >= 2**31, v - 2**32, v)
+
+
+def decode(z: np.ndarray, layout: Layout, part_scales: Sequence[float], *, total_weight: int, n_clients: int,
+           bits: int, max_weight_total: int) -> dict[str, np.ndarray]:
+    """Σ_u y_u (unmasked, [m]) → {name: weighted mean (or sum) float64 of the part's shape}. `total_weight`: Σ w
+    of the summed clients; `max_weight_total`: the T the scales were chosen for. EncodingError when a coordinate is
+    outside what honest clients can produce (a garbage or wrapped contribution; it cannot tell which client)."""
+    v, out, i = signed(z, bits), {}, 0
+    for p, s in zip(layout, part_scales, strict=True):
+        block = v[i:i + p.size]
+        i += p.size
+        total = max_weight_total if p.weighted else n_clients
+        lim = total * (s * p.clip + (0 if p.integer else 1))
+        if block.size and float(np.abs(block).max()) > lim:
+            raise EncodingError(f"secagg: the decoded sum of {p.name} reaches {float(np.abs(block).max()):.3g}, more "
+                                f"than honest clients can send ({lim:.3g}): a client sent an out-of-range vector")
+        x = block.astype(np.float64) / s
+        if p.weighted:
+            x /= total_weight
+        out[p.name] = x.reshape(p.shape)
+    if i != z.size:
+        raise EncodingError(f"secagg: the sum has {z.size} elements, the layout {i}")
+    return out
