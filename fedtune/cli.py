@@ -53,6 +53,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides |= {"data.source": "jsonl", "data.paths": args.data}
     if args.partition:
         overrides["data.partition"] = args.partition
+    if args.secagg:
+        overrides["secagg.enabled"] = True
     cfg = config.load(args.config, overrides)
     _overwrite(args, cfg)
     if args.baseline:
@@ -88,7 +90,7 @@ def _server(args: argparse.Namespace) -> int:
     from fedtune.transports.grpc.coordinator import Interrupted
 
     overrides = {"run.out": args.out, "run.rounds": args.rounds, "server.insecure": args.insecure or None,
-                 **_hw_overrides(args)}
+                 "secagg.enabled": True if args.secagg else None, **_hw_overrides(args)}
     if args.address:
         overrides["server.address"] = args.address
     cfg = config.load(args.config, overrides)
@@ -360,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "client, or one to partition")
     s.add_argument("--partition", choices=["iid", "dirichlet", "by_category", "pathological"],
                    help="how one data set is split over the clients (overrides data.partition)")
+    s.add_argument("--secagg", action="store_true", help="secure aggregation: the coordinator learns only the sum "
+                                                       "of each round's updates (sets [secagg] enabled)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     s.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     s.add_argument("--save-merged", action="store_true", help="also write the merged full model to <out>/merged")
@@ -375,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_simulate)
     sv = sub.add_parser("server", help="run the gRPC coordinator")
     sv.add_argument("--config", required=True, help="run config with a [server] section")
+    sv.add_argument("--secagg", action="store_true", help="secure aggregation (sets [secagg] enabled)")
     sv.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     sv.add_argument("--overwrite", action="store_true", help="delete the outputs of the run in --out first")
     sv.add_argument("--address", help="listen address, e.g. 0.0.0.0:50051 (overrides [server] address)")

@@ -219,13 +219,22 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"[robust]: {e}") from None
 
+    def secagg_config(self):
+        """[secagg] as a validated SecAggConfig (off when the section is absent)."""
+        from fedtune.secagg.config import SecAggConfig
+
+        try:
+            return SecAggConfig.from_dict(self.extra.get("secagg", {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[secagg]: {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection,
              "federation": FederationSection, "train": TrainSection}
-_OTHER = {"privacy", "server", "client", "flower", "robust"}  # sections read by other subsystems
+_OTHER = {"privacy", "server", "client", "flower", "robust", "secagg"}  # sections read by other subsystems
 
 
 def load_tokens(path: str, key: str) -> dict[str, str]:
@@ -301,6 +310,34 @@ def check_hardware(m: ModelSection) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_secagg(cfg: RunConfig, algo, privacy, robust) -> None:
+    """ConfigError when [secagg] is on with something it cannot work with, saying why and what to use."""
+    sa = cfg.secagg_config()
+    if not sa.enabled:
+        return
+    caps = algo.capabilities
+    if not caps.secure_sum:
+        from fedtune.algorithms.registry import with_capability
+
+        able = ", ".join(with_capability(lambda c: c.secure_sum))
+        raise ConfigError(f"[secagg] cannot aggregate {cfg.run.algorithm} securely: {caps.no_secure_sum or 'it declares no secure sum'} "
+                          f"(methods that can: {able})")
+    if robust.enabled:
+        raise ConfigError("[secagg] and [robust] cannot be used together: robust aggregation bounds, clips or trims "
+                          "each client's update, and under secure aggregation the coordinator never sees one. "
+                          "Turn one off (secagg protects the updates' privacy, robust the model's integrity)")
+    if privacy.mode == "client":
+        raise ConfigError("[secagg] with [privacy] mode = \"client\" is not supported yet (client-level DP clips and "
+                          "noises individual updates on the coordinator); use mode = \"sample\" (each client's "
+                          "DP-SGD) with secure aggregation")
+    f = cfg.federation
+    per_round = min(f.num_clients, max(f.min_clients, round(f.fraction * f.num_clients)))  # engine.clients_per_round
+    _require(per_round >= sa.min_survivors,
+             f"[secagg] needs at least min_survivors = {sa.min_survivors} clients per round (a sum of fewer reveals "
+             f"individual updates); this run samples {per_round} of {f.num_clients} (raise federation.num_clients or "
+             "fraction)")
+
+
 def validate(cfg: RunConfig) -> None:
     r, d, f, t = cfg.run, cfg.data, cfg.federation, cfg.train
     _require(r.rounds >= 1, f"run.rounds must be ≥ 1, got {r.rounds}")
@@ -336,8 +373,8 @@ def validate(cfg: RunConfig) -> None:
     ac = cfg.algorithm_config()  # validates the algorithm name and its settings
     if problem := get_algorithm(cfg.run.algorithm, ac).holding_problem(cfg.model.quantization, cfg.model.dtype):
         raise ConfigError(problem)
-    cfg.privacy_config()
-    cfg.robust_config()
+    pc, rc = cfg.privacy_config(), cfg.robust_config()
+    check_secagg(cfg, get_algorithm(cfg.run.algorithm, ac), pc, rc)
     sv = cfg.section("server", ServerSection)
     _require(isinstance(sv.max_examples_per_client, int) and sv.max_examples_per_client >= 0,
              f"server.max_examples_per_client must be an integer ≥ 0 (0 = no cap), got {sv.max_examples_per_client!r}")

@@ -72,6 +72,7 @@ def configuration() -> str:
     from fedtune.models.settings import SETTINGS
     from fedtune.privacy.config import PrivacyConfig
     from fedtune.run.rundir import RESUMABLE, identity
+    from fedtune.secagg.config import SecAggConfig
     from fedtune.transports.flower.options import FlowerOptions
 
     out = ["# Configuration", "",
@@ -83,7 +84,8 @@ def configuration() -> str:
            "on its page; `[lora]` keys apply to every LoRA-based method (its own section overrides them)."), ""]
     sections = [("run", config.RunSection), ("model", config.ModelSection), ("data", config.DataSection),
                 ("federation", config.FederationSection), ("train", config.TrainSection), ("lora", LoRAConfig),
-                ("privacy", PrivacyConfig), ("robust", RobustConfig), ("server", config.ServerSection),
+                ("privacy", PrivacyConfig), ("robust", RobustConfig), ("secagg", SecAggConfig),
+                ("server", config.ServerSection),
                 ("client", config.ClientSection), ("flower", FlowerOptions)]
     hardware = {s.key for s in SETTINGS}
     for name, cls in sections:
@@ -143,6 +145,7 @@ def glance(name: str) -> str:
         ("sample-level DP", _yes(c.sample_dp)),
         ("client-level DP", "yes" if c.tensor_average else f"no: {c.no_tensor_average}"),
         ("[robust]", robust),
+        ("[secagg] (secure aggregation)", "yes" if c.secure_sum else f"no: {c.no_secure_sum or 'not declared'}"),
         ("holdings (default settings)", ", ".join(h for h in HOLDINGS if h in c.holdings)),
         ("result", "a peft LoRA adapter" if c.export == "adapter" else "the merged full model"),
         ("batched simulation", _yes(c.batched)),

@@ -24,10 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedtune.models.hardware import Placement
+from fedtune.secagg.encode import Part
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -213,6 +215,7 @@ TRAIN_FIELDS: dict[str, Bound] = {
     "weight_decay": Bound("float", 0.0, 1e3),
     "max_grad_norm": Bound("float", 0.0, 1e6),
     "privacy": Bound("dict"),
+    "secagg": Bound("dict"),  # secure aggregation's round parameters (fedtune.secagg.protocol.RoundParams)
 }
 
 # LoRA numbers a setup payload's meta may carry (checked by validate_instruction); FLoRA's train config reuses them.
@@ -291,6 +294,10 @@ class Capabilities:
     data_init: bool = False  # initialize reads a few tokenized examples given by set_init_data first
     baseline: bool = False  # a one-client run is plain LoRA training: what `--baseline local|central` runs
     holdings: frozenset[str] = frozenset(HOLDINGS)  # the base holdings its clients can train on
+    # [secagg]: its aggregate needs only Σ_k w_k x_k of fixed-shape vectors (secure_layout / secure_vector /
+    # apply_secure), so the coordinator can learn the sum alone; no_secure_sum says why not when False
+    secure_sum: bool = False
+    no_secure_sum: str = ""
     export: str = "adapter"  # the run's result: "adapter" (a peft LoRA adapter) or "merged" (a full model)
 
 
@@ -338,6 +345,20 @@ class ClientAlgorithm(ABC):
                    ) -> list[ClientUpdate] | None:
         """Optional (Capabilities.batched): a round's clients in one batched loop, or None when they cannot share
         one (different schedules, DP, ...): the caller then trains them one by one."""
+        return None
+
+    def secure_vector(self, update: ClientUpdate, layout: Sequence[Part]) -> dict[str, np.ndarray]:
+        """Capabilities.secure_sum: the vector x_k this client's `update` adds to the secure sum, {part name: float64
+        array of the part's shape} for the round's `layout` (FedAlgorithm.secure_layout); by default the change of
+        each update tensor from the synced global tensor of the same name (`global_of`)."""
+        ref = self.global_of()
+        if ref is None:
+            raise TypeError(f"{type(self).__name__} has no secure vector (Capabilities.secure_sum is False)")
+        return {p.name: (update.tensors[p.name].detach().to("cpu", torch.float64)
+                         - ref[p.name].detach().to("cpu", torch.float64)).numpy() for p in layout}
+
+    def global_of(self) -> TensorDict | None:
+        """The synced global tensors an update of this client replaces (for the default secure_vector)."""
         return None
 
     def export_factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
@@ -419,6 +440,36 @@ class FedAlgorithm(ABC):
     @abstractmethod
     def make_client(self) -> ClientAlgorithm:
         """A client-side instance configured like this algorithm."""
+
+    # -- secure aggregation (Capabilities.secure_sum) --------------------------------------------------------------
+    @property
+    def uniform_weights(self) -> bool:
+        """Clients weigh 1 each in the mean (else by their training examples)."""
+        return bool(getattr(self.config, "uniform", False))
+
+    def secure_layout(self, state: GlobalState, train: dict[str, Any], clip: float) -> tuple[Part, ...]:
+        """What a client's update becomes under secure aggregation: ordered parts with shapes and per-coordinate
+        bounds (`clip`: [secagg] clip, for parts without a bound of their own). Default: the change of every state
+        tensor the update replaces (expected_update's names), weighted."""
+        self._secure_or_refuse()
+        spec = self.expected_update(state, train)
+        return tuple(Part(k, tuple(spec.tensors[k].shape), clip) for k in sorted(spec.tensors))
+
+    def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
+                     updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict[str, float]]:
+        """New global state from the decoded secure sum: `parts` as secure_layout names them (weighted parts:
+        Σ w_k x_k / Σ w_k, float64), `updates` the summed clients' metadata (num_examples, metrics; no tensors).
+        PURE. Default: each replaced state tensor moves by its mean change."""
+        self._secure_or_refuse()
+        tensors = dict(state.tensors)
+        for k, mean in parts.items():
+            tensors[k] = (state.tensors[k].double() + mean.to(torch.float64)).to(state.tensors[k].dtype)
+        return GlobalState(version=state.version + 1, tensors=tensors, meta=dict(state.meta)), {}
+
+    def _secure_or_refuse(self) -> None:
+        if not self.capabilities.secure_sum:
+            raise TypeError(f"{self.name} cannot aggregate securely: "
+                            f"{self.capabilities.no_secure_sum or 'it declares no secure sum'}")
 
     @classmethod
     def quick_settings(cls) -> dict[str, Any]:

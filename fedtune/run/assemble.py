@@ -92,12 +92,13 @@ def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
     return algo, budget_check
 
 
-def engine_config(cfg: RunConfig) -> EngineConfig:
-    f = cfg.federation
+def engine_config(cfg: RunConfig, run_id: str = "") -> EngineConfig:
+    f, sa = cfg.federation, cfg.secagg_config()
     return EngineConfig(rounds=cfg.run.rounds, seed=cfg.run.seed, fraction=f.fraction, min_clients=f.min_clients,
                         round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
                         train=train_config(cfg),
-                        max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client)
+                        max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client,
+                        secagg=sa if sa.enabled else None, run_id=run_id)
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -232,7 +233,8 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, transport: TransportFactory, *, res
                     cfg.data.test_fraction)
     hooks = EngineHooks(evaluate=on(global_eval), test=on(prep.test), budget_check=budget_check,
                         extra_state=lambda: {"client_state": gm.client.state_dict(), **run_ids})
-    run.engine = RoundEngine(algo=algo, transport=transport(run), roster=list(data), cfg=engine_config(cfg),
+    run.engine = RoundEngine(algo=algo, transport=transport(run), roster=list(data),
+                             cfg=engine_config(cfg, rec["run_id"]),
                              out_dir=cfg.out_dir, hooks=hooks, resumed=resumed)
     return run
 

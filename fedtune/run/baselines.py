@@ -79,7 +79,8 @@ def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bo
 
     hooks = EngineHooks(evaluate=on(data.eval) if data.eval else None, test=test_fn if run.test else None)
     engine = RoundEngine(algo=algo, transport=InProcessTransport(gm, {name: data}, pad, progress=False),
-                         roster=[name], cfg=engine_config(cfg), out_dir=cfg.out_dir, hooks=hooks)
+                         roster=[name], cfg=dataclasses.replace(engine_config(cfg), secagg=None), out_dir=cfg.out_dir,
+                         hooks=hooks)  # one client alone: nothing to hide it in
     sub = dataclasses.replace(run, cfg=cfg, data={name: data}, global_eval=data.eval, engine=engine, gm=gm,
                               writer=MetricsWriter(cfg.out_dir), state=run.state, start_round=1,
                               t_start=time.perf_counter())

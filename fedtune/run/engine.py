@@ -9,6 +9,14 @@ min_clients valid updates, or aggregate raises or yields non-finite tensors, abo
 written) and retry → evaluate the global model (eval loss on the clients' held-out slices, test loss on the
 global test set; each skipped when its set is empty) → atomic checkpoint → metrics row. Round 0 logs the
 base (initial global) model's losses.
+
+With secure aggregation ([secagg]) the transport runs the SecAgg+ protocol (fedtune.secagg) and hands back the
+decoded sum instead of updates: the engine checks the clients' clear metadata and calls algo.apply_secure. An
+attempt that aborts before its unmask retries with a fresh sample and fresh keys; after an unmask the round commits
+or the run stops (a second sum over another set of the same clients' updates would expose the difference). The
+journal secagg/r<round>.json records each attempt and the survivors before any unmask request goes out, and the
+decoded sum before it is applied: a resumed coordinator starts at the next attempt, sums the same survivors only,
+or finishes the round from the journaled sum.
 """
 
 from __future__ import annotations
@@ -30,12 +38,16 @@ from fedtune.algorithms.api import (
     GlobalState,
     Instruction,
     Payload,
+    TensorSpec,
     UpdateRejected,
     UpdateSpec,
     validate_update,
 )
 from fedtune.run import checkpoint
 from fedtune.run.metrics import MetricsWriter
+from fedtune.run.secjournal import SecAggJournal
+from fedtune.secagg.config import SecAggConfig
+from fedtune.secagg.protocol import MASKED, RoundParams, SecureSum
 from fedtune.transports.base import RoundPlan, RoundResult, Transport
 
 log = logging.getLogger("fedtune")
@@ -78,6 +90,8 @@ class EngineConfig:
     max_round_retries: int = 3
     train: dict[str, Any] = field(default_factory=dict)  # base local-training config
     max_examples_per_client: int = 0  # cap on an update's num_examples (0 = none)
+    secagg: SecAggConfig | None = None  # secure aggregation (enabled), else None
+    run_id: str = ""  # binds secure aggregation's keys to this run
 
 
 @dataclass
@@ -119,6 +133,8 @@ class RoundEngine:
         if resumed:
             self.client_versions.update(resumed.get("client_versions", {}))
             self.epsilon_max = resumed.get("epsilon_max")
+        self.journal = SecAggJournal(self.out_dir)
+        self._secure: tuple[RoundParams, frozenset[str] | None] | None = None  # this attempt's, with secagg
 
     # -- sampling and instructions ------------------------------------------------------------
     def sample(self, rnd: int, attempt: int) -> list[str]:
@@ -130,17 +146,49 @@ class RoundEngine:
     def client_seed(self, rnd: int, cid: str) -> int:
         return int(np.random.default_rng([self.cfg.seed, rnd, self.roster.index(cid), 7]).integers(2**31 - 1))
 
-    def plan(self, rnd: int, state: GlobalState, sampled: list[str]) -> RoundPlan:
+    def plan(self, rnd: int, state: GlobalState, sampled: list[str], attempt: int = 0,
+             require: frozenset[str] | None = None) -> RoundPlan:
         """This attempt's instructions, and the hooks a transport checks what comes back with."""
         configs = self.algo.configure_round(rnd, state, sampled, self.cfg.train, self.roster)
         self._current = (rnd, state, configs)
+        self._secure = None
+        if (sa := self.cfg.secagg) is not None:
+            self._secure = (self.secure_params(rnd, attempt, state, configs), require)
         versions = {cid: self.client_versions.get(cid, -1) for cid in sampled}
         return RoundPlan(
             round=rnd, version=state.version, min_clients=self.cfg.min_clients, roster=tuple(self.roster),
             instructions={cid: self.instruction_for(cid, v) for cid, v in versions.items()}, versions=versions,
             instruction_for=self.instruction_for, check_update=self.check_update,
             expected_update=self.expected_update, sync_payload=self.sync_payload,
+            secagg=self._secure[0] if self._secure else None, secagg_require=require,
+            on_unmask=(lambda survivors: self.journal.unmasking(rnd, attempt, survivors)) if sa else None,
         )
+
+    def secure_params(self, rnd: int, attempt: int, state: GlobalState, configs: dict[str, dict]) -> RoundParams:
+        """Secure aggregation's parameters for this attempt: the method's layout (the same for every client), the
+        ring (auto: 64 bits up to 2^20 numbers, else 32 when it can hold the sum), the weights."""
+        sa = self.cfg.secagg
+        layouts = {self.algo.secure_layout(state, c, sa.clip) for c in configs.values()}
+        if len(layouts) != 1:
+            raise ValueError("secure aggregation needs one layout for every client of a round; the method gives "
+                             f"{len(layouts)} (per-client ranks or steps)")
+        layout = layouts.pop()
+        max_w = 1 if self.algo.uniform_weights else (self.cfg.max_examples_per_client or 2**24)
+        bits = sa.bits
+        if not bits:
+            bits = 64
+            if sum(p.size for p in layout) > 2**20:
+                try:  # the largest sum the 32-bit ring must hold: every sampled client at its largest weight
+                    from fedtune.secagg.encode import scales
+
+                    scales(layout, 32, max_w * len(configs), len(configs))
+                    bits = 32
+                except ValueError:
+                    pass
+        return RoundParams(run=self.cfg.run_id or "run", round=rnd, attempt=attempt, bits=bits,
+                           threshold=sa.threshold, degree=sa.degree,
+                           weights="uniform" if self.algo.uniform_weights else "examples", max_weight=max_w,
+                           layout=layout, min_survivors=sa.min_survivors)
 
     def instruction_for(self, cid: str, version: int) -> Instruction:
         """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).
@@ -148,9 +196,10 @@ class RoundEngine:
         rnd, state, configs = self._current
         if version > state.version:
             raise ValueError(f"{cid} reports global version {version}, newer than the server's {state.version}")
+        extra = {"secagg": self._secure[0].to_dict()} if self._secure else {}
         return Instruction(
             round=rnd, client_id=cid, base_version=state.version,
-            train=dict(configs[cid], seed=self.client_seed(rnd, cid)),
+            train=dict(configs[cid], seed=self.client_seed(rnd, cid), **extra),
             sync=self.algo.sync_payload(state, version),
             setup=self.algo.setup_payload(state) if version < 0 else None,
         )
@@ -175,6 +224,9 @@ class RoundEngine:
         _, state, configs = self._current
         if cid not in configs:
             raise UpdateRejected(f"{cid!r} was not sampled for this round")
+        if self._secure is not None:  # a masked vector in the ring
+            p = self._secure[0]
+            return UpdateSpec({MASKED: TensorSpec((p.m,), torch.int32 if p.bits == 32 else torch.int64)})
         try:
             return self.algo.expected_update(state, configs[cid])
         except (KeyError, TypeError, ValueError) as e:  # a config the method cannot describe: refuse, do not crash
@@ -234,6 +286,8 @@ class RoundEngine:
         return state
 
     def run_round(self, rnd: int, state: GlobalState, writer: MetricsWriter) -> GlobalState:
+        if self.cfg.secagg is not None:
+            return self.run_secure_round(rnd, state, writer)
         t0 = time.perf_counter()
         for attempt in range(self.cfg.max_round_retries + 1):
             sampled = self.sample(rnd, attempt)
@@ -251,6 +305,11 @@ class RoundEngine:
         else:
             raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} times: too few valid updates "
                                "or aggregation failed")
+        return self.commit(rnd, state, out, updates, sampled, res, t0, writer)
+
+    def commit(self, rnd: int, state: GlobalState, out: tuple[GlobalState, dict], updates: list[ClientUpdate],
+               sampled: list[str], res: RoundResult, t0: float, writer: MetricsWriter) -> GlobalState:
+        """Record an aggregated round: client versions and hardware, losses, ε, the checkpoint, the metrics row."""
         new_state, agg_metrics = out
         for u in updates:
             self.client_versions[u.client_id] = state.version
@@ -263,6 +322,7 @@ class RoundEngine:
             self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
         deltas = _finite([agg_metrics.pop("delta", None), *(u.metrics.get("delta") for u in updates)])
         checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, self.engine_state()))
+        self.journal.clear(rnd)
         row = {
             "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
             "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)),
@@ -276,6 +336,85 @@ class RoundEngine:
         }
         writer.append(row)
         return new_state
+
+    # -- secure aggregation ---------------------------------------------------------------------------------------
+    def run_secure_round(self, rnd: int, state: GlobalState, writer: MetricsWriter) -> GlobalState:
+        """One round under [secagg] (module docstring): attempts from the journal's next, the survivors of an earlier
+        unmask required, a journaled sum applied as is."""
+        t0 = time.perf_counter()
+        rec = self.journal.load(rnd) or {}
+        first = rec["attempt"] + 1 if "attempt" in rec else 0
+        pinned = frozenset(rec["survivors"]) if rec.get("survivors") else None
+        if (saved := self.journal.load_sum(rnd)) is not None:
+            log.warning("round %d: finishing from the sum journaled before the coordinator stopped", rnd)
+            secure, updates = saved
+            res = RoundResult(updates=updates, secure=secure, unmasked=True)
+            out = self._apply_secure(rnd, state, secure, updates)
+            if out is None:
+                raise RoundAborted(f"round {rnd}: the journaled secure sum cannot be applied")
+            return self.commit(rnd, state, out, updates, sorted(secure.participants), res, t0, writer)
+        if pinned:
+            log.warning("round %d was unmasked over %s before the coordinator stopped: this round can only sum "
+                        "exactly those clients again", rnd, ", ".join(sorted(pinned)))
+        for attempt in range(first, first + self.cfg.max_round_retries + 1):
+            sampled = sorted(pinned) if pinned else self.sample(rnd, attempt)
+            self.journal.started(rnd, attempt)
+            plan = self.plan(rnd, state, sampled, attempt, pinned)
+            res = self.transport.run_round(plan, self.cfg.round_timeout_s)
+            if res.secure is None:
+                if res.unmasked:
+                    raise RoundAborted(f"round {rnd}: secure aggregation failed after its unmask "
+                                       f"({res.secagg_abort}); stopping: another attempt over a different set of the "
+                                       "same clients' updates would expose individual updates")
+                if res.budget_exhausted and len(sampled) - len(res.budget_exhausted) < self.cfg.min_clients:
+                    raise BudgetExhausted(f"privacy budget spent by {', '.join(res.budget_exhausted)}")
+                log.warning("round %d attempt %d aborted: %s; nothing written, retrying with a fresh sample and "
+                            "fresh keys", rnd, attempt, res.secagg_abort or "no secure sum")
+                continue
+            updates = self._accept_secure(rnd, res)
+            self.journal.decoded(rnd, attempt, res.secure, updates)
+            out = self._apply_secure(rnd, state, res.secure, updates)
+            if out is None:
+                raise RoundAborted(f"round {rnd}: the secure sum could not be applied; stopping (the round was "
+                                   "unmasked, so it is not retried)")
+            return self.commit(rnd, state, out, updates, sampled, res, t0, writer)
+        raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} secure aggregation attempts")
+
+    def _accept_secure(self, rnd: int, res: RoundResult) -> list[ClientUpdate]:
+        """The summed clients' clear metadata, checked (num_examples, metrics); one that fails stops the run: its
+        vector is already in the sum."""
+        secure, out = res.secure, {}
+        for u in res.updates:
+            if u.client_id in secure.participants:
+                out[u.client_id] = ClientUpdate(u.client_id, u.num_examples, {}, dict(u.metrics))
+        if sorted(out) != sorted(secure.participants):
+            raise RoundAborted(f"round {rnd}: the transport summed {sorted(secure.participants)} but reported "
+                               f"metadata for {sorted(out)}")
+        caps = [self.cfg.max_examples_per_client] if self.cfg.max_examples_per_client else []
+        for u in out.values():
+            try:
+                validate_update(UpdateSpec({}), u, max_examples=min(caps) if caps else None,
+                                metric_ranges=self.algo.metrics_accepted())
+            except UpdateRejected as e:
+                raise RoundAborted(f"round {rnd}: {e}; its vector is already in the secure sum, stopping") from None
+        if secure.bad_shares:
+            log.warning("round %d: wrong secret shares from %s (the sum was rebuilt without them)", rnd,
+                        ", ".join(secure.bad_shares))
+        return [out[c] for c in sorted(out)]
+
+    def _apply_secure(self, rnd: int, state: GlobalState, secure: SecureSum, updates: list[ClientUpdate]):
+        """algo.apply_secure on the decoded parts, or None (logged) when it raises or writes a non-finite tensor."""
+        try:
+            parts = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in secure.parts.items()}
+            new_state, metrics = self.algo.apply_secure(rnd, state, parts, updates)
+            for k, t in new_state.tensors.items():
+                if t is not state.tensors.get(k) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ArithmeticError(f"the secure aggregate produced non-finite values in {k}")
+        except Exception as e:  # noqa: BLE001 - a bad round must never take the coordinator down
+            log.error("round %d: applying the secure sum failed (%s: %s)", rnd, type(e).__name__, e)
+            return None
+        metrics = dict(metrics, secagg_err_bound=secure.err_bound, **secure.stats)
+        return new_state, metrics
 
     def losses(self, state: GlobalState) -> dict[str, float]:
         """eval_loss and test_loss of the global model at `state` (nan when that set is not evaluated)."""

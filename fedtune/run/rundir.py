@@ -65,6 +65,8 @@ def identity(cfg: RunConfig, roster: list[str]) -> dict[str, Any]:
     privacy = cfg.privacy_config()
     d["privacy"] = privacy.to_dict()
     d["roster"] = list(roster)
+    if (sa := cfg.secagg_config()).enabled:  # what changes the rounds' results (absent when off: older runs resume)
+        d["secagg"] = {"bits": sa.bits, "clip": sa.clip}
     for key in resumable(cfg):
         if key == "run.rounds" and privacy.enabled and privacy.noise_multiplier is None:
             continue

@@ -37,7 +37,7 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
     def grpc_transport(run: Run) -> GrpcTransport:
         return GrpcTransport(roster=roster, tokens={c: tokens[c] for c in roster}, fingerprint=run.base_fingerprint,
                              model_name=cfg.model.name, run_name=cfg.run.name, algorithm=run.algo.name, cfg=scfg,
-                             stop=stop)
+                             stop=stop, secagg=sa if (sa := cfg.secagg_config()).enabled else None)
 
     run = prepare_run(cfg, transport=grpc_transport, resume=resume, roster=roster, deployment=True,
                       evaluate=scfg.evaluate)

@@ -671,7 +671,7 @@ class ServerSession:
                            bits=bits, max_weight_total=self.total_weight)
         except EncodingError as e:
             raise Abort("unmask", str(e)) from None
-        stats = {"secagg_clients": float(len(self.u3)), "secagg_dropped": float(len(self.u1) - len(self.u3)),
+        stats = {"secagg_clients": float(len(self.u3)), "secagg_dropped": float(len(self.sampled) - len(self.u3)),
                  "secagg_bad_shares": float(len(bad))}
         return SecureSum(parts, list(self.u3), weights, error_bound(p.layout, self.scales, len(self.u3)), stats,
                          sorted(bad))

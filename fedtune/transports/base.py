@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, Payload, UpdateSpec
+from fedtune.secagg.protocol import RoundParams, SecureSum
 
 
 @dataclass
@@ -24,6 +25,11 @@ class RoundResult:
     rejected: list[str] = field(default_factory=list)  # clients whose update failed validation
     # how each client holds its base, as far as the transport knows (gRPC: what it declared at Join)
     client_hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # secure aggregation (plan.secagg): the decoded sum, or why the attempt aborted; `unmasked`: unmask requests
+    # went out (the round must then commit or the run stop). `updates` then hold the summed clients' metadata only.
+    secure: SecureSum | None = None
+    secagg_abort: str = ""
+    unmasked: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,12 @@ class RoundPlan:
     check_update: Callable[..., None]
     expected_update: Callable[[str], UpdateSpec]  # what a client must send (UpdateRejected: not sampled)
     sync_payload: Callable[[int], Payload]  # brings a copy of the global model at that version to `version`
+    # secure aggregation: this attempt's parameters (in every instruction's train["secagg"]); `secagg_require`: the
+    # attempt must sum exactly these clients (a round resumed after an unmask), else abort before unmasking;
+    # `on_unmask(survivors)` is called (and must have journaled them) before any unmask request goes out
+    secagg: RoundParams | None = None
+    secagg_require: frozenset[str] | None = None
+    on_unmask: Callable[[list[str]], None] | None = None
 
     def index(self, cid: str) -> int:
         """The client's place in the run's roster (its data partition), -1 when it is not in it."""

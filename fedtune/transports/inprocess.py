@@ -4,6 +4,10 @@ The base is never copied per client. Each client's round starts from the synced 
 ClientAlgorithm loads the global adapter / fresh LoRA), trains, and hands back an update; the
 ClientAlgorithm restores the global state afterwards. Instructions and updates are sized exactly as
 the gRPC transport would send them, so bytes_up/bytes_down are real wire sizes.
+
+With secure aggregation (plan.secagg) the round's clients train as always, then run the SecAgg+ protocol with the
+coordinator in this process (fedtune.secagg.local: every message through its wire form); the engine gets the
+decoded sum only.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
@@ -23,6 +29,8 @@ from fedtune.data.prepare import ClientData
 from fedtune.models.hardware import model_device
 from fedtune.models.memory import peak_memory_mb
 from fedtune.privacy.sample import PrivacyBudgetExhausted
+from fedtune.secagg.local import run_local
+from fedtune.secagg.protocol import MASKED, Abort
 from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.wire import sizes as wire_size
 
@@ -43,8 +51,11 @@ class InProcessTransport:
     on the mode's timing: threaded equals one by one bit for bit."""
 
     def __init__(self, node: Node, data: dict[str, ClientData], pad_id: int, progress: bool = True,
-                 batch_clients: bool = False, workers: int = 1, threads_per_worker: int = 1) -> None:
+                 batch_clients: bool = False, workers: int = 1, threads_per_worker: int = 1,
+                 secagg_drop: Callable[[RoundPlan], dict[str, set[str]]] | None = None) -> None:
         self.node, self.data, self.pad_id, self.progress = node, data, pad_id, progress
+        self.secagg_drop = secagg_drop  # tests: which clients vanish at which protocol stage of an attempt
+        self.unmasked: defaultdict[str, set[bytes]] = defaultdict(set)  # per client: the attempts it unmasked
         self.batch_clients = batch_clients
         self.workers, self.threads_per_worker = max(1, workers), max(1, threads_per_worker)
         self.last_mode = ""
@@ -104,9 +115,41 @@ class InProcessTransport:
         mem = peak_memory_mb(model_device(node.model))  # what a client on its own machine would report
         for update in updates:
             update.metrics.update(mem)
-            res.bytes_up += wire_size.update_bytes(update)
-            res.payload_bytes_up += payload_nbytes(update.tensors)
+            if plan.secagg is None:
+                res.bytes_up += wire_size.update_bytes(update)
+                res.payload_bytes_up += payload_nbytes(update.tensors)
             res.updates.append(update)
+        return self._secure(plan, res) if plan.secagg is not None else res
+
+    def _secure(self, plan: RoundPlan, res: RoundResult) -> RoundResult:
+        """The protocol over the round's updates (each client's secure vector), every party here."""
+        p = plan.secagg
+        vectors = {u.client_id: self.node.client.secure_vector(u, p.layout) for u in res.updates}
+        weights = {u.client_id: 1 if p.weights == "uniform" else u.num_examples for u in res.updates}
+
+        def on_unmask(survivors: list[str]) -> None:
+            res.unmasked = True
+            if plan.on_unmask is not None:
+                plan.on_unmask(survivors)
+
+        try:
+            res.secure, traffic = run_local(p, vectors, weights, min_clients=plan.min_clients,
+                                            drop=self.secagg_drop(plan) if self.secagg_drop else None,
+                                            unmasked=self.unmasked, require=plan.secagg_require, on_unmask=on_unmask)
+        except Abort as e:
+            log.warning("round %d: %s", plan.round, e)
+            res.secagg_abort = str(e)
+            return res
+        ring = torch.int32 if p.bits == 32 else torch.int64
+        for u in res.updates:  # what each survivor's push of its masked vector carries, besides the protocol's bytes
+            if u.client_id in res.secure.participants:
+                res.bytes_up += wire_size.update_bytes(ClientUpdate(u.client_id, u.num_examples,
+                                                                    {MASKED: torch.zeros(0, dtype=ring)}, u.metrics))
+                res.payload_bytes_up += p.m * p.bits // 8
+        res.bytes_up += traffic.up
+        res.bytes_down += traffic.down
+        res.secure.stats.update(secagg_client_s=max(traffic.client_s.values(), default=0.0),
+                                secagg_server_s=traffic.server_s)
         return res
 
     def _train_batched(self, model: nn.Module, instructions: dict[str, Instruction]) -> list[ClientUpdate] | None:

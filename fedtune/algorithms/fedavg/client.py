@@ -76,5 +76,8 @@ class LoRAClient(ClientAlgorithm):
         train config; the same for every client of a round (a batched round uses the first client's). None here."""
         return ()
 
+    def global_of(self) -> TensorDict | None:
+        return self.global_tensors  # secure aggregation sums each client's change of A and B
+
     def export_factors(self, model: nn.Module):
         return adapter_factors(model, ADAPTER)

@@ -26,7 +26,7 @@ from fedtune.algorithms.fedavg.config import FedAvgConfig
 class FedAvg(FedAlgorithm):
     name = "fedavg"
     config_class = FedAvgConfig
-    CAPABILITIES = Capabilities(tensor_average=True, update_norm="delta", batched=True, baseline=True)
+    CAPABILITIES = Capabilities(tensor_average=True, update_norm="delta", batched=True, baseline=True, secure_sum=True)
     config: FedAvgConfig
 
     def initialize(self, model: nn.Module, *, seed: int) -> GlobalState:

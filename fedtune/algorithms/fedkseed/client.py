@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -196,6 +197,25 @@ class FedKSeedClient(ClientAlgorithm):
         if skipped:
             metrics["zo_skipped_steps"] = float(skipped)
         return ClientUpdate(ctx.client_id, len(ctx.features), tensors, metrics)
+
+    def secure_vector(self, update: ClientUpdate, layout) -> dict[str, np.ndarray]:
+        """The τ pairs densified over the K seeds: h[s] = Σ_{t: s_t = s} g_t; "pro" adds Σ |clip(g, ±pro_clip)|
+        (pro_clip = the abs part's bound / τ) and the step count per seed."""
+        idx = update.tensors["seed_idx"].long().numpy()
+        g = update.tensors["grad"].double().numpy()
+        out = {}
+        for p in layout:
+            v = np.zeros(p.shape, np.float64)
+            if p.name == "h":
+                np.add.at(v, idx, g)
+            elif p.name == "abs":
+                np.add.at(v, idx, np.abs(np.clip(g, -p.clip / max(len(g), 1), p.clip / max(len(g), 1))))
+            elif p.name == "count":
+                np.add.at(v, idx, 1.0)
+            else:
+                raise ValueError(f"fedkseed has no secure part {p.name!r}")
+            out[p.name] = v
+        return out
 
     def fork(self, model: nn.Module) -> nn.Module | None:
         """LoRA mode: own LoRA factors (perturbed in place by the SPSA steps), shared frozen base. Full mode:

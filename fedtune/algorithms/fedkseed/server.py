@@ -16,6 +16,7 @@ from fedtune.algorithms.api import (
     FedAlgorithm,
     GlobalState,
     MetricRange,
+    Part,
     Payload,
     TensorSpec,
     UpdateSpec,
@@ -49,7 +50,8 @@ class FedKSeed(FedAlgorithm):
             "since the set of seeds used reveals who took part, so every client would replay K z regenerations "
             "per round instead of the seeds actually used"),
         robust_refusal="its update is not a fixed-shape tensor delta (fedkseed: each step's scalar is already "
-                       "clamped by [fedkseed] grad_clip)")
+                       "clamped by [fedkseed] grad_clip)",
+        secure_sum=True)  # each client's pairs, densified into per-seed sums h[s] (secure_layout)
     train_fields: ClassVar[Mapping[str, Bound]] = {"eps": Bound("float", 0.0, 1.0, lo_open=True),  # the SPSA perturbation scale
                     "grad_clip": Bound("float", 0.0, 1e6),
                     "seed_sampling": Bound("choice", choices=("uniform", "pro"))}
@@ -143,6 +145,38 @@ class FedKSeed(FedAlgorithm):
             "fedkseed_unique_seeds": float(nz.numel()),
             "fedkseed_grad_abs_mean": float(grads.abs().mean()),
         }
+        return GlobalState(version=v, tensors=tensors, meta=dict(state.meta)), metrics
+
+    # -- secure aggregation: a client's τ pairs become h[s] = Σ_{t: s_t = s} g_t over the K seeds (and, for "pro",
+    # Σ |clip(g, ±pro_clip)| and the step count per seed); Σ_k p_k h_k is exactly aggregate's H.
+    def secure_layout(self, state: GlobalState, train: dict, clip: float) -> tuple[Part, ...]:
+        """h [K] weighted, bounded by τ·grad_clip (τ·clip when grad_clip = 0); "pro" adds abs [K] ≤ τ·pro_clip and
+        count [K] ≤ τ, plain sums (the pro statistics are not weighted)."""
+        c, tau = self.config, int(train["steps"])
+        g = float(train.get("grad_clip", 0.0)) or clip
+        parts = [Part("h", (c.num_seeds,), tau * g)]
+        if c.seed_sampling == "pro":
+            parts += [Part("abs", (c.num_seeds,), tau * c.pro_clip, weighted=False),
+                      Part("count", (c.num_seeds,), float(tau), weighted=False, integer=True)]
+        return tuple(parts)
+
+    def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
+                     updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
+        c, v = self.config, state.version + 1
+        acc = parts["h"].to(torch.float64)
+        nz = (acc != 0).nonzero().squeeze(1)  # an unused seed sums to exactly 0 (q = ⌊0 + U⌋ = 0)
+        tensors = dict(state.tensors)
+        tensors[round_key(v, "seed_idx")] = nz.to(torch.int32)
+        tensors[round_key(v, "coeff")] = (c.lr * acc[nz]).float()
+        metrics = {"fedkseed_unique_seeds": float(nz.numel()),
+                   "fedkseed_bytes_down_per_client": float(nz.numel() * 8 + (c.num_seeds * 4 if "abs" in parts else 0))}
+        if "abs" in parts:
+            count = parts["count"].round().to(torch.int64)
+            tensors[ABS_SUM] = tensors[ABS_SUM] + parts["abs"].to(torch.float64)
+            tensors[COUNT] = tensors[COUNT] + count
+            tensors[PROBS] = seed_probabilities(tensors[ABS_SUM], tensors[COUNT])
+            if int(count.sum()):
+                metrics["fedkseed_grad_abs_mean"] = float(parts["abs"].sum() / count.sum())  # of clip(g, ±pro_clip)
         return GlobalState(version=v, tensors=tensors, meta=dict(state.meta)), metrics
 
     def _check(self, u: ClientUpdate) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,9 @@ class FedSBClient(ClientAlgorithm):
         set_R(model, self.global_R)  # leave the model at the global state
         return ClientUpdate(ctx.client_id, len(ctx.features), update, {"train_loss": res.loss, **privacy})
 
+    def global_of(self) -> dict[str, torch.Tensor] | None:
+        return None if self.global_R is None else {R_KEY: self.global_R}  # secure aggregation sums R − R_g
+
     def fork(self, model: nn.Module) -> nn.Module:
         return fork_model(model, lambda name: ".sb_R." in name)  # own R (at the global R); A, B, base shared
 

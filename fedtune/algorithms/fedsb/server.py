@@ -33,7 +33,7 @@ class FedSB(FedAlgorithm):
     name = "fedsb"
     config_class = FedSBConfig
     state_format = 2  # 2: all R in one packed [n_modules, r, r] tensor "R" (1: one "<module>.R" each)
-    CAPABILITIES = Capabilities(tensor_average=True, exact=True, update_norm="delta", data_init=True)
+    CAPABILITIES = Capabilities(tensor_average=True, exact=True, update_norm="delta", data_init=True, secure_sum=True)
     config: FedSBConfig
 
     def __init__(self, config: FedSBConfig) -> None:

@@ -44,7 +44,10 @@ class FLoRA(FedAlgorithm):
         update_norm="lora_product", exact=True, batched=True,
         no_tensor_average="FLoRA stacks the clients' LoRA factors, so the global rank grows with every client and "
                           "updates are concatenated; there is no fixed-shape sum to clip and noise, and no "
-                          "coordinate-wise mean to trim")
+                          "coordinate-wise mean to trim",
+        no_secure_sum="its aggregate stacks each client's LoRA factors side by side, so every block of the "
+                      "global adapter is one client's update: there is no sum to hide them in. Use fedavg or fedsb "
+                      "(Fed-SB's R average is exact, as FLoRA's stacking is)")
     train_fields: ClassVar[Mapping[str, Bound]] = {k: SETUP_FIELDS[k] for k in ("rank", "alpha")}
     resumable = ("keep_rounds", "export_rank")  # what is kept and how it is exported; not what was computed
     config: FLoRAConfig
