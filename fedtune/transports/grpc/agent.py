@@ -27,6 +27,7 @@ from fedtune.fileio import write_text_atomic
 from fedtune.models.hardware import describe_hardware, hardware_metrics
 from fedtune.models.loading import load_for
 from fedtune.transports import wire
+from fedtune.transports.grpc.secure import Aborted, SecureTask, round_params
 from fedtune.transports.grpc.security import auth_metadata, channel_credentials
 
 log = logging.getLogger("fedtune.client")
@@ -117,6 +118,7 @@ class Agent:
         self.max_download = int(c.max_download_mb * (1 << 20))
         self.stop = threading.Event()
         self.finished = False  # the server said the run is over (heartbeat reply or FINISHED)
+        self.unmasked: set[bytes] = set()  # secure aggregation: the attempts this process has unmasked
 
     @property
     def model(self):
@@ -156,9 +158,13 @@ class Agent:
             self.stop.wait(min(res.retry_after_s, MAX_WAIT_S))  # a coordinator saying "wait 1e9 s" must not park us
             return True
         ins = res.instruction
+        secure = None
         try:  # the coordinator's task is input from another organisation: the node checks it before acting on it
             self.node.apply(ins, client_id=self.c.client_id, vet=lambda i: self._check_privacy(i.train),
                             state=self._saved_state)
+            if "secagg" in ins.train:  # secure aggregation: keys are exchanged while the model trains
+                secure = SecureTask(stub, self.meta, self.c.client_id, res.task_id, round_params(ins.train),
+                                    len(self.data.train), self.unmasked, self.c.rpc_timeout_s, self.stop)
         except (ValueError, LookupError, TypeError, RuntimeError) as e:  # InstructionRejected, shapes, missing keys
             why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             raise Refused(f"refused the coordinator's task for round {ins.round}: {wire.safe_str(why, 300)}") from None
@@ -167,12 +173,26 @@ class Agent:
         update = self.node.train(self.data.train, self.base.tokenizer.pad_token_id, ins.train, client_id=self.c.client_id)
         if self.finished:  # told by a heartbeat while training: nobody wants this update any more
             return False
+        if secure is not None:
+            try:
+                update = secure.mask(update, self.node.client)
+            except Aborted as e:
+                log.warning("round %d: secure aggregation of this attempt ended before the masked vector (%s); "
+                            "nothing sent", ins.round, e)
+                self.task_id = ""
+                self._save_state()
+                return True
         try:
             reply = self._push(stub, update, res.task_id)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             reply = wire.PushReply(False, wire.safe_str(e.details(), 500))  # refused by validation: failed this round, carry on
+        if secure is not None and reply.accepted:
+            try:
+                secure.unmask()
+            except Aborted as e:
+                log.warning("round %d: no unmask from this client (%s)", ins.round, e)
         self.task_id = ""
         self._save_state()
         log.info("round %d: trained %.1f s, loss %.4f, update %s", ins.round, time.perf_counter() - t0,

@@ -6,10 +6,16 @@ open tasks; the update must be what the algorithm assigned that client — names
 1 ≤ num_examples ≤ min(declared at Join, [server] max_examples_per_client) — else INVALID_ARGUMENT and the
 client has failed this round) → … ; Heartbeat keeps a lease. A round waits until every sampled client has reported, the round
 timeout passes, or the remaining clients' leases expire; the engine aggregates the survivors or aborts.
+
+With secure aggregation (plan.secagg) the round also drives a fedtune.secagg ServerSession: clients advertise keys and
+share them over the SecAgg RPC while they train (each key stage closes when every client answered or
+[secagg] key_timeout_s passed), push their masked vector as the update, then answer the unmask request (closed when all
+survivors answered or unmask_timeout_s passed). A poll on SecAgg waits at most SECAGG_POLL_S for its stage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -21,17 +27,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, UpdateRejected, payload_nbytes
 from fedtune.config import ConfigError, ServerSection
 from fedtune.models.settings import SETTINGS
+from fedtune.secagg.config import SecAggConfig
+from fedtune.secagg.protocol import (
+    MASKED,
+    Abort,
+    Advertise,
+    ProtocolError,
+    ServerSession,
+    UnmaskReply,
+    _cts_from_dict,
+    _cts_to_dict,
+)
 from fedtune.transports import wire
 from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.grpc.security import TokenAuthInterceptor, peer_identities, server_credentials
 from fedtune.transports.wire import safe_str
 
 log = logging.getLogger("fedtune.server")
+SECAGG_POLL_S = 10.0  # longest a SecAgg poll is held before it answers WAIT
 
 
 class Interrupted(RuntimeError):
@@ -58,6 +77,9 @@ class _RoundBook:
     bytes_down: int = 0
     payload_up: int = 0
     payload_down: int = 0
+    session: ServerSession | None = None  # secure aggregation's, for this attempt
+    abort: str = ""  # why secure aggregation stopped this attempt
+    unmasked: bool = False
 
     @property
     def sampled(self) -> set[str]:
@@ -92,7 +114,9 @@ class GrpcTransport(wire.CoordinatorServicer):
     """The Coordinator servicer and the engine's Transport in one object (they share the round book)."""
 
     def __init__(self, *, roster: list[str], tokens: dict[str, str], fingerprint: str, model_name: str,
-                 run_name: str, algorithm: str, cfg: ServerSection, stop: threading.Event | None = None) -> None:
+                 run_name: str, algorithm: str, cfg: ServerSection, stop: threading.Event | None = None,
+                 secagg: SecAggConfig | None = None) -> None:
+        self.secagg = secagg
         self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
         self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
         self.auth = TokenAuthInterceptor(tokens)
@@ -120,7 +144,12 @@ class GrpcTransport(wire.CoordinatorServicer):
             self.book = _RoundBook(plan)
             for cid, ins in plan.instructions.items():
                 self.book.tasks[cid] = _Task(uuid.uuid4().hex, cid, ins)
+            if plan.secagg is not None:
+                self.book.session = ServerSession(plan.secagg, sorted(plan.instructions), plan.min_clients,
+                                                  plan.secagg_require)
             self.lock.notify_all()
+        if plan.secagg is not None:
+            return self._secure_round(plan, timeout_s)
         deadline = time.monotonic() + timeout_s
         try:
             with self.lock:
@@ -156,12 +185,164 @@ class GrpcTransport(wire.CoordinatorServicer):
             with self.lock:
                 self.book = None
             raise
+        return self._result(book)
+
+    def _result(self, book: _RoundBook) -> RoundResult:
         failed = sorted(book.sampled - set(book.updates))
         with self.lock:
             hardware = {c: dict(self.client_hardware[c]) for c in book.sampled if c in self.client_hardware}
         return RoundResult(updates=list(book.updates.values()), failed=failed, rejected=sorted(book.rejected),
                            bytes_up=book.bytes_up, bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
-                           payload_bytes_down=book.payload_down, client_hardware=hardware)
+                           payload_bytes_down=book.payload_down, client_hardware=hardware,
+                           secagg_abort=book.abort, unmasked=book.unmasked)
+
+    # -- secure aggregation ---------------------------------------------------------------------
+    def _wait(self, book: _RoundBook, done, until: float, what: str) -> None:
+        """Under self.lock: wait until done() or `until`, or every client the stage still waits for (done() returns
+        their ids) has a lapsed lease. Raises Interrupted on stop."""
+        while True:
+            if self.stop_event.is_set():
+                raise Interrupted(f"stopped during round {book.plan.round}")
+            pending = done()
+            now = time.monotonic()
+            if not pending:
+                return
+            if now >= until:
+                log.warning("round %d: %s: %s did not answer in time", book.plan.round, what, sorted(pending))
+                return
+            seen = {c: max(self.last_seen.get(c, 0.0), book.started) for c in pending}
+            if all(now - t > self.cfg.lease_timeout_s for t in seen.values()):
+                log.warning("round %d: %s: lease expired for %s", book.plan.round, what, sorted(pending))
+                return
+            self.lock.wait(timeout=min(0.5, until - now))
+
+    def _secure_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        """The round's stages under secure aggregation; an Abort ends the attempt with its reason (RoundResult
+        secagg_abort), the decoded sum is RoundResult.secure."""
+        sa = self.secagg or SecAggConfig(enabled=True)
+        deadline = time.monotonic() + timeout_s
+        key_until = min(deadline, time.monotonic() + sa.key_timeout_s)
+        book = self.book
+        s = book.session
+        secure = None
+        try:
+            with self.lock:
+                self._wait(book, lambda: book.sampled - set(s.clients) - book.rejected, key_until, "advertise keys")
+                s.close_advertise()
+                self.lock.notify_all()
+                key_until = min(deadline, time.monotonic() + sa.key_timeout_s)
+                self._wait(book, lambda: {c for c in s.u1 if s.clients[c].shares is None}, key_until, "share keys")
+                s.close_share_keys()
+                self.lock.notify_all()
+                self._wait(book, lambda: self._masked_pending(book), deadline, "masked vectors")
+                s.close_masked_input()
+                s.stage = "journal"  # no unmask request goes out before the survivors are journaled
+            if plan.on_unmask is not None:
+                plan.on_unmask(list(s.u3))  # journaled before any unmask request can be answered
+            with self.lock:
+                book.unmasked = True
+                s.stage = "unmask"
+                self.lock.notify_all()
+                self._wait(book, lambda: {c for c in s.u3 if s.clients[c].reply is None},
+                           time.monotonic() + sa.unmask_timeout_s, "unmask")
+                secure = s.finish()
+        except Abort as e:
+            log.warning("round %d: %s", plan.round, e)
+            book.abort = str(e)
+        except BaseException:
+            with self.lock:
+                self.book = None
+            raise
+        finally:
+            with self.lock:
+                if secure is None and not book.abort:
+                    book.abort = "interrupted"
+                if s.stage != "closed":
+                    s.stage = "closed"
+                self.book = None  # late messages for this attempt are refused from here on
+                self.lock.notify_all()
+        res = self._result(book)
+        res.secure = secure
+        return res
+
+    def _masked_pending(self, book: _RoundBook) -> set[str]:
+        """Clients of U2 whose masked vector is still due (the straggler rule applies as in a plain round)."""
+        s, plan = book.session, book.plan
+        pending = set(s.u2) - set(book.updates) - book.rejected
+        if pending and (grace := self.cfg.straggler_timeout_s) > 0 and len(book.updates) >= plan.min_clients:
+            now = time.monotonic()
+            book.quorum_at = book.quorum_at or now
+            if now - book.quorum_at >= grace:
+                log.warning("round %d: not waiting for %s (straggler_timeout_s)", plan.round, sorted(pending))
+                return set()
+        return pending
+
+    def SecAgg(self, request, context):
+        req = wire.from_proto(request)
+        cid = self._caller(context, req.client_id)
+        if len(req.body) > wire.SECAGG_MAX_BODY or len(req.stage) > 32:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"secagg message of {len(req.body)} bytes; at most "
+                          f"{wire.SECAGG_MAX_BODY}")
+        try:
+            body = json.loads(req.body) if req.body else None
+        except (ValueError, UnicodeDecodeError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "secagg body is not JSON")
+        reply = lambda kind, data=None, reason="": wire.to_proto(wire.SecAggReply(
+            kind, json.dumps(data, separators=(",", ":")).encode() if data is not None else b"",
+            SECAGG_POLL_S / 10 if kind == wire.SECAGG_WAIT else 0.0, safe_str(reason, 500)))
+        with self.lock:
+            book = self.book
+            task = book.tasks.get(cid) if book is not None else None
+            if book is None or book.session is None or task is None or not task.pulled or task.task_id != req.task_id:
+                return reply(wire.SECAGG_ABORT, reason=f"no open secure-aggregation task {safe_str(req.task_id, 40)} "
+                                                       f"for {cid} (the attempt ended); pull the next task")
+            s = book.session
+            book.bytes_up += request.ByteSize()
+            try:
+                if req.stage == "advertise":
+                    adv = Advertise.from_dict(body)
+                    if s.params.weights == "examples" and adv.weight > self.declared_examples.get(cid, adv.weight):
+                        raise ProtocolError(f"weight {adv.weight} exceeds the {self.declared_examples[cid]} training "
+                                            "examples declared at Join")
+                    s.advertise(cid, adv)
+                elif req.stage == "share_keys":
+                    s.share_keys(cid, _cts_from_dict(body, "shares"))
+                elif req.stage == "report":
+                    s.report(cid, str(body)[:300])
+                elif req.stage == "unmask":
+                    if s.stage != "unmask":
+                        raise ProtocolError("no unmask is open")
+                    s.unmask(cid, UnmaskReply.from_dict(body))
+                elif req.stage in ("roster", "inbox", "unmask_request"):
+                    return self._poll(book, cid, req.stage, reply, context)
+                else:
+                    raise ProtocolError(f"unknown secagg stage {safe_str(req.stage, 32)}")
+            except ProtocolError as e:
+                log.warning("round %d: secagg %s from %s refused: %s", book.plan.round, safe_str(req.stage, 32), cid, e)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, safe_str(str(e), 500))
+            self.lock.notify_all()
+        return reply(wire.SECAGG_ACK)
+
+    def _poll(self, book: _RoundBook, cid: str, stage: str, reply, context):
+        """Under self.lock: the client's message of `stage` once it is out (WAIT after SECAGG_POLL_S)."""
+        s = book.session
+        ready = {"roster": lambda: bool(s.u1), "inbox": lambda: bool(s.u2),
+                 "unmask_request": lambda: s.stage == "unmask"}[stage]
+        until = time.monotonic() + min(SECAGG_POLL_S, max(0.0, (context.time_remaining() or SECAGG_POLL_S) - 1))
+        while not ready() and self.book is book and not book.abort and time.monotonic() < until:
+            self.lock.wait(timeout=min(0.5, until - time.monotonic()))
+        if self.book is not book or book.abort:
+            return reply(wire.SECAGG_ABORT, reason=book.abort or "the attempt ended")
+        if not ready():
+            return reply(wire.SECAGG_WAIT)
+        members = {"roster": s.u1, "inbox": s.u2, "unmask_request": s.u3}[stage]
+        if cid not in members:
+            return reply(wire.SECAGG_ABORT, reason=f"{cid} is not among the clients of this stage; pull the next task")
+        data = (s.roster_for(cid).to_dict() if stage == "roster" else _cts_to_dict(s.inbox_for(cid)) if stage == "inbox"
+                else s.unmask_request_for(cid).to_dict())
+        out = reply(wire.SECAGG_DATA, data)
+        book.bytes_down += out.ByteSize()
+        return out
 
     # -- RPCs -----------------------------------------------------------------------------------
     def _caller(self, context: grpc.ServicerContext, claimed: str) -> str:
@@ -342,6 +523,16 @@ class GrpcTransport(wire.CoordinatorServicer):
                     book.plan.check_update(cid, update, max_examples=self.declared_examples.get(cid))
             except UpdateRejected as e:
                 refused = safe_str(str(e), 1000)
+            if refused is None and book.session is not None:  # a masked vector: into this attempt's sum
+                if book.session.stage != "masked_input" or cid not in book.session.u2:
+                    return wire.to_proto(wire.PushReply(False, f"{cid}: no masked vector is due from you in this "
+                                                               "attempt (its stage closed); dropped, pull the next task"))
+                y = update.tensors[MASKED].numpy()
+                try:
+                    book.session.masked_input(cid, y.view(np.uint32 if y.dtype == np.int32 else np.uint64),
+                                              update.num_examples)
+                except ProtocolError as e:
+                    refused = safe_str(str(e), 1000)
             if refused is not None:
                 book.rejected.add(cid)
             else:
@@ -385,8 +576,9 @@ def start_grpc_server(transport: GrpcTransport, address: str, cfg: ServerSection
     """A grpc.Server with the auth interceptor, message limits, TLS (if configured) and health service.
 
     Streams hold a worker thread each; at most one upload and one download per client are open at a time, so
-    2 × roster threads can be parked and `workers` more stay free for unary RPCs and the health service."""
-    workers += 2 * len(transport.roster)
+    2 × roster threads can be parked and `workers` more stay free for unary RPCs and the health service; with
+    secure aggregation each client may park one more in a SecAgg poll."""
+    workers += (3 if transport.secagg else 2) * len(transport.roster)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[transport.auth],
                          options=wire.channel_options(), maximum_concurrent_rpcs=workers * 4)
     wire.add_servicer(server, transport)

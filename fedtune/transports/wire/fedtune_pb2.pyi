@@ -206,3 +206,39 @@ class HeartbeatReply(_message.Message):
     run_finished: bool
     cancel_task: bool
     def __init__(self, known: _Optional[bool] = ..., heartbeat_interval_s: _Optional[float] = ..., run_finished: _Optional[bool] = ..., cancel_task: _Optional[bool] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("client_id", "task_id", "stage", "body")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    task_id: str
+    stage: str
+    body: bytes
+    def __init__(self, client_id: _Optional[str] = ..., task_id: _Optional[str] = ..., stage: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("kind", "body", "retry_after_s", "reason")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[SecAggReply.Kind]
+        ACK: _ClassVar[SecAggReply.Kind]
+        WAIT: _ClassVar[SecAggReply.Kind]
+        DATA: _ClassVar[SecAggReply.Kind]
+        ABORT: _ClassVar[SecAggReply.Kind]
+    KIND_UNSPECIFIED: SecAggReply.Kind
+    ACK: SecAggReply.Kind
+    WAIT: SecAggReply.Kind
+    DATA: SecAggReply.Kind
+    ABORT: SecAggReply.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: SecAggReply.Kind
+    body: bytes
+    retry_after_s: float
+    reason: str
+    def __init__(self, kind: _Optional[_Union[SecAggReply.Kind, str]] = ..., body: _Optional[bytes] = ..., retry_after_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...

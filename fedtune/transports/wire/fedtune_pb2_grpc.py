@@ -55,6 +55,11 @@ class CoordinatorStub:
                 request_serializer=fedtune_dot_v1_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=fedtune_dot_v1_dot_fedtune__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/fedtune.v1.Coordinator/SecAgg',
+                request_serializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -89,6 +94,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Secure aggregation ([secagg]): one message of the SecAgg+ key and unmask stages for the caller's open task,
+        answered with what the client needs next; a poll waits (bounded) for its stage to close. The masked vector
+        itself travels on PushUpdate (tensor "secagg/y").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=fedtune_dot_v1_dot_fedtune__pb2.HeartbeatRequest.FromString,
                     response_serializer=fedtune_dot_v1_dot_fedtune__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggRequest.FromString,
+                    response_serializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class Coordinator:
             '/fedtune.v1.Coordinator/Heartbeat',
             fedtune_dot_v1_dot_fedtune__pb2.HeartbeatRequest.SerializeToString,
             fedtune_dot_v1_dot_fedtune__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Coordinator/SecAgg',
+            fedtune_dot_v1_dot_fedtune__pb2.SecAggRequest.SerializeToString,
+            fedtune_dot_v1_dot_fedtune__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

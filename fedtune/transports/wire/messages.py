@@ -65,6 +65,27 @@ class PushReply:
     reason: str = ""
 
 
+@dataclass
+class SecAggRequest:
+    client_id: str
+    task_id: str
+    stage: str
+    body: bytes = b""
+
+
+@dataclass
+class SecAggReply:
+    kind: int  # SECAGG_ACK | SECAGG_WAIT | SECAGG_DATA | SECAGG_ABORT
+    body: bytes = b""
+    retry_after_s: float = 0.0
+    reason: str = ""
+
+
+SECAGG_ACK, SECAGG_WAIT, SECAGG_DATA, SECAGG_ABORT = (pb2.SecAggReply.ACK, pb2.SecAggReply.WAIT, pb2.SecAggReply.DATA,
+                                                      pb2.SecAggReply.ABORT)
+SECAGG_MAX_BODY = 1 << 20  # one stage's message: ~200 B per neighbour, so 1 MiB is thousands of neighbours
+
+
 # Dataclass ⇄ message pairs; field names are identical on both sides.
 _PAIRS: dict[type, type[Message]] = {
     Limits: pb2.ServerLimits,
@@ -74,10 +95,13 @@ _PAIRS: dict[type, type[Message]] = {
     HeartbeatRequest: pb2.HeartbeatRequest,
     HeartbeatReply: pb2.HeartbeatReply,
     PushReply: pb2.PushReply,
+    SecAggRequest: pb2.SecAggRequest,
+    SecAggReply: pb2.SecAggReply,
 }
 _DATACLASS = {m: d for d, m in _PAIRS.items()}
 
-Unary = JoinRequest | JoinReply | TaskRequest | HeartbeatRequest | HeartbeatReply | PushReply
+Unary = (JoinRequest | JoinReply | TaskRequest | HeartbeatRequest | HeartbeatReply | PushReply | SecAggRequest
+         | SecAggReply)
 
 
 def to_proto(obj: Unary) -> Message:
