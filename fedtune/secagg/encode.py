@@ -4,8 +4,9 @@
     y = w·q mod 2^b                           (w: the client's public integer weight; 1 for an unweighted part)
 
 Read as a signed b-bit integer, Σ_u y_u is exact as long as T·(s·c + 1) ≤ 2^(b−1) − 1, T = Σ w over the clients that
-advertised keys (a superset of those whose vectors are summed): `scales` picks the largest such s (capped at 2^52/c,
-where float64 stops resolving the rounding), so no sum can wrap. The decoded weighted mean Σ_u w_u q_u / (s·Σ_u w_u)
+advertised keys (a superset of those whose vectors are summed): `scales` picks s = (⌊(2^(b−1) − 1)/T⌋ − 2)/c (integer
+headroom, so float rounding of s·x cannot reach the edge), capped at 2^50/c so that s·x and its fractional part are
+exact in float64 and the rounding stays unbiased; no sum can wrap. The decoded weighted mean Σ_u w_u q_u / (s·Σ_u w_u)
 differs from the plain Σ_u w_u x_u / Σ_u w_u by less than 1/s per coordinate (an unweighted sum: by less than n/s);
 `error_bound` states it. Integer parts (counts) travel with s = 1 and are exact.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_FLOAT_SCALE = 2.0**52
+MAX_FLOAT_SCALE = 2.0**50
 BITS = (32, 64)
 
 
@@ -83,11 +84,11 @@ def scales(layout: Layout, bits: int, total_weight: int, n_clients: int) -> list
     for p in layout:
         total = total_weight if p.weighted else n_clients
         if p.integer:
-            if total * p.clip > lim:
+            if total * math.floor(p.clip) > lim:
                 raise EncodingError(f"secagg: part {p.name} sums {total} × {p.clip:g} > 2^{bits - 1}; use bits = 64")
             out.append(1.0)
             continue
-        s = min((lim / total - 1) / p.clip, MAX_FLOAT_SCALE / p.clip)
+        s = min((lim // total - 2) / p.clip, MAX_FLOAT_SCALE / p.clip)
         if s < 1:
             raise EncodingError(f"secagg: a {bits}-bit ring cannot hold {total} × clip {p.clip:g} for {p.name} "
                                 "with any precision; use bits = 64 or a smaller clip")
@@ -115,13 +116,15 @@ def encode(parts: Mapping[str, np.ndarray], layout: Layout, part_scales: Sequenc
         x = x.reshape(-1)
         if not np.isfinite(x).all():
             raise EncodingError(f"secagg: part {p.name} holds NaN/inf; refusing to encode it")
-        clipped += int((np.abs(x) > p.clip).sum())
-        x = np.clip(x, -p.clip, p.clip)
+        c = math.floor(p.clip) if p.integer else p.clip
+        clipped += int((np.abs(x) > c).sum())
+        x = np.clip(x, -c, c)
         if p.integer:
             q = np.rint(x).astype(np.int64)
-        else:
+        else:  # |s·x| ≤ 2^50: s·x − ⌊s·x⌋ is exact, so P(round up) is exactly the fractional part
             sx = x * s
-            q = np.floor(sx + rng.random(sx.shape)).astype(np.int64)
+            fl = np.floor(sx)
+            q = (fl + (rng.random(sx.shape) < sx - fl)).astype(np.int64)
         if p.weighted:
             q *= int(weight)
         out.append(q)
@@ -147,10 +150,11 @@ def decode(z: np.ndarray, layout: Layout, part_scales: Sequence[float], *, total
         block = v[i:i + p.size]
         i += p.size
         total = max_weight_total if p.weighted else n_clients
-        lim = total * (s * p.clip + (0 if p.integer else 1))
-        if block.size and float(np.abs(block).max()) > lim:
-            raise EncodingError(f"secagg: the decoded sum of {p.name} reaches {float(np.abs(block).max()):.3g}, more "
-                                f"than honest clients can send ({lim:.3g}): a client sent an out-of-range vector")
+        lim = int(total * (math.floor(p.clip) if p.integer else s * p.clip + 1))  # exact ints: -2^63 is caught too
+        if block.size and (int(block.max()) > lim or int(block.min()) < -lim):
+            worst = max(int(block.max()), -int(block.min()))
+            raise EncodingError(f"secagg: the decoded sum of {p.name} reaches {worst:.3g}, more than honest clients "
+                                f"can send ({lim:.3g}): a client sent an out-of-range vector")
         x = block.astype(np.float64) / s
         if p.weighted:
             x /= total_weight

@@ -148,7 +148,7 @@ class RoundParams:
         thr = d["threshold"]
         if not isinstance(thr, float | int) or isinstance(thr, bool) or not 0.5 <= thr <= 1:
             raise ProtocolError(f"secagg threshold must be in [0.5, 1], got {str(thr)[:20]}")
-        if d["bits"] not in (32, 64) or d["weights"] not in ("examples", "uniform"):
+        if type(d["bits"]) is not int or d["bits"] not in (32, 64) or d["weights"] not in ("examples", "uniform"):
             raise ProtocolError("secagg bits must be 32 or 64 and weights examples or uniform")
         if not isinstance(d["layout"], list) or not 0 < len(d["layout"]) <= 4096:
             raise ProtocolError("secagg layout must be a list of 1–4096 parts")
@@ -158,6 +158,8 @@ class RoundParams:
             raise ProtocolError(str(e)) from None
         if length(layout) > 2**31:
             raise ProtocolError("secagg layout is larger than 2^31 elements")
+        if len({p.name for p in layout}) != len(layout):
+            raise ProtocolError("secagg layout repeats a part name")
         return cls(_id(d["run"], "run"), _int(d["round"], "round", 0, 2**31), _int(d["attempt"], "attempt", 0, 2**31),
                    d["bits"], float(thr), _int(d["degree"], "degree", 0, MAX_CLIENTS), d["weights"],
                    _int(d["max_weight"], "max_weight", 1, 2**40), layout,
