@@ -310,7 +310,7 @@ def check_hardware(m: ModelSection) -> None:
         raise ConfigError(str(e)) from None
 
 
-def check_secagg(cfg: RunConfig, algo, privacy, robust) -> None:
+def check_secagg(cfg: RunConfig, algo, robust) -> None:
     """ConfigError when [secagg] is on with something it cannot work with, saying why and what to use."""
     sa = cfg.secagg_config()
     if not sa.enabled:
@@ -326,10 +326,6 @@ def check_secagg(cfg: RunConfig, algo, privacy, robust) -> None:
         raise ConfigError("[secagg] and [robust] cannot be used together: robust aggregation bounds, clips or trims "
                           "each client's update, and under secure aggregation the coordinator never sees one. "
                           "Turn one off (secagg protects the updates' privacy, robust the model's integrity)")
-    if privacy.mode == "client":
-        raise ConfigError("[secagg] with [privacy] mode = \"client\" is not supported yet (client-level DP clips and "
-                          "noises individual updates on the coordinator); use mode = \"sample\" (each client's "
-                          "DP-SGD) with secure aggregation")
     f = cfg.federation
     per_round = min(f.num_clients, max(f.min_clients, round(f.fraction * f.num_clients)))  # engine.clients_per_round
     _require(per_round >= sa.min_survivors,
@@ -373,8 +369,9 @@ def validate(cfg: RunConfig) -> None:
     ac = cfg.algorithm_config()  # validates the algorithm name and its settings
     if problem := get_algorithm(cfg.run.algorithm, ac).holding_problem(cfg.model.quantization, cfg.model.dtype):
         raise ConfigError(problem)
-    pc, rc = cfg.privacy_config(), cfg.robust_config()
-    check_secagg(cfg, get_algorithm(cfg.run.algorithm, ac), pc, rc)
+    cfg.privacy_config()
+    rc = cfg.robust_config()
+    check_secagg(cfg, get_algorithm(cfg.run.algorithm, ac), rc)
     sv = cfg.section("server", ServerSection)
     _require(isinstance(sv.max_examples_per_client, int) and sv.max_examples_per_client >= 0,
              f"server.max_examples_per_client must be an integer ≥ 0 (0 = no cap), got {sv.max_examples_per_client!r}")

@@ -455,6 +455,11 @@ class FedAlgorithm(ABC):
         spec = self.expected_update(state, train)
         return tuple(Part(k, tuple(spec.tensors[k].shape), clip) for k in sorted(spec.tensors))
 
+    def secure_l2_clip(self) -> float:
+        """An L2 bound each client scales its whole secure vector to before encoding (client-level DP under secure
+        aggregation: the clipping the coordinator can no longer do); 0: none."""
+        return 0.0
+
     def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
                      updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict[str, float]]:
         """New global state from the decoded secure sum: `parts` as secure_layout names them (weighted parts:

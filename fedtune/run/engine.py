@@ -188,7 +188,7 @@ class RoundEngine:
         return RoundParams(run=self.cfg.run_id or "run", round=rnd, attempt=attempt, bits=bits,
                            threshold=sa.threshold, degree=sa.degree,
                            weights="uniform" if self.algo.uniform_weights else "examples", max_weight=max_w,
-                           layout=layout, min_survivors=sa.min_survivors)
+                           layout=layout, min_survivors=sa.min_survivors, l2_clip=self.algo.secure_l2_clip())
 
     def instruction_for(self, cid: str, version: int) -> Instruction:
         """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).

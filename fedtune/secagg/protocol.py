@@ -123,6 +123,7 @@ class RoundParams:
     max_weight: int
     layout: Layout
     min_survivors: int = 3
+    l2_clip: float = 0.0  # > 0: each client scales its whole vector to L2 ≤ l2_clip before encoding (client-level DP)
 
     @property
     def ctx(self) -> bytes:
@@ -135,17 +136,19 @@ class RoundParams:
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run, "round": self.round, "attempt": self.attempt, "bits": self.bits,
                 "threshold": self.threshold, "degree": self.degree, "weights": self.weights,
-                "max_weight": self.max_weight, "min_survivors": self.min_survivors,
+                "max_weight": self.max_weight, "min_survivors": self.min_survivors, "l2_clip": self.l2_clip,
                 "layout": [p.to_dict() for p in self.layout]}
 
     @classmethod
     def from_dict(cls, d: Any) -> RoundParams:
         d = _dict(d, "secagg params", 16)
         keys = {"run", "round", "attempt", "bits", "threshold", "degree", "weights", "max_weight", "min_survivors",
-                "layout"}
+                "layout", "l2_clip"}
         if set(d) != keys:
             raise ProtocolError(f"secagg params need exactly {sorted(keys)}, got {sorted(map(str, d))[:12]}")
-        thr = d["threshold"]
+        thr, l2 = d["threshold"], d["l2_clip"]
+        if not isinstance(l2, float | int) or isinstance(l2, bool) or not 0 <= l2 < math.inf:
+            raise ProtocolError(f"secagg l2_clip must be a number ≥ 0, got {str(l2)[:20]}")
         if not isinstance(thr, float | int) or isinstance(thr, bool) or not 0.5 <= thr <= 1:
             raise ProtocolError(f"secagg threshold must be in [0.5, 1], got {str(thr)[:20]}")
         if type(d["bits"]) is not int or d["bits"] not in (32, 64) or d["weights"] not in ("examples", "uniform"):
@@ -163,7 +166,7 @@ class RoundParams:
         return cls(_id(d["run"], "run"), _int(d["round"], "round", 0, 2**31), _int(d["attempt"], "attempt", 0, 2**31),
                    d["bits"], float(thr), _int(d["degree"], "degree", 0, MAX_CLIENTS), d["weights"],
                    _int(d["max_weight"], "max_weight", 1, 2**40), layout,
-                   _int(d["min_survivors"], "min_survivors", 2, MAX_CLIENTS))
+                   _int(d["min_survivors"], "min_survivors", 2, MAX_CLIENTS), float(l2))
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,10 @@ class ClientSession:
         """(y_u [m] in the ring, coordinates clipped)."""
         self._expect("received")
         p = self.params
+        if p.l2_clip > 0:  # client-level DP: this client's contribution has L2 norm ≤ C
+            norm = math.sqrt(sum(float(np.square(np.asarray(v, np.float64)).sum()) for v in parts.values()))
+            if norm > p.l2_clip:
+                parts = {k: np.asarray(v, np.float64) * (p.l2_clip / norm) for k, v in parts.items()}
         try:
             y, clipped = encode(parts, p.layout, self.scales, self.weight, p.bits,
                                 rng if rng is not None else np.random.default_rng(secrets.randbits(128)))
@@ -632,8 +639,13 @@ class ServerSession:
 
         def rebuild(v: str, pts: list[tuple[int, int, str]], check, what: str) -> bytes:
             t = self.clients[v].t
-            try:
-                secret, wrong = crypto.recover([(x, y) for x, y, _ in pts], t, check)
+            try:  # t + 1 shares find (and name) one wrong share cheaply; all of them only when that fails
+                try:
+                    secret, wrong = crypto.recover([(x, y) for x, y, _ in pts[:t + 1]], t, check)
+                except crypto.CryptoError:
+                    if len(pts) <= t + 1:
+                        raise
+                    secret, wrong = crypto.recover([(x, y) for x, y, _ in pts], t, check)
             except crypto.CryptoError as e:
                 raise Abort("unmask", f"cannot rebuild {what} of {v} from {len(pts)} shares (threshold {t}): {e}",
                             sorted(c for *_, c in pts)) from None

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedtune.algorithms.api import (
@@ -17,6 +18,7 @@ from fedtune.algorithms.api import (
     FedAlgorithm,
     GlobalState,
     MetricRange,
+    Part,
     Payload,
     UpdateSpec,
 )
@@ -81,3 +83,17 @@ class Wrapper(FedAlgorithm):
 
     def make_client(self) -> ClientAlgorithm:
         return self.inner.make_client()
+
+    @property
+    def uniform_weights(self) -> bool:
+        return self.inner.uniform_weights
+
+    def secure_layout(self, state: GlobalState, train: dict[str, Any], clip: float) -> tuple[Part, ...]:
+        return self.inner.secure_layout(state, train, clip)
+
+    def secure_l2_clip(self) -> float:
+        return self.inner.secure_l2_clip()
+
+    def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
+                     updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict[str, float]]:
+        return self.inner.apply_secure(rnd, state, parts, updates)

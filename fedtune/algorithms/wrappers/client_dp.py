@@ -12,15 +12,16 @@ without noise_seed) drawn from a generator seeded with 128 bits from the OS each
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, Part, TensorDict
 from fedtune.algorithms.registry import with_capability
 from fedtune.algorithms.wrappers.base import Wrapper
 from fedtune.privacy.accounting import Accountant, noise_for_target
@@ -96,11 +97,56 @@ class ClientLevelDP(Wrapper):
         return self.accountant(state).would_exceed(self.privacy.target_epsilon, self.delta,
                                                     self.noise_multiplier, self.sample_rate)
 
+    # ---- under secure aggregation: clients clip (L2 ≤ C), the coordinator noises the decoded sum ----------------
+    @property
+    def uniform_weights(self) -> bool:
+        return True  # DP-FedAvg sums the clipped changes unweighted
+
+    def secure_layout(self, state: GlobalState, train: dict[str, Any], clip: float) -> tuple[Part, ...]:
+        """The inner method's parts as plain sums, each coordinate bounded by C (‖Δ‖₂ ≤ C bounds every coordinate)."""
+        C = self.privacy.clip_norm
+        return tuple(dataclasses.replace(p, weighted=False, clip=min(p.clip, C))
+                     for p in self.inner.secure_layout(state, train, clip))
+
+    def secure_l2_clip(self) -> float:
+        return self.privacy.clip_norm
+
+    def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
+                     updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict[str, float]]:
+        """θ_g' = θ_g + (Σ_k clip_C(Δ_k) + N(0, σ²C²))/m from the decoded sum (the inner method's apply_secure takes
+        the noised mean change), one accountant step as `aggregate`."""
+        C, sigma = self.privacy.clip_norm, self.noise_multiplier
+        z = self._noise_source(state, rnd)
+        means = {k: (v.to(torch.float64) + z(tuple(v.shape)) * (sigma * C)) / self.clients_per_round
+                 for k, v in sorted(parts.items())}
+        new, metrics = self.inner.apply_secure(rnd, state, means, updates)
+        return self._charge(state, new, sigma, metrics)
+
+    def _noise_source(self, state: GlobalState, rnd: int):
+        """shape ↦ standard normal float64 noise: from the run's seeded stream for this round, or (os_noise) from a
+        generator seeded with 128 bits from the OS, never stored."""
+        if self.os_noise:
+            rng = np.random.default_rng(secrets.randbits(128))
+            return lambda shape: torch.as_tensor(rng.standard_normal(shape), dtype=torch.float64)
+        g = torch.Generator().manual_seed(int(state.meta.get(META_SEED, 0)) * 1_000_003 + rnd)
+        return lambda shape: torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def _charge(self, state: GlobalState, new: GlobalState, sigma: float, metrics: dict) -> tuple[GlobalState, dict]:
+        acc = self.accountant(state)
+        acc.step(sigma, self.sample_rate)
+        meta = dict(new.meta)
+        meta[META_ACCOUNTANT] = acc.state_dict()
+        return (GlobalState(version=new.version, tensors=new.tensors, meta=meta),
+                {**metrics, "epsilon": acc.epsilon(self.delta), "delta": self.delta, "noise_multiplier": sigma})
+
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         if not updates:
             raise ValueError("aggregate called with no client updates")
         C, sigma = self.privacy.clip_norm, self.noise_multiplier
-        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.tensors.items()}
+        # the tensors the updates replace (validated: every update carries the same ones); the others (Fed-SB's frozen
+        # A, B) are not aggregated, so they are neither noised nor changed
+        total = {k: torch.zeros_like(state.tensors[k], dtype=torch.float64) for k in updates[0].tensors
+                 if k in state.tensors}
         for u in updates:
             extra = sorted(set(u.tensors) - set(state.tensors))
             if extra:
@@ -109,18 +155,9 @@ class ClientLevelDP(Wrapper):
             clipped, _ = clip_update(delta, C)  # raw norms are not private: never reported
             for k, t in clipped.items():
                 total[k] += t
-        g = torch.Generator().manual_seed(int(state.meta.get(META_SEED, 0)) * 1_000_003 + rnd)
-        os_rng = np.random.default_rng(secrets.randbits(128)) if self.os_noise else None
-        new: TensorDict = {}
+        z = self._noise_source(state, rnd)
+        new: TensorDict = dict(state.tensors)
         for k in sorted(total):
-            z = (torch.as_tensor(os_rng.standard_normal(tuple(total[k].shape)), dtype=torch.float64) if os_rng is not None
-                 else torch.randn(total[k].shape, generator=g, dtype=torch.float64))
-            noise = z * (sigma * C)
-            mean = (total[k] + noise) / self.clients_per_round
+            mean = (total[k] + z(tuple(total[k].shape)) * (sigma * C)) / self.clients_per_round
             new[k] = (state.tensors[k].double() + mean).to(state.tensors[k].dtype)
-        acc = self.accountant(state)
-        acc.step(sigma, self.sample_rate)
-        meta = dict(state.meta)
-        meta[META_ACCOUNTANT] = acc.state_dict()
-        metrics = {"epsilon": acc.epsilon(self.delta), "delta": self.delta, "noise_multiplier": sigma}
-        return GlobalState(version=state.version + 1, tensors=new, meta=meta), metrics
+        return self._charge(state, GlobalState(version=state.version + 1, tensors=new, meta=dict(state.meta)), sigma, {})
