@@ -429,6 +429,32 @@ class ClientSession:
         self.held, self.own = {}, (0, 0)
         self.stage = "done"
 
+    # A transport whose client handles each message in a fresh process (Flower) keeps the session between messages
+    # in the client's own memory-only state (Flower's Context.state), as these JSON-able values.
+    def to_state(self) -> dict[str, Any]:
+        return {"stage": self.stage, "c_sk": _b64(self.c_sk), "s_sk": _b64(self.s_sk), "b": _b64(self.b),
+                "c_pk": _b64(self.c_pk), "s_pk": _b64(self.s_pk), "weight": self.weight, "t": self.t,
+                "roster": self.roster.to_dict() if self.roster is not None else None, "own": [str(v) for v in self.own],
+                "held": {v: [str(b), str(s)] for v, (b, s) in self.held.items()}}
+
+    @classmethod
+    def from_state(cls, cid: str, params: RoundParams, st: dict[str, Any], unmasked: set[bytes]) -> ClientSession:
+        """The session saved by `to_state` (this client's own record; ProtocolError when it does not parse)."""
+        self = cls.__new__(cls)
+        self.cid, self.params, self.ctx, self.unmasked = cid, params, params.ctx, unmasked
+        try:
+            self.stage, self.weight, self.t = str(st["stage"]), int(st["weight"]), int(st["t"])
+            self.c_sk, self.s_sk, self.b = (base64.b64decode(st[k]) for k in ("c_sk", "s_sk", "b"))
+            self.c_pk, self.s_pk = base64.b64decode(st["c_pk"]), base64.b64decode(st["s_pk"])
+            self.roster = Roster.from_dict(st["roster"]) if st["roster"] is not None else None
+            self.own = (int(st["own"][0]), int(st["own"][1]))
+            self.held = {v: (int(b), int(s)) for v, (b, s) in st["held"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"the saved secure-aggregation session does not parse: {e}") from None
+        if self.roster is not None:
+            self.scales = scales(params.layout, params.bits, self.roster.total_weight, self.roster.n)
+        return self
+
 
 # -- server --------------------------------------------------------------------------------------------------------
 @dataclass

@@ -23,6 +23,11 @@ Where the model lives between messages:
 The message says which version the server assumes (`from_version`); on a mismatch the client replies
 "stale" with the version it has (-1: none) and the FlowerTransport resends a setup/sync built from that
 version. Nothing is ever trained on a wrong model.
+
+Secure aggregation (train["secagg"]): the key stages arrive as query messages carrying a "fedtune.secagg" record
+(advertise, share_keys, unmask); the train message carries this client's inbox, and the reply is the masked vector.
+The client's session (its secrets) lives between messages in Flower's Context.state of this node — memory only,
+never on disk — as secaggplus_mod keeps it; a fresh process per message (deployment) gets it from there.
 """
 
 from __future__ import annotations
@@ -209,7 +214,95 @@ def check_dp_state(spec: NodeSpec, cfg: RunConfig) -> None:
                           "accountant must outlive the ClientApp process); add state-dir=\"/path\" to --node-config")
 
 
-def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> Message:
+SECAGG = "fedtune.secagg"  # the record of a secure-aggregation stage message / a client's saved session
+
+
+def _secagg_session(context: Context, params, cid: str):
+    """The session of this attempt saved in the node's Context.state (None when there is none for it)."""
+    from fedtune.secagg.protocol import ClientSession
+
+    saved = context.state.config_records.get(SECAGG) if SECAGG in context.state else None
+    if saved is None or str(saved["ctx"]) != params.ctx.hex():
+        return None
+    return ClientSession.from_state(cid, params, json.loads(str(saved["session"])), _unmasked(context))
+
+
+def _unmasked(context: Context) -> set[bytes]:
+    rec = context.state.config_records.get(SECAGG + ".done") if SECAGG + ".done" in context.state else None
+    return {bytes.fromhex(h) for h in json.loads(str(rec["ctx"]))} if rec is not None else set()
+
+
+def _save_session(context: Context, session) -> None:
+    if session.stage == "done":
+        if SECAGG in context.state:
+            del context.state[SECAGG]
+        done = sorted(c.hex() for c in session.unmasked)[-64:]  # the attempts unmasked lately: never twice
+        context.state[SECAGG + ".done"] = ConfigRecord({"ctx": json.dumps(done)})
+    else:
+        context.state[SECAGG] = ConfigRecord({"ctx": session.ctx.hex(), "session": json.dumps(session.to_state())})
+
+
+def handle_secagg_query(msg: Message, cfg: RunConfig, spec: NodeSpec, context: Context) -> Message:
+    """One key or unmask stage: advertise (a fresh session), share_keys (the roster → encrypted shares), unmask
+    (the checked request → shares). The reply's "fedtune.secagg" record holds the answer as JSON."""
+    from fedtune.secagg.protocol import ClientSession, ProtocolError, Roster, RoundParams, UnmaskRequest, _cts_to_dict
+
+    rec = msg.content.config_records[SECAGG]
+    stage, body = str(rec["stage"]), json.loads(str(rec["body"]))
+    try:
+        params = RoundParams.from_dict(body["params"])
+        if stage == "advertise":
+            with _CACHE.lock:
+                _CACHE.ensure(cfg)
+                data = _CACHE.node_data(cfg, spec, int(body.get("client_index", -1)))
+            session = ClientSession(spec.client_id, params, _unmasked(context))
+            out = session.advertise(len(data.train)).to_dict()
+        else:
+            session = _secagg_session(context, params, spec.client_id)
+            if session is None:
+                raise ProtocolError(f"no secure-aggregation session of this attempt on {spec.client_id}")
+            if stage == "share_keys":
+                out = _cts_to_dict(session.share_keys(Roster.from_dict(body["roster"])))
+            elif stage == "unmask":
+                out = session.unmask(UnmaskRequest.from_dict(body["request"])).to_dict()
+            else:
+                raise ProtocolError(f"unknown secagg stage {stage[:32]!r}")
+    except (ProtocolError, KeyError, TypeError) as e:
+        raise ValueError(f"secure aggregation, {stage[:32]}: {e}") from None  # an error reply: this client drops out
+    _save_session(context, session)
+    return Message(RecordDict({SECAGG: ConfigRecord({"stage": stage, "body": json.dumps(out)})}), reply_to=msg)
+
+
+def secure_update(msg: Message, context: Context, spec: NodeSpec):
+    """For a train message under secure aggregation: (check of the inbox before training, masking of the update)."""
+    from fedtune.secagg.protocol import MASKED, ProtocolError, RoundParams, _cts_from_dict
+
+    if SECAGG not in msg.content:
+        return None, None
+    ins, _ = serde.record_to_instruction(msg.content)
+    params = RoundParams.from_dict(ins.train.get("secagg"))
+    session = _secagg_session(context, params, spec.client_id)
+    if session is None:
+        raise ValueError(f"secure aggregation: no session of this attempt on {spec.client_id}")
+    inbox = _cts_from_dict(json.loads(str(msg.content.config_records[SECAGG]["body"]))["inbox"], "inbox")
+    if session.stage == "shared":
+        try:
+            session.receive_inbox(inbox)
+        except ProtocolError as e:
+            session.wipe()
+            _save_session(context, session)
+            raise ValueError(f"secure aggregation: {e}") from None
+
+    def mask(update, node: Node):
+        y, _ = session.masked_input(node.client.secure_vector(update, params.layout))
+        _save_session(context, session)
+        ring = torch.from_numpy(y.view("<i4" if params.bits == 32 else "<i8"))
+        return dataclasses.replace(update, tensors={MASKED: ring})
+
+    return session, mask
+
+
+def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None, secure=None) -> Message:
     """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply. The instruction
     (input from another organisation) is checked first, before anything is loaded, set up or synced."""
     ins, from_version = serde.record_to_instruction(msg.content)
@@ -247,6 +340,8 @@ def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None) -> 
             _CACHE.nodes.popitem(last=False)
         data = _CACHE.node_data(cfg, spec, serde.record_client_index(msg.content))
         update = node.train(data.train, _CACHE.tok.pad_token_id, ins.train, client_id=cid)
+        if secure is not None:  # the masked vector instead of the update
+            update = secure(update, node)
         if store is not None and cached.plog is not None:
             cached.plog.client_state = node.client.state_dict()
             store.save(cached.plog)
@@ -270,7 +365,9 @@ def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        _, spec = spec_of(context)
+        run_cfg, spec = spec_of(context)
+        if SECAGG in msg.content:
+            return handle_secagg_query(msg, run_cfg, spec, context)
         return Message(RecordDict({"fedtune": ConfigRecord({"client_id": spec.client_id})}), reply_to=msg)
 
     @app.train()
@@ -279,6 +376,7 @@ def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -
         got = str(msg.content.config_records["fedtune"]["client_id"])
         if got != spec.client_id:
             raise ValueError(f"message for {got} delivered to the node hosting {spec.client_id}")
-        return handle_train(msg, run_cfg, spec)
+        _, mask = secure_update(msg, context, spec)
+        return handle_train(msg, run_cfg, spec, secure=mask)
 
     return app

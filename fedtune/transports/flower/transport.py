@@ -19,16 +19,23 @@ round plan's `instruction_for(cid, version)` — the same rebuild the gRPC coord
 Bytes: bytes_*/payload_bytes_* are counted with fedtune.transports.wire.sizes exactly like InProcessTransport (so the
 engines compare), including resent messages. Flower's own serialized message sizes are kept in
 `self.flower_rounds` (Σ deflated object bytes; see serde.message_nbytes), with the clients that failed.
+
+Secure aggregation (plan.secagg): the transport drives a fedtune.secagg ServerSession with its own messages (not
+Flower's legacy SecAgg+ workflow): query messages for advertise and share keys, the train message with each client's
+inbox (its reply is the masked vector), a query message for the unmask. On Flower the key stages precede training
+(a node answers one message at a time), two short round trips per round.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -43,6 +50,7 @@ log = logging.getLogger("fedtune")
 TRAIN = "train"
 QUERY = "query"
 POLL_S = 0.5  # how often replies are pulled (Grid.send_and_receive waits 3 s between pulls)
+SECAGG = "fedtune.secagg"  # the record of a secure-aggregation stage (client.py)
 
 
 def exchange(grid: Grid, msgs: dict[str, Message], timeout_s: float, *, poll_s: float = POLL_S,
@@ -175,12 +183,14 @@ class FlowerTransport:
 
     # -- one round --------------------------------------------------------------------------------
     def _send(self, plan: RoundPlan, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
-              timeout: float, *, quorum: int = 0) -> dict[str, Message]:
+              timeout: float, *, quorum: int = 0, extra: dict[str, ConfigRecord] | None = None) -> dict[str, Message]:
         msgs = {}
         for cid, (ins, from_v) in batch.items():
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
             content = serde.instruction_to_record(ins, from_version=from_v, client_index=plan.index(cid))
+            if extra and cid in extra:
+                content[SECAGG] = extra[cid]
             msgs[cid] = Message(content, self.node_of[cid], TRAIN, group_id=str(plan.round))
             fl["down"] += serde.message_nbytes(content)
         straggler = self.straggler_timeout_s if quorum else 0.0
@@ -192,6 +202,8 @@ class FlowerTransport:
         fl["failed"][cid] = why
 
     def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        if plan.secagg is not None:
+            return self._secure_round(plan, timeout_s)
         rnd, instructions = plan.round, plan.instructions
         deadline = time.monotonic() + timeout_s
         res = RoundResult(updates=[])
@@ -201,9 +213,17 @@ class FlowerTransport:
             self._fail(res, fl, cid, "its Flower node is offline", rnd)
         # the versions the engine built these instructions from (it updates them only after aggregation)
         batch = {cid: (ins, plan.versions[cid]) for cid, ins in instructions.items() if cid not in gone}
+        res.updates = self._train(plan, batch, res, fl, deadline)
+        self.flower_rounds.append(fl)
+        return res
+
+    def _train(self, plan: RoundPlan, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
+               deadline: float, extra: dict[str, ConfigRecord] | None = None) -> list[ClientUpdate]:
+        """Train messages to `batch`, one resend to clients that answer "stale"; the updates that came back."""
+        rnd, updates = plan.round, []
         for attempt in range(2):
-            quorum = plan.min_clients if attempt == 0 else 0  # resends wait for the round timeout
-            replies = self._send(plan, batch, res, fl, deadline - time.monotonic(), quorum=quorum)
+            quorum = plan.min_clients if attempt == 0 and extra is None else 0  # resends wait for the round timeout
+            replies = self._send(plan, batch, res, fl, deadline - time.monotonic(), quorum=quorum, extra=extra)
             retry: dict[str, tuple[Instruction, int]] = {}
             for cid in batch:
                 reply = replies.get(cid)
@@ -233,11 +253,105 @@ class FlowerTransport:
                     continue
                 res.bytes_up += up
                 res.payload_bytes_up += payload_nbytes(update.tensors)
-                res.updates.append(update)
+                updates.append(update)
             if not retry:
                 break
             fl["resyncs"] += len(retry)
             self.resyncs += len(retry)
             batch = retry
+        return updates
+
+    # -- secure aggregation ---------------------------------------------------------------------
+    def _ask(self, plan: RoundPlan, stage: str, bodies: dict[str, dict], res: RoundResult, fl: dict,
+             timeout: float) -> dict[str, Any]:
+        """A secagg stage as query messages (body per client); client → its answer (JSON), failures logged."""
+        msgs = {c: Message(RecordDict({SECAGG: ConfigRecord({"stage": stage, "body": json.dumps(b)})}),
+                           self.node_of[c], QUERY, group_id=str(plan.round)) for c, b in bodies.items()}
+        for m in msgs.values():
+            n = serde.message_nbytes(m.content)
+            fl["down"] += n
+            res.bytes_down += n
+        out = {}
+        for c, r in exchange(self.grid, msgs, timeout, poll_s=self.poll_s).items():
+            if r.has_error():
+                self._fail(res, fl, c, f"secagg {stage}: {_error_text(r)}", plan.round)
+                continue
+            try:
+                n = serde.message_nbytes(r.content)
+                fl["up"] += n
+                res.bytes_up += n
+                out[c] = json.loads(str(r.content.config_records[SECAGG]["body"]))
+            except Exception as e:  # noqa: BLE001 - hostile input
+                self._fail(res, fl, c, f"secagg {stage}: unusable reply ({type(e).__name__})", plan.round)
+        return out
+
+    def _secure_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        from fedtune.secagg.protocol import (
+            MASKED,
+            Abort,
+            Advertise,
+            ProtocolError,
+            ServerSession,
+            UnmaskReply,
+            _cts_from_dict,
+            _cts_to_dict,
+        )
+
+        p, rnd = plan.secagg, plan.round
+        deadline = time.monotonic() + timeout_s
+        res = RoundResult(updates=[])
+        fl: dict[str, Any] = {"round": rnd, "down": 0, "up": 0, "resyncs": 0, "failed": {}}
+        gone = self.refresh_nodes(plan.instructions)
+        for cid in sorted(gone):
+            self._fail(res, fl, cid, "its Flower node is offline", rnd)
+        s = ServerSession(p, sorted(plan.instructions), plan.min_clients, plan.secagg_require)
+        params = p.to_dict()
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        def take(stage: str, answers: dict[str, Any], put) -> None:
+            for c, a in answers.items():
+                try:
+                    put(c, a)
+                except (ProtocolError, TypeError, KeyError) as e:
+                    self._fail(res, fl, c, f"secagg {stage}: {safe_str(e, 300)}", rnd)
+
+        try:
+            live = [c for c in sorted(plan.instructions) if c not in gone]
+            take("advertise", self._ask(plan, "advertise", {c: {"params": params, "client_index": plan.index(c)}
+                                                             for c in live}, res, fl, left()),
+                 lambda c, a: s.advertise(c, Advertise.from_dict(a)))
+            s.close_advertise()
+            take("share_keys", self._ask(plan, "share_keys", {c: {"params": params, "roster": s.roster_for(c).to_dict()}
+                                                              for c in s.u1}, res, fl, left()),
+                 lambda c, a: s.share_keys(c, _cts_from_dict(a, "shares")))
+            s.close_share_keys()
+            extra = {c: ConfigRecord({"stage": "train", "body": json.dumps({"inbox": _cts_to_dict(s.inbox_for(c))})})
+                     for c in s.u2}
+            batch = {c: (plan.instructions[c], plan.versions[c]) for c in s.u2}
+            for u in self._train(plan, batch, res, fl, deadline, extra):
+                try:
+                    plan.check_update(u.client_id, u)
+                    y = u.tensors[MASKED].numpy()
+                    s.masked_input(u.client_id, y.view(np.uint32 if y.dtype == np.int32 else np.uint64),
+                                   u.num_examples)
+                except (ProtocolError, ValueError) as e:
+                    self._fail(res, fl, u.client_id, f"masked vector refused: {safe_str(e, 300)}", rnd)
+                    res.rejected.append(u.client_id)
+                    continue
+                res.updates.append(u)
+            s.close_masked_input()
+            if plan.on_unmask is not None:
+                plan.on_unmask(list(s.u3))
+            res.unmasked = True
+            take("unmask", self._ask(plan, "unmask", {c: {"params": params,
+                                                          "request": s.unmask_request_for(c).to_dict()}
+                                                      for c in s.u3}, res, fl, left()),
+                 lambda c, a: s.unmask(c, UnmaskReply.from_dict(a)))
+            res.secure = s.finish()
+        except Abort as e:
+            log.warning("round %d: %s", rnd, e)
+            res.secagg_abort = str(e)
         self.flower_rounds.append(fl)
         return res
