@@ -71,9 +71,10 @@ class SecureGrid(FakeGrid):
 def test_a_node_lost_at_any_stage_is_survived_with_a_process_per_message(tmp_path, flower_task, stage):  # noqa: F811
     """4 nodes; node 103 errors at `stage` of round 1 (before masking: left out; after sharing keys: its masks are
     removed; at the unmask: its vector is summed). Every message is handled by a fresh process."""
+    from test_flower import _specs
+
     from fedtune.run.assemble import simulate as run
     from fedtune.transports.flower.transport import FlowerTransport
-    from test_flower import _specs
 
     cfg = config.load(None, {**FAST, "federation.num_clients": 4, "federation.min_clients": 3,
                              "run.out": str(tmp_path / "f")})
