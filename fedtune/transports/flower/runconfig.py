@@ -45,7 +45,9 @@ def section_keys() -> dict[str, list[str]]:
     """section → its keys, for every section a Flower run can set."""
     from fedtune.algorithms import available, config_class
     from fedtune.algorithms.common.lora import LoRAConfig
+    from fedtune.algorithms.wrappers.robust import RobustConfig
     from fedtune.privacy.config import PrivacyConfig
+    from fedtune.secagg.config import SecAggConfig
     from fedtune.transports.flower.options import FlowerOptions
 
     def names(cls) -> list[str]:
@@ -53,7 +55,9 @@ def section_keys() -> dict[str, list[str]]:
 
     out = {name: names(cls) for name, cls in config._SECTIONS.items()}
     algos = {name: names(config_class(name)) for name in available()}
-    return out | {"lora": names(LoRAConfig)} | algos | {"privacy": names(PrivacyConfig), "flower": sorted(names(FlowerOptions))}
+    return out | {"lora": names(LoRAConfig)} | algos | {"privacy": names(PrivacyConfig), "robust": names(RobustConfig),
+                                                        "secagg": names(SecAggConfig),
+                                                        "flower": sorted(names(FlowerOptions))}
 
 
 def declared_keys() -> list[str]:
