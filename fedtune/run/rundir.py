@@ -34,7 +34,7 @@ RECORD = "run.json"
 LOCK = ".fedtune.lock"
 # what a run writes into its directory; --overwrite deletes these and nothing else
 OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints", "adapter", "merged", "plots", "tb",
-           "flower-nodes")
+           "flower-nodes", "secagg")
 
 # Settings a resume may change (they do not change what the rounds already done computed): these, the resumable
 # hardware settings (fedtune.models.settings.SETTINGS) and the method's own (FedAlgorithm.resumable, as
