@@ -47,6 +47,7 @@ from fedtune.run import checkpoint
 from fedtune.run.metrics import MetricsWriter
 from fedtune.run.secjournal import SecAggJournal
 from fedtune.secagg.config import SecAggConfig
+from fedtune.secagg.encode import EncodingError, scales
 from fedtune.secagg.protocol import MASKED, RoundParams, SecureSum
 from fedtune.transports.base import RoundPlan, RoundResult, Transport
 
@@ -179,11 +180,9 @@ class RoundEngine:
             bits = 64
             if sum(p.size for p in layout) > 2**20:
                 try:  # the largest sum the 32-bit ring must hold: every sampled client at its largest weight
-                    from fedtune.secagg.encode import scales
-
                     scales(layout, 32, max_w * len(configs), len(configs))
                     bits = 32
-                except ValueError:
+                except EncodingError:
                     pass
         return RoundParams(run=self.cfg.run_id or "run", round=rnd, attempt=attempt, bits=bits,
                            threshold=sa.threshold, degree=sa.degree,

@@ -6,6 +6,7 @@ before it is applied). Removed once the round's checkpoint is written. Holds no 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.algorithms.api import ClientUpdate
-from fedtune.fileio import save_safetensors, write_text_atomic
+from fedtune.fileio import publish, save_safetensors
 from fedtune.secagg.protocol import SecureSum
 
 
@@ -34,8 +35,21 @@ class SecAggJournal:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def _write(self, rnd: int, rec: dict[str, Any]) -> None:
+        """Atomically and durably (fsync of the file and the directory): the unmask must not overtake its record."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self._json(rnd), json.dumps(rec, sort_keys=True))
+        path = self._json(rnd)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(rec, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp)
+        os.replace(tmp, path)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def started(self, rnd: int, attempt: int) -> None:
         old = self.load(rnd) or {}
@@ -53,6 +67,11 @@ class SecAggJournal:
                                       "updates": [[u.client_id, u.num_examples, u.metrics] for u in updates]})}
         save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in secure.parts.items()},
                          self._sum(rnd), metadata=meta)
+        fd = os.open(self._sum(rnd), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the record below says it is there
+        finally:
+            os.close(fd)
         self._write(rnd, {"round": rnd, "attempt": attempt, "survivors": sorted(secure.participants), "sum": True})
 
     def load_sum(self, rnd: int) -> tuple[SecureSum, list[ClientUpdate]] | None:
