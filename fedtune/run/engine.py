@@ -251,13 +251,19 @@ class RoundEngine:
 
     def _aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]):
         """algo.aggregate, or None (logged) when it raises or writes a non-finite tensor: the attempt aborts."""
+        return self._guarded(rnd, state, lambda: self.algo.aggregate(rnd, state, updates),
+                             "aborted: aggregation failed", "; nothing written")
+
+    @staticmethod
+    def _guarded(rnd: int, state: GlobalState, step, what: str, then: str = ""):
+        """step() → (new state, metrics), or None (logged) when it raises or writes a non-finite tensor."""
         try:
-            new_state, metrics = self.algo.aggregate(rnd, state, updates)
+            new_state, metrics = step()
             for k, t in new_state.tensors.items():
                 if t is not state.tensors.get(k) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ArithmeticError(f"aggregate produced non-finite values in {k}")
+                    raise ArithmeticError(f"the aggregate has non-finite values in {k}")
         except Exception as e:  # noqa: BLE001 - a bad round must never take the coordinator down
-            log.error("round %d aborted: aggregation failed (%s: %s); nothing written", rnd, type(e).__name__, e)
+            log.error("round %d %s (%s: %s)%s", rnd, what, type(e).__name__, e, then)
             return None
         return new_state, metrics
 
@@ -403,17 +409,12 @@ class RoundEngine:
 
     def _apply_secure(self, rnd: int, state: GlobalState, secure: SecureSum, updates: list[ClientUpdate]):
         """algo.apply_secure on the decoded parts, or None (logged) when it raises or writes a non-finite tensor."""
-        try:
-            parts = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in secure.parts.items()}
-            new_state, metrics = self.algo.apply_secure(rnd, state, parts, updates)
-            for k, t in new_state.tensors.items():
-                if t is not state.tensors.get(k) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ArithmeticError(f"the secure aggregate produced non-finite values in {k}")
-        except Exception as e:  # noqa: BLE001 - a bad round must never take the coordinator down
-            log.error("round %d: applying the secure sum failed (%s: %s)", rnd, type(e).__name__, e)
+        parts = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in secure.parts.items()}
+        out = self._guarded(rnd, state, lambda: self.algo.apply_secure(rnd, state, parts, updates),
+                            "failed to apply the secure sum")
+        if out is None:
             return None
-        metrics = dict(metrics, secagg_err_bound=secure.err_bound, **secure.stats)
-        return new_state, metrics
+        return out[0], dict(out[1], secagg_err_bound=secure.err_bound, **secure.stats)
 
     def losses(self, state: GlobalState) -> dict[str, float]:
         """eval_loss and test_loss of the global model at `state` (nan when that set is not evaluated)."""
