@@ -149,7 +149,7 @@ def test_an_honest_task_still_trains(tmp_path, coordinator):
         cfg = config.load(write_run(tmp_path, rounds=1, algorithm=algorithm))
         ins = honest_task(algorithm, cfg)
         validate_instruction(ins, method(algorithm).accepts())
-        assert set(ins.train) == set(TRAIN_FIELDS) - {"privacy"} | set(method(algorithm).train_fields), algorithm
+        assert set(ins.train) == set(TRAIN_FIELDS) - {"privacy", "secagg"} | set(method(algorithm).train_fields), algorithm
     servicer, port = coordinator
     a = agent(write_run(tmp_path, rounds=1), port, 0)
     servicer.task, pushed = honest_task("fedavg", a.cfg), servicer.pushed
