@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fedtune.models.hardware import Placement
-from fedtune.secagg.encode import Part
+from fedtune.secagg.encode import Part, capped_counts  # noqa: F401 - capped_counts: part of this API
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -83,13 +83,35 @@ class TrainContext:
     on_step: Callable[[int, float], None] | None = None  # progress hook (step, loss)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorSpec:
-    """One expected update tensor: exact shape and dtype; optional inclusive value bounds (lo, hi)."""
+    """One expected update tensor: exact shape and dtype; optional inclusive value bounds (lo, hi); optional
+    magnitude bound: every element within `radius` of `near` (a tensor of the same shape, e.g. the global tensor the
+    update replaces; None: of 0). `radius` comes from what local training can do (adam_radius)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     bounds: tuple[float, float] | None = None
+    near: torch.Tensor | None = None
+    radius: float = math.inf
+
+
+# |one AdamW step| per coordinate, in units of lr, for any gradients (β1 = 0.9, β2 = 0.999, bias-corrected): by
+# Cauchy–Schwarz |m̂/√v̂| ≤ (1−β1)/√(1−β2) / √(1 − β1²/β2) ≈ 7.27 (Kingma & Ba's 3.16 is the single-spike case).
+ADAM_STEP_BOUND = 8.0
+
+
+def adam_radius(train: Mapping[str, Any], start: float) -> float:
+    """How far `steps` AdamW steps at `lr` (decoupled weight decay `weight_decay`) can move any coordinate that
+    starts at |θ| ≤ `start`: τ·lr·(B + wd·(start + τ·lr·B)), B = ADAM_STEP_BOUND. No honest first-order client of
+    fedtune (any data, DP noise, FedProx terms: AdamW normalises them all) can move a parameter further; inf when the
+    train config does not say its steps and lr."""
+    try:
+        tau, lr, wd = int(train["steps"]), float(train["lr"]), float(train.get("weight_decay", 0.0))
+    except (KeyError, TypeError, ValueError):
+        return math.inf
+    walk = tau * lr * ADAM_STEP_BOUND
+    return walk + tau * lr * wd * (start + walk)
 
 
 @dataclass
@@ -112,7 +134,7 @@ MetricRange = tuple[float, float, bool]  # (lo, hi, NaN allowed), inclusive
 # honest client can produce; NaN allowed where an honest client can report it (a client whose DP Poisson batches
 # were all empty has no train loss). A method adds its own (FedAlgorithm.metric_ranges).
 METRIC_RANGES: dict[str, MetricRange] = {
-    "train_loss": (0.0, math.inf, True),
+    "train_loss": (0.0, 1e4, True),  # cross-entropy: ln(vocabulary) ≈ 14 even for a 1M-token vocabulary
     "epsilon": (0.0, math.inf, False),
     "delta": (0.0, 1.0, False),
     "noise_multiplier": (0.0, math.inf, False),
@@ -175,6 +197,12 @@ def validate_update(spec: UpdateSpec, update: ClientUpdate, *, max_examples: int
             tmin, tmax = t.min().item(), t.max().item()
             if tmin < lo or tmax > hi:
                 raise UpdateRejected(f"{who}: {name} has values in [{tmin:g}, {tmax:g}], allowed [{lo:g}, {hi:g}]")
+        if math.isfinite(want.radius) and t.numel():
+            far = float(((t.double() - want.near.double()) if want.near is not None else t.double()).abs().max())
+            if not far <= want.radius:
+                where = "from the global model" if want.near is not None else "from 0"
+                raise UpdateRejected(f"{who}: {name} moves {far:.3g} {where}; local training as configured moves no "
+                                     f"value more than {want.radius:.3g} (a magnitude an honest client cannot send)")
     if spec.check is not None:
         spec.check(update)
 
@@ -490,6 +518,21 @@ class FedAlgorithm(ABC):
     def metrics_accepted(self) -> dict[str, MetricRange]:
         """The client metrics whose range the server checks: METRIC_RANGES and the method's own."""
         return {**METRIC_RANGES, **self.metric_ranges}
+
+
+def update_norm(kind: str, state: GlobalState, u: ClientUpdate) -> float:
+    """The size of one update, as its method measures it (Capabilities.update_norm): "delta" = ‖u − w‖₂ over its
+    tensors (each against the global tensor of the same name); "lora_product" = (Σ_m ‖B_m A_m‖_F²)^½ of a fresh LoRA
+    (FLoRA: the whole weight change; B carries the scale)."""
+    if kind == "delta":
+        return float(sum(((t.double() - state.tensors[k].double()) ** 2).sum() for k, t in u.tensors.items()) ** 0.5)
+    if kind != "lora_product":
+        raise ValueError(f"no update norm {kind!r}")
+    total = torch.zeros((), dtype=torch.float64)
+    for mod in sorted({k[:-2] for k in u.tensors}):
+        a, b = u.tensors[f"{mod}.A"].double(), u.tensors[f"{mod}.B"].double()
+        total += ((b.T @ b) * (a @ a.T)).sum().clamp(min=0)  # ‖BA‖_F² = tr(BᵀB·AAᵀ), r×r only
+    return float(total.sqrt())
 
 
 def example_weights(updates: Sequence[ClientUpdate], *, uniform: bool = False) -> list[float]:

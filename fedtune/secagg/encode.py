@@ -64,6 +64,29 @@ class Part:
 Layout = tuple[Part, ...]
 
 
+def capped_counts(counts: Mapping[str, int], cap: float) -> dict[str, int]:
+    """Example counts rewritten so that no client's weight n_k / Σ n exceeds `cap` (0 < cap < 1): the heavy clients
+    get weight `cap` each (rounded down) and the others keep their proportions (water-filling). Counts are
+    self-reported; this bounds what one claim can buy. Unchanged when no weight exceeds the cap, or when the cap
+    cannot be met (fewer than 1/cap clients)."""
+    out = dict(counts)
+    if not 0 < cap < 1 or len(out) * cap < 1:
+        return out
+    heavy: set[str] = set()
+    while True:
+        light = sum(n for c, n in out.items() if c not in heavy)
+        share = 1.0 - cap * len(heavy)
+        new = {c for c, n in out.items() if c not in heavy and n > cap / share * light * (1 + 1e-12)}
+        if not new:
+            break
+        heavy |= new
+        if cap * len(heavy) >= 1:  # every client at the cap: equal weights
+            return dict.fromkeys(out, 1)
+    light = sum(n for c, n in out.items() if c not in heavy)
+    each = max(1, math.floor(cap * light / (1.0 - cap * len(heavy)))) if heavy else 0
+    return {c: (each if c in heavy else n) for c, n in out.items()}
+
+
 def ring_dtype(bits: int) -> np.dtype:
     if bits not in BITS:
         raise EncodingError(f"the ring has 32 or 64 bits, not {bits!r}")

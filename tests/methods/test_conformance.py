@@ -77,6 +77,8 @@ def _random_update(cid: str, n: int, spec: UpdateSpec, g: torch.Generator) -> Cl
             x = torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.05
             if t.bounds is not None:
                 x = x.clamp(t.bounds[0] / 2, t.bounds[1] / 2)
+            if math.isfinite(t.radius):  # within what local training can move a value (from the global, or 0)
+                x = x.clamp(-t.radius / 2, t.radius / 2) + (t.near.double() if t.near is not None else 0.0)
             tensors[k] = x.to(t.dtype)
         else:
             lo, hi = t.bounds if t.bounds is not None else (0, 100)
@@ -207,6 +209,17 @@ def test_hostile_updates_are_refused(name):
             out = honest.tensors[k].clone()
             out.view(-1)[0] = t.bounds[1] + 1
             hostile[f"{k} out of bounds"] = mutated(**{k: out})
+    radius = [k for k in floats if math.isfinite(spec.tensors[k].radius)]
+    if algo.capabilities.update_norm:  # first-order methods bound every value by what AdamW can do (adam_radius)
+        assert radius, f"{name} declares no magnitude bound on its update"
+    for k in radius[:2]:  # finite but huge, and an honest update scaled ×1000 (issue: one update lost the whole run)
+        near = spec.tensors[k].near.double() if spec.tensors[k].near is not None else 0.0
+        for what, big in (("1e19", 1e19), ("3e38", 3e38)):
+            out = honest.tensors[k].clone()
+            out.view(-1)[0] = big
+            hostile[f"{k} entry {what}"] = mutated(**{k: out})
+        scaled = (near + 1000 * (honest.tensors[k].double() - near) + spec.tensors[k].radius).to(honest.tensors[k].dtype)
+        hostile[f"{k} ×1000"] = mutated(**{k: scaled})
     for what, u in hostile.items():
         with pytest.raises(UpdateRejected):
             validate_update(spec, u, max_examples=1000, metric_ranges=algo.metrics_accepted())

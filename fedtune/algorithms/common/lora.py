@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedtune.algorithms.api import MAX_RANK, TensorDict, TensorSpec, UpdateSpec
+from fedtune.algorithms.api import MAX_RANK, TensorDict, TensorSpec, UpdateSpec, adam_radius
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -166,10 +166,15 @@ def adapter_factors(model: nn.Module, adapter: str) -> dict[str, tuple[torch.Ten
     return {k[:-2]: (st[f"{k[:-2]}.A"], st[f"{k[:-2]}.B"]) for k in st if k.endswith(".A")}
 
 
-def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32) -> UpdateSpec:
-    """A LoRA update: "<m>.A" (r×d_in) and "<m>.B" (d_out×r) for every module {m: (d_out, d_in)}."""
+def lora_update_spec(modules: dict[str, Sequence[int]], rank: int, dtype: torch.dtype = torch.float32,
+                     train: dict | None = None, scale: float = 1.0) -> UpdateSpec:
+    """A fresh LoRA trained from peft's init: "<m>.A" (r×d_in) and "<m>.B" (d_out×r, sent as scale·B) for every module
+    {m: (d_out, d_in)}; with `train` (steps, lr), each value within what that training can reach from the init:
+    |A| ≤ 1/√d_in + adam_radius, |B| ≤ scale·adam_radius (B starts at 0)."""
     out = {}
     for m, (d_out, d_in) in modules.items():
-        out[f"{m}.A"] = TensorSpec((rank, int(d_in)), dtype)
-        out[f"{m}.B"] = TensorSpec((int(d_out), rank), dtype)
+        a0 = 1.0 / math.sqrt(int(d_in))  # init_lora_factors: A ~ U(−1/√d_in, 1/√d_in)
+        ra, rb = (a0 + adam_radius(train, a0), abs(scale) * adam_radius(train, 0.0)) if train else (math.inf,) * 2
+        out[f"{m}.A"] = TensorSpec((rank, int(d_in)), dtype, radius=ra)
+        out[f"{m}.B"] = TensorSpec((int(d_out), rank), dtype, radius=rb)
     return UpdateSpec(out)

@@ -15,6 +15,7 @@ from fedtune.algorithms.api import (
     Payload,
     TensorSpec,
     UpdateSpec,
+    adam_radius,
     example_weights,
     weighted_mean,
 )
@@ -45,8 +46,11 @@ class FedAvg(FedAlgorithm):
         return Payload(tensors=dict(state.tensors), meta={"version": state.version})
 
     def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
-        """The client's whole trained adapter: every global A and B, same shapes and dtypes."""
-        return UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.tensors.items()})
+        """The client's whole trained adapter: every global A and B, same shapes and dtypes, each value within what
+        `steps` AdamW steps can move it from the global one (adam_radius)."""
+        return UpdateSpec({k: TensorSpec(tuple(v.shape), v.dtype, near=v,
+                                         radius=adam_radius(train, float(v.abs().max()) if v.numel() else 0.0))
+                           for k, v in state.tensors.items()})
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         p = example_weights(updates, uniform=self.config.uniform)

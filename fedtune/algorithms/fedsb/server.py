@@ -16,6 +16,7 @@ from fedtune.algorithms.api import (
     Payload,
     TensorSpec,
     UpdateSpec,
+    adam_radius,
     example_weights,
     payload_nbytes,
     weighted_mean,
@@ -93,7 +94,8 @@ class FedSB(FedAlgorithm):
         """One tensor "R" [n_modules, r, r] (module order: modules_of) in the global R's dtype; A and B are never
         uploaded."""
         r = state.tensors[R_KEY]
-        return UpdateSpec({R_KEY: TensorSpec(tuple(r.shape), r.dtype)})
+        radius = adam_radius(train, float(r.abs().max()) if r.numel() else 0.0)  # what `steps` AdamW steps can move R
+        return UpdateSpec({R_KEY: TensorSpec(tuple(r.shape), r.dtype, near=r, radius=radius)})
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         """R_g = Σ p_k R_k (exact: B R_g A = Σ p_k B R_k A). A, B carried over unchanged."""

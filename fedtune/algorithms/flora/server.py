@@ -85,10 +85,12 @@ class FLoRA(FedAlgorithm):
         return out
 
     def expected_update(self, state: GlobalState, train: dict) -> UpdateSpec:
-        """A fresh LoRA of the rank assigned to this client: A (r×d_in), B (d_out×r, scale folded in)."""
+        """A fresh LoRA of the rank assigned to this client: A (r×d_in), B (d_out×r, scale folded in), each value within
+        what its local training can reach from peft's init (lora_update_spec)."""
         if "modules" not in state.meta:
             raise ValueError("flora state has no module shapes (checkpoint from an older fedtune); start a new run")
-        return lora_update_spec(state.meta["modules"], int(train["rank"]))
+        rank = int(train["rank"])
+        return lora_update_spec(state.meta["modules"], rank, train=train, scale=float(train["alpha"]) / rank)
 
     def aggregate(self, rnd: int, state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict]:
         p = example_weights(updates, uniform=self.config.uniform)
