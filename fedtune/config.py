@@ -81,6 +81,12 @@ class FederationSection:
     min_clients: int = option(1, "fewer valid updates: the round is aborted (nothing written) and retried")
     round_timeout_s: float = option(600.0, "a round stops waiting for updates after this long")
     max_round_retries: int = option(3, "aborted attempts of a round before the run stops")
+    max_norm_ratio: float = option(10.0, "refuse an update whose norm is more than this many times the median of the "
+                                         "round's (with 3 or more updates); 0: off. Bounds one client's pull on the "
+                                         "model without [robust]")
+    max_client_weight: float = option(0.5, "no client's aggregation weight (its share of the round's examples, which "
+                                           "clients report themselves) above this; 0 or 1: no cap. 0.5: no single "
+                                           "organisation outweighs all the others together")
     batch_clients: bool = option(False, "simulation: train a round's clients in one batched loop per worker thread "
                                         "(methods that declare it). Faster for small models, (clients ÷ workers)× "
                                         "the activation memory, equal to one by one up to float rounding")
@@ -342,6 +348,10 @@ def validate(cfg: RunConfig) -> None:
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
     _require(0 <= f.workers <= 256, f"federation.workers must be in [0, 256] (0 = one per CPU), got {f.workers}")
+    _require(f.max_norm_ratio == 0 or f.max_norm_ratio >= 1,
+             f"federation.max_norm_ratio must be 0 (off) or ≥ 1, got {f.max_norm_ratio}")
+    _require(0 <= f.max_client_weight <= 1,
+             f"federation.max_client_weight must be in [0, 1] (0 or 1: no cap), got {f.max_client_weight}")
     from fedtune.algorithms.api import MAX_BATCH_SIZE, MAX_GRAD_ACCUM, MAX_LOCAL_STEPS  # what clients accept
 
     _require(1 <= t.local_steps <= MAX_LOCAL_STEPS, f"train.local_steps must be in [1, {MAX_LOCAL_STEPS}], got {t.local_steps}")

@@ -41,6 +41,10 @@ def _attack(name: str, rank: int, shapes: dict[str, tuple[int, int]]) -> ClientU
     elif name == "nan_and_2^62_examples":
         t = {k: torch.full_like(v, float("nan")) for k, v in t.items()}
         n = 2**62
+    elif name.startswith("entry_"):  # finite, right shapes: one value huge (issue: 1e19 lost the whole run)
+        t[first].view(-1)[0] = float(name.removeprefix("entry_"))
+    elif name == "times_1000":  # an honest-size update scaled ×1000
+        t = {k: v * 1000 for k, v in t.items()}
     metrics = {"train_loss": -1e30, "epsilon": 0.5} if name == "poisoned_metrics" else {"train_loss": 1.0}
     return ClientUpdate(HOSTILE, n, t, metrics)
 
@@ -50,7 +54,10 @@ ATTACKS = {  # round → (attack, what the refusal names)
     2: ("shape_4x63", "has shape (4, 63), expected (4, 64)"),
     3: ("nan_and_2^62_examples", f"num_examples = {2**62} exceeds the allowed 48"),
     4: ("rank_20000", "bytes; the update assigned to it this round takes at most"),  # refused at chunk 0
-    5: ("poisoned_metrics", "metric train_loss = -1e+30 is outside [0, inf]"),  # valid tensors, lying metrics
+    5: ("poisoned_metrics", "metric train_loss = -1e+30 is outside [0, 10000]"),  # valid tensors, lying metrics
+    6: ("entry_1e19", "moves 1e+19 from 0; local training as configured moves no value more than"),
+    7: ("entry_3e38", "moves 3e+38 from 0"),
+    8: ("times_1000", "moves 10 from 0"),  # FLoRA, 3 AdamW steps at lr 5e-3: |A| ≤ 0.245, |s·B| ≤ 0.24
 }
 
 
@@ -193,3 +200,38 @@ def test_a_client_that_heartbeats_but_never_uploads_cannot_hold_the_rounds(tmp_p
     assert [(x["clients_completed"], x["clients_failed"]) for x in r] == [(2, [HOSTILE])] * 2
     assert all(x["wall_s"] < 60 for x in r) and took < 120, (took, [x["wall_s"] for x in r])
     assert out.count("(straggler_timeout_s); not waiting for ['client-2']") == 2, out
+
+
+def test_claims_are_bounded_not_believed(tmp_path):
+    """A client that declares 10^6 examples at Join and claims them, with train_loss 9000 and ε = 1e300 in a run
+    without DP, and a valid update: it is aggregated with at most half the round's weight ([federation]
+    max_client_weight = 0.5), the round's train loss is the honest median, and no ε is reported anywhere."""
+    import json
+
+    cfg_path = write_run(tmp_path, rounds=2, algorithm="fedsb")
+    srv = Server(cfg_path)
+    agents = [agent(cfg_path, srv.port, i) for i in range(2)]
+    base, _ = load_model("tiny", seed=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=wire.channel_options())
+    stub, md = wire.CoordinatorStub(channel), auth_metadata(TOKENS[HOSTILE])
+    assert wire.from_proto(stub.Join(wire.to_proto(wire.JoinRequest(
+        HOSTILE, fingerprint(base), {"train_examples": str(10**6)}, "liar")), metadata=md, timeout=10)).accepted
+    threads, results = run_agents(agents)
+    deadline = time.monotonic() + 300
+    for rnd in (1, 2):
+        task = _task(stub, md, rnd, deadline)
+        ins = task.instruction
+        mods, rank = sorted({k[:-2] for k in ins.setup.tensors}), ins.setup.meta["rank"]  # never synced: a setup
+        r = ins.sync.tensors.get("R", torch.zeros(len(mods), rank, rank)) + 0.001  # an honest-size change of R
+        up = ClientUpdate(HOSTILE, 10**6, {"R": r}, {"train_loss": 9000.0, "epsilon": 1e300})
+        reply = wire.from_proto(stub.PushUpdate(wire.update_to_chunks(up, task.task_id), metadata=md, timeout=30))
+        assert reply.accepted, reply.reason
+    srv.join(300)
+    for t in threads:
+        t.join(30)
+    assert srv.error is None and results == dict.fromkeys(IDS[:2], 0)
+    got = rows(tmp_path / "out")[1:]
+    assert all(x["clients_weight_capped"] == [HOSTILE] and x["clients_completed"] == 3 for x in got)
+    assert all(x["epsilon"] is None and x["train_loss"] < 100 for x in got)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary.get("epsilon") is None and "1e+300" not in json.dumps(summary)

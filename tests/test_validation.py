@@ -51,7 +51,7 @@ SPEC = lora_update_spec({"m": (64, 64)}, 4)
     (lambda u: setattr(u, "num_examples", 0), "num_examples must be a positive integer, got 0"),
     (lambda u: setattr(u, "num_examples", 2**62), f"num_examples = {2**62} exceeds the allowed 48"),
     # client-reported metrics: the server prints train loss and ε/δ from them
-    (lambda u: u.metrics.update(train_loss=-1e9), "metric train_loss = -1000000000.0 is outside [0, inf]"),
+    (lambda u: u.metrics.update(train_loss=-1e9), "metric train_loss = -1000000000.0 is outside [0, 10000]"),
     (lambda u: u.metrics.update(epsilon=float("nan")), "metric epsilon = nan is outside [0, inf]"),
     (lambda u: u.metrics.update(delta=2.0), "metric delta = 2.0 is outside [0, 1]"),
     (lambda u: u.metrics.update(zo_clipped_frac=-0.5), "metric zo_clipped_frac = -0.5 is outside [0, 1]"),
@@ -92,8 +92,8 @@ def test_flora_expects_the_assigned_rank_per_client(tiny):
     specs = {c: algo.expected_update(state, confs[c]) for c in roster}
     mods = sorted(state.meta["modules"])
     d_out, d_in = state.meta["modules"][mods[0]]
-    assert specs["a"].tensors[f"{mods[0]}.A"] == TensorSpec((4, d_in), torch.float32)
-    assert specs["b"].tensors[f"{mods[0]}.B"] == TensorSpec((d_out, 2), torch.float32)
+    a, b = specs["a"].tensors[f"{mods[0]}.A"], specs["b"].tensors[f"{mods[0]}.B"]
+    assert (a.shape, a.dtype, b.shape, b.dtype) == ((4, d_in), torch.float32, (d_out, 2), torch.float32)
     assert len(specs["a"].tensors) == 2 * len(mods)
     # client b sends rank 4 where 2 was assigned
     up = ClientUpdate("b", 3, {k: torch.zeros(v.shape) for k, v in specs["a"].tensors.items()})
@@ -106,7 +106,10 @@ def test_fedsb_and_fedavg_specs_follow_the_global_state():
     state = GlobalState(0, {"m.A": torch.zeros(4, 8), "m.B": torch.zeros(8, 4), "n.A": torch.zeros(4, 8),
                             "n.B": torch.zeros(8, 4), "R": torch.zeros(2, 4, 4)})
     spec = fedsb.expected_update(state, {})
-    assert spec.tensors == {"R": TensorSpec((2, 4, 4), torch.float32)}  # packed r×r per module; A, B never uploaded
+    (name, r), = spec.tensors.items()  # packed r×r per module; A, B never uploaded
+    assert (name, r.shape, r.dtype, r.radius) == ("R", (2, 4, 4), torch.float32, float("inf"))  # no steps/lr: no bound
+    bounded = fedsb.expected_update(state, {"steps": 4, "lr": 1e-3}).tensors["R"]
+    assert bounded.near is state.tensors["R"] and bounded.radius == pytest.approx(4 * 1e-3 * 8)
     validate_update(spec, ClientUpdate("c", 1, {"R": torch.ones(2, 4, 4)}))
     for bad, match in [(torch.zeros(3, 4, 4), r"R has shape \(3, 4, 4\), expected \(2, 4, 4\)"),  # wrong n
                        (torch.zeros(2, 3, 3), r"R has shape \(2, 3, 3\), expected \(2, 4, 4\)"),  # wrong r
@@ -146,7 +149,10 @@ def test_wrappers_delegate_the_spec():
     inner = get_algorithm("fedavg")
     dp = ClientLevelDP(inner, {"mode": "client", "noise_multiplier": 1.0}, clients_per_round=2, num_clients=2)
     robust = RobustAggregation(dp, RobustConfig(norm_bound=1.0))
-    assert robust.expected_update(state, {}).tensors == inner.expected_update(state, {}).tensors
+    train = {"steps": 2, "lr": 1e-3}
+    got, want = robust.expected_update(state, train).tensors, inner.expected_update(state, train).tensors
+    assert {k: (t.shape, t.dtype, t.bounds, t.radius) for k, t in got.items()} == \
+        {k: (t.shape, t.dtype, t.bounds, t.radius) for k, t in want.items()}
 
 
 # -- the engine ----------------------------------------------------------------------------------------------
@@ -163,10 +169,12 @@ class FixedTransport:
         return RoundResult(updates=[ClientUpdate(u.client_id, u.num_examples, dict(u.tensors)) for u in self.updates])
 
 
-def _engine(tmp_path, transport, *, algo=None, min_clients=1, retries=1, cap=0):
+def _engine(tmp_path, transport, *, algo=None, min_clients=1, retries=1, cap=0, weight_cap=0.0):
+    """An engine over `transport`; `weight_cap`: [federation] max_client_weight (off here unless a test is about it,
+    so hand-computed weighted means stay n_k / Σ n)."""
     algo = algo or get_algorithm("fedavg")
     cfg = EngineConfig(rounds=1, seed=0, min_clients=min_clients, max_round_retries=retries,
-                       max_examples_per_client=cap)
+                       max_examples_per_client=cap, max_client_weight=weight_cap)
     return RoundEngine(algo=algo, transport=transport, roster=["a", "b", "c"], cfg=cfg, out_dir=tmp_path)
 
 
@@ -190,22 +198,29 @@ def test_engine_drops_invalid_updates_for_every_transport(tmp_path):
     writer.close()
 
 
-def test_round_train_loss_is_the_weighted_mean_of_the_reported_losses(tmp_path):
+def test_round_train_loss_is_the_weighted_median_of_the_reported_losses(tmp_path):
     """Clients that report no train loss (or NaN: a FedKSeed client whose DP batches were all empty) are left
-    out of the mean instead of counting as 0; a hostile value is refused with its update."""
+    out instead of counting as 0; the round's loss is the example-weighted median, so a client's claim cannot drag
+    it past the others'; a value outside the range any language model's loss can take is refused with its update."""
     ups = [_fedavg_update("a", 1, 1.0), _fedavg_update("b", 3, 3.0), _fedavg_update("c", 5, 5.0)]
     ups[0].metrics, ups[1].metrics, ups[2].metrics = {"train_loss": 2.0}, {"train_loss": 4.0}, {}
     transport = FixedTransport(ups)
     transport.run_round = lambda plan, t: RoundResult(updates=ups)
-    engine, writer = _engine(tmp_path, transport), MetricsWriter(tmp_path)
+    engine, writer = _engine(tmp_path, transport, weight_cap=0.5), MetricsWriter(tmp_path)
     state = engine.run_round(1, STATE, writer)
-    assert writer.rows[-1]["train_loss"] == (2.0 * 1 + 4.0 * 3) / 4
+    assert writer.rows[-1]["train_loss"] == 4.0  # weights 1 and 3: the median is b's
     ups[2].metrics = {"train_loss": float("nan")}
     state = engine.run_round(2, state, writer)
-    assert writer.rows[-1]["train_loss"] == 3.5 and writer.rows[-1]["updates_rejected"] == 0
-    ups[2].metrics = {"train_loss": -1e30}  # would drag the mean to -5.6e29
-    engine.run_round(3, state, writer)
-    assert writer.rows[-1]["train_loss"] == 3.5 and writer.rows[-1]["updates_rejected"] == 1
+    assert writer.rows[-1]["train_loss"] == 4.0 and writer.rows[-1]["updates_rejected"] == 0
+    ups[2].metrics = {"train_loss": 9000.0}  # in range, but one client among three: the median holds
+    state = engine.run_round(3, state, writer)
+    assert writer.rows[-1]["train_loss"] == 4.0 and writer.rows[-1]["clients_weight_capped"] == ["c"]
+    for lie in (-1e30, 1e30):
+        ups[2].metrics = {"train_loss": lie}
+        state = engine.run_round(4, state, writer)
+        # c refused: a and b are left, b's 3 of 4 examples capped to a's 1 (max_client_weight 0.5): the lower median
+        assert writer.rows[-1]["train_loss"] == 2.0 and writer.rows[-1]["updates_rejected"] == 1
+        assert "train_loss" in writer.rows[-1]["rejected_why"]["c"] and writer.rows[-1]["clients_weight_capped"] == ["b"]
     writer.close()
 
 

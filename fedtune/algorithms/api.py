@@ -478,10 +478,12 @@ class FedAlgorithm(ABC):
     def secure_layout(self, state: GlobalState, train: dict[str, Any], clip: float) -> tuple[Part, ...]:
         """What a client's update becomes under secure aggregation: ordered parts with shapes and per-coordinate
         bounds (`clip`: [secagg] clip, for parts without a bound of their own). Default: the change of every state
-        tensor the update replaces (expected_update's names), weighted."""
+        tensor the update replaces (expected_update's names), weighted, bounded by the smaller of `clip` and the
+        update's magnitude bound (what its local training can move a value)."""
         self._secure_or_refuse()
         spec = self.expected_update(state, train)
-        return tuple(Part(k, tuple(spec.tensors[k].shape), clip) for k in sorted(spec.tensors))
+        # an honest change never exceeds the update's magnitude bound (TensorSpec.radius): a tighter clip, a finer scale
+        return tuple(Part(k, tuple(spec.tensors[k].shape), min(clip, spec.tensors[k].radius)) for k in sorted(spec.tensors))
 
     def secure_l2_clip(self) -> float:
         """An L2 bound each client scales its whole secure vector to before encoding (client-level DP under secure

@@ -98,7 +98,8 @@ def engine_config(cfg: RunConfig, run_id: str = "") -> EngineConfig:
                         round_timeout_s=f.round_timeout_s, max_round_retries=f.max_round_retries,
                         train=train_config(cfg),
                         max_examples_per_client=cfg.section("server", ServerSection).max_examples_per_client,
-                        secagg=sa if sa.enabled else None, run_id=run_id)
+                        secagg=sa if sa.enabled else None, run_id=run_id, max_norm_ratio=f.max_norm_ratio,
+                        max_client_weight=f.max_client_weight)
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ or finishes the round from the journaled sum.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -41,6 +42,8 @@ from fedtune.algorithms.api import (
     TensorSpec,
     UpdateRejected,
     UpdateSpec,
+    capped_counts,
+    update_norm,
     validate_update,
 )
 from fedtune.run import checkpoint
@@ -68,12 +71,17 @@ def _finite(values) -> list[float]:
 
 
 def _train_loss(updates: list[ClientUpdate]) -> float:
-    """Example-weighted mean of the clients' reported train losses; clients that report none (or NaN) are left
-    out instead of counting as 0. NaN when no client reports one."""
-    rep = [(u.metrics["train_loss"], u.num_examples) for u in updates
-           if math.isfinite(u.metrics.get("train_loss", math.nan))]
-    n = sum(w for _, w in rep)
-    return sum(v * w for v, w in rep) / n if n else math.nan
+    """Example-weighted (lower) median of the clients' reported train losses: a claim of clients holding less than
+    half the round's weight cannot move it past the others' values; clients that report none (or NaN) are left out.
+    NaN when no client reports one."""
+    rep = sorted((u.metrics["train_loss"], u.num_examples) for u in updates
+                 if math.isfinite(u.metrics.get("train_loss", math.nan)))
+    half, seen = sum(w for _, w in rep) / 2, 0
+    for v, w in rep:
+        seen += w
+        if seen >= half:
+            return v
+    return math.nan
 
 
 def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> int:
@@ -91,6 +99,8 @@ class EngineConfig:
     max_round_retries: int = 3
     train: dict[str, Any] = field(default_factory=dict)  # base local-training config
     max_examples_per_client: int = 0  # cap on an update's num_examples (0 = none)
+    max_norm_ratio: float = 10.0  # refuse an update whose norm exceeds this × the round's median (≥ 3 updates; 0: off)
+    max_client_weight: float = 0.5  # no client's aggregation weight above this (0 or ≥ 1: no cap)
     secagg: SecAggConfig | None = None  # secure aggregation (enabled), else None
     run_id: str = ""  # binds secure aggregation's keys to this run
 
@@ -131,9 +141,11 @@ class RoundEngine:
         self.client_hardware: dict[str, dict[str, Any]] = {}
         self.stop_reason: str | None = None
         self.epsilon_max: float | None = None  # sample-level DP: max ε over clients so far
+        self.client_epsilon: dict[str, float] = {}  # sample-level DP: the ε each client last reported (never falls)
         if resumed:
             self.client_versions.update(resumed.get("client_versions", {}))
             self.epsilon_max = resumed.get("epsilon_max")
+            self.client_epsilon.update(resumed.get("client_epsilon", {}))
         self.journal = SecAggJournal(self.out_dir)
         self._secure: tuple[RoundParams, frozenset[str] | None] | None = None  # this attempt's, with secagg
 
@@ -187,7 +199,8 @@ class RoundEngine:
         return RoundParams(run=self.cfg.run_id or "run", round=rnd, attempt=attempt, bits=bits,
                            threshold=sa.threshold, degree=sa.degree,
                            weights="uniform" if self.algo.uniform_weights else "examples", max_weight=max_w,
-                           layout=layout, min_survivors=sa.min_survivors, l2_clip=self.algo.secure_l2_clip())
+                           layout=layout, min_survivors=sa.min_survivors, l2_clip=self.algo.secure_l2_clip(),
+                           max_share=0.0 if self.algo.uniform_weights else self.cfg.max_client_weight)
 
     def instruction_for(self, cid: str, version: int) -> Instruction:
         """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).
@@ -217,6 +230,28 @@ class RoundEngine:
         caps = [c for c in (max_examples, self.cfg.max_examples_per_client) if c]
         validate_update(self.expected_update(cid), update, max_examples=min(caps) if caps else None,
                         metric_ranges=self.algo.metrics_accepted())
+        self.check_privacy_claim(cid, update)
+
+    @property
+    def sample_dp(self) -> bool:
+        """The clients train under sample-level DP (their train config carries [privacy]): only then is a client's
+        ε a figure of the run."""
+        return isinstance(self.cfg.train.get("privacy"), dict)
+
+    def check_privacy_claim(self, cid: str, update: ClientUpdate) -> None:
+        """A client's ε under sample-level DP is its accountant's: it never decreases, and never exceeds the run's
+        target_epsilon (a client stops before a round that would). UpdateRejected otherwise."""
+        eps = update.metrics.get("epsilon")
+        if not self.sample_dp or eps is None:
+            return
+        prev = self.client_epsilon.get(cid, 0.0)
+        if eps < prev * (1 - 1e-9):
+            raise UpdateRejected(f"update from {cid!r}: ε = {eps:g} is below the {prev:g} it reported before (an "
+                                 "accountant's ε never decreases)")
+        target = self.cfg.train["privacy"].get("target_epsilon")
+        if target is not None and eps > target * (1 + 1e-6):
+            raise UpdateRejected(f"update from {cid!r}: ε = {eps:g} exceeds the run's target_epsilon {target:g} (a "
+                                 "client stops before a round that would)")
 
     def expected_update(self, cid: str) -> UpdateSpec:
         """What `cid` must send this round (UpdateRejected if it was not sampled or the method cannot say)."""
@@ -232,22 +267,54 @@ class RoundEngine:
             raise UpdateRejected(f"cannot tell what {cid!r} should send: {type(e).__name__}: {e}") from None
 
     def accept(self, res: RoundResult) -> list[ClientUpdate]:
-        """The valid updates of a round, sorted by client id; invalid ones are logged and their clients
-        added to res.failed (and res.rejected)."""
+        """The valid updates of a round, sorted by client id; invalid ones (each checked against its assignment, then
+        against the round: a norm more than max_norm_ratio × the median) are logged, their clients added to
+        res.failed and res.rejected with the reason; example counts capped so that no weight exceeds
+        max_client_weight."""
         ok: dict[str, ClientUpdate] = {}
+
+        def refuse(cid: str, why: str) -> None:
+            log.warning("round %d: refused an update: %s", self._current[0], why)
+            res.rejected.append(cid)
+            res.failed.append(cid)
+            res.reasons[cid] = why
+            ok.pop(cid, None)
+
         for u in res.updates:
             try:
                 if u.client_id in ok:
                     raise UpdateRejected(f"second update from {u.client_id!r} in one round")
                 self.check_update(u.client_id, u)
             except UpdateRejected as e:
-                log.warning("round %d: refused an update: %s", self._current[0], e)
-                res.rejected.append(u.client_id)
-                res.failed.append(u.client_id)
-                ok.pop(u.client_id, None)
+                refuse(u.client_id, str(e))
                 continue
             ok[u.client_id] = u
+        for cid, why in self.outliers(ok).items():
+            refuse(cid, why)
+        if not self.algo.uniform_weights and 0 < self.cfg.max_client_weight < 1:
+            capped = capped_counts({c: u.num_examples for c, u in ok.items()}, self.cfg.max_client_weight)
+            for c, n in capped.items():
+                if n != ok[c].num_examples:
+                    log.warning("round %d: %s claims %d examples, %.0f%% of the round: counted as %d "
+                                "(max_client_weight = %g)", self._current[0], c, ok[c].num_examples,
+                                100 * ok[c].num_examples / sum(u.num_examples for u in ok.values()), n,
+                                self.cfg.max_client_weight)
+                    ok[c] = dataclasses.replace(ok[c], num_examples=n)
+                    res.weight_capped.append(c)
         return [ok[c] for c in sorted(ok)]  # aggregation order must not depend on timing
+
+    def outliers(self, ok: dict[str, ClientUpdate]) -> dict[str, str]:
+        """The updates whose norm (the method's Capabilities.update_norm) is above max_norm_ratio × the median of the
+        round's valid updates, with the reason; none with fewer than 3 updates (no majority to compare with)."""
+        kind, ratio = self.algo.capabilities.update_norm, self.cfg.max_norm_ratio
+        if not kind or ratio <= 0 or len(ok) < 3:
+            return {}
+        state = self._current[1]
+        norms = {c: update_norm(kind, state, u) for c, u in ok.items()}
+        med = float(np.median(list(norms.values())))
+        return {c: (f"update from {c!r}: norm {n:.3g} is {n / med:.1f}× the round's median {med:.3g} "
+                    f"([federation] max_norm_ratio = {ratio:g})")
+                for c, n in sorted(norms.items()) if med > 0 and n > ratio * med}
 
     def _aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]):
         """algo.aggregate, or None (logged) when it raises or writes a non-finite tensor: the attempt aborts."""
@@ -299,7 +366,8 @@ class RoundEngine:
             res = self.transport.run_round(self.plan(rnd, state, sampled), self.cfg.round_timeout_s)
             updates = self.accept(res)
             if len(updates) >= self.cfg.min_clients:
-                if (out := self._aggregate(rnd, state, updates)) is not None:
+                if (got := self._aggregate_finite(rnd, state, updates, res)) is not None:
+                    out, updates, losses = got
                     break
                 continue
             if res.budget_exhausted and len(sampled) - len(res.budget_exhausted) < self.cfg.min_clients:
@@ -310,10 +378,45 @@ class RoundEngine:
         else:
             raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} times: too few valid updates "
                                "or aggregation failed")
-        return self.commit(rnd, state, out, updates, sampled, res, t0, writer)
+        return self.commit(rnd, state, out, updates, sampled, res, t0, writer, losses)
+
+    def _aggregate_finite(self, rnd: int, state: GlobalState, updates: list[ClientUpdate], res: RoundResult):
+        """(aggregate, the updates in it, its losses), or None: the attempt aborts. An aggregate whose eval or test
+        loss is not finite (while the global model's was) is never committed: the update that causes it is found by
+        leaving each out in turn (largest norm first, at most 8 tries), refused with that reason, and the round goes
+        on without it."""
+        if (out := self._aggregate(rnd, state, updates)) is None:
+            return None
+        losses = self.losses(out[0])
+        if self._finite_losses(losses):
+            return out, updates, losses
+        kind = self.algo.capabilities.update_norm
+        order = sorted(updates, key=lambda u: -update_norm(kind, state, u)) if kind else list(updates)
+        for bad in order[:8]:
+            rest = [u for u in updates if u is not bad]
+            if len(rest) < self.cfg.min_clients or (alt := self._aggregate(rnd, state, rest)) is None:
+                continue
+            if self._finite_losses(alt_losses := self.losses(alt[0])):
+                why = (f"update from {bad.client_id!r}: with it the round's model has a non-finite loss "
+                       f"({', '.join(f'{k} {v}' for k, v in losses.items())}); the round goes on without it")
+                log.warning("round %d: refused an update: %s", rnd, why)
+                res.rejected.append(bad.client_id)
+                res.failed.append(bad.client_id)
+                res.reasons[bad.client_id] = why
+                return alt, rest, alt_losses
+        log.error("round %d aborted: the aggregate's loss is not finite (%s) and leaving out one update does not "
+                  "help; nothing written", rnd, losses)
+        return None
+
+    def _finite_losses(self, losses: dict[str, float]) -> bool:
+        """No loss that is evaluated is inf or NaN (a NaN that means "not evaluated" is fine)."""
+        h = self.hooks
+        evaluated = {"eval_loss": h.evaluate is not None, "test_loss": h.test is not None}
+        return all(math.isfinite(v) for k, v in losses.items() if evaluated.get(k))
 
     def commit(self, rnd: int, state: GlobalState, out: tuple[GlobalState, dict], updates: list[ClientUpdate],
-               sampled: list[str], res: RoundResult, t0: float, writer: MetricsWriter) -> GlobalState:
+               sampled: list[str], res: RoundResult, t0: float, writer: MetricsWriter,
+               losses: dict[str, float] | None = None) -> GlobalState:
         """Record an aggregated round: client versions and hardware, losses, ε, the checkpoint, the metrics row."""
         new_state, agg_metrics = out
         for u in updates:
@@ -321,17 +424,24 @@ class RoundEngine:
             mem = {k: u.metrics[k] for k in HARDWARE_METRICS if k in u.metrics}
             told = res.client_hardware.get(u.client_id, {})
             self.client_hardware.setdefault(u.client_id, {}).update({**told, **mem})
-        losses = self.losses(new_state)
-        eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in updates)])
+        if losses is None:
+            losses = self.losses(new_state)
+        claims = updates if self.sample_dp else []  # a client's ε/δ is read only in a run that trains under it
+        eps_now = _finite([agg_metrics.pop("epsilon", None), *(u.metrics.get("epsilon") for u in claims)])
         if eps_now:
             self.epsilon_max = max([*eps_now, *_finite([self.epsilon_max])])
-        deltas = _finite([agg_metrics.pop("delta", None), *(u.metrics.get("delta") for u in updates)])
+        deltas = _finite([agg_metrics.pop("delta", None), *(u.metrics.get("delta") for u in claims)])
+        for u in claims:
+            if "epsilon" in u.metrics:
+                self.client_epsilon[u.client_id] = float(u.metrics["epsilon"])
         checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(rnd, new_state, self.engine_state()))
         self.journal.clear(rnd)
         row = {
             "round": rnd, "algorithm": self.algo.name, "clients_sampled": len(sampled),
             "clients_completed": len(updates), "clients_failed": sorted(set(res.failed)),
-            "updates_rejected": len(res.rejected), "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
+            "updates_rejected": len(res.rejected), "rejected_why": dict(sorted(res.reasons.items())),
+            "clients_late": sorted(set(res.late)), "clients_weight_capped": sorted(res.weight_capped),
+            "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
             "train_loss": _train_loss(updates),
             **losses,
@@ -382,7 +492,11 @@ class RoundEngine:
             if out is None:
                 raise RoundAborted(f"round {rnd}: the secure sum could not be applied; stopping (the round was "
                                    "unmasked, so it is not retried)")
-            return self.commit(rnd, state, out, updates, sampled, res, t0, writer)
+            if not self._finite_losses(losses := self.losses(out[0])):
+                raise RoundAborted(f"round {rnd}: the model of the secure sum has a non-finite loss ({losses}); no "
+                                   "single update can be left out of a secure sum, and the round was unmasked: "
+                                   "stopping with nothing written")
+            return self.commit(rnd, state, out, updates, sampled, res, t0, writer, losses)
         raise RoundAborted(f"round {rnd} failed {self.cfg.max_round_retries + 1} secure aggregation attempts")
 
     def _accept_secure(self, rnd: int, res: RoundResult) -> list[ClientUpdate]:
@@ -402,6 +516,8 @@ class RoundEngine:
                                 metric_ranges=self.algo.metrics_accepted())
             except UpdateRejected as e:
                 raise RoundAborted(f"round {rnd}: {e}; its vector is already in the secure sum, stopping") from None
+        res.weight_capped = [c for c in secure.participants  # the coordinator capped their weight (max_share)
+                             if self.algo.uniform_weights is False and secure.weights[c] < out[c].num_examples]
         if secure.bad_shares:
             log.warning("round %d: wrong secret shares from %s (the sum was rebuilt without them)", rnd,
                         ", ".join(secure.bad_shares))
@@ -425,4 +541,5 @@ class RoundEngine:
     def engine_state(self) -> dict[str, Any]:
         extra = self.hooks.extra_state() if self.hooks.extra_state is not None else {}
         return {"client_versions": self.client_versions, "epsilon_max": self.epsilon_max,
+                "client_epsilon": self.client_epsilon,
                 "state_format": self.algo.state_format, **extra}

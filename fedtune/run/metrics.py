@@ -12,7 +12,8 @@ from typing import Any
 from fedtune.fileio import publish, write_text_atomic
 
 ROUND_FIELDS = [
-    "round", "algorithm", "clients_sampled", "clients_completed", "updates_rejected", "bytes_up", "bytes_down",
+    "round", "algorithm", "clients_sampled", "clients_completed", "updates_rejected", "rejected_why", "clients_late",
+    "clients_weight_capped", "bytes_up", "bytes_down",
     "payload_bytes_up", "payload_bytes_down", "train_loss", "eval_loss", "test_loss", "epsilon", "delta", "wall_s",
 ]
 

@@ -40,7 +40,18 @@ from typing import Any
 import numpy as np
 
 from fedtune.secagg import crypto
-from fedtune.secagg.encode import EncodingError, Layout, Part, decode, encode, error_bound, length, ring_dtype, scales
+from fedtune.secagg.encode import (
+    EncodingError,
+    Layout,
+    Part,
+    capped_counts,
+    decode,
+    encode,
+    error_bound,
+    length,
+    ring_dtype,
+    scales,
+)
 
 MASKED = "secagg/y"  # the one tensor of an update under secure aggregation: y_u in Z_2^b (an int32/int64 view)
 SHARE_BYTES = 66  # a Shamir share value < 2^521
@@ -124,6 +135,7 @@ class RoundParams:
     layout: Layout
     min_survivors: int = 3
     l2_clip: float = 0.0  # > 0: each client scales its whole vector to L2 ≤ l2_clip before encoding (client-level DP)
+    max_share: float = 0.0  # in (0, 1): no client's weight above this share of the attempt's (encode.capped_counts)
 
     @property
     def ctx(self) -> bytes:
@@ -137,18 +149,21 @@ class RoundParams:
         return {"run": self.run, "round": self.round, "attempt": self.attempt, "bits": self.bits,
                 "threshold": self.threshold, "degree": self.degree, "weights": self.weights,
                 "max_weight": self.max_weight, "min_survivors": self.min_survivors, "l2_clip": self.l2_clip,
+                "max_share": self.max_share,
                 "layout": [p.to_dict() for p in self.layout]}
 
     @classmethod
     def from_dict(cls, d: Any) -> RoundParams:
         d = _dict(d, "secagg params", 16)
         keys = {"run", "round", "attempt", "bits", "threshold", "degree", "weights", "max_weight", "min_survivors",
-                "layout", "l2_clip"}
+                "layout", "l2_clip", "max_share"}
         if set(d) != keys:
             raise ProtocolError(f"secagg params need exactly {sorted(keys)}, got {sorted(map(str, d))[:12]}")
-        thr, l2 = d["threshold"], d["l2_clip"]
+        thr, l2, share = d["threshold"], d["l2_clip"], d["max_share"]
         if not isinstance(l2, float | int) or isinstance(l2, bool) or not 0 <= l2 < math.inf:
             raise ProtocolError(f"secagg l2_clip must be a number ≥ 0, got {str(l2)[:20]}")
+        if not isinstance(share, float | int) or isinstance(share, bool) or not 0 <= share <= 1:
+            raise ProtocolError(f"secagg max_share must be in [0, 1], got {str(share)[:20]}")
         if not isinstance(thr, float | int) or isinstance(thr, bool) or not 0.5 <= thr <= 1:
             raise ProtocolError(f"secagg threshold must be in [0.5, 1], got {str(thr)[:20]}")
         if type(d["bits"]) is not int or d["bits"] not in (32, 64) or d["weights"] not in ("examples", "uniform"):
@@ -166,7 +181,7 @@ class RoundParams:
         return cls(_id(d["run"], "run"), _int(d["round"], "round", 0, 2**31), _int(d["attempt"], "attempt", 0, 2**31),
                    d["bits"], float(thr), _int(d["degree"], "degree", 0, MAX_CLIENTS), d["weights"],
                    _int(d["max_weight"], "max_weight", 1, 2**40), layout,
-                   _int(d["min_survivors"], "min_survivors", 2, MAX_CLIENTS), float(l2))
+                   _int(d["min_survivors"], "min_survivors", 2, MAX_CLIENTS), float(l2), float(share))
 
 
 @dataclass(frozen=True)
@@ -201,21 +216,22 @@ class Roster:
     peers: dict[str, Peer]
     total_weight: int
     n: int
+    weight: int = 0  # the weight this client encodes with: its own, or less when capped (RoundParams.max_share)
 
     def to_dict(self) -> dict:
-        return {"x": self.x, "total_weight": self.total_weight, "n": self.n,
+        return {"x": self.x, "total_weight": self.total_weight, "n": self.n, "weight": self.weight,
                 "peers": {v: [p.x, _b64(p.pk_c), _b64(p.pk_s)] for v, p in self.peers.items()}}
 
     @classmethod
     def from_dict(cls, d: Any) -> Roster:
-        d = _dict(d, "roster", 4)
+        d = _dict(d, "roster", 5)
         peers = {}
         for v, p in _dict(d.get("peers"), "roster peers").items():
             if not isinstance(p, list) or len(p) != 3:
                 raise ProtocolError("a roster peer must be [x, pk_c, pk_s]")
             peers[_id(v)] = Peer(_int(p[0], "x", 1, MAX_CLIENTS), _unb64(p[1], "pk_c", 32), _unb64(p[2], "pk_s", 32))
         return cls(_int(d.get("x"), "x", 1, MAX_CLIENTS), peers, _int(d.get("total_weight"), "total_weight", 1, 2**62),
-                   _int(d.get("n"), "n", 1, MAX_CLIENTS))
+                   _int(d.get("n"), "n", 1, MAX_CLIENTS), _int(d.get("weight"), "weight", 1, 2**40))
 
 
 def _cts_to_dict(cts: Mapping[str, bytes]) -> dict:
@@ -332,6 +348,9 @@ class ClientSession:
         keys = [self.c_pk, self.s_pk, *(k for q in peers.values() for k in (q.pk_c, q.pk_s))]
         if len(set(keys)) != len(keys):
             raise ProtocolError("the roster repeats a public key (a substituted or replayed key)")
+        if not 1 <= roster.weight <= self.weight:
+            raise ProtocolError(f"the roster gives this client weight {roster.weight}; it advertised {self.weight}")
+        self.weight = roster.weight  # capped by the coordinator (max_share), never raised
         if not len(peers) + 1 <= roster.n or roster.total_weight < self.weight:
             raise ProtocolError("the roster's client count or total weight is smaller than what it lists")
         self.t = threshold(len(peers) + 1, p.threshold)
@@ -460,6 +479,7 @@ class ClientSession:
 @dataclass
 class _Client:
     adv: Advertise
+    weight: int = 0  # the advertised weight, capped
     x: int = 0
     peers: tuple[str, ...] = ()
     t: int = 0
@@ -515,7 +535,10 @@ class ServerSession:
             dup = sorted(c for c, v in self.clients.items() if keys.count(v.adv.pk_c) + keys.count(v.adv.pk_s) > 2)
             raise Abort("advertise", "two clients advertised the same public key", dup)
         n, p = len(u1), self.params
-        self.total_weight = sum(self.clients[c].adv.weight for c in u1)
+        capped = capped_counts({c: self.clients[c].adv.weight for c in u1}, p.max_share)
+        for c in u1:
+            self.clients[c].weight = capped[c]
+        self.total_weight = sum(capped.values())
         try:
             self.scales = scales(p.layout, p.bits, self.total_weight, n)
         except EncodingError as e:
@@ -538,7 +561,7 @@ class ServerSession:
     def roster_for(self, cid: str) -> Roster:
         cl = self.clients[cid]
         return Roster(cl.x, {v: Peer(self.clients[v].x, self.clients[v].adv.pk_c, self.clients[v].adv.pk_s)
-                             for v in cl.peers}, self.total_weight, len(self.u1))
+                             for v in cl.peers}, self.total_weight, len(self.u1), cl.weight)
 
     # stage 1
     def share_keys(self, cid: str, shares: Mapping[str, bytes]) -> None:
@@ -705,7 +728,7 @@ class ServerSession:
                         z -= mask
                     else:
                         z += mask
-        weights = {c: self.clients[c].adv.weight for c in self.u3}
+        weights = {c: self.clients[c].weight for c in self.u3}
         try:
             parts = decode(z, p.layout, self.scales, total_weight=sum(weights.values()), n_clients=len(self.u3),
                            bits=bits, max_weight_total=self.total_weight)

@@ -30,6 +30,9 @@ class RoundResult:
     secure: SecureSum | None = None
     secagg_abort: str = ""
     unmasked: bool = False
+    reasons: dict[str, str] = field(default_factory=dict)  # rejected client → why (the round's metrics say it)
+    late: list[str] = field(default_factory=list)  # clients whose update for an earlier round came in during this one
+    weight_capped: list[str] = field(default_factory=list)  # clients whose example count was capped this round
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,10 @@ LIM32, LIM64 = 2**31 - 1, 2**63 - 1
 
 
 def params(layout=None, *, bits=32, threshold=2 / 3, degree=0, weights="examples", max_weight=1000, attempt=0,
-           run="run-a", rnd=3, min_survivors=3) -> RoundParams:
+           run="run-a", rnd=3, min_survivors=3, max_share=0.0) -> RoundParams:
     layout = layout if layout is not None else (Part("w", (64,), 1.0),)
-    return RoundParams(run, rnd, attempt, bits, threshold, degree, weights, max_weight, tuple(layout), min_survivors)
+    return RoundParams(run, rnd, attempt, bits, threshold, degree, weights, max_weight, tuple(layout), min_survivors,
+                       max_share=max_share)
 
 
 def ids(n: int) -> list[str]:
@@ -912,7 +913,7 @@ def test_roundtrips_through_json():
     assert RoundParams.from_dict(_json(p.to_dict())) == p
     adv = Advertise(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, 12)
     assert Advertise.from_dict(_json(adv.to_dict())) == adv
-    r = Roster(3, {"a": Peer(1, b"\x04" * 32, b"\x05" * 32), "b": Peer(2, b"\x06" * 32, b"\x07" * 32)}, 40, 5)
+    r = Roster(3, {"a": Peer(1, b"\x04" * 32, b"\x05" * 32), "b": Peer(2, b"\x06" * 32, b"\x07" * 32)}, 40, 5, 7)
     assert Roster.from_dict(_json(r.to_dict())) == r
     req = UnmaskRequest(("a", "b"), ("c",))
     assert UnmaskRequest.from_dict(_json(req.to_dict())) == req
@@ -1147,3 +1148,21 @@ def test_masks_known_answer_and_server_removes_exactly_prg_b(bits, monkeypatch):
     assert np.array_equal(removed, want_removed)
     assert np.array_equal(z, ring_sum([d.enc[u] for u in u3], bits))  # the unmasked sum is exactly Σ enc_u
     check_result(res, vecs, d.weights, p, u1=[c for c in cids], factor=1.0 if bits == 32 else 4.0)
+
+
+def test_no_client_weighs_more_than_max_share():
+    """A client advertising 10^6 examples (the others 600 and 647) is counted as 1247 (half the round) when
+    max_share = 0.5: the secure mean equals the plain mean with those weights; a roster that would raise a client's
+    weight above what it advertised is refused."""
+    cids, m = ids(3), 200
+    p = params((Part("w", (m,), 1.0),), bits=64, max_weight=2**21, max_share=0.5)
+    vecs = make_vectors(cids, p.layout, np.random.default_rng(3), spread=0.5)
+    res, _ = run_local(p, vecs, {"c00": 10**6, "c01": 600, "c02": 647})
+    assert res.weights == {"c00": 1247, "c01": 600, "c02": 647}
+    want = sum(res.weights[c] * np.clip(vecs[c]["w"], -1, 1) for c in cids) / sum(res.weights.values())
+    assert np.abs(res.parts["w"] - want).max() <= res.err_bound
+    s = ClientSession("c00", p)
+    s.advertise(5)
+    peers = {v: Peer(i + 2, bytes([i + 1]) * 32, bytes([i + 9]) * 32) for i, v in enumerate(["c01", "c02"])}
+    with pytest.raises(ProtocolError, match="weight 6; it advertised 5"):
+        s.share_keys(Roster(1, peers, 20, 3, 6))

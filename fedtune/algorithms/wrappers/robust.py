@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, TensorDict
+from fedtune.algorithms.api import ClientUpdate, FedAlgorithm, GlobalState, TensorDict, update_norm
 from fedtune.algorithms.wrappers.base import Wrapper
 from fedtune.configbase import dataclass_from_dict, option
 
@@ -109,13 +109,7 @@ class RobustAggregation(Wrapper):
 
     # ---- norms ------------------------------------------------------------------------------------
     def update_norm(self, state: GlobalState, u: ClientUpdate) -> float:
-        if self.norm_kind == "delta":
-            return float(sum(((t.double() - state.tensors[k].double()) ** 2).sum() for k, t in u.tensors.items()) ** 0.5)
-        total = torch.zeros((), dtype=torch.float64)
-        for mod in sorted({k[:-2] for k in u.tensors}):
-            a, b = u.tensors[f"{mod}.A"].double(), u.tensors[f"{mod}.B"].double()
-            total += ((b.T @ b) * (a @ a.T)).sum().clamp(min=0)  # ‖BA‖_F² = tr(BᵀB·AAᵀ), r×r only
-        return float(total.sqrt())
+        return update_norm(self.norm_kind, state, u)
 
     def scale(self, state: GlobalState, u: ClientUpdate, c: float) -> ClientUpdate:
         """The update with its delta (tensor methods) or its B factors (FLoRA) scaled by c."""

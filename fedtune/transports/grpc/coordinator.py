@@ -73,6 +73,7 @@ class _RoundBook:
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
     quorum_at: float | None = None  # when the min_clients-th valid update came in
     rejected: set[str] = field(default_factory=set)  # sent an invalid update: failed for this round
+    reasons: dict[str, str] = field(default_factory=dict)  # why each was refused
     bytes_up: int = 0
     bytes_down: int = 0
     payload_up: int = 0
@@ -129,6 +130,7 @@ class GrpcTransport(wire.CoordinatorServicer):
         self.told: set[str] = set()  # clients that were told the run is finished (FINISHED pull / heartbeat)
         self.stop_event = stop if stop is not None else threading.Event()  # set: abandon the round (SIGTERM)
         self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
+        self.late: list[str] = []  # clients whose update outlived its round, since the last round result
         self.client_hardware: dict[str, dict[str, str]] = {}  # how each client holds the base (Join capabilities)
         # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
         self.streams: dict[tuple[str, str], _Stream] = {}
@@ -190,11 +192,14 @@ class GrpcTransport(wire.CoordinatorServicer):
     def _result(self, book: _RoundBook) -> RoundResult:
         failed = sorted(book.sampled - set(book.updates))
         with self.lock:
-            hardware = {c: dict(self.client_hardware[c]) for c in book.sampled if c in self.client_hardware}
+            hardware = {c: {**self.client_hardware[c], **({"declared_examples": self.declared_examples[c]}
+                                                        if c in self.declared_examples else {})}
+                        for c in book.sampled if c in self.client_hardware}
+            late, self.late = self.late, []
         return RoundResult(updates=list(book.updates.values()), failed=failed, rejected=sorted(book.rejected),
                            bytes_up=book.bytes_up, bytes_down=book.bytes_down, payload_bytes_up=book.payload_up,
                            payload_bytes_down=book.payload_down, client_hardware=hardware,
-                           secagg_abort=book.abort, unmasked=book.unmasked)
+                           secagg_abort=book.abort, unmasked=book.unmasked, reasons=dict(book.reasons), late=late)
 
     # -- secure aggregation ---------------------------------------------------------------------
     def _wait(self, book: _RoundBook, done, until: float, what: str) -> None:
@@ -510,6 +515,10 @@ class GrpcTransport(wire.CoordinatorServicer):
                         raise  # another client's task: impersonation
                     # an honest client's update can outlive its task: the round closed (timeout, straggler_timeout_s)
                     # or this coordinator restarted (--resume) while it trained. Dropped, not fatal: it pulls the next.
+                    log.info("%s: an update for a closed round (task %s) dropped; the client pulls the next task",
+                             cid, safe_str(e.task_id, 12))
+                    with self.lock:
+                        self.late.append(cid)
                     return wire.to_proto(wire.PushReply(False, f"{cid} has no open task {safe_str(e.task_id, 40)} (the "
                                                                "round closed or the coordinator restarted); this update "
                                                                "is dropped, pull the next task"))
@@ -525,6 +534,7 @@ class GrpcTransport(wire.CoordinatorServicer):
                 refused = safe_str(str(e), 1000)
             if refused is None and book.session is not None:  # a masked vector: into this attempt's sum
                 if book.session.stage != "masked_input" or cid not in book.session.u2:
+                    self.late.append(cid)
                     return wire.to_proto(wire.PushReply(False, f"{cid}: no masked vector is due from you in this "
                                                                "attempt (its stage closed); dropped, pull the next task"))
                 y = update.tensors[MASKED].numpy()
@@ -535,6 +545,7 @@ class GrpcTransport(wire.CoordinatorServicer):
                     refused = safe_str(str(e), 1000)
             if refused is not None:
                 book.rejected.add(cid)
+                book.reasons[cid] = refused
             else:
                 book.updates[cid] = update
                 book.payload_up += payload_nbytes(update.tensors)
