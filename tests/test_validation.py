@@ -24,7 +24,7 @@ from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
 from fedtune.algorithms.wrappers.robust import RobustAggregation, RobustConfig
 from fedtune.config import ConfigError
 from fedtune.run.assemble import build_algorithm
-from fedtune.run.engine import EngineConfig, RoundAborted, RoundEngine
+from fedtune.run.engine import EngineConfig, EngineHooks, RoundAborted, RoundEngine
 from fedtune.run.metrics import MetricsWriter
 from fedtune.transports.base import RoundResult
 
@@ -405,3 +405,24 @@ def test_robust_in_a_simulated_run(tmp_path):
     assert summary["algorithm"] == "fedavg+robust"
     assert (row["robust_clipped"], row["robust_rejected"], row["updates_rejected"]) == (1.0, 0.0, 0)
     assert row["robust_bound"] > 0
+
+
+def test_an_aggregate_with_a_non_finite_loss_is_never_committed(tmp_path):
+    """Well-formed updates whose aggregate evaluates to a non-finite loss (here: whenever c's values are in it): the
+    engine leaves c out, names it with the reason, and commits the others' aggregate; when leaving one out does not
+    help, nothing is written."""
+    ups = [_fedavg_update("a", 4, 1.0), _fedavg_update("b", 4, 2.0), _fedavg_update("c", 4, 60.0)]
+    engine = _engine(tmp_path, FixedTransport(ups))
+    engine.cfg.max_norm_ratio = 0  # this test is about the loss check alone
+    engine.hooks = EngineHooks(evaluate=lambda s: float("inf") if float(s.tensors["m.A"].max()) > 10 else 1.0)
+    writer = MetricsWriter(tmp_path)
+    new = engine.run_round(1, STATE, writer)
+    assert torch.equal(new.tensors["m.A"], torch.full((2, 8), 1.5))  # (4·1 + 4·2) / 8
+    row = writer.rows[-1]
+    assert row["clients_completed"] == 2 and row["updates_rejected"] == 1 and row["eval_loss"] == 1.0
+    assert "non-finite loss" in row["rejected_why"]["c"]
+    engine.hooks = EngineHooks(evaluate=lambda s: float("nan"))  # nothing helps
+    with pytest.raises(RoundAborted):
+        engine.run_round(2, new, writer)
+    assert [p.name for p in tmp_path.glob("checkpoints/round-*")] == ["round-0001"]
+    writer.close()
