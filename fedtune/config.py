@@ -9,6 +9,7 @@ check), never its name. Unknown keys are errors (typos must not pass silently).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -366,6 +367,9 @@ def validate(cfg: RunConfig) -> None:
     _require(d.max_test_examples >= 0, f"data.max_test_examples must be ≥ 0 (0 = no cap), got {d.max_test_examples}")
     _require(d.max_seq_len == 0 or d.max_seq_len >= 8, f"data.max_seq_len must be 0 (auto) or ≥ 8, got {d.max_seq_len}")
     _require(0 <= d.max_drop_fraction <= 1, f"data.max_drop_fraction must be in [0, 1], got {d.max_drop_fraction}")
+    _require(not d.paths or d.source == "jsonl",
+             f"data.paths lists {len(d.paths)} file(s), but data.source is {d.source!r}: the bundled corpus would be "
+             "used and your files ignored; add source = \"jsonl\" to [data] (or drop paths)")
     if d.source == "jsonl":
         _require(bool(d.paths), "data.source = \"jsonl\" needs data.paths (one file per client, or one file to partition)")
         # an edge client with partition = -1 trains on all of its own files, whatever the federation's size
@@ -377,6 +381,9 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(getattr(cfg, s.section), s.name)
         _require(not isinstance(s.default, bool) or isinstance(v, bool), f"{s.key} must be true or false, got {v!r}")
     ac = cfg.algorithm_config()  # validates the algorithm name and its settings
+    if unused := sorted(set(cfg.algorithms) - {r.algorithm}):  # kept for switching methods, but say so
+        logging.getLogger("fedtune").warning("config sections %s are not used: this run's method is %s",
+                                             ", ".join(f"[{n}]" for n in unused), r.algorithm)
     if problem := get_algorithm(cfg.run.algorithm, ac).holding_problem(cfg.model.quantization, cfg.model.dtype):
         raise ConfigError(problem)
     cfg.privacy_config()

@@ -124,3 +124,22 @@ def test_utf8_bom_is_fine(tmp_path, content):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(content)
     assert load_path(p)[0].prompt == "question 0"
+
+
+def test_data_paths_without_a_jsonl_source_is_refused_not_ignored():
+    """[data] paths with the default source trained on the bundled corpus and never read the files (issue 27)."""
+    from fedtune import config
+
+    with pytest.raises(config.ConfigError, match=r"data.paths lists 1 file\(s\), but data.source is 'chatterbot'.*"
+                                                 r'add source = "jsonl"'):
+        config.load(None, {"data.paths": ["mine.jsonl"]})
+
+
+def test_a_section_of_another_method_is_reported(caplog):
+    import logging
+
+    from fedtune import config
+
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        config.load(None, {"run.algorithm": "flora", "fedavg.uniform": True})
+    assert "[fedavg] are not used: this run's method is flora" in caplog.text
