@@ -77,7 +77,8 @@ def _train_alone(run: Run, name: str, data: ClientData, steps: int, progress: bo
             return cache["base"]
         return test(s) if test_every_round or s.version in (0, cfg.run.rounds) else math.nan
 
-    hooks = EngineHooks(evaluate=on(data.eval) if data.eval else None, test=test_fn if run.test else None)
+    hooks = EngineHooks(evaluate=on(data.eval) if data.eval else None, test=test_fn if run.test else None,
+                        nan_is_skipped=not test_every_round)
     engine = RoundEngine(algo=algo, transport=InProcessTransport(gm, {name: data}, pad, progress=False),
                          roster=[name], cfg=dataclasses.replace(engine_config(cfg), secagg=None), out_dir=cfg.out_dir,
                          hooks=hooks)  # one client alone: nothing to hide it in

@@ -113,6 +113,8 @@ class EngineHooks:
     test: Callable[[GlobalState], float] | None = None  # test loss: the global test set (what methods compare on)
     budget_check: Callable[[GlobalState], str | None] | None = None  # a reason to stop before the next round
     extra_state: Callable[[], dict[str, Any]] | None = None  # more state for each checkpoint (client state, run id)
+    # a NaN from evaluate/test means "not evaluated this round" (a baseline's sparse test), not a broken model
+    nan_is_skipped: bool = False
 
 
 class RoundEngine:
@@ -412,7 +414,8 @@ class RoundEngine:
         """No loss that is evaluated is inf or NaN (a NaN that means "not evaluated" is fine)."""
         h = self.hooks
         evaluated = {"eval_loss": h.evaluate is not None, "test_loss": h.test is not None}
-        return all(math.isfinite(v) for k, v in losses.items() if evaluated.get(k))
+        return all(math.isfinite(v) or (h.nan_is_skipped and math.isnan(v)) for k, v in losses.items()
+                   if evaluated.get(k))
 
     def commit(self, rnd: int, state: GlobalState, out: tuple[GlobalState, dict], updates: list[ClientUpdate],
                sampled: list[str], res: RoundResult, t0: float, writer: MetricsWriter,
