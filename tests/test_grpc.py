@@ -557,6 +557,32 @@ def test_plaintext_client_cannot_talk_to_tls_server(tmp_path):
         srv.join(30)
 
 
+@pytest.mark.parametrize("mistake", ["unknown CA", "certificate without the dialled name"])
+def test_a_tls_mistake_fails_at_once_instead_of_retrying(tmp_path, mistake):
+    """A client whose CA did not sign the coordinator's certificate, or which dials a name the certificate does not
+    hold, stops with Refused (naming what to check) in seconds, not after max_retry_s of UNAVAILABLE retries."""
+    from fedtune.transports.grpc.agent import Refused
+
+    cfg_path = write_run(tmp_path, rounds=1, tls=True)
+    if mistake == "certificate without the dialled name":  # the server's certificate names only "server"
+        make_dev_certs(tmp_path / "certs", clients=IDS, server_names=("server",), overwrite=True)
+    srv = Server(cfg_path, **{"federation.round_timeout_s": 30.0})
+    try:
+        a = agent(cfg_path, srv.port, 0, tls_dir=tmp_path / "certs")
+        a.c.server = f"localhost:{srv.port}"
+        a.c.max_retry_s = 600.0
+        if mistake == "unknown CA":
+            make_dev_certs(tmp_path / "other", clients=IDS)
+            a.c.tls_ca = str(tmp_path / "other" / "ca.pem")
+        t0 = time.monotonic()
+        with pytest.raises(Refused, match="TLS with localhost:.* failed: .*Check \\[client\\] tls_ca"):
+            a.run()
+        assert time.monotonic() - t0 < 30
+    finally:
+        srv.stop.set()
+        srv.join(30)
+
+
 def test_sigterm_abandons_the_round_cleanly(tmp_path):
     cfg_path = write_run(tmp_path, rounds=2)
     port = _free_port()

@@ -36,6 +36,16 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.ABORTED}  # ABORTED: the server is busy (a stream of ours in flight, byte budget full)
 
 
+# What a TLS failure of the connection itself says: the coordinator's certificate does not verify against tls_ca or
+# does not name the dialled host, or the client's is refused (mTLS). Retrying cannot fix those.
+TLS_FAILURES = ("certificate_verify_failed", "hostname verification check failed", "handshake failed",
+                "wrong_version_number", "certificate required")
+
+
+def tls_failure(e: grpc.RpcError) -> bool:
+    return e.code() == grpc.StatusCode.UNAVAILABLE and any(m in (e.details() or "").lower() for m in TLS_FAILURES)
+
+
 class Refused(RuntimeError):
     """The server will not take this client (bad token, wrong model, not in the run): do not retry."""
 
@@ -283,6 +293,10 @@ class Agent:
                     code = e.code()
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                         raise Refused(f"{code.name}: {_why(e)}") from None
+                    if tls_failure(e):  # a permanent configuration error: fail now, not after max_retry_s
+                        raise Refused(f"TLS with {self.c.server} failed: {_why(e)}. Check [client] tls_ca (the CA that "
+                                      "signed the coordinator's certificate), that the certificate names the host you "
+                                      "dial (fedtune certs --server-names), and, with mTLS, tls_cert/tls_key") from None
                     if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:  # no retry helps
                         raise Refused(f"the coordinator answered {code.name}: {_why(e)}") from None
                     now = time.monotonic()
