@@ -144,6 +144,7 @@ class RoundEngine:
         self.stop_reason: str | None = None
         self.epsilon_max: float | None = None  # sample-level DP: max ε over clients so far
         self.client_epsilon: dict[str, float] = {}  # sample-level DP: the ε each client last reported (never falls)
+        self._capped: set[str] = set()  # clients whose weight was capped (warned once)
         if resumed:
             self.client_versions.update(resumed.get("client_versions", {}))
             self.epsilon_max = resumed.get("epsilon_max")
@@ -297,10 +298,12 @@ class RoundEngine:
             capped = capped_counts({c: u.num_examples for c, u in ok.items()}, self.cfg.max_client_weight)
             for c, n in capped.items():
                 if n != ok[c].num_examples:
-                    log.warning("round %d: %s claims %d examples, %.0f%% of the round: counted as %d "
-                                "(max_client_weight = %g)", self._current[0], c, ok[c].num_examples,
-                                100 * ok[c].num_examples / sum(u.num_examples for u in ok.values()), n,
-                                self.cfg.max_client_weight)
+                    say = log.info if c in self._capped else log.warning  # warned once per client, then in the rows
+                    self._capped.add(c)
+                    say("round %d: %s claims %d examples, %.0f%% of the round: counted as %d (max_client_weight = %g)",
+                        self._current[0], c, ok[c].num_examples,
+                        100 * ok[c].num_examples / sum(u.num_examples for u in ok.values()), n,
+                        self.cfg.max_client_weight)
                     ok[c] = dataclasses.replace(ok[c], num_examples=n)
                     res.weight_capped.append(c)
         return [ok[c] for c in sorted(ok)]  # aggregation order must not depend on timing
