@@ -230,3 +230,49 @@ def test_coordinator_sigkilled_mid_protocol_resumes_safely(tmp_path, when):
         for p in [srv, *clients]:
             if p.poll() is None:
                 p.kill()
+
+
+def test_one_secagg_poll_per_client(tmp_path):
+    """A SecAgg poll parks a coordinator thread (≤ 10 s): a client gets one at a time, a second concurrent one is
+    ABORTED, so no client can exhaust the server's threads; the run goes on without that client."""
+    import threading
+
+    import grpc
+
+    from fedtune.models import fingerprint, load_model
+    from fedtune.transports import wire
+    from fedtune.transports.grpc.security import auth_metadata
+
+    cfg_path = write_run(tmp_path, rounds=1, tls=False)
+    srv = Server(cfg_path)
+    agents = [agent(cfg_path, srv.port, i) for i in range(3)]
+    for a in agents:
+        a.c.server, a.c.tls_ca, a.c.insecure = f"127.0.0.1:{srv.port}", "", True
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=wire.channel_options())
+    stub, md, cid = wire.CoordinatorStub(channel), auth_metadata(TOKENS["org-3"]), "org-3"
+    base, _ = load_model("tiny", seed=0)
+    assert wire.from_proto(stub.Join(wire.to_proto(wire.JoinRequest(cid, fingerprint(base), {"train_examples": "40"},
+                                                                     "x")), metadata=md, timeout=10)).accepted
+    for _ in range(600):  # the round's task for org-3
+        task = wire.read_task(stub.PullTask(wire.to_proto(wire.TaskRequest(cid, None)), metadata=md, timeout=10),
+                              max_bytes=1 << 30)
+        if isinstance(task, wire.Task):
+            break
+        time.sleep(0.05)
+    assert isinstance(task, wire.Task) and "secagg" in task.instruction.train
+    poll = wire.to_proto(wire.SecAggRequest(cid, task.task_id, "roster", b""))
+    first = threading.Thread(target=lambda: stub.SecAgg(poll, metadata=md, timeout=30), daemon=True)
+    first.start()
+    time.sleep(0.5)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SecAgg(poll, metadata=md, timeout=30)
+    assert e.value.code() == grpc.StatusCode.ABORTED and "already in flight" in e.value.details()
+    results = {}
+    threads = [threading.Thread(target=lambda a=a: results.setdefault(a.c.client_id, a.run()), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    srv.join(180)
+    for t in threads:
+        t.join(30)
+    assert srv.error is None and results == dict.fromkeys(IDS[:3], 0)
+    assert rows(tmp_path / "out")[1]["secagg_clients"] == 3

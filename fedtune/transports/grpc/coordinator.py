@@ -131,6 +131,7 @@ class GrpcTransport(wire.CoordinatorServicer):
         self.stop_event = stop if stop is not None else threading.Event()  # set: abandon the round (SIGTERM)
         self.declared_examples: dict[str, int] = {}  # training examples each client declared at Join
         self.late: list[str] = []  # clients whose update outlived its round, since the last round result
+        self.polling: set[str] = set()  # clients with a SecAgg poll in flight (one each)
         self.client_hardware: dict[str, dict[str, str]] = {}  # how each client holds the base (Join capabilities)
         # streams in flight, one per (client, kind); the watchdog cancels those past their deadlines
         self.streams: dict[tuple[str, str], _Stream] = {}
@@ -319,7 +320,13 @@ class GrpcTransport(wire.CoordinatorServicer):
                         raise ProtocolError("no unmask is open")
                     s.unmask(cid, UnmaskReply.from_dict(body))
                 elif req.stage in ("roster", "inbox", "unmask_request"):
-                    return self._poll(book, cid, req.stage, reply, context)
+                    if cid in self.polling:  # each poll parks a server thread: one at a time per client
+                        context.abort(grpc.StatusCode.ABORTED, f"a secagg poll of {cid} is already in flight")
+                    self.polling.add(cid)
+                    try:
+                        return self._poll(book, cid, req.stage, reply, context)
+                    finally:
+                        self.polling.discard(cid)
                 else:
                     raise ProtocolError(f"unknown secagg stage {safe_str(req.stage, 32)}")
             except ProtocolError as e:
