@@ -176,3 +176,21 @@ def test_every_written_file_is_world_readable(tmp_path):
         assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def test_a_run_written_before_the_client_claim_bounds_resumes(tmp_path):
+    """[federation] max_norm_ratio / max_client_weight bound what clients may send in the rounds to come: a run whose
+    run.json predates them (no such keys in its identity) still resumes, and changing them is allowed."""
+    import json
+
+    from fedtune import config
+    from fedtune.run.assemble import simulate
+
+    over = {"model.name": "tiny", "federation.num_clients": 3, "run.rounds": 1, "run.algorithm": "fedavg",
+            "data.max_train_per_client": 16, "data.max_seq_len": 32, "run.out": str(tmp_path / "r")}
+    simulate(config.load(None, over), progress=False)
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert "max_client_weight" not in rec["config"]["federation"] and "max_norm_ratio" not in rec["config"]["federation"]
+    summary = simulate(config.load(None, {**over, "run.rounds": 2, "federation.max_client_weight": 0.4}), resume=True,
+                       progress=False)
+    assert summary["rounds_completed"] == 2

@@ -45,6 +45,8 @@ RESUMABLE = (
     *(s.key for s in SETTINGS if s.resumable),
     "federation.round_timeout_s", "federation.max_round_retries", "federation.batch_clients",
     "federation.workers",
+    # what the coordinator accepts from clients in the rounds to come (a run started before they existed resumes)
+    "federation.max_norm_ratio", "federation.max_client_weight",
 )
 
 
