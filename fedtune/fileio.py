@@ -48,6 +48,15 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     return publish(path)
 
 
+def fsync(path: str | Path) -> None:
+    """Flush a file's or a directory's contents (a directory: its entries, e.g. a rename into it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write to a sibling temp file, then rename: readers see the old or the new content, never half."""
     path = Path(path)

@@ -16,7 +16,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from fedtune.algorithms.api import GlobalState
-from fedtune.fileio import publish, save_safetensors
+from fedtune.fileio import fsync, publish, save_safetensors
 
 
 @dataclass
@@ -24,14 +24,6 @@ class Checkpoint:
     round: int
     state: GlobalState
     engine: dict[str, Any]  # client versions, privacy state, ...
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(ckpt_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
@@ -46,12 +38,12 @@ def save(ckpt_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     publish(tmp)
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     if final.exists():  # a re-run of the same round replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(ckpt_dir)
+    fsync(ckpt_dir)
     for old in sorted(ckpt_dir.glob("round-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

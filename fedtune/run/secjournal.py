@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.algorithms.api import ClientUpdate
-from fedtune.fileio import publish, save_safetensors
+from fedtune.fileio import fsync, publish, save_safetensors
 from fedtune.secagg.protocol import SecureSum
 
 
@@ -39,17 +39,11 @@ class SecAggJournal:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._json(rnd)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(rec, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_text(json.dumps(rec, sort_keys=True), encoding="utf-8")
+        fsync(tmp)
         publish(tmp)
         os.replace(tmp, path)
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(self.dir)
 
     def started(self, rnd: int, attempt: int) -> None:
         old = self.load(rnd) or {}
@@ -67,11 +61,7 @@ class SecAggJournal:
                                       "updates": [[u.client_id, u.num_examples, u.metrics] for u in updates]})}
         save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in secure.parts.items()},
                          self._sum(rnd), metadata=meta)
-        fd = os.open(self._sum(rnd), os.O_RDONLY)
-        try:
-            os.fsync(fd)  # on disk before the record below says it is there
-        finally:
-            os.close(fd)
+        fsync(self._sum(rnd))  # on disk before the record below says it is there
         self._write(rnd, {"round": rnd, "attempt": attempt, "survivors": sorted(secure.participants), "sum": True})
 
     def load_sum(self, rnd: int) -> tuple[SecureSum, list[ClientUpdate]] | None:
