@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fedtune.models.hardware import Placement
-from fedtune.secagg.encode import Part, capped_counts  # noqa: F401 - capped_counts: part of this API
+from fedtune.secagg.encode import Part
 
 TensorDict = dict[str, torch.Tensor]
 

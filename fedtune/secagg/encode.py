@@ -155,6 +155,16 @@ def encode(parts: Mapping[str, np.ndarray], layout: Layout, part_scales: Sequenc
     return q.astype(dt), clipped  # two's complement: int64 → uint64 wraps; → uint32 keeps the low 32 bits
 
 
+def ring_to_wire(y: np.ndarray) -> np.ndarray:
+    """A masked vector in the ring (uint32/uint64) as the signed int32/int64 it travels as: a view, no copy."""
+    return y.view(np.int32 if y.dtype == np.uint32 else np.int64)
+
+
+def wire_to_ring(a: np.ndarray) -> np.ndarray:
+    """A received int32/int64 masked vector (its dtype already checked) as the ring's uint32/uint64: a view."""
+    return a.view(np.uint32 if a.dtype == np.int32 else np.uint64)
+
+
 def signed(z: np.ndarray, bits: int) -> np.ndarray:
     """A ring vector as signed int64 (two's complement of b bits)."""
     if bits == 64:

@@ -289,14 +289,11 @@ class SecureSum:
     bad_shares: list[str] = field(default_factory=list)  # clients whose shares were wrong (the sum is still right)
 
 
-def _pair_key(s_priv: bytes, pk_other: bytes, ctx: bytes, a: str, b: str) -> bytes:
+def _pair_key(priv: bytes, pk_other: bytes, ctx: bytes, purpose: str, a: str, b: str) -> bytes:
+    """The key two clients a, b share for `purpose` ("mask": from the s key pairs, "enc": from the c key pairs):
+    HKDF over their X25519 secret, bound to the attempt and to the pair (in a fixed order)."""
     lo, hi = sorted((a, b))
-    return crypto.kdf(crypto.agree(s_priv, pk_other), crypto.info(ctx, "mask", lo, hi))
-
-
-def _enc_key(c_priv: bytes, pk_other: bytes, ctx: bytes, a: str, b: str) -> bytes:
-    lo, hi = sorted((a, b))
-    return crypto.kdf(crypto.agree(c_priv, pk_other), crypto.info(ctx, "enc", lo, hi))
+    return crypto.kdf(crypto.agree(priv, pk_other), crypto.info(ctx, purpose, lo, hi))
 
 
 # -- client --------------------------------------------------------------------------------------------------------
@@ -367,7 +364,7 @@ class ClientSession:
         out = {}
         for v, b_sh, s_sh in zip(order, bs[1:], ss[1:], strict=True):
             try:
-                key = _enc_key(self.c_sk, peers[v].pk_c, self.ctx, self.cid, v)
+                key = _pair_key(self.c_sk, peers[v].pk_c, self.ctx, "enc", self.cid, v)
             except crypto.CryptoError as e:
                 raise ProtocolError(f"the roster's key of {v} is unusable: {e}") from None
             pt = b_sh.to_bytes(SHARE_BYTES, "big") + s_sh.to_bytes(SHARE_BYTES, "big")
@@ -385,7 +382,7 @@ class ClientSession:
         held = {}
         for v in sorted(inbox):
             try:
-                key = _enc_key(self.c_sk, peers[v].pk_c, self.ctx, v, self.cid)
+                key = _pair_key(self.c_sk, peers[v].pk_c, self.ctx, "enc", v, self.cid)
                 pt = crypto.open_sealed(key, inbox[v], crypto.info(self.ctx, "share", v, self.cid))
             except crypto.CryptoError:
                 raise ProtocolError(f"the shares from {v} do not decrypt (sender {v})") from None
@@ -413,7 +410,7 @@ class ClientSession:
         m = y.size
         y += crypto.prg(self.b, m, p.bits)
         for v in sorted(self.held):
-            mask = crypto.prg(_pair_key(self.s_sk, self.roster.peers[v].pk_s, self.ctx, self.cid, v), m, p.bits)
+            mask = crypto.prg(_pair_key(self.s_sk, self.roster.peers[v].pk_s, self.ctx, "mask", self.cid, v), m, p.bits)
             if self.cid < v:
                 y += mask
             else:
@@ -723,7 +720,7 @@ class ServerSession:
             s_v = rebuild(v, pts, ok(lambda sec, pk_s=pk_s: crypto.public_of(sec) == pk_s), "the mask key")
             for u in self.clients[v].peers:
                 if u in s3:  # u masked with v: remove ±PRG(KA(s_u, pk_s_v)) from the sum
-                    mask = crypto.prg(_pair_key(s_v, self.clients[u].adv.pk_s, self.ctx, u, v), m, bits)
+                    mask = crypto.prg(_pair_key(s_v, self.clients[u].adv.pk_s, self.ctx, "mask", u, v), m, bits)
                     if u < v:
                         z -= mask
                     else:

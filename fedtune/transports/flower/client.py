@@ -221,14 +221,14 @@ def _secagg_session(context: Context, params, cid: str):
     """The session of this attempt saved in the node's Context.state (None when there is none for it)."""
     from fedtune.secagg.protocol import ClientSession
 
-    saved = context.state.config_records.get(SECAGG) if SECAGG in context.state else None
+    saved = context.state.config_records.get(SECAGG)
     if saved is None or str(saved["ctx"]) != params.ctx.hex():
         return None
     return ClientSession.from_state(cid, params, json.loads(str(saved["session"])), _unmasked(context))
 
 
 def _unmasked(context: Context) -> set[bytes]:
-    rec = context.state.config_records.get(SECAGG + ".done") if SECAGG + ".done" in context.state else None
+    rec = context.state.config_records.get(SECAGG + ".done")
     return {bytes.fromhex(h) for h in json.loads(str(rec["ctx"]))} if rec is not None else set()
 
 
@@ -275,6 +275,7 @@ def handle_secagg_query(msg: Message, cfg: RunConfig, spec: NodeSpec, context: C
 
 def secure_update(msg: Message, context: Context, spec: NodeSpec):
     """For a train message under secure aggregation: (check of the inbox before training, masking of the update)."""
+    from fedtune.secagg.encode import ring_to_wire
     from fedtune.secagg.protocol import MASKED, ProtocolError, RoundParams, _cts_from_dict
 
     if SECAGG not in msg.content:
@@ -296,7 +297,7 @@ def secure_update(msg: Message, context: Context, spec: NodeSpec):
     def mask(update, node: Node):
         y, _ = session.masked_input(node.client.secure_vector(update, params.layout))
         _save_session(context, session)
-        ring = torch.from_numpy(y.view("<i4" if params.bits == 32 else "<i8"))
+        ring = torch.from_numpy(ring_to_wire(y))
         return dataclasses.replace(update, tensors={MASKED: ring})
 
     return session, mask

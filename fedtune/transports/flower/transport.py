@@ -35,7 +35,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -286,6 +285,7 @@ class FlowerTransport:
         return out
 
     def _secure_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
+        from fedtune.secagg.encode import wire_to_ring
         from fedtune.secagg.protocol import (
             MASKED,
             Abort,
@@ -333,9 +333,7 @@ class FlowerTransport:
             for u in self._train(plan, batch, res, fl, deadline, extra):
                 try:
                     plan.check_update(u.client_id, u)
-                    y = u.tensors[MASKED].numpy()
-                    s.masked_input(u.client_id, y.view(np.uint32 if y.dtype == np.int32 else np.uint64),
-                                   u.num_examples)
+                    s.masked_input(u.client_id, wire_to_ring(u.tensors[MASKED].numpy()), u.num_examples)
                 except (ProtocolError, ValueError) as e:
                     self._fail(res, fl, u.client_id, f"masked vector refused: {safe_str(e, 300)}", rnd)
                     res.rejected.append(u.client_id)

@@ -13,10 +13,10 @@ import logging
 import threading
 
 import grpc
-import numpy as np
 import torch
 
 from fedtune.algorithms.api import ClientAlgorithm, ClientUpdate, InstructionRejected
+from fedtune.secagg.encode import ring_to_wire
 from fedtune.secagg.protocol import (
     MASKED,
     ClientSession,
@@ -112,7 +112,7 @@ class SecureTask:
         if clipped:
             log.warning("%s: %d of %d coordinates of this update were clipped to ±[secagg] clip", self.cid, clipped,
                         p.m)
-        ring = torch.from_numpy(y.view(np.int32 if p.bits == 32 else np.int64))
+        ring = torch.from_numpy(ring_to_wire(y))
         return ClientUpdate(update.client_id, update.num_examples, {MASKED: ring}, dict(update.metrics))
 
     def unmask(self) -> None:
