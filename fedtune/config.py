@@ -317,6 +317,11 @@ def check_hardware(m: ModelSection) -> None:
         raise ConfigError(str(e)) from None
 
 
+def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> int:
+    """How many clients a round samples: round(fraction·N), at least min_clients, at most N."""
+    return min(num_clients, max(min_clients, round(fraction * num_clients)))
+
+
 def check_secagg(cfg: RunConfig, algo, robust) -> None:
     """ConfigError when [secagg] is on with something it cannot work with, saying why and what to use."""
     sa = cfg.secagg_config()
@@ -334,7 +339,7 @@ def check_secagg(cfg: RunConfig, algo, robust) -> None:
                           "each client's update, and under secure aggregation the coordinator never sees one. "
                           "Turn one off (secagg protects the updates' privacy, robust the model's integrity)")
     f = cfg.federation
-    per_round = min(f.num_clients, max(f.min_clients, round(f.fraction * f.num_clients)))  # engine.clients_per_round
+    per_round = clients_per_round(f.num_clients, f.fraction, f.min_clients)
     _require(per_round >= sa.min_survivors,
              f"[secagg] needs at least min_survivors = {sa.min_survivors} clients per round (a sum of fewer reveals "
              f"individual updates); this run samples {per_round} of {f.num_clients} (raise federation.num_clients or "

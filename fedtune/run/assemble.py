@@ -22,7 +22,7 @@ from fedtune.algorithms.registry import get_algorithm, with_capability
 from fedtune.algorithms.runner import Node
 from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
 from fedtune.algorithms.wrappers.robust import RobustAggregation
-from fedtune.config import ConfigError, RunConfig, ServerSection
+from fedtune.config import ConfigError, RunConfig, ServerSection, clients_per_round
 from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_ids re-exported)
     ClientData,
     Prepared,
@@ -36,7 +36,7 @@ from fedtune.models import fingerprint
 from fedtune.models.hardware import describe_hardware, hardware_metrics
 from fedtune.models.loading import load_for
 from fedtune.run import checkpoint, export
-from fedtune.run.engine import EngineConfig, EngineHooks, RoundEngine, clients_per_round
+from fedtune.run.engine import EngineConfig, EngineHooks, RoundEngine
 from fedtune.run.metrics import MetricsWriter
 from fedtune.run.rundir import RunDir, RunDirError, identity, resumable
 from fedtune.transports.base import Transport

@@ -29,10 +29,10 @@ from typing import Any
 
 from fedtune.algorithms.registry import with_capability
 from fedtune.algorithms.runner import Node
-from fedtune.config import RunConfig
+from fedtune.config import RunConfig, clients_per_round
 from fedtune.data.prepare import ClientData
 from fedtune.run.assemble import Run, engine_config, execute, finalize_run, prepare_run
-from fedtune.run.engine import EngineHooks, RoundEngine, clients_per_round
+from fedtune.run.engine import EngineHooks, RoundEngine
 from fedtune.run.metrics import MetricsWriter
 from fedtune.transports.inprocess import InProcessTransport
 

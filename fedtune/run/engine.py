@@ -42,15 +42,15 @@ from fedtune.algorithms.api import (
     TensorSpec,
     UpdateRejected,
     UpdateSpec,
-    capped_counts,
     update_norm,
     validate_update,
 )
+from fedtune.config import clients_per_round
 from fedtune.run import checkpoint
 from fedtune.run.metrics import MetricsWriter
 from fedtune.run.secjournal import SecAggJournal
 from fedtune.secagg.config import SecAggConfig
-from fedtune.secagg.encode import EncodingError, scales
+from fedtune.secagg.encode import EncodingError, capped_counts, scales
 from fedtune.secagg.protocol import MASKED, RoundParams, SecureSum
 from fedtune.transports.base import RoundPlan, RoundResult, Transport
 
@@ -82,11 +82,6 @@ def _train_loss(updates: list[ClientUpdate]) -> float:
         if seen >= half:
             return v
     return math.nan
-
-
-def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> int:
-    """How many clients a round samples: round(fraction·N), at least min_clients, at most N."""
-    return min(num_clients, max(min_clients, round(fraction * num_clients)))
 
 
 @dataclass
@@ -523,7 +518,7 @@ class RoundEngine:
             except UpdateRejected as e:
                 raise RoundAborted(f"round {rnd}: {e}; its vector is already in the secure sum, stopping") from None
         res.weight_capped = [c for c in secure.participants  # the coordinator capped their weight (max_share)
-                             if self.algo.uniform_weights is False and secure.weights[c] < out[c].num_examples]
+                             if not self.algo.uniform_weights and secure.weights[c] < out[c].num_examples]
         if secure.bad_shares:
             log.warning("round %d: wrong secret shares from %s (the sum was rebuilt without them)", rnd,
                         ", ".join(secure.bad_shares))
