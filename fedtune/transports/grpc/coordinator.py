@@ -27,13 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, UpdateRejected, payload_nbytes
 from fedtune.config import ConfigError, ServerSection
 from fedtune.models.settings import SETTINGS
 from fedtune.secagg.config import SecAggConfig
+from fedtune.secagg.encode import wire_to_ring
 from fedtune.secagg.protocol import (
     MASKED,
     Abort,
@@ -142,7 +142,6 @@ class GrpcTransport(wire.CoordinatorServicer):
 
     # -- Transport ------------------------------------------------------------------------------
     def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
-        rnd = plan.round
         with self.lock:
             self.book = _RoundBook(plan)
             for cid, ins in plan.instructions.items():
@@ -156,33 +155,8 @@ class GrpcTransport(wire.CoordinatorServicer):
         deadline = time.monotonic() + timeout_s
         try:
             with self.lock:
-                while True:
-                    if self.stop_event.is_set():
-                        raise Interrupted(f"stopped during round {rnd}")
-                    pending = self.book.sampled - set(self.book.updates) - self.book.rejected
-                    if not pending:
-                        break
-                    now = time.monotonic()
-                    if now >= deadline:
-                        log.warning("round %d: timeout; %s did not report", rnd, sorted(pending))
-                        break
-                    seen = {c: max(self.last_seen.get(c, 0.0), self.book.started) for c in pending}
-                    if all(now - t > self.cfg.lease_timeout_s for t in seen.values()):
-                        log.warning("round %d: lease expired for %s", rnd, sorted(pending))
-                        break
-                    wait = min(0.5, deadline - now)
-                    if (grace := self.cfg.straggler_timeout_s) > 0 and len(self.book.updates) >= plan.min_clients:
-                        # a client that heartbeats but never uploads would hold every round until its timeout
-                        if self.book.quorum_at is None:
-                            self.book.quorum_at = now
-                        if now - self.book.quorum_at >= grace:
-                            log.warning("round %d: %d valid updates (min_clients %d) for %g s (straggler_timeout_s); "
-                                        "not waiting for %s", rnd, len(self.book.updates), plan.min_clients, grace,
-                                        sorted(pending))
-                            break
-                        wait = min(wait, self.book.quorum_at + grace - now)
-                    self.lock.wait(timeout=wait)
                 book = self.book
+                self._wait(book, lambda: self._updates_pending(book, book.sampled), deadline)
                 self.book = None  # late pushes for this round are refused from here on
         except BaseException:
             with self.lock:
@@ -203,24 +177,29 @@ class GrpcTransport(wire.CoordinatorServicer):
                            secagg_abort=book.abort, unmasked=book.unmasked, reasons=dict(book.reasons), late=late)
 
     # -- secure aggregation ---------------------------------------------------------------------
-    def _wait(self, book: _RoundBook, done, until: float, what: str) -> None:
-        """Under self.lock: wait until done() or `until`, or every client the stage still waits for (done() returns
-        their ids) has a lapsed lease. Raises Interrupted on stop."""
+    def _wait(self, book: _RoundBook, pending, until: float, what: str = "") -> None:
+        """Under self.lock: wait until pending() (the clients the round or stage still waits for) is empty, `until`
+        passes, or all of them have a lapsed lease; wakes for the straggler deadline when pending() started one.
+        Raises Interrupted on stop."""
+        rnd, tag = book.plan.round, f" ({what})" if what else ""
         while True:
             if self.stop_event.is_set():
-                raise Interrupted(f"stopped during round {book.plan.round}")
-            pending = done()
+                raise Interrupted(f"stopped during round {rnd}")
+            waiting = pending()
+            if not waiting:
+                return
             now = time.monotonic()
-            if not pending:
-                return
             if now >= until:
-                log.warning("round %d: %s: %s did not answer in time", book.plan.round, what, sorted(pending))
+                log.warning("round %d%s: timeout; %s did not report", rnd, tag, sorted(waiting))
                 return
-            seen = {c: max(self.last_seen.get(c, 0.0), book.started) for c in pending}
+            seen = {c: max(self.last_seen.get(c, 0.0), book.started) for c in waiting}
             if all(now - t > self.cfg.lease_timeout_s for t in seen.values()):
-                log.warning("round %d: %s: lease expired for %s", book.plan.round, what, sorted(pending))
+                log.warning("round %d%s: lease expired for %s", rnd, tag, sorted(waiting))
                 return
-            self.lock.wait(timeout=min(0.5, until - now))
+            wait = min(0.5, until - now)
+            if book.quorum_at is not None and (straggle := book.quorum_at + self.cfg.straggler_timeout_s - now) > 0:
+                wait = min(wait, straggle)
+            self.lock.wait(timeout=wait)
 
     def _secure_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
         """The round's stages under secure aggregation; an Abort ends the attempt with its reason (RoundResult
@@ -240,7 +219,7 @@ class GrpcTransport(wire.CoordinatorServicer):
                 self._wait(book, lambda: {c for c in s.u1 if s.clients[c].shares is None}, key_until, "share keys")
                 s.close_share_keys()
                 self.lock.notify_all()
-                self._wait(book, lambda: self._masked_pending(book), deadline, "masked vectors")
+                self._wait(book, lambda: self._updates_pending(book, s.u2), deadline, "masked vectors")
                 s.close_masked_input()
                 s.stage = "journal"  # no unmask request goes out before the survivors are journaled
             if plan.on_unmask is not None:
@@ -263,23 +242,25 @@ class GrpcTransport(wire.CoordinatorServicer):
             with self.lock:
                 if secure is None and not book.abort:
                     book.abort = "interrupted"
-                if s.stage != "closed":
-                    s.stage = "closed"
+                s.stage = "closed"
                 self.book = None  # late messages for this attempt are refused from here on
                 self.lock.notify_all()
         res = self._result(book)
         res.secure = secure
         return res
 
-    def _masked_pending(self, book: _RoundBook) -> set[str]:
-        """Clients of U2 whose masked vector is still due (the straggler rule applies as in a plain round)."""
-        s, plan = book.session, book.plan
-        pending = set(s.u2) - set(book.updates) - book.rejected
+    def _updates_pending(self, book: _RoundBook, due) -> set[str]:
+        """The clients of `due` whose update has not come in; none once min_clients updates have been in for
+        straggler_timeout_s (a client that heartbeats but never uploads would hold every round until its timeout)."""
+        pending = set(due) - set(book.updates) - book.rejected
+        plan = book.plan
         if pending and (grace := self.cfg.straggler_timeout_s) > 0 and len(book.updates) >= plan.min_clients:
             now = time.monotonic()
-            book.quorum_at = book.quorum_at or now
+            if book.quorum_at is None:
+                book.quorum_at = now
             if now - book.quorum_at >= grace:
-                log.warning("round %d: not waiting for %s (straggler_timeout_s)", plan.round, sorted(pending))
+                log.warning("round %d: %d valid updates (min_clients %d) for %g s (straggler_timeout_s); not waiting "
+                            "for %s", plan.round, len(book.updates), plan.min_clients, grace, sorted(pending))
                 return set()
         return pending
 
@@ -544,10 +525,8 @@ class GrpcTransport(wire.CoordinatorServicer):
                     self.late.append(cid)
                     return wire.to_proto(wire.PushReply(False, f"{cid}: no masked vector is due from you in this "
                                                                "attempt (its stage closed); dropped, pull the next task"))
-                y = update.tensors[MASKED].numpy()
                 try:
-                    book.session.masked_input(cid, y.view(np.uint32 if y.dtype == np.int32 else np.uint64),
-                                              update.num_examples)
+                    book.session.masked_input(cid, wire_to_ring(update.tensors[MASKED].numpy()), update.num_examples)
                 except ProtocolError as e:
                     refused = safe_str(str(e), 1000)
             if refused is not None:
