@@ -30,6 +30,7 @@ from torch import nn
 
 from fedtune.models.hardware import Placement
 from fedtune.secagg.encode import Part
+from fedtune.secagg.noise import NoiseParams
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -489,6 +490,11 @@ class FedAlgorithm(ABC):
         """An L2 bound each client scales its whole secure vector to before encoding (client-level DP under secure
         aggregation: the clipping the coordinator can no longer do); 0: none."""
         return 0.0
+
+    def secure_noise(self, state: GlobalState) -> tuple[int, NoiseParams] | None:
+        """(ring bits, noise) when each client adds its share of DP noise before masking (distributed DP:
+        fedtune.algorithms.wrappers.distributed_dp); None: no noise in the ring."""
+        return None
 
     def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
                      updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict[str, float]]:

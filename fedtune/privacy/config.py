@@ -7,22 +7,24 @@ from typing import Any
 
 from fedtune.configbase import dataclass_from_dict
 
-MODES = ("none", "sample", "client")
+MODES = ("none", "sample", "client", "distributed")
 ACCOUNTANTS = ("rdp", "prv")
 
 
 @dataclass
 class PrivacyConfig:
     """Differential privacy settings. `mode`: "none", "sample" (DP-SGD inside each client, protects each
-    training example) or "client" (server-side DP-FedAvg, protects each client's whole dataset)."""
+    training example), "client" (server-side DP-FedAvg, protects each client's whole dataset) or "distributed"
+    (client-level DP whose noise the clients add under secure aggregation: the coordinator never sees an un-noised
+    sum)."""
 
-    mode: str = field(default="none", metadata={"help": "none | sample | client"})
+    mode: str = field(default="none", metadata={"help": "none | sample | client | distributed (needs [secagg])"})
     noise_multiplier: float | None = field(default=None, metadata={"help": "σ; set this OR target_epsilon"})
     target_epsilon: float | None = field(default=None, metadata={"help": "ε budget; σ is calibrated to it"})
     delta: float | None = field(default=None, metadata={
         "help": "δ; default sample: min(1/N_k, 1e-5), client: min(1/num_clients, 1e-5)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "sample mode: per-example clipping norm C"})
-    clip_norm: float = field(default=1.0, metadata={"help": "client mode: per-update L2 clipping norm C"})
+    clip_norm: float = field(default=1.0, metadata={"help": "client, distributed mode: per-update L2 clipping norm C"})
     accountant: str = field(default="rdp", metadata={"help": "rdp | prv (opacus accountants)"})
     noise_seed: int | None = field(default=None, metadata={
         "help": "sample mode: seed the DP noise (simulation only; None = OS randomness). "
@@ -40,6 +42,12 @@ class PrivacyConfig:
             raise ValueError(f"privacy delta must be in (0, 1), got {self.delta!r} (e.g. delta = 1e-5)")
         if self.mode == "none":
             return
+        if self.mode == "distributed" and self.noise_seed is not None:
+            raise ValueError("privacy noise_seed does not apply to mode \"distributed\": each client draws its noise "
+                             "from the OS; remove noise_seed")
+        if self.mode == "distributed" and self.accountant != "rdp":
+            raise ValueError("privacy mode \"distributed\" accounts the Skellam mechanism with its own RDP accountant; "
+                             "set accountant = \"rdp\"")
         # σ only: fixed noise, ε reported. target_epsilon only: σ calibrated so the planned rounds spend
         # exactly the budget. Both: fixed σ, and training stops before the round that would exceed the budget.
         if self.noise_multiplier is None and self.target_epsilon is None:
@@ -60,7 +68,7 @@ class PrivacyConfig:
         return self.delta if self.delta is not None else min(1.0 / max(num_examples, 1), 1e-5)
 
     def client_delta(self, num_clients: int) -> float:
-        """δ for client-level DP over `num_clients` clients."""
+        """δ for client-level (and distributed) DP over `num_clients` clients."""
         return self.delta if self.delta is not None else min(1.0 / max(num_clients, 1), 1e-5)
 
     def to_dict(self) -> dict[str, Any]:

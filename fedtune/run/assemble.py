@@ -21,6 +21,7 @@ from fedtune.algorithms.api import FedAlgorithm, GlobalState
 from fedtune.algorithms.registry import get_algorithm, with_capability
 from fedtune.algorithms.runner import Node
 from fedtune.algorithms.wrappers.client_dp import ClientLevelDP
+from fedtune.algorithms.wrappers.distributed_dp import DistributedDP
 from fedtune.algorithms.wrappers.robust import RobustAggregation
 from fedtune.config import ConfigError, RunConfig, ServerSection, clients_per_round
 from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_ids re-exported)
@@ -57,7 +58,8 @@ def train_config(cfg: RunConfig) -> dict[str, Any]:
 
 def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
                     ) -> tuple[FedAlgorithm, Callable[[GlobalState], str | None] | None]:
-    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client" and with robust
+    """The configured algorithm, wrapped with client-level DP when [privacy] mode = "client" (distributed DP when
+    "distributed") and with robust
     aggregation when [robust] is set (RobustAggregation(ClientLevelDP(method))), and the engine's budget
     check (stop before a round that would exceed target_epsilon). `deployment` (fedtune server): the
     client-level DP noise comes from the OS unless [privacy] noise_seed is set."""
@@ -76,6 +78,15 @@ def build_algorithm(cfg: RunConfig, *, deployment: bool = False,
             algo = dp = ClientLevelDP(algo, pc, num_clients=f.num_clients, rounds=cfg.run.rounds,
                                       clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
                                       os_noise=deployment and pc.noise_seed is None)
+        elif pc.mode == "distributed":
+            f, sa = cfg.federation, cfg.secagg_config()
+            if not sa.enabled:
+                raise ValueError("[privacy] mode = \"distributed\" needs secure aggregation: the clients add the noise "
+                                 "inside the masked sum. Set [secagg] enabled = true (or --secagg), or use mode = \"client\"")
+            algo = dp = DistributedDP(algo, pc, num_clients=f.num_clients, rounds=cfg.run.rounds,
+                                      clients_per_round=clients_per_round(f.num_clients, f.fraction, f.min_clients),
+                                      min_survivors=max(sa.min_survivors, f.min_clients), bits=sa.bits,
+                                      train=train_config(cfg), clip=sa.clip)
         if rc.enabled:
             algo = RobustAggregation(algo, rc)
     except ValueError as e:
@@ -209,7 +220,11 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, transport: TransportFactory, *, res
     state = algo.initialize(model, seed=cfg.run.seed)
     rec = rd.begin(identity(cfg, list(data)), base_fp, resume=resume, may_change=resumable(cfg))
     start, resumed = 1, {}
-    if resume and (ck := checkpoint.latest(rd.ckpt_dir, run_id=rec["run_id"])) is not None:
+    try:
+        ck = checkpoint.latest(rd.ckpt_dir, run_id=rec["run_id"]) if resume else None
+    except checkpoint.CheckpointFormatError as e:
+        raise RunDirError(str(e)) from None
+    if ck is not None:
         check_resumed_state(algo, state, ck.state, ck.engine, cfg.out_dir)
         state, start, resumed = ck.state, ck.round + 1, ck.engine
         log.info("resuming from the checkpoint of round %d (run %s)", start - 1, rec["run_id"][:8])

@@ -2,6 +2,8 @@
 
 Written to a temp dir, fsynced, then renamed: a directory named round-NNNN is always complete. The engine
 state carries the run id (fedtune.run.rundir), and `latest(..., run_id=...)` only returns that run's checkpoints.
+state.json "format": 2 since distributed DP (its plan and Skellam accountant in "meta"); a checkpoint without the key
+is format 1 and still resumes; a newer format is refused, not misread.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from safetensors.torch import load_file
 
 from fedtune.algorithms.api import GlobalState
 from fedtune.fileio import fsync, publish, save_safetensors
+
+FORMAT = 2
+
+
+class CheckpointFormatError(RuntimeError):
+    """A checkpoint written by a newer fedtune."""
 
 
 @dataclass
@@ -34,7 +42,8 @@ def save(ckpt_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     tmp.mkdir()
     tensors = {k: v.contiguous() for k, v in ckpt.state.tensors.items()}
     save_safetensors(tensors, tmp / "global.safetensors")
-    meta = {"round": ckpt.round, "version": ckpt.state.version, "meta": ckpt.state.meta, "engine": ckpt.engine}
+    meta = {"format": FORMAT, "round": ckpt.round, "version": ckpt.state.version, "meta": ckpt.state.meta,
+            "engine": ckpt.engine}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     publish(tmp)
     for f in tmp.iterdir():
@@ -60,6 +69,9 @@ def latest(ckpt_dir: Path, *, run_id: str | None = None) -> Checkpoint | None:
             tensors = load_file(str(d / "global.safetensors"))
         except (OSError, ValueError, KeyError, AttributeError):
             continue
+        if not isinstance(fmt := meta.get("format", 1), int) or fmt > FORMAT:
+            raise CheckpointFormatError(f"{d} has checkpoint format {fmt!r}; this fedtune reads formats 1–{FORMAT}: "
+                                        "resume it with the fedtune that wrote it")
         state = GlobalState(version=meta["version"], tensors=tensors, meta=meta["meta"])
         return Checkpoint(round=meta["round"], state=state, engine=meta["engine"])
     return None

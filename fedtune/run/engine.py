@@ -185,7 +185,9 @@ class RoundEngine:
                              f"{len(layouts)} (per-client ranks or steps)")
         layout = layouts.pop()
         max_w = 1 if self.algo.uniform_weights else (self.cfg.max_examples_per_client or 2**24)
-        bits = sa.bits
+        bits, noise = sa.bits, None
+        if planned := self.algo.secure_noise(state):  # distributed DP: the run's ring and noise
+            bits, noise = planned
         if not bits:
             bits = 64
             if sum(p.size for p in layout) > 2**20:
@@ -198,7 +200,8 @@ class RoundEngine:
                            threshold=sa.threshold, degree=sa.degree,
                            weights="uniform" if self.algo.uniform_weights else "examples", max_weight=max_w,
                            layout=layout, min_survivors=sa.min_survivors, l2_clip=self.algo.secure_l2_clip(),
-                           max_share=0.0 if self.algo.uniform_weights else self.cfg.max_client_weight)
+                           max_share=0.0 if self.algo.uniform_weights else self.cfg.max_client_weight,
+                           noise=noise)
 
     def instruction_for(self, cid: str, version: int) -> Instruction:
         """This round's instruction for `cid`, for a client that holds global `version` (-1: not set up).

@@ -174,16 +174,17 @@ def signed(z: np.ndarray, bits: int) -> np.ndarray:
 
 
 def decode(z: np.ndarray, layout: Layout, part_scales: Sequence[float], *, total_weight: int, n_clients: int,
-           bits: int, max_weight_total: int) -> dict[str, np.ndarray]:
+           bits: int, max_weight_total: int, noise_tail: float = 0.0) -> dict[str, np.ndarray]:
     """Σ_u y_u (unmasked, [m]) → {name: weighted mean (or sum) float64 of the part's shape}. `total_weight`: Σ w
-    of the summed clients; `max_weight_total`: the T the scales were chosen for. EncodingError when a coordinate is
-    outside what honest clients can produce (a garbage or wrapped contribution; it cannot tell which client)."""
+    of the summed clients; `max_weight_total`: the T the scales were chosen for; `noise_tail`: how far distributed
+    DP's summed noise may reach (fedtune.secagg.noise.tail). EncodingError when a coordinate is outside what honest
+    clients can produce (a garbage or wrapped contribution; it cannot tell which client)."""
     v, out, i = signed(z, bits), {}, 0
     for p, s in zip(layout, part_scales, strict=True):
         block = v[i:i + p.size]
         i += p.size
         total = max_weight_total if p.weighted else n_clients
-        lim = int(total * (math.floor(p.clip) if p.integer else s * p.clip + 1))  # exact ints: -2^63 is caught too
+        lim = int(total * (math.floor(p.clip) if p.integer else s * p.clip + 1) + noise_tail)  # exact: -2^63 caught
         if block.size and (int(block.max()) > lim or int(block.min()) < -lim):
             worst = max(int(block.max()), -int(block.min()))
             raise EncodingError(f"secagg: the decoded sum of {p.name} reaches {worst:.3g}, more than honest clients "

@@ -52,6 +52,7 @@ from fedtune.secagg.encode import (
     ring_dtype,
     scales,
 )
+from fedtune.secagg.noise import NoiseParams, encode_noised, ring_holds, rounded_l2_bound, tail
 
 MASKED = "secagg/y"  # the one tensor of an update under secure aggregation: y_u in Z_2^b (an int32/int64 view)
 SHARE_BYTES = 66  # a Shamir share value < 2^521
@@ -136,6 +137,7 @@ class RoundParams:
     min_survivors: int = 3
     l2_clip: float = 0.0  # > 0: each client scales its whole vector to L2 ≤ l2_clip before encoding (client-level DP)
     max_share: float = 0.0  # in (0, 1): no client's weight above this share of the attempt's (encode.capped_counts)
+    noise: NoiseParams | None = None  # distributed DP: each client adds Skellam noise before masking (secagg.noise)
 
     @property
     def ctx(self) -> bytes:
@@ -149,14 +151,14 @@ class RoundParams:
         return {"run": self.run, "round": self.round, "attempt": self.attempt, "bits": self.bits,
                 "threshold": self.threshold, "degree": self.degree, "weights": self.weights,
                 "max_weight": self.max_weight, "min_survivors": self.min_survivors, "l2_clip": self.l2_clip,
-                "max_share": self.max_share,
+                "max_share": self.max_share, "noise": self.noise.to_dict() if self.noise else None,
                 "layout": [p.to_dict() for p in self.layout]}
 
     @classmethod
     def from_dict(cls, d: Any) -> RoundParams:
         d = _dict(d, "secagg params", 16)
         keys = {"run", "round", "attempt", "bits", "threshold", "degree", "weights", "max_weight", "min_survivors",
-                "layout", "l2_clip", "max_share"}
+                "layout", "l2_clip", "max_share", "noise"}
         if set(d) != keys:
             raise ProtocolError(f"secagg params need exactly {sorted(keys)}, got {sorted(map(str, d))[:12]}")
         thr, l2, share = d["threshold"], d["l2_clip"], d["max_share"]
@@ -178,10 +180,35 @@ class RoundParams:
             raise ProtocolError("secagg layout is larger than 2^31 elements")
         if len({p.name for p in layout}) != len(layout):
             raise ProtocolError("secagg layout repeats a part name")
+        noise = None
+        if d["noise"] is not None:
+            try:
+                noise = NoiseParams.from_dict(d["noise"])
+            except EncodingError as e:
+                raise ProtocolError(str(e)) from None
+            if not (l2 > 0 and d["weights"] == "uniform" and not any(p.integer or p.weighted for p in layout)):
+                raise ProtocolError("distributed-DP noise needs an L2 clip, uniform weights and unweighted real parts")
+            if noise.l2_bound < rounded_l2_bound(noise.scale * l2, length(layout)) * (1 - 1e-12):
+                raise ProtocolError(f"distributed-DP l2_bound {noise.l2_bound:.6g} is below what conditional rounding "
+                                    f"can keep (scale {noise.scale:.6g}, L2 clip {l2:g})")
         return cls(_id(d["run"], "run"), _int(d["round"], "round", 0, 2**31), _int(d["attempt"], "attempt", 0, 2**31),
                    d["bits"], float(thr), _int(d["degree"], "degree", 0, MAX_CLIENTS), d["weights"],
                    _int(d["max_weight"], "max_weight", 1, 2**40), layout,
-                   _int(d["min_survivors"], "min_survivors", 2, MAX_CLIENTS), float(l2), float(share))
+                   _int(d["min_survivors"], "min_survivors", 2, MAX_CLIENTS), float(l2), float(share), noise)
+
+    def scales(self, total_weight: int, n: int) -> list[float]:
+        """Each part's scale for an attempt of n clients with total weight Σw (EncodingError: the ring cannot hold
+        their sum). Distributed DP: the run's one scale, checked against the noised sum of n clients."""
+        if self.noise is None:
+            return scales(self.layout, self.bits, total_weight, n)
+        if not ring_holds(self.noise, max(p.clip for p in self.layout), n, self.m, self.bits):
+            raise EncodingError(f"secagg: a {self.bits}-bit ring cannot hold the noised sum of {n} clients at scale "
+                                f"{self.noise.scale:.6g}")
+        return [self.noise.scale] * len(self.layout)
+
+    def noise_tail(self, n: int) -> float:
+        """How far n clients' summed noise may reach (0 without distributed DP): the decode range check's allowance."""
+        return tail(n * self.noise.mu, self.m) if self.noise is not None else 0.0
 
 
 @dataclass(frozen=True)
@@ -354,7 +381,7 @@ class ClientSession:
         if len(peers) + 1 < max(self.t, p.min_survivors):
             raise ProtocolError(f"{len(peers)} neighbours are too few for threshold {self.t}")
         try:
-            self.scales = scales(p.layout, p.bits, roster.total_weight, roster.n)
+            self.scales = p.scales(roster.total_weight, roster.n)
         except EncodingError as e:
             raise ProtocolError(str(e)) from None
         order = sorted(peers)
@@ -402,9 +429,10 @@ class ClientSession:
             norm = math.sqrt(sum(float(np.square(np.asarray(v, np.float64)).sum()) for v in parts.values()))
             if norm > p.l2_clip:
                 parts = {k: np.asarray(v, np.float64) * (p.l2_clip / norm) for k, v in parts.items()}
+        rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         try:
-            y, clipped = encode(parts, p.layout, self.scales, self.weight, p.bits,
-                                rng if rng is not None else np.random.default_rng(secrets.randbits(128)))
+            y, clipped = (encode_noised(parts, p.layout, p.noise, p.bits, rng) if p.noise is not None
+                          else encode(parts, p.layout, self.scales, self.weight, p.bits, rng))
         except EncodingError as e:
             raise ProtocolError(str(e)) from None
         m = y.size
@@ -468,7 +496,7 @@ class ClientSession:
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"the saved secure-aggregation session does not parse: {e}") from None
         if self.roster is not None:
-            self.scales = scales(params.layout, params.bits, self.roster.total_weight, self.roster.n)
+            self.scales = params.scales(self.roster.total_weight, self.roster.n)
         return self
 
 
@@ -537,7 +565,7 @@ class ServerSession:
             self.clients[c].weight = capped[c]
         self.total_weight = sum(capped.values())
         try:
-            self.scales = scales(p.layout, p.bits, self.total_weight, n)
+            self.scales = p.scales(self.total_weight, n)
         except EncodingError as e:
             raise Abort("advertise", str(e)) from None
         k = auto_degree(n, p.degree)
@@ -728,10 +756,12 @@ class ServerSession:
         weights = {c: self.clients[c].weight for c in self.u3}
         try:
             parts = decode(z, p.layout, self.scales, total_weight=sum(weights.values()), n_clients=len(self.u3),
-                           bits=bits, max_weight_total=self.total_weight)
+                           bits=bits, max_weight_total=self.total_weight, noise_tail=p.noise_tail(len(self.u3)))
         except EncodingError as e:
             raise Abort("unmask", str(e)) from None
         stats = {"secagg_clients": float(len(self.u3)), "secagg_dropped": float(len(self.sampled) - len(self.u3)),
                  "secagg_bad_shares": float(len(bad))}
+        if p.noise is not None:  # the summed Skellam noise's standard deviation per coordinate, in the sum's units
+            stats["ddp_noise_std"] = math.sqrt(len(self.u3) * p.noise.mu) / p.noise.scale
         return SecureSum(parts, list(self.u3), weights, error_bound(p.layout, self.scales, len(self.u3)), stats,
                          sorted(bad))

@@ -22,6 +22,7 @@ from fedtune.algorithms.api import (
     Payload,
     UpdateSpec,
 )
+from fedtune.secagg.noise import NoiseParams
 
 
 class Wrapper(FedAlgorithm):
@@ -93,6 +94,9 @@ class Wrapper(FedAlgorithm):
 
     def secure_l2_clip(self) -> float:
         return self.inner.secure_l2_clip()
+
+    def secure_noise(self, state: GlobalState) -> tuple[int, NoiseParams] | None:
+        return self.inner.secure_noise(state)
 
     def apply_secure(self, rnd: int, state: GlobalState, parts: Mapping[str, torch.Tensor],
                      updates: Sequence[ClientUpdate]) -> tuple[GlobalState, dict[str, float]]:

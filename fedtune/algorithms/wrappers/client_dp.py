@@ -43,6 +43,7 @@ class ClientLevelDP(Wrapper):
     aggregate (clip, sum, noise)."""
 
     suffix = "client_dp"
+    mode = "client"  # the [privacy] mode this wrapper implements
 
     def __init__(
         self, inner: FedAlgorithm, privacy: PrivacyConfig | dict[str, Any], *, clients_per_round: int,
@@ -58,8 +59,8 @@ class ClientLevelDP(Wrapper):
                 f"update tensors ({why}). Use a method whose aggregate is one ({able}), or sample-level DP "
                 f"([privacy] mode = \"sample\") with {inner.name!r}.")
         pc = PrivacyConfig.from_dict(privacy)
-        if pc.mode != "client":
-            raise ValueError(f"ClientLevelDP needs [privacy] mode = \"client\", got {pc.mode!r}")
+        if pc.mode != self.mode:
+            raise ValueError(f"{type(self).__name__} needs [privacy] mode = \"{self.mode}\", got {pc.mode!r}")
         if not 0 < clients_per_round <= num_clients:
             raise ValueError(f"need 0 < clients_per_round ≤ num_clients, got {clients_per_round} / {num_clients}")
         super().__init__(inner)
@@ -67,6 +68,12 @@ class ClientLevelDP(Wrapper):
         self.clients_per_round, self.num_clients = clients_per_round, num_clients
         self.sample_rate = clients_per_round / num_clients
         self.delta = pc.client_delta(num_clients)
+        self.rounds = rounds
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        """σ: the configured noise_multiplier, or the smallest σ that spends target_epsilon over the planned rounds."""
+        pc, rounds = self.privacy, self.rounds
         if pc.noise_multiplier is not None:
             self.noise_multiplier = pc.noise_multiplier
         elif not rounds:
