@@ -85,3 +85,31 @@ def test_a_node_lost_at_any_stage_is_survived_with_a_process_per_message(tmp_pat
     r1, r2 = _rows(tmp_path / "f")[1:]
     summed = 4 if stage == "unmask" else 3
     assert r1["secagg_clients"] == summed and r2["secagg_clients"] == 4
+
+
+def test_distributed_dp_on_flower_charges_the_survivors_noise(tmp_path, flower_task):  # noqa: F811
+    """[privacy] mode = "distributed" over Flower messages, a process per message: node 103 dies while training in
+    round 1, so round 1 sums 3 clients' noise and round 2 four; each round's ε is the Skellam accountant's for the
+    noise actually summed (a dropout costs more ε than a full round)."""
+    from test_flower import _specs
+
+    from fedtune.privacy.skellam import SkellamAccountant
+    from fedtune.run import checkpoint
+    from fedtune.run.assemble import simulate as run
+    from fedtune.transports.flower.transport import FlowerTransport
+
+    cfg = config.load(None, {**FAST, "federation.num_clients": 4, "federation.min_clients": 3,
+                             "run.out": str(tmp_path / "f"), "privacy.mode": "distributed",
+                             "privacy.noise_multiplier": 0.8, "privacy.clip_norm": 0.05})
+    specs = _specs(4, state_dir=str(tmp_path / "nodes"))
+    grid = SecureGrid(cfg, specs, lose={"train": {103}}, fresh_process=True)
+    run(cfg, progress=False, roster=[s.client_id for s in specs.values()],
+        transport_factory=lambda r: FlowerTransport(grid, {s.client_id: n for n, s in specs.items()}, poll_s=0.0))
+    r1, r2 = _rows(tmp_path / "f")[1:]
+    plan = checkpoint.latest(tmp_path / "f" / "checkpoints").state.meta["ddp"]
+    acc = SkellamAccountant()
+    acc.step(1.0, plan["l2_bound"], plan["l1_bound"], 3 * plan["mu"])
+    assert r1["secagg_clients"] == 3 and r1["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-12)
+    full = acc.epsilon_after(1e-5, 1.0, plan["l2_bound"], plan["l1_bound"], 4 * plan["mu"])
+    assert r2["secagg_clients"] == 4 and r2["epsilon"] == pytest.approx(full, rel=1e-12)
+    assert r1["epsilon"] > full - r1["epsilon"]  # the 3-survivor round cost more than the full one

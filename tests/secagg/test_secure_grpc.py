@@ -155,6 +155,41 @@ def test_coordinator_sees_only_masked_vectors_and_learns_what_the_simulation_lea
     assert srv.result["rounds_completed"] == sim["rounds_completed"] == 2
 
 
+def test_distributed_dp_over_grpc_the_coordinator_unmasks_only_a_noised_sum(tmp_path, monkeypatch):
+    """[privacy] mode = "distributed" across 4 organisations over mTLS: what the coordinator unmasks differs from the
+    sum of the clients' clipped changes by noise of the planned scale (ddp_noise_std, within 10 %), and ε per round
+    is the simulation's (the same plan and survivors)."""
+    from fedtune.secagg.protocol import ServerSession
+
+    plain, decoded = {}, []
+    real_masked, real_finish = ClientSession.masked_input, ServerSession.finish
+
+    def masked(self, parts, rng=None):
+        x = np.concatenate([np.ravel(parts[p.name]) for p in self.params.layout])
+        plain[(self.cid, self.params.round)] = x * min(1.0, self.params.l2_clip / np.linalg.norm(x))
+        return real_masked(self, parts, rng)
+
+    def finish(self):
+        res = real_finish(self)
+        decoded.append((self.params.round, np.concatenate([np.ravel(res.parts[p.name]) for p in self.params.layout])))
+        return res
+
+    monkeypatch.setattr(ClientSession, "masked_input", masked)
+    monkeypatch.setattr(ServerSession, "finish", finish)
+    ddp = '[privacy]\nmode = "distributed"\nnoise_multiplier = 0.7\nclip_norm = 0.05\n'
+    cfg_path = write_run(tmp_path, extra=ddp)
+    _, results = run_all(cfg_path, [agent(cfg_path, 0, i) for i in range(4)])
+    assert results == dict.fromkeys(IDS, 0)
+    got = rows(tmp_path / "out")[1:]
+    for (rnd, z), r in zip(decoded, got, strict=True):
+        diff = z - sum(plain[(c, rnd)] for c in IDS)
+        assert r["secagg_clients"] == 4 and abs(diff.std() / r["ddp_noise_std"] - 1) < 0.1
+    simulate(config.load(cfg_path, {"run.out": str(tmp_path / "sim"), "server.tls_cert": "", "server.tls_key": "",
+                                    "server.tls_client_ca": ""}), progress=False)
+    assert [r["epsilon"] for r in got] == [r["epsilon"] for r in rows(tmp_path / "sim")[1:]]
+    assert got[-1]["epsilon"] > got[0]["epsilon"] > 0
+
+
 def test_a_client_lost_after_sharing_keys_is_unmasked_out(tmp_path, monkeypatch):
     """org-3 shares its keys in round 1, then dies before sending its masked vector: its lease lapses, the three
     survivors are summed (its pairwise masks rebuilt from their shares), and round 2 goes on without it."""
