@@ -160,6 +160,9 @@ class ClientSection:
     max_backoff_s: float = option(30.0, "longest wait between retries")
     max_retry_s: float = option(600.0, "give up (exit 4) after this long without one successful exchange")
     max_download_mb: float = option(2048.0, "largest task this client downloads")
+    min_noise_multiplier: float = option(0.0, "distributed DP: refuse a task without distributed DP, or whose noise "
+                                              "with the fewest survivors this client accepts is below this σ; "
+                                              "0: no floor")
 
 
 @dataclass

@@ -206,6 +206,11 @@ class RoundParams:
                                 f"{self.noise.scale:.6g}")
         return [self.noise.scale] * len(self.layout)
 
+    def noise_floor(self) -> float:
+        """The σ the summed noise reaches at least: every client refuses to unmask a sum of fewer than min_survivors
+        clients, each adding μ (0 without distributed DP)."""
+        return math.sqrt(self.min_survivors * self.noise.mu) / self.noise.l2_bound if self.noise is not None else 0.0
+
     def noise_tail(self, n: int) -> float:
         """How far n clients' summed noise may reach (0 without distributed DP): the decode range check's allowance."""
         return tail(n * self.noise.mu, self.m) if self.noise is not None else 0.0

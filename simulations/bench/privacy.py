@@ -19,6 +19,13 @@ local step (first-order and zeroth-order).
       (B, V, T−1) view of the logits), for a before/after ratio in the same run
     Runs alternate nondp/dp; median of --repeats; ratio dp / nondp (goal ≤ 1.08). Each timed block includes
     building the optimiser (and, for dp, attaching/detaching opacus), as one local round does.
+(d) client-level grid (--client-grid): final eval loss of each --methods (Fed-SB, FedAvg-LoRA) at each finite ε under
+    the three ways to protect a whole client, same clients (--clients, every client every round), rounds and seeds:
+    "central" ([privacy] mode = "client": the coordinator clips and noises, it sees each update), "client+secagg"
+    (the same noise, added by the coordinator to the securely summed clipped updates: it sees the exact sum) and
+    "distributed" ([privacy] mode = "distributed" with a 32-bit ring: the clients add Skellam noise before masking;
+    min_survivors = all clients, so no noise is planned for dropouts). C = --client-clip, δ default, σ calibrated
+    to ε over the rounds. Ratio distributed / central per cell (goal ≤ 1.05).
 (c) ZO step cost per --zo-modes (lora, full): one FedKSeed step (two perturbed forwards, the step's scalar,
     the update) on the same fixed batches: hf = the old step (HF batch-mean loss, 4 z regenerations), nondp =
     FedKSeedClient.step without DP (per-example losses, their mean), dp = the same with σ = 1, C = 1.
@@ -27,6 +34,7 @@ local step (first-order and zeroth-order).
     python simulations/bench/privacy.py [--model smollm2|tiny] [--eps 1 3 8 inf] [--methods fedsb fedavg]
         [--clients 2] [--rounds 2] [--local-steps 3] [--fedsb-lr X] [--skip-grid] [--skip-step]
         [--step-steps 3] [--repeats 3] [--step-before] [--threads 0] [--zo-steps 0] [--zo-clip 1] [--zo-lr 0] [--zo-modes lora full] [--skip-zo-step]
+        [--client-grid] [--client-clip 0.1]
 """
 
 from __future__ import annotations
@@ -121,6 +129,42 @@ def sigmas(a: argparse.Namespace) -> dict[str, Any]:
                 per[cid] = {"n": n, "q": q, "delta": min(1 / n, 1e-5), "steps": st * a.rounds,
                             "sigma": noise_for_target(eps, min(1 / n, 1e-5), q, st * a.rounds, "rdp")}
             out[f"{name} eps={eps:g}"] = per
+    return out
+
+
+CLIENT_MODES = {
+    "central": {"privacy.mode": "client"},
+    "client+secagg": {"privacy.mode": "client", "secagg.enabled": True},
+    "distributed": {"privacy.mode": "distributed", "secagg.enabled": True, "secagg.bits": 32},
+}
+
+
+def client_grid(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """(d): final eval loss per method × finite ε × client-level mode."""
+    if a.clients < 3:
+        raise SystemExit("--client-grid needs --clients ≥ 3 (secure aggregation sums at least 3 clients)")
+    ov = base_overrides(a)
+    ov.update({"federation.fraction": 1.0, "secagg.min_survivors": a.clients, "privacy.clip_norm": a.client_clip})
+    out = []
+    for method in [m for m in a.methods if m in ("fedsb", "fedavg")]:
+        for eps in [e for e in a.eps if math.isfinite(e)]:
+            for mode, extra in CLIENT_MODES.items():
+                o = {**ov, **extra, "privacy.target_epsilon": eps}
+                if mode != "distributed":
+                    o["privacy.noise_seed"] = a.seed
+                if method == "fedsb" and a.fedsb_lr:
+                    o["train.lr"] = a.fedsb_lr
+                tag = f"{method}_{mode.replace('+', '_')}_eps{eps:g}"
+                res = run_method(method, o, a.work, tag)
+                last = res["rows"][-1]
+                out.append({"method": method, "mode": mode, "target_epsilon": eps,
+                            "eval_loss_final": res["summary"]["eval_loss_final"],
+                            "eval_loss_first": res["summary"]["eval_loss_first"],
+                            "epsilon_spent": res["summary"]["epsilon"], "noise_multiplier": last.get("noise_multiplier"),
+                            "ddp_bits": last.get("ddp_bits"), "bytes_up_total": res["summary"]["bytes_up_total"],
+                            "rounds_completed": res["summary"]["rounds_completed"], "wall_s": res["wall_s"]})
+                print(f"done {tag}: eval {out[-1]['eval_loss_final']:.4f}, ε spent {out[-1]['epsilon_spent']}, "
+                      f"σ {out[-1]['noise_multiplier']}, {res['wall_s']:.1f} s", flush=True)
     return out
 
 
@@ -273,6 +317,8 @@ def main() -> None:
     ap.add_argument("--zo-lr", type=float, default=0.0, help="FedKSeed η (0 = its default per mode)")
     ap.add_argument("--zo-modes", nargs="+", default=["lora", "full"], help="modes for the ZO step cost")
     ap.add_argument("--skip-zo-step", action="store_true")
+    ap.add_argument("--client-grid", action="store_true", help="(d) central vs secagg vs distributed client-level DP")
+    ap.add_argument("--client-clip", type=float, default=0.1, help="(d) client-level DP: L2 clip C of an update")
     ap.add_argument("--out", default="simulations/bench/results/privacy.json")
     a = ap.parse_args()
     bad = [m for m in a.methods if m not in ("fedsb", "fedavg", "flora", "fedkseed-lora", "fedkseed-full")]
@@ -323,6 +369,20 @@ def main() -> None:
                   f"{s['batch'][1]}): old HF-loss {t['hf']:.3f} | non-DP {t['nondp']:.3f} | DP {t['dp']:.3f} s/step | "
                   f"DP ÷ non-DP {s['ratio_dp_over_nondp']:.3f} (goal ≤ 1.05) | DP ÷ old {s['ratio_dp_over_hf']:.3f} | "
                   f"DP-only work {s['dp_extra_s'] * 1e6:.1f} µs/step → ratio bound {s['dp_extra_ratio_bound']:.5f}")
+    if a.client_grid:
+        res["client_grid"] = cg = client_grid(a)
+        print(f"\nclient-level DP ({a.model}, {a.clients} clients × {a.rounds} rounds, every client every round, "
+              f"C = {a.client_clip}): final eval loss")
+        print(f"{'method':>7} | {'ε':>4} | " + " | ".join(f"{m:>13}" for m in CLIENT_MODES) + " | distributed ÷ central")
+        for method in dict.fromkeys(r["method"] for r in cg):
+            for eps in dict.fromkeys(r["target_epsilon"] for r in cg):
+                cell = {r["mode"]: r for r in cg if r["method"] == method and r["target_epsilon"] == eps}
+                ratio = cell["distributed"]["eval_loss_final"] / cell["central"]["eval_loss_final"]
+                for r in cell.values():
+                    r["ratio_distributed_over_central"] = ratio
+                print(f"{method:>7} | {eps:>4g} | " + " | ".join(f"{cell[m]['eval_loss_final']:>13.4f}"
+                                                                for m in CLIENT_MODES)
+                      + f" | {ratio:.4f} (goal ≤ 1.05)")
     res["calibration_s_per_step"] = a.calib
     res["total_wall_s"] = time.perf_counter() - t0
     for r in res.get("grid", []):

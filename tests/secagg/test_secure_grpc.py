@@ -190,6 +190,29 @@ def test_distributed_dp_over_grpc_the_coordinator_unmasks_only_a_noised_sum(tmp_
     assert got[-1]["epsilon"] > got[0]["epsilon"] > 0
 
 
+def test_a_client_with_a_noise_floor_refuses_tasks_below_it():
+    """[client] min_noise_multiplier: a task without distributed DP, or whose noise at min_survivors survivors gives
+    a smaller σ, is refused; one at or above it is taken. σ = √(min_survivors · μ) / Δ₂."""
+    from fedtune.algorithms.api import InstructionRejected
+    from fedtune.secagg.encode import Part
+    from fedtune.secagg.noise import NoiseParams, rounded_l2_bound
+    from fedtune.secagg.protocol import RoundParams
+
+    l2 = rounded_l2_bound(1e4 * 0.05, 100)
+    p = RoundParams(run="r", round=1, attempt=0, bits=32, threshold=2 / 3, degree=0, weights="uniform", max_weight=1,
+                    layout=(Part("x", (100,), 0.05, weighted=False),), min_survivors=4, l2_clip=0.05,
+                    noise=NoiseParams(1e4, (0.8 * l2) ** 2 / 4, l2))
+    assert p.noise_floor() == pytest.approx(0.8)
+    secure.check_noise_floor({"secagg": p.to_dict()}, 0.8 - 1e-9)
+    with pytest.raises(InstructionRejected, match="σ = 0.8"):
+        secure.check_noise_floor({"secagg": p.to_dict()}, 1.0)
+    plain = {**p.to_dict(), "noise": None, "weights": "examples", "l2_clip": 0.0}
+    for train in ({"steps": 1}, {"secagg": plain}):
+        with pytest.raises(InstructionRejected, match="adds no noise"):
+            secure.check_noise_floor(train, 0.5)
+    secure.check_noise_floor({"steps": 1}, 0.0)
+
+
 def test_a_client_lost_after_sharing_keys_is_unmasked_out(tmp_path, monkeypatch):
     """org-3 shares its keys in round 1, then dies before sending its masked vector: its lease lapses, the three
     survivors are summed (its pairwise masks rebuilt from their shares), and round 2 goes on without it."""

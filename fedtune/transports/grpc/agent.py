@@ -27,7 +27,7 @@ from fedtune.fileio import write_text_atomic
 from fedtune.models.hardware import describe_hardware, hardware_metrics
 from fedtune.models.loading import load_for
 from fedtune.transports import wire
-from fedtune.transports.grpc.secure import Aborted, SecureTask, round_params
+from fedtune.transports.grpc.secure import Aborted, SecureTask, check_noise_floor, round_params
 from fedtune.transports.grpc.security import auth_metadata, channel_credentials
 
 log = logging.getLogger("fedtune.client")
@@ -212,7 +212,9 @@ class Agent:
     def _check_privacy(self, train: dict) -> None:
         """Sample-level DP protects this client's examples against the server too, so the server cannot switch it
         off: with [privacy] mode = "sample" in this client's own config, a task must train under exactly that
-        [privacy] (the planned `rounds` it adds for σ calibration aside; the accountant caps ε either way)."""
+        [privacy] (the planned `rounds` it adds for σ calibration aside; the accountant caps ε either way). Likewise
+        [client] min_noise_multiplier: a floor on distributed DP's noise that the coordinator cannot lower."""
+        check_noise_floor(train, self.c.min_noise_multiplier)
         own = self.cfg.privacy_config()
         if own.mode != "sample":
             return

@@ -44,6 +44,20 @@ def round_params(train: dict) -> RoundParams:
         raise InstructionRejected(f"secagg: {e}") from None
 
 
+def check_noise_floor(train: dict, min_sigma: float) -> None:
+    """A client with a distributed-DP floor ([client] min_noise_multiplier > 0) takes only tasks whose clients add
+    noise before masking, with σ ≥ the floor at the fewest survivors it would unmask for (InstructionRejected)."""
+    if min_sigma <= 0:
+        return
+    sigma = round_params(train).noise_floor() if "secagg" in train else 0.0
+    if sigma < min_sigma:
+        raise InstructionRejected(
+            f"this client takes part only under distributed DP with σ ≥ {min_sigma:g} ([client] "
+            f"min_noise_multiplier); the task's noise gives σ = {sigma:.4g}" if sigma else
+            f"this client takes part only under distributed DP ([client] min_noise_multiplier = {min_sigma:g}); "
+            "the task adds no noise before masking")
+
+
 class SecureTask:
     def __init__(self, stub, metadata, client_id: str, task_id: str, params: RoundParams, weight: int,
                  unmasked: set[bytes], rpc_timeout_s: float, stop: threading.Event) -> None:
