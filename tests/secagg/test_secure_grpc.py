@@ -155,7 +155,8 @@ def test_coordinator_sees_only_masked_vectors_and_learns_what_the_simulation_lea
     assert srv.result["rounds_completed"] == sim["rounds_completed"] == 2
 
 
-def test_distributed_dp_over_grpc_the_coordinator_unmasks_only_a_noised_sum(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsb"])
+def test_distributed_dp_over_grpc_the_coordinator_unmasks_only_a_noised_sum(tmp_path, monkeypatch, algorithm):
     """[privacy] mode = "distributed" across 4 organisations over mTLS: what the coordinator unmasks differs from the
     sum of the clients' clipped changes by noise of the planned scale (ddp_noise_std, within 10 %), and ε per round
     is the simulation's (the same plan and survivors)."""
@@ -177,7 +178,7 @@ def test_distributed_dp_over_grpc_the_coordinator_unmasks_only_a_noised_sum(tmp_
     monkeypatch.setattr(ClientSession, "masked_input", masked)
     monkeypatch.setattr(ServerSession, "finish", finish)
     ddp = '[privacy]\nmode = "distributed"\nnoise_multiplier = 0.7\nclip_norm = 0.05\n'
-    cfg_path = write_run(tmp_path, extra=ddp)
+    cfg_path = write_run(tmp_path, extra=ddp, algorithm=algorithm)
     _, results = run_all(cfg_path, [agent(cfg_path, 0, i) for i in range(4)])
     assert results == dict.fromkeys(IDS, 0)
     got = rows(tmp_path / "out")[1:]
