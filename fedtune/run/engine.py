@@ -199,7 +199,8 @@ class RoundEngine:
         return RoundParams(run=self.cfg.run_id or "run", round=rnd, attempt=attempt, bits=bits,
                            threshold=sa.threshold, degree=sa.degree,
                            weights="uniform" if self.algo.uniform_weights else "examples", max_weight=max_w,
-                           layout=layout, min_survivors=sa.min_survivors, l2_clip=self.algo.secure_l2_clip(),
+                           layout=layout, min_survivors=max(sa.min_survivors, self.cfg.min_clients),
+                           l2_clip=self.algo.secure_l2_clip(),
                            max_share=0.0 if self.algo.uniform_weights else self.cfg.max_client_weight,
                            noise=noise)
 
