@@ -329,6 +329,9 @@ def check_secagg(cfg: RunConfig, algo, robust) -> None:
     """ConfigError when [secagg] is on with something it cannot work with, saying why and what to use."""
     sa = cfg.secagg_config()
     if not sa.enabled:
+        _require(cfg.privacy_config().mode != "distributed",
+                 "[privacy] mode = \"distributed\" needs secure aggregation: the clients add the noise inside the "
+                 "masked sum. Set [secagg] enabled = true (or --secagg), or use mode = \"client\"")
         return
     caps = algo.capabilities
     if not caps.secure_sum:

@@ -290,7 +290,7 @@ def test_refusals(tmp_path):
     from fedtune.run.assemble import build_algorithm
 
     with pytest.raises(ConfigError, match="needs secure aggregation"):
-        build_algorithm(_cfg(tmp_path, "x", **{"secagg.enabled": False, "privacy.noise_multiplier": 1.0}))
+        _cfg(tmp_path, "x", **{"secagg.enabled": False, "privacy.noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="noise_seed does not apply"):
         _cfg(tmp_path, "x", **{"privacy.noise_multiplier": 1.0, "privacy.noise_seed": 3})
     with pytest.raises(ConfigError, match="flora"):
