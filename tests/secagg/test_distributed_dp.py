@@ -197,12 +197,13 @@ def test_fewer_survivors_cost_more_epsilon_and_the_noise_is_not_the_coordinators
         dp.apply_secure(1, st, parts, ups[:2])
 
 
-def test_target_epsilon_calibration_spends_the_budget_at_the_fewest_survivors():
-    dp = _ddp(noise_multiplier=None, target_epsilon=2.0)
-    plan = dp.make_plan(_state())
+@pytest.mark.parametrize(("eps", "shape"), [(2.0, (4, 16)), (1.0, (8, 57_600))])  # 57,600 × 8 × 2: SmolLM2's q,v
+def test_target_epsilon_calibration_spends_the_budget_at_the_fewest_survivors(eps, shape):
+    dp = _ddp(noise_multiplier=None, target_epsilon=eps)
+    plan = dp.make_plan(_state(shape, shape[::-1]))
     acc = SkellamAccountant()
     acc.step(1.0, plan["l2_bound"], plan["l1_bound"], 3 * plan["mu"], 3)
-    assert 1.99 <= acc.epsilon(dp.delta) <= 2.0
+    assert 0.995 * eps <= acc.epsilon(dp.delta) <= eps and plan["bits"] == 32
 
 
 # -- through the protocol and the engine --------------------------------------------------------------------------------

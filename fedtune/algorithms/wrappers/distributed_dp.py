@@ -136,9 +136,12 @@ class DistributedDP(ClientLevelDP):
         def eps(sigma: float) -> float:
             return rdp_to_epsilon(self.rounds * self._round_rdp(plan_for(sigma), self.t_min), self.delta)
 
-        lo, hi = 1e-2, 1e4
-        if eps(hi) > pc.target_epsilon:
-            raise ValueError(f"distributed DP: no σ ≤ {hi:g} reaches target_epsilon = {pc.target_epsilon}")
+        lo, hi = 1e-2, 1.0
+        while eps(hi) > pc.target_epsilon:  # bracket: ε falls as σ grows
+            lo, hi = hi, hi * 2
+            if hi > 1e4:
+                raise ValueError(f"distributed DP: no σ ≤ 1e4 reaches target_epsilon = {pc.target_epsilon} in "
+                                 f"{self.rounds} rounds")
         for _ in range(60):  # bisection on log σ: ε falls as σ grows
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if eps(mid) > pc.target_epsilon else (lo, mid)
