@@ -12,7 +12,8 @@ b_u, committed to at advertise (H(b_u ‖ ctx ‖ u)).
                   AAD ctx|share|u|v, of (b-share, s-share) for v (t-of-|N(u)|+1 sharing, u keeps its own).  U2
   2 masked input  server → u: the ciphertexts addressed to u from N(u) ∩ U2.
                   u → server: y_u = w_u·Q(x_u) + PRG(b_u) + Σ_{v ∈ N(u)∩U2} ±PRG(HKDF(X25519(s_u, pk_s_v))) mod 2^b
-                  (+ if u < v, − otherwise: pairwise masks cancel in the sum).                                 U3
+                  (+ if u < v, − otherwise: pairwise masks cancel in the sum). Under distributed DP
+                  w_u·Q(x_u) is CondRound(s·x_u) + Skellam noise (fedtune.secagg.noise).                       U3
   3 unmask        server → u: survivors N(u) ∩ U3, dropped N(u) ∩ (U2 ∖ U3). u refuses overlapping lists, ids it
                   did not mask with, too few survivors, a second unmask; else returns the b-shares of survivors
                   (itself included) and the s-shares of the dropped, and forgets its secrets.
@@ -159,6 +160,7 @@ class RoundParams:
         d = _dict(d, "secagg params", 16)
         keys = {"run", "round", "attempt", "bits", "threshold", "degree", "weights", "max_weight", "min_survivors",
                 "layout", "l2_clip", "max_share", "noise"}
+        d = {"noise": None, **d}  # a coordinator from before distributed DP sends none
         if set(d) != keys:
             raise ProtocolError(f"secagg params need exactly {sorted(keys)}, got {sorted(map(str, d))[:12]}")
         thr, l2, share = d["threshold"], d["l2_clip"], d["max_share"]
