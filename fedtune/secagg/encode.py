@@ -125,14 +125,13 @@ def error_bound(layout: Layout, part_scales: Sequence[float], n_clients: int) ->
     return max(errs, default=0.0)
 
 
-def encode(parts: Mapping[str, np.ndarray], layout: Layout, part_scales: Sequence[float], weight: int, bits: int,
-           rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """(y in the ring [m], how many coordinates were clipped). `parts`: float arrays of the layout's names/shapes."""
+def clipped_parts(parts: Mapping[str, np.ndarray], layout: Layout) -> tuple[list[np.ndarray], int]:
+    """The layout's parts as flat float64 arrays, each coordinate clipped to its part's bound, and how many were
+    clipped (EncodingError: a missing or extra part, a wrong shape, NaN/inf)."""
     if set(parts) != {p.name for p in layout}:
         raise EncodingError(f"secagg: the vector has parts {sorted(parts)[:4]}, the layout {[p.name for p in layout][:4]}")
-    dt = ring_dtype(bits)
     out, clipped = [], 0
-    for p, s in zip(layout, part_scales, strict=True):
+    for p in layout:
         x = np.asarray(parts[p.name], dtype=np.float64)
         if tuple(x.shape) != p.shape:
             raise EncodingError(f"secagg: part {p.name} has shape {tuple(x.shape)}, the layout says {p.shape}")
@@ -141,7 +140,17 @@ def encode(parts: Mapping[str, np.ndarray], layout: Layout, part_scales: Sequenc
             raise EncodingError(f"secagg: part {p.name} holds NaN/inf; refusing to encode it")
         c = math.floor(p.clip) if p.integer else p.clip
         clipped += int((np.abs(x) > c).sum())
-        x = np.clip(x, -c, c)
+        out.append(np.clip(x, -c, c))
+    return out, clipped
+
+
+def encode(parts: Mapping[str, np.ndarray], layout: Layout, part_scales: Sequence[float], weight: int, bits: int,
+           rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(y in the ring [m], how many coordinates were clipped). `parts`: float arrays of the layout's names/shapes."""
+    dt = ring_dtype(bits)
+    xs, clipped = clipped_parts(parts, layout)
+    out = []
+    for p, s, x in zip(layout, part_scales, xs, strict=True):
         if p.integer:
             q = np.rint(x).astype(np.int64)
         else:  # |s·x| ≤ 2^50: s·x − ⌊s·x⌋ is exact, so P(round up) is exactly the fractional part

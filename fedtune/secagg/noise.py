@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.secagg.encode import EncodingError, Layout, ring_dtype
+from fedtune.secagg.encode import EncodingError, Layout, clipped_parts, ring_dtype
 
 LAMBDA_MAX = 2.0**34  # the largest Poisson mean one draw uses
 BETA = math.exp(-0.5)  # conditional rounding: P(redraw) ≤ β per draw
@@ -125,20 +125,9 @@ def conditional_round(sx: np.ndarray, l2_bound: float, rng: np.random.Generator)
 def encode_noised(parts: Mapping[str, np.ndarray], layout: Layout, noise: NoiseParams, bits: int,
                   rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """(y = CondRound(s·x) + Sk(μ) in the ring [m], coordinates clipped). `parts` already scaled to L2 ≤ C."""
-    if set(parts) != {p.name for p in layout}:
-        raise EncodingError(f"secagg: the vector has parts {sorted(parts)[:4]}, the layout {[p.name for p in layout][:4]}")
     if any(p.integer or p.weighted for p in layout):
         raise EncodingError("distributed DP sums unweighted real parts only")
-    xs, clipped = [], 0
-    for p in layout:
-        x = np.asarray(parts[p.name], dtype=np.float64)
-        if tuple(x.shape) != p.shape:
-            raise EncodingError(f"secagg: part {p.name} has shape {tuple(x.shape)}, the layout says {p.shape}")
-        x = x.reshape(-1)
-        if not np.isfinite(x).all():
-            raise EncodingError(f"secagg: part {p.name} holds NaN/inf; refusing to encode it")
-        clipped += int((np.abs(x) > p.clip).sum())
-        xs.append(np.clip(x, -p.clip, p.clip))
+    xs, clipped = clipped_parts(parts, layout)
     x = np.concatenate(xs) if xs else np.zeros(0)
     q = conditional_round(x * noise.scale, noise.l2_bound, rng)
     q += skellam(q.size, noise.mu, rng)

@@ -257,7 +257,7 @@ def test_distributed_dp_runs_and_reports_epsilon(tmp_path, algorithm):
         assert r["ddp_noise_std"] == pytest.approx(math.sqrt(4 * plan["mu"]) / plan["scale"])
 
 
-def test_budget_stop_and_resume(tmp_path, monkeypatch):
+def test_budget_stop_and_resume(tmp_path, crash_at_checkpoint):
     """σ fixed and a target ε: the run stops cleanly before the round that would exceed it; an interrupted run
     resumed from its checkpoint ends with the same ε and state as one that was not interrupted."""
     per = {"privacy.noise_multiplier": 1.0, "federation.min_clients": 4, "secagg.min_survivors": 4}
@@ -271,17 +271,10 @@ def test_budget_stop_and_resume(tmp_path, monkeypatch):
     out = simulate(_cfg(tmp_path, "b", **over), progress=False)
     rows = _rows(tmp_path / "b")[1:]
     assert [r["epsilon"] for r in rows] == pytest.approx([e1, e2]) and out["rounds_completed"] == 2
-    real = checkpoint.save
-
-    def crash(ckpt_dir, ckpt, *a, **kw):
-        if ckpt.round == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(ckpt_dir, ckpt, *a, **kw)
-
-    monkeypatch.setattr(checkpoint, "save", crash)
+    undo = crash_at_checkpoint(2)
     with pytest.raises(KeyboardInterrupt):
         simulate(_cfg(tmp_path, "r", **over), progress=False)
-    monkeypatch.setattr(checkpoint, "save", real)
+    undo()
     simulate(_cfg(tmp_path, "r", **over), resume=True, progress=False)
     a = checkpoint.latest(tmp_path / "r" / "checkpoints").state
     assert a.meta["accountant"]["history"][0][4] == 2 and _rows(tmp_path / "r")[-1]["epsilon"] == pytest.approx(e2)

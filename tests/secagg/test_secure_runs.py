@@ -124,20 +124,13 @@ def test_no_retry_after_an_unmask_and_resume_sums_the_same_clients(tmp_path):
     assert not list((tmp_path / "u" / "secagg").glob("r*"))  # the journal is cleared once a round is checkpointed
 
 
-def test_a_resume_finishes_from_the_journaled_sum(tmp_path, monkeypatch):
+def test_a_resume_finishes_from_the_journaled_sum(tmp_path, crash_at_checkpoint):
     """The coordinator stops after decoding round 2's sum but before its checkpoint: --resume applies the journaled
     sum (no new protocol run) and round 2's state is round 1's plus exactly that mean change."""
-    real = checkpoint.save
-
-    def crash(ckpt_dir, ckpt, *a, **kw):
-        if ckpt.round == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(ckpt_dir, ckpt, *a, **kw)
-
-    monkeypatch.setattr(checkpoint, "save", crash)
+    undo = crash_at_checkpoint(2)
     with pytest.raises(KeyboardInterrupt):
         simulate(_cfg(tmp_path, "j"), progress=False)
-    monkeypatch.setattr(checkpoint, "save", real)
+    undo()
     from safetensors.torch import load_file
 
     parts = load_file(str(tmp_path / "j" / "secagg" / "r0002.safetensors"))
