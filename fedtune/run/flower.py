@@ -126,7 +126,7 @@ def run_flower_simulation(cfg: RunConfig, *, resume: bool = False, progress: boo
     server = make_server_app(cfg, result=result, resume=resume, progress=progress, save_merged=save_merged)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server, client_app=make_client_app(cfg, str(cfg.out_dir / "flower-nodes")),
+        run_simulation(server_app=server, client_app=make_client_app(cfg, str(cfg.out_dir / "flower-nodes"), share=True),
                        num_supernodes=cfg.federation.num_clients, backend_name=str(flower_options(cfg)["backend"]),
                        backend_config=backend_config(cfg))
     if "summary" not in result:
