@@ -67,7 +67,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False, progress: bo
         log.info("flower: %d nodes host clients %s", len(node_of), list(node_of))
 
         def factory(run):
-            holder["t"] = FlowerTransport(grid, node_of, straggler_timeout_s=float(opts["straggler_timeout_s"]))
+            holder["t"] = FlowerTransport(grid, node_of, straggler_timeout_s=float(opts["straggler_timeout_s"]),
+                                          max_message_bytes=int(float(opts["max_message_gb"]) * 1e9))
             return holder["t"]
 
         summary = simulate(cfg, resume=resume, progress=progress, save_merged=save_merged, transport_factory=factory,
