@@ -9,8 +9,8 @@ than the cumulative). A client ≤ keep_rounds behind downloads the stacks it mi
 cumulative; a client holds ΔW on its GPU in float32 (factors or dense) beside the base.
 
 Default: Mistral-7B (v0.3 shapes) with FlowerTune's LLM-leaderboard recipe: LoRA r = 32, 2 clients per round,
-200 rounds, targets q_proj,v_proj (peft's default for Mistral, which FlowerTune's template uses) and, for
-comparison, every linear (q,k,v,o,gate,up,down).
+200 rounds, targets q_proj,v_proj (peft's default for Mistral), q,k,v,o (simulations/flowertune-7b.toml) and
+every linear (q,k,v,o,gate,up,down).
 
     python simulations/bench/flora_size.py [--rounds 200] [--rank 32] [--clients 2]
 """
@@ -70,16 +70,27 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "simulations/bench/results/flora_size.json"))
     a = ap.parse_args()
     rows = [sizes(MISTRAL_7B, t, a.rank, a.clients, n)
-            for t in (["q_proj", "v_proj"], ALL)
+            for t in (["q_proj", "v_proj"], ALL[:4], ALL)
             for n in sorted({1, 10, 50, a.rounds})]
     print("targets | rounds | checkpoint GB | catch-up GB | GPU ΔW GB (4-bit base GB) | dense from round | > 2 GiB")
     for r in rows:
         print(f"{','.join(t[0] if t != 'gate_proj' else 'g' for t in r['targets'])} | {r['rounds']} | "
               f"{r['checkpoint_gb']} | {r['catch_up_gb']} | {r['gpu_delta_gb']} ({r['base_4bit_gb']}) | "
               f"{r['first_dense_round']} | {r['over_2gib']}")
+    peaks = []  # the factored form just below the switch to dense is bigger than the dense one: peaks mid-run
+    for t in (["q_proj", "v_proj"], ALL[:4], ALL):
+        run = [sizes(MISTRAL_7B, t, a.rank, a.clients, n) for n in range(1, a.rounds + 1)]
+        top = max(run, key=lambda r: r["catch_up_gb"])
+        peaks.append({"targets": t, "peak_catch_up_gb": top["catch_up_gb"], "at_round": top["rounds"],
+                      "peak_checkpoint_gb": max(r["checkpoint_gb"] for r in run),
+                      "peak_gpu_delta_gb": max(r["gpu_delta_gb"] for r in run),
+                      "over_8gb_from_round": next((r["rounds"] for r in run if r["catch_up_gb"] > 8), None)})
+        print(f"{'+'.join(x.removesuffix('_proj') for x in t)}: peak over {a.rounds} rounds: catch-up "
+              f"{top['catch_up_gb']} GB (round {top['rounds']}), checkpoint {peaks[-1]['peak_checkpoint_gb']} GB, GPU ΔW "
+              f"{peaks[-1]['peak_gpu_delta_gb']} GB; catch-up > 8 GB from round {peaks[-1]['over_8gb_from_round']}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"model": "Mistral-7B-v0.3 shapes", "shapes": MISTRAL_7B, "results": rows},
-                                       indent=2))
+    Path(a.json).write_text(json.dumps({"model": "Mistral-7B-v0.3 shapes", "shapes": MISTRAL_7B, "results": rows,
+                                        "peaks": peaks}, indent=2))
     print(f"wrote {a.json}")
 
 
