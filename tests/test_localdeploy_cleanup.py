@@ -31,8 +31,9 @@ subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a Cl
 time.sleep(600)
 """
 DRIVER = """\
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground pytest (a background job ignores it)
 from fedtune.transports.flower.localdeploy import LocalFederation
 fed = LocalFederation(Path(sys.argv[1]), [{{"partition-id": 0}}, {{"partition-id": 1}}], bin_dir=Path(sys.argv[2]))
 fed.start()
