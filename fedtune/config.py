@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,10 @@ class FederationSection:
     workers: int = option(0, "simulation: worker threads that train a round's clients in parallel, each on its own "
                              "adapter copy of the shared base; 0: one per usable CPU; 1: one by one "
                              "(threads are bit-identical to one by one)")
+    devices: list[str] = option([], "simulation: spread a round's clients over these devices, one base "
+                                          "replica and one worker thread per device, e.g. [\"cuda:0\", \"cuda:1\"] "
+                                          "or the string \"all\" (every CUDA GPU); []: the one [model] device (native simulation only). Results equal "
+                                          "one device's (bit for bit on CPUs)")
 
 
 @dataclass
@@ -360,6 +365,9 @@ def validate(cfg: RunConfig) -> None:
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients must be in [1, num_clients={f.num_clients}], got {f.min_clients}")
     _require(0 <= f.workers <= 256, f"federation.workers must be in [0, 256] (0 = one per CPU), got {f.workers}")
+    _require(f.devices == "all" or (isinstance(f.devices, list) and all(
+        isinstance(d, str) and (d == "cpu" or re.fullmatch(r"cuda(:\d+)?", d)) for d in f.devices)),
+        f'federation.devices must be "all" or a list of "cpu" / "cuda:N", got {f.devices!r}')
     _require(f.max_norm_ratio == 0 or f.max_norm_ratio >= 1,
              f"federation.max_norm_ratio must be 0 (off) or ≥ 1, got {f.max_norm_ratio}")
     _require(0 <= f.max_client_weight <= 1,

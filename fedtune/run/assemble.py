@@ -6,6 +6,7 @@ the one a factory makes: the Flower engine's); `fedtune server` uses the same pi
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
@@ -34,7 +35,7 @@ from fedtune.data.prepare import (  # noqa: F401 (ClientData, Prepared, client_i
     prepare_data,
 )
 from fedtune.models import fingerprint
-from fedtune.models.hardware import describe_hardware, hardware_metrics
+from fedtune.models.hardware import describe_hardware, hardware_metrics, model_device
 from fedtune.models.loading import load_for
 from fedtune.run import checkpoint, export
 from fedtune.run.engine import EngineConfig, EngineHooks, RoundEngine
@@ -317,13 +318,48 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     return summary
 
 
+def simulation_devices(setting: list[str] | str, gpus: int) -> list[str]:
+    """[federation] devices as a device list ("all": every one of `gpus` CUDA devices); ConfigError for a GPU
+    this machine does not have."""
+    devices = [f"cuda:{i}" for i in range(gpus)] if setting == "all" else list(setting)
+    if setting == "all" and not devices:
+        raise ConfigError('federation.devices = "all" needs a CUDA GPU; this machine has none (use [] or "cpu"s)')
+    for d in devices:
+        i = 0 if d == "cuda" else int(d[5:]) if d.startswith("cuda:") else None
+        if i is not None and i >= gpus:
+            raise ConfigError(f"federation.devices names {d}, but this machine has {gpus} CUDA GPU(s)")
+    return devices
+
+
+def device_replicas(cfg: RunConfig, gm: Node) -> list[Node]:
+    """One Node per [federation] devices entry (two or more): the global model where it is on that device (the
+    first time), else a base loaded onto the device, set up and synced by the transport at its first round."""
+    devices = simulation_devices(cfg.federation.devices, torch.cuda.device_count())
+    if len(devices) < 2:
+        return []
+    out, home = [], model_device(gm.model)
+    for d in devices:
+        if torch.device(d) == home and gm not in out:
+            out.append(gm)
+            continue
+        one = copy.deepcopy(cfg)
+        one.model.device = d
+        base = load_for(one, train=True)
+        out.append(Node(base.model, base.holding))
+    log.info("simulation devices: %s (%d base replica(s) loaded besides the global model's)", ", ".join(devices),
+             sum(r is not gm for r in out))
+    return out
+
+
 def in_process(run: Run, *, progress: bool = True) -> InProcessTransport:
     """The in-process transport of a simulation: every client on the run's one shared model."""
     cfg = run.cfg
-    workers, per_worker = plan_workers(cfg.federation.workers, torch.get_num_threads(), usable_cpus())
+    replicas = device_replicas(cfg, run.gm)
+    requested = len(replicas) if replicas else cfg.federation.workers
+    workers, per_worker = plan_workers(requested, torch.get_num_threads(), usable_cpus())
     transport = InProcessTransport(run.gm, run.data, run.tokenizer.pad_token_id, progress,
                                    batch_clients=cfg.federation.batch_clients and run.algo.capabilities.batched,
-                                   workers=workers, threads_per_worker=per_worker)
+                                   workers=workers, threads_per_worker=per_worker, replicas=replicas)
     log.info("simulation: %s", transport.describe())
     return transport
 

@@ -67,7 +67,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False, progress: bo
         log.info("flower: %d nodes host clients %s", len(node_of), list(node_of))
 
         def factory(run):
-            holder["t"] = FlowerTransport(grid, node_of, straggler_timeout_s=float(opts["straggler_timeout_s"]))
+            holder["t"] = FlowerTransport(grid, node_of, straggler_timeout_s=float(opts["straggler_timeout_s"]),
+                                          max_message_bytes=int(float(opts["max_message_gb"]) * 1e9))
             return holder["t"]
 
         summary = simulate(cfg, resume=resume, progress=progress, save_merged=save_merged, transport_factory=factory,
@@ -126,7 +127,7 @@ def run_flower_simulation(cfg: RunConfig, *, resume: bool = False, progress: boo
     server = make_server_app(cfg, result=result, resume=resume, progress=progress, save_merged=save_merged)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server, client_app=make_client_app(cfg, str(cfg.out_dir / "flower-nodes")),
+        run_simulation(server_app=server, client_app=make_client_app(cfg, str(cfg.out_dir / "flower-nodes"), share=True),
                        num_supernodes=cfg.federation.num_clients, backend_name=str(flower_options(cfg)["backend"]),
                        backend_config=backend_config(cfg))
     if "summary" not in result:

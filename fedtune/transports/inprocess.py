@@ -52,8 +52,12 @@ class InProcessTransport:
 
     def __init__(self, node: Node, data: dict[str, ClientData], pad_id: int, progress: bool = True,
                  batch_clients: bool = False, workers: int = 1, threads_per_worker: int = 1,
-                 secagg_drop: Callable[[RoundPlan], dict[str, set[str]]] | None = None) -> None:
+                 secagg_drop: Callable[[RoundPlan], dict[str, set[str]]] | None = None,
+                 replicas: list[Node] | None = None) -> None:
         self.node, self.data, self.pad_id, self.progress = node, data, pad_id, progress
+        # [federation] devices: one Node per device (its own base replica there; `node` itself where it is on that
+        # device), each trained on by one worker thread; set up and synced from the plan like the shared model
+        self.replicas = list(replicas or [])
         self.secagg_drop = secagg_drop  # tests: which clients vanish at which protocol stage of an attempt
         self.unmasked: defaultdict[str, set[bytes]] = defaultdict(set)  # per client: the attempts it unmasked
         self.batch_clients = batch_clients
@@ -74,6 +78,9 @@ class InProcessTransport:
 
     def describe(self) -> str:
         """The mode, for the log line at start."""
+        if len(self.replicas) > 1:
+            return (f"{len(self.replicas)} devices ({', '.join(str(model_device(r.base)) for r in self.replicas)}), "
+                    f"one base replica and one worker thread × {self.threads_per_worker} torch thread(s) each")
         batched = " in one batched loop per thread" if self.batch_clients else ""
         if self.workers < 2:
             return (f"clients one by one{' (batched)' if batched else ''} on the shared model, "
@@ -90,17 +97,21 @@ class InProcessTransport:
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
         workers, why = self.workers_for(instructions)
-        forks = [node.client.fork(node.model) for _ in range(workers)] if workers > 1 else []
-        if forks and forks[0] is None:
-            workers, why = 1, f"{type(node.client).__name__} cannot train clients on forks of the model"
-        mode = f"on {workers} worker threads" if workers > 1 else f"one by one ({why})"
+        if workers > 1 and len(self.replicas) > 1:  # one worker per device, on that device's replica
+            pairs = [(r, r.model) for r in self._sync_replicas(plan)]
+            mode = f"on {len(pairs)} devices"
+        else:
+            pairs = [(node, node.client.fork(node.model)) for _ in range(workers)] if workers > 1 else []
+            if pairs and pairs[0][1] is None:
+                workers, why, pairs = 1, f"{type(node.client).__name__} cannot train clients on forks of the model", []
+            mode = f"on {workers} worker threads" if workers > 1 else f"one by one ({why})"
         if mode != self.last_mode:
             log.info("round %d: clients %s", rnd, mode)
             self.last_mode = mode
-        if workers > 1:
-            updates = self._train_threaded(rnd, instructions, forks)
+        if pairs:
+            updates = self._train_threaded(rnd, instructions, pairs)
         else:
-            updates = self._train_batched(node.model, instructions)
+            updates = self._train_batched(node, node.model, instructions)
         if updates is None:
             updates = []
             bar = tqdm(instructions.items(), desc=f"round {rnd} clients", leave=False, disable=not self.progress,
@@ -152,17 +163,30 @@ class InProcessTransport:
                                 secagg_server_s=traffic.server_s)
         return res
 
-    def _train_batched(self, model: nn.Module, instructions: dict[str, Instruction]) -> list[ClientUpdate] | None:
+    def _sync_replicas(self, plan: RoundPlan) -> list[Node]:
+        """Every device's replica set up (from the plan's setup for a fresh client) and at the plan's version."""
+        first = next(iter(plan.instructions))
+        for r in self.replicas:
+            if r.client is None:
+                r.apply(plan.instruction_for(first, -1))
+            elif r.version != plan.version:
+                r.advance(plan.sync_payload(r.version), plan.version)
+        return self.replicas
+
+    def _train_batched(self, node: Node, model: nn.Module, instructions: dict[str, Instruction],
+                       ) -> list[ClientUpdate] | None:
         """All clients in one batched loop when the method supports it (fedtune.training.batched), else None."""
-        if not self.batch_clients or len(instructions) < 2 or not self.node.holding.plain:
+        if not self.batch_clients or len(instructions) < 2 or not node.holding.plain:
             return None  # the batched loop stacks float32 CPU factors; other holdings train one by one
         ctxs = [TrainContext(cid, self.data[cid].train, self.pad_id) for cid in instructions]
-        return self.node.client.train_many(model, ctxs, [ins.train for ins in instructions.values()])
+        return node.client.train_many(model, ctxs, [ins.train for ins in instructions.values()])
 
-    def _train_threaded(self, rnd: int, instructions: dict[str, Instruction], models: list[nn.Module],
-                        ) -> list[ClientUpdate]:
-        """The clients on one thread per fork in `models`; updates in instruction order."""
+    def _train_threaded(self, rnd: int, instructions: dict[str, Instruction],
+                        models: list[tuple[Node, nn.Module]]) -> list[ClientUpdate]:
+        """The clients on one thread per (node, model) in `models` (a fork of the shared model, or a device's
+        replica); updates in instruction order, their tensors on the shared model's device."""
         items, workers = list(instructions.items()), len(models)
+        home = model_device(self.node.model)
         forks: queue.SimpleQueue = queue.SimpleQueue()
         for m in models:
             forks.put(m)
@@ -175,15 +199,17 @@ class InProcessTransport:
 
         def run(group: dict[str, Instruction]) -> list[ClientUpdate]:
             torch.set_num_threads(self.threads_per_worker)  # OpenMP/MKL thread counts are per calling thread
-            model = forks.get()
+            owner, model = forks.get()
             try:
-                got = self._train_batched(model, group) if len(group) > 1 else None
+                got = self._train_batched(owner, model, group) if len(group) > 1 else None
                 if got is None:
-                    got = [self.node.train(self.data[cid].train, self.pad_id, ins.train, client_id=cid, model=model)
+                    got = [owner.train(self.data[cid].train, self.pad_id, ins.train, client_id=cid, model=model)
                            for cid, ins in group.items()]
+                for u in got:
+                    u.tensors = {k: t.to(home) for k, t in u.tensors.items()}
                 return got
             finally:
-                forks.put(model)
+                forks.put((owner, model))
 
         bar = tqdm(total=len(items), desc=f"round {rnd} clients", leave=False, disable=not self.progress, position=1)
         try:

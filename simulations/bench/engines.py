@@ -25,6 +25,14 @@ time to the first round. Each ÷ Flower's figure is the best ratio reachable wit
 Flower's actors, running the same client code, would get too).
 
     python simulations/bench/engines.py --rounds 3 [--engines native native-1t flower] [--actors 2]
+
+Scaling (--scale N1 N2, e.g. 2 20, with --model): the same engines at N1 and N2 clients (every client every
+round); for each engine the extra peak tree RSS per extra client ÷ the base model's size (its parameter bytes).
+A model copy per simulated client costs ≥ 1.0; one shared base per process, only the clients' data and
+adapters (goal ≤ 0.1 for Flower, whose actors held a deep copy per node before: 1.19).
+
+    python simulations/bench/engines.py --scale 2 20 --model tiny-512x8 --rounds 2 --steps 3 \
+        --engines native-1t flower --json simulations/bench/results/engines_scale.json
 """
 
 from __future__ import annotations
@@ -55,10 +63,10 @@ def workload(rounds: int, out: str, actors: int) -> dict:
     }
 
 
-def worker(engine: str, rounds: int, out: str, actors: int) -> None:
+def worker(engine: str, rounds: int, out: str, actors: int, extra: dict | None = None) -> None:
     from fedtune import config
 
-    over = workload(rounds, out, actors)
+    over = {**workload(rounds, out, actors), **(extra or {})}
     over["federation.batch_clients"] = "batched" in engine  # one batched forward/backward per step for all clients
     over["federation.workers"] = 0 if "threads" in engine else 1  # 0: one worker thread per CPU (the default)
     cfg = config.load(None, over)
@@ -103,12 +111,12 @@ def child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
 
 
-def measure(engine: str, rounds: int, actors: int) -> dict:
+def measure(engine: str, rounds: int, actors: int, extra: dict | None = None) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench-{engine}-")
     env = child_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--worker", engine, "--rounds", str(rounds), "--out", out,
-                             "--actors", str(actors)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--actors", str(actors), "--over", json.dumps(extra or {})], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"rss": 0, "procs": 0}
     cpu: dict[int, float] = {}
     first_round: list[float] = []
@@ -182,9 +190,16 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "simulations/bench/results/engines.json"))
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--over", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--scale", nargs=2, type=int, metavar=("N1", "N2"), help="clients at two sizes: RSS per client")
+    ap.add_argument("--model", default="tiny-256x4", help="with --scale: the base model")
+    ap.add_argument("--steps", type=int, default=10, help="with --scale: local steps per client per round")
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker, a.rounds, a.out, a.actors)
+        worker(a.worker, a.rounds, a.out, a.actors, json.loads(a.over))
+        return
+    if a.scale:
+        scale(a)
         return
     import torch
 
@@ -216,6 +231,47 @@ def main() -> None:
     doc = {"workload": "fedavg LoRA q,v r=8, tiny-256x4 Llama, 8 clients x 10 steps x batch 8x32",
            "bounds": floor, "rounds": a.rounds, "flower_actors": a.actors, "cpus": os.cpu_count(), "torch": torch.__version__,
            "native_torch_threads": torch.get_num_threads(), "load_average_1min": load, "results": res}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {a.json}")
+
+
+def model_bytes(name: str) -> int:
+    """The base model's parameter bytes as a run loads it (float32 on CPU)."""
+    from fedtune import config
+    from fedtune.models.loading import load_for
+
+    base = load_for(config.load(None, {"model.name": name}), train=True)
+    return sum(p.numel() * p.element_size() for p in base.model.parameters())
+
+
+def scale(a: argparse.Namespace) -> None:
+    """Each engine at N1 and N2 clients: peak RSS and s/round; extra RSS per extra client ÷ the base's size."""
+    import torch
+
+    n1, n2 = a.scale
+    size = model_bytes(a.model)
+    load = [os.getloadavg()[0]]
+    rows = []
+    for e in a.engines:
+        runs = {n: measure(e, a.rounds, a.actors, {"model.name": a.model, "federation.num_clients": n,
+                                                    "train.local_steps": a.steps, "data.max_train_per_client": 32})
+                for n in (n1, n2)}
+        extra = (runs[n2]["peak_tree_rss_mb"] - runs[n1]["peak_tree_rss_mb"]) * 2**20 / (n2 - n1)
+        rows.append({"engine": e, "runs": runs, "extra_rss_per_client_mb": round(extra / 2**20, 1),
+                     "extra_rss_per_client_vs_base": round(extra / size, 3)})
+    load.append(os.getloadavg()[0])
+    print(f"model {a.model}: {size / 2**20:.1f} MB of parameters; {a.actors} Ray actors; load {load[0]:.2f} / "
+          f"{load[1]:.2f} on {os.cpu_count()} CPUs")
+    print(f"engine | peak RSS MB at {n1} / {n2} | s/round at {n1} / {n2} | extra RSS per client MB | ÷ base")
+    for r in rows:
+        x, y = r["runs"][n1], r["runs"][n2]
+        print(f"{r['engine']} | {x['peak_tree_rss_mb']:.0f} / {y['peak_tree_rss_mb']:.0f} | "
+              f"{x['later_round_wall_s_mean']:.2f} / {y['later_round_wall_s_mean']:.2f} | "
+              f"{r['extra_rss_per_client_mb']} | {r['extra_rss_per_client_vs_base']}")
+    doc = {"workload": f"fedavg LoRA q,v r=8, {a.model}, {n1} and {n2} clients x {a.steps} steps x batch 8x32",
+           "model_param_bytes": size, "rounds": a.rounds, "flower_actors": a.actors, "cpus": os.cpu_count(),
+           "torch": torch.__version__, "load_average_1min": load, "results": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(doc, indent=2))
     print(f"wrote {a.json}")

@@ -13,10 +13,14 @@ Unknown keys are refused (a typo must not silently turn a setting off). The quer
 of a run checks the node config, so a misconfigured node stops the run with its reason before round 1.
 
 Where the model lives between messages:
-- In memory, per process (`_ProcessCache`): Flower's simulation engine (Ray) reuses actor processes, so a
-  process keeps `client id → NodeState(model, ClientAlgorithm, version, payload log)`. Which actor serves a
-  node is up to Flower; a process may be asked to train a node it has not seen. `[flower] client_cache = k`
-  bounds the models per process (least recently used evicted).
+- In memory, per process (`_ProcessCache`): Flower's simulation engine (Ray) reuses actor processes. There
+  (and on any node without a state dir of its own) a process holds ONE model, shared by every node it serves,
+  as the native simulation does: the global model at the newest version the process saw (every method's
+  train restores it; FedKSeed's full-parameter model bit-exactly). A node is then only its version: a message
+  from a version the process does not hold is answered "stale" and resent from the one it holds. Under
+  sample-level DP (per-client accountants in the node's state dir) a process keeps
+  `client id → NodeState(model copy, ClientAlgorithm, version, payload log)` instead; `[flower] client_cache = k`
+  bounds those copies (least recently used evicted). Which actor serves a node is up to Flower.
 - On the node's disk, when `state-dir` is set (nodestate.py): the deployment runtime (flwr 1.41
   `flower-supernode`) starts a fresh `flwr-clientapp` process for EVERY message, so nothing survives in
   memory there; the node rebuilds its model from the payloads it stored, and gets only the delta.
@@ -165,6 +169,7 @@ class _ProcessCache:
         self.data: dict[str, Any] = {}
         self.partitions: dict[str, Any] | None = None
         self.nodes: OrderedDict[str, NodeState] = OrderedDict()
+        self.shared: Node | None = None  # simulation: the one model every node of this process trains on
 
     def ensure(self, cfg: RunConfig) -> None:
         from fedtune.models.loading import load_for
@@ -175,8 +180,34 @@ class _ProcessCache:
                 torch.set_num_threads(cfg.run.threads)
             self.base = load_for(cfg, train=True)
             self.tok = self.base.tokenizer
-            self.data, self.partitions, self.nodes = {}, None, OrderedDict()
+            self.data, self.partitions, self.nodes, self.shared = {}, None, OrderedDict(), None
             self.key = key
+
+    def shared_node(self, cfg: RunConfig, ins, from_version: int) -> tuple[Node | None, int]:
+        """(the process's shared model brought to the instruction's global version, -1) — or (None, the version to
+        report as "stale") when it cannot get there from what the message carries. As in the native simulation,
+        the model is the global model at its version whichever client asks (every method's train restores it, a
+        FedKSeed full-parameter model bit-exactly), so a node is only its version: the base is never copied."""
+        node, target = self.shared, ins.base_version
+        if node is not None and node.client is not None and node.version == target:
+            return node, -1  # already the global model at this version: nothing to apply, setup or not
+        if node is not None and (node.version > target or (ins.setup is not None and node.client is not None
+                                                            and ins.setup.meta.get("algorithm", node.method)
+                                                            != node.method)):
+            self.key = None  # behind the model we hold (a resumed run) or another method: a fresh base
+            self.ensure(cfg)
+            node = None
+        if node is None or node.client is None:
+            if ins.setup is None:
+                return None, -1  # the server resends a setup
+            node = self.shared = Node(self.base.model, self.base.holding)
+            node.apply(ins)
+            return node, -1
+        whole = node.client.sync_replaces_state and bool(ins.sync.tensors)  # the sync carries the whole state
+        if node.version == from_version or whole:
+            node.apply(dataclasses.replace(ins, setup=None))  # the base is set up already
+            return node, -1
+        return None, node.version  # the server resends the sync from the version we hold
 
     def node_data(self, cfg: RunConfig, spec: NodeSpec, index: int):
         from fedtune.data.prepare import context_length, prepare_data
@@ -303,14 +334,35 @@ def secure_update(msg: Message, context: Context, spec: NodeSpec):
     return session, mask
 
 
-def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None, secure=None) -> Message:
+def shares_base(cfg: RunConfig) -> bool:
+    """Whether a simulation process trains all its nodes on one shared model (else one model copy per node):
+    always, except under sample-level DP, whose per-client accountants live in each node's state dir."""
+    return cfg.privacy_config().mode != "sample"
+
+
+def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None, secure=None,
+                 share: bool = False) -> Message:
     """Sync the node's model to the instruction's version (setup / delta / "stale"), train, reply. The instruction
-    (input from another organisation) is checked first, before anything is loaded, set up or synced."""
+    (input from another organisation) is checked first, before anything is loaded, set up or synced.
+    `share` (simulation): every node this process serves trains on one shared model (see shares_base)."""
     ins, from_version = serde.record_to_instruction(msg.content)
     check_instruction(ins, cfg.run.algorithm)  # before any model is loaded or copied for it (Node.apply checks again)
     cid = ins.client_id
     spec = spec or NodeSpec(cid, partition=int(cid.rsplit("-", 1)[1]))
     check_dp_state(spec, cfg)
+    if share and shares_base(cfg):
+        with _CACHE.lock:
+            _CACHE.ensure(cfg)
+            node, have = _CACHE.shared_node(cfg, ins, from_version)
+            if node is None:
+                log.info("%s: this process's model is at version %d, server assumed %d; asking for a resync", cid,
+                         have, from_version)
+                return Message(serde.stale_record(cid, have), reply_to=msg)
+            data = _CACHE.node_data(cfg, spec, serde.record_client_index(msg.content))
+            update = node.train(data.train, _CACHE.tok.pad_token_id, ins.train, client_id=cid)
+            if secure is not None:
+                update = secure(update, node)
+        return Message(serde.update_to_record(update), reply_to=msg)
     limit = int(cfg.extra.get("flower", {}).get("client_cache", 0))
     store = NodeStore(spec.state_dir, cid, config_key(cfg.to_dict(), cid)) if spec.state_dir else None
     with _CACHE.lock:  # one message at a time per process (Ray actors are single-threaded anyway)
@@ -349,11 +401,12 @@ def handle_train(msg: Message, cfg: RunConfig, spec: NodeSpec | None = None, sec
     return Message(serde.update_to_record(update), reply_to=msg)
 
 
-def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -> ClientApp:
+def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "", share: bool = False) -> ClientApp:
     """The fedtune ClientApp. With `cfg` the config travels with the app object (in-process
     `run_simulation`); without, it is read from the Flower run config (`flwr run`, see runconfig.py).
     `default_state_dir`: the node state dir of nodes whose node config names none (the simulation engine
-    passes <out>/flower-nodes, so a node keeps its version and DP accountant whichever Ray worker serves it)."""
+    passes <out>/flower-nodes, so a node keeps its DP accountant whichever Ray worker serves it). `share`
+    (simulation engine): a process's nodes train on one shared model (handle_train)."""
     app = ClientApp()
 
     def spec_of(context: Context) -> tuple[RunConfig, NodeSpec]:
@@ -378,6 +431,7 @@ def make_client_app(cfg: RunConfig | None = None, default_state_dir: str = "") -
         if got != spec.client_id:
             raise ValueError(f"message for {got} delivered to the node hosting {spec.client_id}")
         _, mask = secure_update(msg, context, spec)
-        return handle_train(msg, run_cfg, spec, secure=mask)
+        # a node without a state dir of its own keeps nothing but the process's model (`flwr run` on Ray too)
+        return handle_train(msg, run_cfg, spec, secure=mask, share=share or not spec.state_dir)
 
     return app

@@ -6,16 +6,24 @@ Each SuperNode runs in its own process group, so `kill(i)` (SIGKILL to the group
 ClientApp it may be running down at once, like a lost machine. TLS: pass `tls={"ca", "cert", "key"}` (e.g.
 `fedtune certs` output); node authentication: `auth_keys=[private key path per node]` (OpenSSH ECDSA keys,
 `ssh-keygen -t ecdsa -b 384`), registered with `flwr supernode register` before the nodes start.
+
+Nothing outlives the federation: every process it starts runs in its own process group, and `stop()` ends those
+groups plus every process carrying this federation's FLWR_HOME in its environment (flower-superlink starts
+flower-superexec in a session of its own, which a group kill misses). `stop()` runs on `with` exit, at interpreter
+exit (atexit) and on SIGTERM / SIGINT (a handler that stops every live federation, then lets the signal go on).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Self
 
@@ -44,6 +52,84 @@ def run_config(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
+_LIVE: weakref.WeakSet[LocalFederation] = weakref.WeakSet()
+_HOOKED: list[bool] = []
+
+
+def stop_all() -> None:
+    for fed in list(_LIVE):
+        fed.stop()
+
+
+def _on_signal(signum: int, frame) -> None:
+    stop_all()
+    prev = _PREV.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)  # SIGINT: KeyboardInterrupt, as before
+    else:  # the default action (end the process) with the signal's own exit status
+        signal.signal(signum, signal.SIG_DFL if prev is None else prev)
+        signal.raise_signal(signum)
+
+
+_PREV: dict[int, Any] = {}
+
+
+def _hook() -> None:
+    """atexit and SIGTERM/SIGINT handlers, once per process (signal handlers only from the main thread)."""
+    if _HOOKED:
+        return
+    _HOOKED.append(True)
+    atexit.register(stop_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            prev = signal.getsignal(sig)
+            if prev is not signal.SIG_IGN:
+                _PREV[sig] = prev
+                signal.signal(sig, _on_signal)
+
+
+def marked(home: Path) -> list[int]:
+    """Pids of this user's processes whose environment holds FLWR_HOME=`home` (Linux /proc)."""
+    tag, out = f"FLWR_HOME={home}".encode() + b"\0", []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if tag in (d / "environ").read_bytes():
+                    out.append(int(d.name))
+            except OSError:  # gone, or another user's
+                pass
+    return out
+
+
+def end_groups(pids: list[int], grace_s: float = 10.0, children: list[subprocess.Popen] = ()) -> None:
+    """SIGTERM the process group of each pid (never this process's own), SIGKILL what is left after `grace_s`.
+    `children`: this process's own among them, reaped while waiting (a zombie still counts as a group member)."""
+    own = os.getpgrp()
+    groups = set()
+    for pid in pids:
+        try:
+            if os.getpgid(pid) != own:
+                groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+        for g in list(groups):
+            try:
+                os.killpg(g, sig)
+            except ProcessLookupError:
+                groups.discard(g)
+        deadline = time.monotonic() + wait
+        while groups and time.monotonic() < deadline:
+            time.sleep(0.1)
+            for p in children:
+                p.poll()
+            for g in list(groups):
+                try:
+                    os.killpg(g, 0)
+                except ProcessLookupError:
+                    groups.discard(g)
+
+
 class LocalFederation:
     def __init__(self, work: Path, nodes: list[dict[str, Any]], *, tls: dict[str, str] | None = None,
                  auth_keys: list[str] | None = None, bin_dir: Path | None = None) -> None:
@@ -55,6 +141,7 @@ class LocalFederation:
         self.home = self.work / "flwr-home"
         self.link: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen | None] = []
+        self.started: list[subprocess.Popen] = []  # every process spawned (flwr run and flwr register too)
         self.env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                         PATH=os.pathsep.join([str(self.bin), os.environ.get("PATH", "")]))
@@ -72,9 +159,13 @@ class LocalFederation:
         return ["--root-certificates", self.tls["ca"]] if self.tls else ["--insecure"]
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        _hook()
+        _LIVE.add(self)
         out = open(self.work / log, "ab")  # noqa: SIM115 (closed with the process)
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
-                                start_new_session=True)
+        p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
+                             start_new_session=True)
+        self.started.append(p)
+        return p
 
     def write_flower_config(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -136,17 +227,17 @@ class LocalFederation:
             p.wait()
 
     def stop(self) -> None:
-        for p in [*self.supernodes, self.link]:
-            if p is None or p.poll() is not None:
-                continue
+        """End every process of this federation: the groups it started and whatever carries its FLWR_HOME
+        (collected before anything is killed: an orphan keeps its environment, not its parent)."""
+        pids = [p.pid for p in self.started if p.poll() is None] + marked(self.home)
+        end_groups(pids, children=self.started)
+        end_groups(marked(self.home), grace_s=0.0)  # anything started meanwhile
+        for p in self.started:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=15)
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            except ProcessLookupError:
                 pass
+        _LIVE.discard(self)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -23,8 +23,15 @@ class FlowerOptions:
     num_actors: int = option(2, "simulation: Ray actors (processes) that run the ClientApp")
     cpus_per_actor: float = option(1.0, "simulation: CPUs Ray reserves per actor")
     backend: str = option("ray", "simulation: Flower's simulation backend")
-    client_cache: int = option(0, "simulation: node models kept per actor process (least recently used evicted); "
-                                  "0: unbounded")
+    gpus_per_actor: float = option(0.0, "simulation: GPUs Ray reserves per actor (client-resources-num-gpus): "
+                                        "Ray sets each actor's CUDA_VISIBLE_DEVICES to the GPU(s) it assigns, so "
+                                        "the ClientApp's cuda device is that GPU; 0.5: two actors per GPU")
+    client_cache: int = option(0, "simulation: node models kept per actor process under sample-level DP (least "
+                                  "recently used evicted; otherwise a process shares one model); 0: unbounded")
+    max_message_gb: float = option(8.0, "the largest instruction payload (GB) the ServerApp sends; a bigger one "
+                                        "stops the run before the round, naming what to change. Flower moves "
+                                        "arrays in 5 MB chunks (no 2 GiB gRPC limit per message): this bounds "
+                                        "the SuperLink's and the nodes' memory; 0: no limit")
     clients: list[str] = option([], "deployment: the run's client ids in roster order; empty: the ids the "
                                     "SuperNodes report, sorted")
     node_timeout_s: float = option(120.0, "deployment: how long the ServerApp waits for federation.num_clients "
@@ -45,6 +52,8 @@ def flower_options(cfg: RunConfig) -> dict[str, Any]:
                           f"{cfg.federation.num_clients}")
     if not float(opts["node_timeout_s"]) > 0:
         raise ConfigError("[flower] node_timeout_s must be > 0")
+    if not 0 <= float(opts["gpus_per_actor"]) < float("inf") or not 0 <= float(opts["max_message_gb"]) < float("inf"):
+        raise ConfigError("[flower] gpus_per_actor and max_message_gb must be ≥ 0")
     if not 0 <= float(opts["straggler_timeout_s"]) < float("inf"):
         raise ConfigError("[flower] straggler_timeout_s must be ≥ 0 (0 = off)")
     return opts
@@ -52,7 +61,10 @@ def flower_options(cfg: RunConfig) -> dict[str, Any]:
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
     o = flower_options(cfg)
-    cpus = float(o["cpus_per_actor"])
-    # Ray sizes the actor pool as (cluster CPUs / CPUs per client): num_actors × cpus_per_actor CPUs.
-    return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": round(cpus * int(o["num_actors"])), "num_gpus": 0}}
+    cpus, gpus = float(o["cpus_per_actor"]), float(o["gpus_per_actor"])
+    # Ray sizes the actor pool as (cluster CPUs / CPUs per client): num_actors × cpus_per_actor CPUs; with GPUs per
+    # actor Ray also caps it at (GPUs / GPUs per actor) and gives each actor its own CUDA_VISIBLE_DEVICES
+    init: dict[str, Any] = {"num_cpus": round(cpus * int(o["num_actors"]))}
+    if not gpus:
+        init["num_gpus"] = 0  # else Ray counts the machine's GPUs itself
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}, "init_args": init}

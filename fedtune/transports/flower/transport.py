@@ -39,6 +39,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.algorithms.api import ClientUpdate, Instruction, payload_nbytes, validate_metrics
+from fedtune.config import ConfigError
 from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.flower import records as serde
 from fedtune.transports.wire import safe_str
@@ -153,8 +154,10 @@ def discover(grid: Grid, num_clients: int, roster: list[str] | None = None, *, t
 
 class FlowerTransport:
     def __init__(self, grid: Grid, node_of: dict[str, int], *, poll_s: float = POLL_S,
-                 query_timeout_s: float = 30.0, straggler_timeout_s: float = 0.0) -> None:
+                 query_timeout_s: float = 30.0, straggler_timeout_s: float = 0.0,
+                 max_message_bytes: int = 0) -> None:
         self.grid, self.node_of = grid, dict(node_of)
+        self.max_message_bytes = max_message_bytes  # [flower] max_message_gb (0: no limit)
         self.poll_s, self.query_timeout_s = poll_s, query_timeout_s
         # once min_clients replies are in, wait at most this long for the rest (0: until the round timeout)
         self.straggler_timeout_s = straggler_timeout_s
@@ -184,6 +187,8 @@ class FlowerTransport:
     def _send(self, plan: RoundPlan, batch: dict[str, tuple[Instruction, int]], res: RoundResult, fl: dict,
               timeout: float, *, quorum: int = 0, extra: dict[str, ConfigRecord] | None = None) -> dict[str, Message]:
         msgs = {}
+        for cid, (ins, _) in batch.items():  # before any message of the round leaves
+            self.check_size(ins)
         for cid, (ins, from_v) in batch.items():
             res.bytes_down += wire_size.instruction_bytes(ins)
             res.payload_bytes_down += payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
@@ -194,6 +199,18 @@ class FlowerTransport:
             fl["down"] += serde.message_nbytes(content)
         straggler = self.straggler_timeout_s if quorum else 0.0
         return exchange(self.grid, msgs, timeout, poll_s=self.poll_s, quorum=quorum, straggler_s=straggler)
+
+    def check_size(self, ins: Instruction) -> None:
+        """ConfigError, naming what to change, when the instruction's payload is above [flower] max_message_gb."""
+        n = payload_nbytes(ins.sync.tensors) + (payload_nbytes(ins.setup.tensors) if ins.setup else 0)
+        if self.max_message_bytes and n > self.max_message_bytes:
+            raise ConfigError(
+                f"round {ins.round}: the instruction for {ins.client_id} carries {n / 1e9:.2f} GB, above [flower] "
+                f"max_message_gb = {self.max_message_bytes / 1e9:g}. Raise it if the SuperLink and every node "
+                "have the memory (Flower sends arrays in 5 MB chunks), or send less: FLoRA's catch-up is its "
+                "cumulative ΔW (fewer target modules or a lower rank, a larger [flora] keep_rounds for clients "
+                "slightly behind, every client in every round), or a method whose sync is the adapter only "
+                "(fedavg, fedsb); docs/flower.md, Large messages")
 
     def _fail(self, res: RoundResult, fl: dict, cid: str, why: str, rnd: int) -> None:
         log.warning("round %d: %s failed: %s", rnd, cid, why)
