@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 
 from fedtune.cli import main
-from fedtune.run.codeeval import (CodeExecutionRefused, Limits, evaluate_completions, load_problems, pass_at_k,
-                                  run_program, truncate)
+from fedtune.run.codeeval import (
+    CodeExecutionRefused,
+    Limits,
+    evaluate_completions,
+    load_problems,
+    pass_at_k,
+    run_program,
+    truncate,
+)
 from fedtune.training.genmetrics import exact_match, prompt_and_reference, score
 
 pytest.importorskip("rouge_score")
