@@ -193,3 +193,23 @@ def test_eval_lm_eval_local_task_adapter_vs_base(trained, tmp_path, capsys):
     assert main(["eval", "--base", "--run", str(out), *common, "--json", str(tmp_path / "b.json")]) == 0
     base = json.loads((tmp_path / "b.json").read_text())["tasks"]["base"]
     assert base["fedtune_mc"]["acc"] == tasks["base"]["fedtune_mc"]["acc"]
+
+
+def test_generate_every_logs_rouge_l_in_metrics(tmp_path):
+    pytest.importorskip("rouge_score")
+    out = tmp_path / "r"
+    s = simulate(config.load(None, {**FAST, "run.rounds": 3, "train.local_steps": 1, "run.generate_every": 2,
+                                    "run.generate_max_examples": 2, "run.out": str(out)}), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # round 0, every 2nd round and the last: rounds 0, 2, 3
+    assert [r["round"] for r in rows if "test_rouge_l" in r] == [0, 2, 3]
+    assert all(r["test_generated"] == 2 and 0 <= r["test_rouge_l"] <= 1 for r in rows if "test_rouge_l" in r)
+    assert s["test_examples"] >= 2
+    # the logged score is what `fedtune eval --generate` gives the exported final model
+    assert main(["eval", "--adapter", str(out / "adapter"), "--generate", "--max-examples", "2",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    test = json.loads((tmp_path / "g.json").read_text())["sets"]["test"]
+    assert test["rouge_l"] == pytest.approx(rows[-1]["test_rouge_l"])
+    assert test["exact_match"] == pytest.approx(rows[-1]["test_exact_match"])
+    with pytest.raises(config.ConfigError, match="generate_every"):
+        config.load(None, {"model.name": "tiny", "run.generate_every": -1})
