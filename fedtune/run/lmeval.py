@@ -60,7 +60,8 @@ def run_tasks(model, tok, tasks: list[str], *, limit: float | None = None, num_f
         raise TaskError("--tasks needs lm-evaluation-harness: pip install 'fedtune[eval]' (or lm-eval)") from None
     names, include = resolve_tasks(tasks)
     # only local YAMLs: skip indexing the thousands of built-in task configs
-    tm = TaskManager(include_path=include or None, include_defaults=len(include) < len(tasks) or not include)
+    named = any(not t.endswith((".yaml", ".yml")) for t in tasks)
+    tm = TaskManager(include_path=include or None, include_defaults=named)
     missing = [n for n in names if n not in tm.all_tasks]
     if missing:
         raise TaskError(f"unknown lm-eval task(s) {', '.join(missing)}: see `lm-eval ls tasks`, or give a task YAML")
