@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
     eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
     eb.set_defaults(func=_export_base)
-    ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data")
+    ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data; Rouge-L, "
+                        "lm-eval tasks and code pass@k (docs/evaluate.md)")
     _add_model_args(ev)
     ev.add_argument("--data", nargs="+", help="evaluate on these files instead of the run's test set and slices")
     ev.add_argument("--json", help="write the results here (default <run dir>/eval-<adapter|merged|base>.json)")
