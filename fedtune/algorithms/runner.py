@@ -133,3 +133,14 @@ class Node:
             return self.evaluate(features, pad_id=pad_id, batch_size=batch_size)
 
         return loss
+
+    def generation_of(self, algo: FedAlgorithm, features: Sequence[dict], tok, *, max_examples: int
+                      ) -> Callable[[GlobalState], dict[str, Any]]:
+        """Server side: state ↦ Rouge-L / exact match of the caught-up model's greedy generations on `features`."""
+        from fedtune.training.genmetrics import generation_metrics
+
+        def gen(state: GlobalState) -> dict[str, Any]:
+            self.catch_up(algo, state)
+            return generation_metrics(self.model, tok, features, max_examples=max_examples)
+
+        return gen

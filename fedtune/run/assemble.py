@@ -248,8 +248,11 @@ def _prepare_run(cfg: RunConfig, rd: RunDir, transport: TransportFactory, *, res
     if not prep.test:
         log.warning("no global test examples ([data] test_fraction = %s): test is skipped, test loss is reported as -",
                     cfg.data.test_fraction)
+    gen_every = cfg.run.generate_every if prep.test and evaluate else 0
     hooks = EngineHooks(evaluate=on(global_eval), test=on(prep.test), budget_check=budget_check,
-                        extra_state=lambda: {"client_state": gm.client.state_dict(), **run_ids})
+                        extra_state=lambda: {"client_state": gm.client.state_dict(), **run_ids},
+                        generate=gm.generation_of(algo, prep.test, tok, max_examples=cfg.run.generate_max_examples)
+                        if gen_every else None, generate_every=gen_every)
     run.engine = RoundEngine(algo=algo, transport=transport(run), roster=list(data),
                              cfg=engine_config(cfg, rec["run_id"]),
                              out_dir=cfg.out_dir, hooks=hooks, resumed=resumed)

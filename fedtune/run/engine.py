@@ -110,6 +110,9 @@ class EngineHooks:
     extra_state: Callable[[], dict[str, Any]] | None = None  # more state for each checkpoint (client state, run id)
     # a NaN from evaluate/test means "not evaluated this round" (a baseline's sparse test), not a broken model
     nan_is_skipped: bool = False
+    # [run] generate_every: Rouge-L / exact match on the global test set every N rounds (0: never)
+    generate: Callable[[GlobalState], dict[str, Any]] | None = None
+    generate_every: int = 0
 
 
 class RoundEngine:
@@ -345,7 +348,7 @@ class RoundEngine:
         metrics row goes to `writer` and `on_round`. Returns the last global state."""
         h = self.hooks
         if start_round == 1 and (h.evaluate or h.test) and not writer.rows:
-            writer.append({"round": 0, "algorithm": self.algo.name, **self.losses(state)})
+            writer.append({"round": 0, "algorithm": self.algo.name, **self.losses(state), **self.generated(0, state)})
         for rnd in range(start_round, self.cfg.rounds + 1):
             if h.budget_check is not None and (reason := h.budget_check(state)):
                 self.stop_reason = reason
@@ -449,7 +452,7 @@ class RoundEngine:
             "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "payload_bytes_up": res.payload_bytes_up, "payload_bytes_down": res.payload_bytes_down,
             "train_loss": _train_loss(updates),
-            **losses,
+            **losses, **self.generated(rnd, new_state),
             "epsilon": self.epsilon_max, "delta": max(deltas) if deltas else None,
             "wall_s": round(time.perf_counter() - t0, 3),
             **agg_metrics,
@@ -542,6 +545,16 @@ class RoundEngine:
         nan, h = float("nan"), self.hooks
         return {"eval_loss": h.evaluate(state) if h.evaluate is not None else nan,
                 "test_loss": h.test(state) if h.test is not None else nan}
+
+    def generated(self, rnd: int, state: GlobalState) -> dict[str, Any]:
+        """test_rouge_l / test_exact_match at round 0, every generate_every rounds and the last ({} otherwise)."""
+        h = self.hooks
+        if h.generate is None or h.generate_every <= 0:
+            return {}
+        if rnd % h.generate_every and rnd != self.cfg.rounds:
+            return {}
+        g = h.generate(state)
+        return {"test_rouge_l": g["rouge_l"], "test_exact_match": g["exact_match"], "test_generated": g["generated"]}
 
     def engine_state(self) -> dict[str, Any]:
         extra = self.hooks.extra_state() if self.hooks.extra_state is not None else {}

@@ -93,9 +93,12 @@ def loss_row(model, features: list[dict], pad_id: int, batch_size: int) -> dict[
 
 
 def evaluate_sets(model, tok, cfg: RunConfig, *, data_files: list[str] | None = None, roster: list[str] | None = None,
-                  batch_size: int = 16) -> dict[str, dict[str, Any]]:
+                  batch_size: int = 16, generate_max: int | None = None, max_new_tokens: int = 64
+                  ) -> dict[str, dict[str, Any]]:
     """{set name: {examples, loss, perplexity}}: with `data_files`, one row per file and "all"; else the run's
-    global test set ("test"), the union of the clients' held-out slices ("eval") and each client's slice."""
+    global test set ("test"), the union of the clients' held-out slices ("eval") and each client's slice.
+    With `generate_max` (0: every example), each row adds Rouge-L and exact match of greedy generations on its
+    first `generate_max` examples (fedtune.training.genmetrics)."""
     from fedtune.data import ChatFormatter
     from fedtune.data.loaders import load_path
     from fedtune.data.prepare import context_length, prepare_data
@@ -110,17 +113,32 @@ def evaluate_sets(model, tok, cfg: RunConfig, *, data_files: list[str] | None = 
         ids = roster if roster and len(roster) == cfg.federation.num_clients else None
         prep = prepare_data(cfg, tok, ids, context_len=context_length(model))
         sets = {"test": prep.test, "eval": prep.global_eval} | {cid: c.eval for cid, c in prep.clients.items()}
-    return {name: loss_row(model, feats, pad, batch_size) for name, feats in sets.items()}
+    rows = {name: loss_row(model, feats, pad, batch_size) for name, feats in sets.items()}
+    if generate_max is not None:
+        from fedtune.training.genmetrics import generation_metrics
+
+        for name, feats in sets.items():
+            if name not in ("eval", "all"):  # unions of the other rows: generated once, in their own rows
+                rows[name] |= generation_metrics(model, tok, feats, max_examples=generate_max,
+                                                 max_new_tokens=max_new_tokens)
+    return rows
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     w = max(12, *(len(n) for n in rows))
-    lines = [f"{'set':<{w}}  {'examples':>8}  {'loss':>8}  {'perplexity':>10}"]
+    gen = any("rouge_l" in r for r in rows.values())
+    lines = [f"{'set':<{w}}  {'examples':>8}  {'loss':>8}  {'perplexity':>10}"
+             + (f"  {'generated':>9}  {'rouge_l':>7}  {'exact':>6}" if gen else "")]
+
+    def num(v, spec: str, width: int) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
+
     for name, r in rows.items():
-        if r["loss"] is None:
-            lines.append(f"{name:<{w}}  {r['examples']:>8}  {'-':>8}  {'-':>10}")
-        else:
-            lines.append(f"{name:<{w}}  {r['examples']:>8}  {r['loss']:>8.4f}  {r['perplexity']:>10.2f}")
+        line = f"{name:<{w}}  {r['examples']:>8}  {num(r['loss'], '.4f', 8)}  {num(r['perplexity'], '.2f', 10)}"
+        if gen:
+            line += (f"  {num(r.get('generated'), 'd', 9)}  {num(r.get('rouge_l'), '.4f', 7)}"
+                     f"  {num(r.get('exact_match'), '.3f', 6)}")
+        lines.append(line)
     return "\n".join(lines)
 
 

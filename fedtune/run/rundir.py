@@ -41,7 +41,8 @@ OUTPUTS = (RECORD, "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints"
 # "algorithm.<key>"); see `resumable`. Everything else in the resolved config is hashed; run.rounds too when
 # [privacy] calibrates σ to target_epsilon without a fixed noise_multiplier (σ then depends on the planned rounds).
 RESUMABLE = (
-    "run.name", "run.out", "run.rounds", "run.threads", "run.eval_batch_size", "model.name",
+    "run.name", "run.out", "run.rounds", "run.threads", "run.eval_batch_size", "run.generate_every",
+    "run.generate_max_examples", "model.name",
     *(s.key for s in SETTINGS if s.resumable),
     "federation.round_timeout_s", "federation.max_round_retries", "federation.batch_clients",
     "federation.workers",
