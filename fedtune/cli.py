@@ -121,7 +121,13 @@ def _client(args: argparse.Namespace) -> int:
             "--token is deprecated: a token on the command line is visible to every user (ps); "
             "use the FEDTUNE_TOKEN environment variable or [client] token_file")
     overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
-                 "client.token": args.token, "client.insecure": args.insecure or None, **_hw_overrides(args)}
+                 "client.token": args.token, "client.insecure": args.insecure or None, "model.name": args.model,
+                 **_hw_overrides(args)}
+    if args.data:  # this organisation's own files: all of them are its data (partition -1)
+        if args.partition is not None and args.partition >= 0:
+            raise _UsageError("--data gives this organisation's own files; --partition picks a share of the "
+                              "coordinator's demo data: use one of them")
+        overrides |= {"data.source": "jsonl", "data.paths": args.data}
     cfg = config.load(args.config, overrides)
     try:
         return Agent(cfg, cfg.section("client", ClientSection)).run()
@@ -395,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--server", help="HOST:PORT of the coordinator")
     cl.add_argument("--client-id")
     cl.add_argument("--partition", type=int, help="which [data] partition this client holds")
+    cl.add_argument("--data", nargs="+", help="this organisation's own data files or dirs (all of them are its data)")
+    cl.add_argument("--model", help="where this organisation holds the run's base model: \"tiny\", \"smollm2\", an HF "
+                                    "dir or a .gguf file (the coordinator checks its fingerprint at Join)")
     cl.add_argument("--token", help="deprecated (visible in ps): use FEDTUNE_TOKEN or [client] token_file")
     cl.add_argument("--insecure", action="store_true",
                     help="allow sending the token without TLS (tests on a trusted network only)")
@@ -422,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ch)
     _add_gen_args(ch)
     ch.set_defaults(func=_chat)
+    from fedtune.transports.grpc.kit import add_init_parser, init_main
+
+    add_init_parser(sub).set_defaults(func=init_main)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 

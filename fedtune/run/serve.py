@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import tomllib
+from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
@@ -14,6 +16,22 @@ from fedtune.transports import wire
 from fedtune.transports.grpc.coordinator import GrpcTransport, drain, start_grpc_server
 
 log = logging.getLogger("fedtune.server")
+
+
+def load_revoked(path: str) -> set[str]:
+    """The revoked organisation ids of a revocation list (`revoked = [ids]`); empty when no file is configured."""
+    if not path:
+        return set()
+    p = Path(path)
+    if not p.is_file():  # configured but gone: refusing to start beats letting a revoked organisation back in
+        raise ConfigError(f"[server] revoked_file not found: {p}")
+    try:
+        ids = tomllib.loads(p.read_text()).get("revoked", [])
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML ({e})") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ConfigError(f"{p}: expected revoked = [\"org-id\", ...]")
+    return set(ids)
 
 
 def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready: threading.Event | None = None,
@@ -27,6 +45,12 @@ def serve(cfg: RunConfig, *, resume: bool = False, progress: bool = False, ready
                               "([server] insecure = true)")
         log.warning("INSECURE: no TLS; client tokens and updates travel in clear text ([server] insecure = true)")
     tokens = load_tokens(scfg.tokens_file, "[server] tokens_file")
+    revoked = load_revoked(scfg.revoked_file)
+    if listed := sorted(set(scfg.clients) & revoked):
+        raise ConfigError(f"[server] clients lists {listed}, revoked in {scfg.revoked_file}; take them off the roster")
+    tokens = {c: t for c, t in tokens.items() if c not in revoked}  # neither their token nor their certificate counts
+    if revoked:
+        log.info("revoked (refused): %s", ", ".join(sorted(revoked)))
     roster = list(scfg.clients) or sorted(tokens)
     unknown = sorted(set(roster) - set(tokens))
     if unknown:
