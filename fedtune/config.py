@@ -9,7 +9,6 @@ check), never its name. Unknown keys are errors (typos must not pass silently).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import tomllib
 from dataclasses import dataclass, field

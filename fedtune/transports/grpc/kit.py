@@ -244,10 +244,10 @@ def add_org(out_dir: str | Path, org: str) -> Path:
     [org] = _check_ids([org])
     srv = out / "server"
     tokens = _read_tokens(srv / "tokens.toml")
-    if org in tokens or (out / org).exists():
-        raise KitError(f"{org} is already in the kit ({out / org}); pick another id")
     if org in _read_revoked(srv / "revoked.toml"):
         raise KitError(f"{org} was revoked; a revoked id is not reissued: pick another id")
+    if org in tokens or (out / org).exists():
+        raise KitError(f"{org} is already in the kit ({out / org}); pick another id")
     ca, ca_key = _load_ca(out / "ca")
     token = make_tokens([org])[org]
     d = _write_org(out, kit, org, ca, ca_key, token)
@@ -308,7 +308,7 @@ def init_main(args: argparse.Namespace) -> int:
         if args.algorithm not in available():
             raise KitError(f"unknown --algorithm {args.algorithm!r}; one of {available()}")
         orgs = _split(args.orgs)
-        dirs = init_kit(args.dir, orgs, args.address, server_names=_split(args.server_names), model=args.model,
+        init_kit(args.dir, orgs, args.address, server_names=_split(args.server_names), model=args.model,
                         algorithm=args.algorithm, rounds=args.rounds, days=args.days)
     except (ValueError, OSError) as e:
         print(f"fedtune init: error: {e}", file=sys.stderr)
