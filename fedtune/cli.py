@@ -21,7 +21,10 @@ def _overwrite(args: argparse.Namespace, cfg) -> None:
 
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite deletes the run that --resume would continue; use one of them")
-    if args.overwrite:
+    if args.overwrite:  # nothing is deleted for a run that would stop at once: the config is valid (loaded),
+        from fedtune.data.prepare import load_corpus  # and its data must load too
+
+        load_corpus(cfg)
         overwrite(cfg.out_dir)
 
 
@@ -56,6 +59,9 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.secagg:
         overrides["secagg.enabled"] = True
     cfg = config.load(args.config, overrides)
+    if cfg.federation.num_clients == 1 and not args.baseline:
+        logging.getLogger("fedtune").warning("federation.num_clients = 1: nothing is federated (one client trains "
+                                             "alone); use --baseline local/central for a single-party reference")
     _overwrite(args, cfg)
     if args.baseline:
         from fedtune.run.baselines import simulate_baseline
@@ -161,12 +167,21 @@ def _export_base(args: argparse.Namespace) -> int:
             raise ConfigError(f"{meta} is missing or has no base_model/seed/base_model_fingerprint: --adapter "
                               "needs an adapter exported by this fedtune (runs/NAME/adapter)") from None
     cfg = config.load(args.config, overrides)
+    dest = Path(args.dir)
+    if (dest / "fedtune-base.json").is_file() and not args.force:
+        raise ConfigError(f"{dest} already holds an exported base model: pass --force to replace it, or choose a "
+                          "new directory")
+    if args.adapter and not args.force:  # the adapter already pointed at another export: not repointed silently
+        named = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if isinstance(named, str) and Path(named).is_absolute() and Path(named) != dest.resolve():
+            raise ConfigError(f"{args.adapter}/adapter_config.json already names {named} as its base: pass --force to "
+                              f"point it at {dest.resolve()} instead")
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     fp = fingerprint(model)
     if want is not None and fp != want:
         raise ConfigError(f"model {cfg.model.name!r} (seed {cfg.run.seed}) is not the base the adapter was trained "
                           f"on (fingerprint {fp[:12]} ≠ {want[:12]})")
-    out = export.export_base(model, tok, Path(args.dir),
+    out = export.export_base(model, tok, dest, force=args.force,
                              info={"model": cfg.model.name, "seed": cfg.run.seed, "base_model_fingerprint": fp})
     print(f"base model {cfg.model.name!r} written to {out}")
     if args.adapter:
@@ -238,15 +253,24 @@ def _eval(args: argparse.Namespace) -> int:
     loaded, cfg, summary, run_dir = _load(args)
     if summary is None and not args.data and not args.config:
         raise _UsageError("nothing to evaluate on: give --data FILE…, --config, or an adapter/merged dir inside a run dir")
+    out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
+    data_key = args.data or "run"
+    if out.is_file() and not args.force:  # another evaluation's results (other data) are not replaced silently
+        try:
+            before = json.loads(out.read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            before = "unreadable"
+        if before != data_key:
+            raise _UsageError(f"{out} holds the results on {before!r}, not {data_key!r}: pass --json PATH for a new "
+                              "file, or --force to replace it")
     rows = evaluate_sets(loaded.model, loaded.tokenizer, cfg, data_files=args.data,
                          roster=list(summary["clients"]) if summary and summary.get("clients") else None,
                          batch_size=cfg.run.eval_batch_size)
     print(f"{loaded.kind}: {loaded.path or cfg.model.name} (base {cfg.model.name})")
     print(format_table(rows))
-    out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path,
-                               "data": args.data or "run", "sets": rows}, indent=1))
+                               "data": data_key, "sets": rows}, indent=1))
     print(f"  json     {out}")
     return 0
 
@@ -416,11 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--config", help="run config whose [model] and seed to use")
     eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
     eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
+    eb.add_argument("--force", action="store_true", help="replace an earlier export in DIR and repoint an adapter "
+                                                         "that names another base directory")
     eb.set_defaults(func=_export_base)
     ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data")
     _add_model_args(ev)
     ev.add_argument("--data", nargs="+", help="evaluate on these files instead of the run's test set and slices")
     ev.add_argument("--json", help="write the results here (default <run dir>/eval-<adapter|merged|base>.json)")
+    ev.add_argument("--force", action="store_true", help="replace a results file that holds another evaluation")
     ev.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="answer one prompt with a tuned (or the base) model")
     _add_model_args(g)
