@@ -374,9 +374,30 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()  # SUPPRESS: a subcommand's unset flag does not undo the top-level one
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging, with the libraries' own warnings and progress bars")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="warnings and errors only, no progress bars")
+
+
+def _quiet_libraries() -> None:
+    """Without -v: no Hugging Face progress bars ("Loading weights") and no transformers advice. Set before
+    transformers is imported (it reads them at import)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fedtune import __version__
+
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    _add_verbosity(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("simulate", help="run a federation in-process on this machine")
     s.add_argument("--config", help="run config (TOML); defaults when omitted")
@@ -461,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fedtune.transports.grpc.kit import add_init_parser, init_main
 
     add_init_parser(sub).set_defaults(func=init_main)
+    for sp in sub.choices.values():  # -v/-q also after the subcommand
+        _add_verbosity(sp)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 
@@ -472,7 +495,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if not verbose:
+        _quiet_libraries()
+    if hasattr(args, "no_progress") and (quiet or not sys.stderr.isatty()):
+        args.no_progress = True  # bars only on a terminal: a log file gets the plain per-round lines
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

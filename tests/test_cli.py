@@ -106,7 +106,12 @@ def test_a_process_that_attaches_lora_logs_no_dependency_notices():
 
 def test_overwrite_checks_the_data_before_deleting_anything(capsys, tmp_path):
     out = tmp_path / "o"
-    assert _run(capsys, "--model", "tiny", "--rounds", "1", "--clients", "2", "--local-steps", "1", "--out", str(out))[0] == 0
+    # no --no-progress: stderr is not a terminal here, so no bars, only the plain per-round lines
+    assert main(["simulate", "--model", "tiny", "--rounds", "1", "--clients", "2", "--local-steps", "1",
+                 "--out", str(out)]) == 0
+    std = capsys.readouterr()
+    assert "\r" not in std.err and "rounds:" not in std.err and "it/s" not in std.err
+    assert "round   1 | clients 2/2" in std.out, std.out
     before = sorted(p.name for p in out.iterdir())
     assert "summary.json" in before
     empty = tmp_path / "empty.jsonl"
@@ -123,3 +128,19 @@ def test_one_client_warns_that_nothing_is_federated(capsys, tmp_path, caplog):
         code, err = _run(capsys, "--model", "tiny", "--clients", "1", "--overwrite", "--resume", "--out", str(tmp_path / "o"))
     assert code == 2 and "use one of them" in err  # stops before any training, after the warning
     assert "federation.num_clients = 1: nothing is federated" in caplog.text
+
+
+def test_version_and_verbosity_flags_anywhere(capsys):
+    from fedtune import __version__
+    from fedtune.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fedtune {__version__}"
+    p = build_parser()
+    for argv, want in ((["-v", "eval", "--base"], (True, False)), (["eval", "--base", "-v"], (True, False)),
+                       (["server", "--config", "x", "--quiet"], (False, True)), (["eval", "--base"], (False, False))):
+        args = p.parse_args(argv)
+        assert (getattr(args, "verbose", False), getattr(args, "quiet", False)) == want, argv
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "-v", "-q"])
