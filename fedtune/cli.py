@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -374,6 +375,68 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
 
 
+def _status(args: argparse.Namespace) -> int:
+    """`fedtune status`: the coordinator's view of its live run, over the admin call."""
+    import json
+    import time
+
+    import grpc
+
+    from fedtune import config
+    from fedtune.config import ConfigError, ServerSection
+    from fedtune.run.serve import load_admin_token
+    from fedtune.transports import wire
+    from fedtune.transports.grpc.coordinator import MAX_STATUS_BYTES
+    from fedtune.transports.grpc.security import auth_metadata, channel_credentials
+
+    cfg = config.load(args.config)
+    s = cfg.section("server", ServerSection)
+    token = load_admin_token(s.admin_token_file)
+    if not token:
+        raise ConfigError(f"{args.config}: [server] admin_token_file is not set (fedtune init writes admin.toml)")
+    address = args.address or f"localhost:{s.address.rpartition(':')[2]}"
+    opts = [("grpc.max_receive_message_length", MAX_STATUS_BYTES + 1024)]
+    if s.tls_cert:  # the coordinator's CA; under mTLS the server's own health-probe certificate is the caller's
+        health = Path(s.tls_cert).with_name("health.pem")
+        cert, key = (health, health.with_suffix(".key")) if s.tls_client_ca and health.is_file() else (None, None)
+        creds = channel_credentials(Path(s.tls_client_ca or s.tls_cert), cert, key)
+        channel = grpc.secure_channel(address, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(address, options=opts)
+    stub = wire.CoordinatorStub(channel)
+    try:
+        while True:
+            try:
+                reply = stub.Status(wire.fedtune_pb2.StatusRequest(), metadata=auth_metadata(token), timeout=10)
+            except grpc.RpcError as e:
+                print(f"error: {address}: {e.code().name}: {wire.safe_str(e.details(), 300)}", file=sys.stderr)
+                return 1
+            st = json.loads(reply.json)
+            print(json.dumps(st, indent=1) if args.json else _format_status(st), flush=True)
+            if not args.watch or st.get("finished"):
+                return 0
+            time.sleep(args.watch)
+    finally:
+        channel.close()
+
+
+def _format_status(st: dict) -> str:
+    def num(v, fmt="", unit=""):
+        return "-" if v is None else f"{v:{fmt}}{unit}"
+
+    cur = st.get("in_progress")
+    lines = [f"run {st['run']} ({st['algorithm']}): {num(st.get('rounds_completed'))}/{num(st.get('rounds_total'))} "
+             f"rounds" + (f", round {cur['round']} attempt {cur['attempt']} in progress" if cur else "")
+             + (" — finished" if st.get("finished") else "")
+             + f"; {num(st.get('round_s'), '.1f', ' s')}/round, about {num(st.get('eta_s'), '.0f', ' s')} left"
+             + f"; ε {num(st.get('epsilon'), '.3g')}"]
+    for cid, c in st["clients"].items():
+        lines.append(f"  {cid:16s} {'connected' if c['connected'] else 'away':9s} last seen "
+                     f"{num(c['last_seen_s_ago'], '.0f', ' s ago'):>10s}  rounds {c['rounds_completed']}  "
+                     f"failures {c['failures']}  up {c['bytes_up']:,} B")
+    return "\n".join(lines)
+
+
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()  # SUPPRESS: a subcommand's unset flag does not undo the top-level one
     g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -482,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fedtune.transports.grpc.kit import add_init_parser, init_main
 
     add_init_parser(sub).set_defaults(func=init_main)
+    st = sub.add_parser("status", help="the coordinator's view of its live run (admin call; fedtune init's server/)")
+    st.add_argument("--config", required=True, help="the coordinator's config (DIR/server/server.toml)")
+    st.add_argument("--address", help="HOST:PORT to dial (a name on the server certificate; default localhost)")
+    st.add_argument("--json", action="store_true", help="the numbers as JSON")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until the run finishes")
+    st.set_defaults(func=_status)
     for sp in sub.choices.values():  # -v/-q also after the subcommand
         _add_verbosity(sp)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")

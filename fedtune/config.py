@@ -117,6 +117,9 @@ class ServerSection:
     tokens_file: str = option("", "TOML of client_id = \"token\" lines (fedtune certs writes one); required")
     revoked_file: str = option("", "TOML `revoked = [ids]` (fedtune init --revoke): these organisations' tokens are "
                                    "refused; relative paths: against the config file's directory")
+    admin_token_file: str = option("", "TOML `[admin] token = \"…\"` (fedtune init writes one): the credential of "
+                                       "`fedtune status`; empty: no status calls")
+    metrics_port: int = option(0, "serve Prometheus metrics (fedtune status numbers) on this port; 0: off")
     clients: list[str] = option([], "the roster in order (client i holds partition i); empty: the tokens' ids, "
                                     "sorted")
     tls_cert: str = option("", "server certificate; empty: plaintext, refused unless insecure = true")
@@ -311,7 +314,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, *,
     return cfg
 
 
-PATH_KEYS = {"server": ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "revoked_file"),
+PATH_KEYS = {"server": ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "revoked_file", "admin_token_file"),
              "client": ("token_file", "tls_ca", "tls_cert", "tls_key", "state_dir")}
 
 

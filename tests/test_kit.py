@@ -128,13 +128,13 @@ def test_init_cli_errors(tmp_path, capsys):
     assert "unknown --algorithm 'nope'" in capsys.readouterr().err
 
 
-def test_two_organisations_from_a_kit_run_to_completion(tmp_path):
+def test_two_organisations_from_a_kit_run_to_completion(tmp_path, capsys):
     """init on localhost; org-a (30 examples) and org-b (60) each in their own HOME; org-c revoked before the
     start is refused; a kit dialling a name its certificate does not hold exits in seconds naming the cause;
     then org-d is added and joins the next run."""
     port = _free_port()
     kit = tmp_path / "kit"
-    assert main(["init", str(kit), "--orgs", "org-a,org-b,org-c", "--address", f"127.0.0.1:{port}", "--rounds", "1"]) == 0
+    assert main(["init", str(kit), "--orgs", "org-a,org-b,org-c", "--address", f"127.0.0.1:{port}", "--rounds", "2"]) == 0
     assert main(["init", str(kit), "--revoke", "org-c"]) == 0
     server_toml = kit / "server" / "server.toml"
     server_toml.write_text(server_toml.read_text() + FAST)
@@ -147,11 +147,36 @@ def test_two_organisations_from_a_kit_run_to_completion(tmp_path):
     srv = _fedtune("server", "--config", str(server_toml), "--out", str(tmp_path / "run1"), "--no-progress",
                    cwd=tmp_path, log=tmp_path / "server.log")
     procs = {org: _client(h, org) for org, h in homes.items()}
-    t0 = time.monotonic()
-    bad = _client(wrong, "org-a")
+    bad = None
+    status = ["status", "--config", str(server_toml), "--address", f"127.0.0.1:{port}", "--json"]
     try:
+        deadline, st, seen, t_bad = time.monotonic() + 180, None, False, None
+        while time.monotonic() < deadline and not (seen and t_bad):
+            if bad is not None and t_bad is None and bad.poll() is not None:
+                t_bad = time.monotonic()
+            capsys.readouterr()
+            if not seen and main(status) == 0:  # the operator's view while the run is live: both organisations
+                if bad is None:  # the coordinator is up: now a kit that dials a name its certificate lacks
+                    t0, bad = time.monotonic(), _client(wrong, "org-a")
+                st = json.loads(capsys.readouterr().out)
+                seen = all(st["clients"][o]["declared_examples"] for o in ("org-a", "org-b"))
+            time.sleep(0.5)
+        assert t_bad is not None and t_bad - t0 < 30  # the name mismatch ended that client within seconds
+        assert st is not None and sorted(st["clients"]) == ["org-a", "org-b"], st
+        assert {o: st["clients"][o]["declared_examples"] for o in ("org-a", "org-b")} == {"org-a": 27, "org-b": 54}
+        assert st["rounds_total"] == 2 and st["algorithm"] == "flora"
+        # a client's token is not the admin credential
+        fake = tmp_path / "fake-admin.toml"
+        fake.write_text(f'[admin]\ntoken = "{tomllib.loads((kit / "org-a" / "token.toml").read_text())["tokens"]["org-a"]}"\n')
+        other = tmp_path / "other-server.toml"
+        other.write_text(server_toml.read_text().replace('admin_token_file = "admin.toml"', f'admin_token_file = "{fake}"')
+                         .replace('"tokens.toml"', f'"{kit}/server/tokens.toml"').replace('"revoked.toml"', f'"{kit}/server/revoked.toml"')
+                         .replace('"server.pem"', f'"{kit}/server/server.pem"').replace('"server.key"', f'"{kit}/server/server.key"')
+                         .replace('"ca.pem"', f'"{kit}/server/ca.pem"'))
+        capsys.readouterr()
+        assert main(["status", "--config", str(other), "--address", f"127.0.0.1:{port}"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
         assert bad.wait(timeout=60) == 3
-        assert time.monotonic() - t0 < 30
         assert "Hostname Verification Check failed" in (wrong / "client.log").read_text()
         assert procs["org-c"].wait(timeout=120) == 3
         assert "UNAUTHENTICATED" in (homes["org-c"] / "client.log").read_text()
@@ -159,12 +184,12 @@ def test_two_organisations_from_a_kit_run_to_completion(tmp_path):
         for org in ("org-a", "org-b"):
             assert procs[org].wait(timeout=60) == 0, (homes[org] / "client.log").read_text()
     finally:
-        _stop(srv, bad, *procs.values())
+        _stop(srv, *([bad] if bad else []), *procs.values())
     summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
     # each organisation's own examples: 30 and 60 lines, less the 10 % eval hold-out
     assert summary["clients"] == {"org-a": {"train_examples": 27, "source": "declared by the client at Join"},
                                   "org-b": {"train_examples": 54, "source": "declared by the client at Join"}}
-    assert summary["rounds_completed"] == 1
+    assert summary["rounds_completed"] == 2
 
     assert main(["init", str(kit), "--add-org", "org-d"]) == 0
     homes["org-d"] = _copy_org(kit, "org-d", tmp_path / "home-org-d", 20)

@@ -1,7 +1,7 @@
 """`fedtune init`: a federation kit, one directory per party, ready to start.
 
   DIR/ca/        ca.pem ca.key kit.toml   the CA key and the kit's settings: kept apart, never inside a kit
-  DIR/server/    server.toml ca.pem server.pem server.key tokens.toml revoked.toml health.pem health.key
+  DIR/server/    server.toml admin.toml ca.pem server.pem server.key tokens.toml revoked.toml health.pem health.key
   DIR/<org>/     client.toml ca.pem client.pem client.key token.toml
 
 Every path in server.toml / client.toml is relative to that file's directory (fedtune.config resolves them), so
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import secrets
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -91,6 +92,8 @@ address = "0.0.0.0:{port}"
 clients = {_ids(orgs)}
 tokens_file = "tokens.toml"
 revoked_file = "revoked.toml"
+admin_token_file = "admin.toml"   # fedtune status --config server.toml
+# metrics_port = 9464             # Prometheus text of the same numbers (plain HTTP: keep it internal)
 tls_cert = "server.pem"
 tls_key = "server.key"
 tls_client_ca = "ca.pem"     # mTLS: a token only counts with the certificate of its organisation
@@ -224,6 +227,8 @@ def init_kit(out_dir: str | Path, orgs: Sequence[str], address: str, *, server_n
         _write(srv / f"{fname}.key", key_pem, secret=True)
     write_tokens_toml(srv / "tokens.toml", tokens)
     _write_revoked(srv / "revoked.toml", [])
+    admin = secrets.token_urlsafe(32)  # the operator's credential for fedtune status (never a client's)
+    _write(srv / "admin.toml", f'# fedtune status credential: secret\n[admin]\ntoken = "{admin}"\n'.encode(), secret=True)
     _write(srv / "server.toml", server_toml(kit, orgs).encode(), secret=False)
     for org in orgs:
         dirs[org] = _write_org(out, kit, org, ca, ca_key, tokens[org])
