@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -21,7 +22,10 @@ def _overwrite(args: argparse.Namespace, cfg) -> None:
 
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite deletes the run that --resume would continue; use one of them")
-    if args.overwrite:
+    if args.overwrite:  # nothing is deleted for a run that would stop at once: the config is valid (loaded),
+        from fedtune.data.prepare import load_corpus  # and its data must load too
+
+        load_corpus(cfg)
         overwrite(cfg.out_dir)
 
 
@@ -56,6 +60,9 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.secagg:
         overrides["secagg.enabled"] = True
     cfg = config.load(args.config, overrides)
+    if cfg.federation.num_clients == 1 and not args.baseline:
+        logging.getLogger("fedtune").warning("federation.num_clients = 1: nothing is federated (one client trains "
+                                             "alone); use --baseline local/central for a single-party reference")
     _overwrite(args, cfg)
     if args.baseline:
         from fedtune.run.baselines import simulate_baseline
@@ -121,7 +128,13 @@ def _client(args: argparse.Namespace) -> int:
             "--token is deprecated: a token on the command line is visible to every user (ps); "
             "use the FEDTUNE_TOKEN environment variable or [client] token_file")
     overrides = {"client.server": args.server, "client.client_id": args.client_id, "client.partition": args.partition,
-                 "client.token": args.token, "client.insecure": args.insecure or None, **_hw_overrides(args)}
+                 "client.token": args.token, "client.insecure": args.insecure or None, "model.name": args.model,
+                 **_hw_overrides(args)}
+    if args.data:  # this organisation's own files: all of them are its data (partition -1)
+        if args.partition is not None and args.partition >= 0:
+            raise _UsageError("--data gives this organisation's own files; --partition picks a share of the "
+                              "coordinator's demo data: use one of them")
+        overrides |= {"data.source": "jsonl", "data.paths": args.data}
     cfg = config.load(args.config, overrides)
     try:
         return Agent(cfg, cfg.section("client", ClientSection)).run()
@@ -155,12 +168,21 @@ def _export_base(args: argparse.Namespace) -> int:
             raise ConfigError(f"{meta} is missing or has no base_model/seed/base_model_fingerprint: --adapter "
                               "needs an adapter exported by this fedtune (runs/NAME/adapter)") from None
     cfg = config.load(args.config, overrides)
+    dest = Path(args.dir)
+    if (dest / "fedtune-base.json").is_file() and not args.force:
+        raise ConfigError(f"{dest} already holds an exported base model: pass --force to replace it, or choose a "
+                          "new directory")
+    if args.adapter and not args.force:  # the adapter already pointed at another export: not repointed silently
+        named = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if isinstance(named, str) and Path(named).is_absolute() and Path(named) != dest.resolve():
+            raise ConfigError(f"{args.adapter}/adapter_config.json already names {named} as its base: pass --force to "
+                              f"point it at {dest.resolve()} instead")
     model, tok = load_model(cfg.model.name, seed=cfg.run.seed)
     fp = fingerprint(model)
     if want is not None and fp != want:
         raise ConfigError(f"model {cfg.model.name!r} (seed {cfg.run.seed}) is not the base the adapter was trained "
                           f"on (fingerprint {fp[:12]} ≠ {want[:12]})")
-    out = export.export_base(model, tok, Path(args.dir),
+    out = export.export_base(model, tok, dest, force=args.force,
                              info={"model": cfg.model.name, "seed": cfg.run.seed, "base_model_fingerprint": fp})
     print(f"base model {cfg.model.name!r} written to {out}")
     if args.adapter:
@@ -248,8 +270,18 @@ def _eval_inner(args: argparse.Namespace) -> int:
     has_sets = summary is not None or bool(args.data) or bool(args.config)
     if not has_sets and not extra:
         raise _UsageError("nothing to evaluate on: give --data FILE…, --config, or an adapter/merged dir inside a run dir")
+    out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
+    data_key = args.data or "run"
+    if out.is_file() and not args.force:  # another evaluation's results (other data) are not replaced silently
+        try:
+            before = json.loads(out.read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            before = "unreadable"
+        if before != data_key:
+            raise _UsageError(f"{out} holds the results on {before!r}, not {data_key!r}: pass --json PATH for a new "
+                              "file, or --force to replace it")
     print(f"{loaded.kind}: {loaded.path or cfg.model.name} (base {cfg.model.name})")
-    result: dict = {"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path, "data": args.data or "run"}
+    result: dict = {"model": cfg.model.name, "kind": loaded.kind, "path": loaded.path, "data": data_key}
     if has_sets and not (extra and args.no_losses):
         gen = args.max_examples if args.generate else None
         rows = evaluate_sets(loaded.model, loaded.tokenizer, cfg, data_files=args.data,
@@ -285,7 +317,6 @@ def _eval_inner(args: argparse.Namespace) -> int:
         print(f"code {args.code_tests}: {code['problems']} problems × {code['samples_per_problem']} samples  "
               + "  ".join(f"{k} {v:.4f}" for k, v in code.items() if k.startswith("pass@")))
         result["code"] = code
-    out = Path(args.json) if args.json else ((run_dir or Path(".")) / f"eval-{loaded.kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=1))
     print(f"  json     {out}")
@@ -391,9 +422,92 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
 
 
+def _status(args: argparse.Namespace) -> int:
+    """`fedtune status`: the coordinator's view of its live run, over the admin call."""
+    import json
+    import time
+
+    import grpc
+
+    from fedtune import config
+    from fedtune.config import ConfigError, ServerSection
+    from fedtune.run.serve import load_admin_token
+    from fedtune.transports import wire
+    from fedtune.transports.grpc.coordinator import MAX_STATUS_BYTES
+    from fedtune.transports.grpc.security import auth_metadata, channel_credentials
+
+    cfg = config.load(args.config)
+    s = cfg.section("server", ServerSection)
+    token = load_admin_token(s.admin_token_file)
+    if not token:
+        raise ConfigError(f"{args.config}: [server] admin_token_file is not set (fedtune init writes admin.toml)")
+    address = args.address or f"localhost:{s.address.rpartition(':')[2]}"
+    opts = [("grpc.max_receive_message_length", MAX_STATUS_BYTES + 1024)]
+    if s.tls_cert:  # the coordinator's CA; under mTLS the server's own health-probe certificate is the caller's
+        health = Path(s.tls_cert).with_name("health.pem")
+        cert, key = (health, health.with_suffix(".key")) if s.tls_client_ca and health.is_file() else (None, None)
+        creds = channel_credentials(Path(s.tls_client_ca or s.tls_cert), cert, key)
+        channel = grpc.secure_channel(address, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(address, options=opts)
+    stub = wire.CoordinatorStub(channel)
+    try:
+        while True:
+            try:
+                reply = stub.Status(wire.fedtune_pb2.StatusRequest(), metadata=auth_metadata(token), timeout=10)
+            except grpc.RpcError as e:
+                print(f"error: {address}: {e.code().name}: {wire.safe_str(e.details(), 300)}", file=sys.stderr)
+                return 1
+            st = json.loads(reply.json)
+            print(json.dumps(st, indent=1) if args.json else _format_status(st), flush=True)
+            if not args.watch or st.get("finished"):
+                return 0
+            time.sleep(args.watch)
+    finally:
+        channel.close()
+
+
+def _format_status(st: dict) -> str:
+    def num(v, fmt="", unit=""):
+        return "-" if v is None else f"{v:{fmt}}{unit}"
+
+    cur = st.get("in_progress")
+    lines = [f"run {st['run']} ({st['algorithm']}): {num(st.get('rounds_completed'))}/{num(st.get('rounds_total'))} "
+             f"rounds" + (f", round {cur['round']} attempt {cur['attempt']} in progress" if cur else "")
+             + (" — finished" if st.get("finished") else "")
+             + f"; {num(st.get('round_s'), '.1f', ' s')}/round, about {num(st.get('eta_s'), '.0f', ' s')} left"
+             + f"; ε {num(st.get('epsilon'), '.3g')}"]
+    for cid, c in st["clients"].items():
+        lines.append(f"  {cid:16s} {'connected' if c['connected'] else 'away':9s} last seen "
+                     f"{num(c['last_seen_s_ago'], '.0f', ' s ago'):>10s}  rounds {c['rounds_completed']}  "
+                     f"failures {c['failures']}  up {c['bytes_up']:,} B")
+    return "\n".join(lines)
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()  # SUPPRESS: a subcommand's unset flag does not undo the top-level one
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging, with the libraries' own warnings and progress bars")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="warnings and errors only, no progress bars")
+
+
+def _quiet_libraries() -> None:
+    """Without -v: no Hugging Face progress bars ("Loading weights") and no transformers advice. Set before
+    transformers is imported (it reads them at import)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fedtune import __version__
+
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    _add_verbosity(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("simulate", help="run a federation in-process on this machine")
     s.add_argument("--config", help="run config (TOML); defaults when omitted")
@@ -442,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--server", help="HOST:PORT of the coordinator")
     cl.add_argument("--client-id")
     cl.add_argument("--partition", type=int, help="which [data] partition this client holds")
+    cl.add_argument("--data", nargs="+", help="this organisation's own data files or dirs (all of them are its data)")
+    cl.add_argument("--model", help="where this organisation holds the run's base model: \"tiny\", \"smollm2\", an HF "
+                                    "dir or a .gguf file (the coordinator checks its fingerprint at Join)")
     cl.add_argument("--token", help="deprecated (visible in ps): use FEDTUNE_TOKEN or [client] token_file")
     cl.add_argument("--insecure", action="store_true",
                     help="allow sending the token without TLS (tests on a trusted network only)")
@@ -454,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--config", help="run config whose [model] and seed to use")
     eb.add_argument("--model", help='"tiny", "smollm2", an HF dir or a .gguf file (overrides model.name)')
     eb.add_argument("--seed", type=int, help="run seed (the tiny model's weights depend on it)")
+    eb.add_argument("--force", action="store_true", help="replace an earlier export in DIR and repoint an adapter "
+                                                         "that names another base directory")
     eb.set_defaults(func=_export_base)
     ev = sub.add_parser("eval", help="loss and perplexity of a tuned (or the base) model on held-out data; Rouge-L, "
                         "lm-eval tasks and code pass@k (docs/evaluate.md)")
@@ -482,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--code-max-new-tokens", type=int, default=256)
     cg.add_argument("--code-timeout", type=float, default=10.0, help="seconds per sample")
     cg.add_argument("--code-memory-mb", type=int, default=1024, help="address-space limit per sample")
+    ev.add_argument("--force", action="store_true", help="replace a results file that holds another evaluation")
     ev.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="answer one prompt with a tuned (or the base) model")
     _add_model_args(g)
@@ -492,6 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ch)
     _add_gen_args(ch)
     ch.set_defaults(func=_chat)
+    from fedtune.transports.grpc.kit import add_init_parser, init_main
+
+    add_init_parser(sub).set_defaults(func=init_main)
+    st = sub.add_parser("status", help="the coordinator's view of its live run (admin call; fedtune init's server/)")
+    st.add_argument("--config", required=True, help="the coordinator's config (DIR/server/server.toml)")
+    st.add_argument("--address", help="HOST:PORT to dial (a name on the server certificate; default localhost)")
+    st.add_argument("--json", action="store_true", help="the numbers as JSON")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until the run finishes")
+    st.set_defaults(func=_status)
+    for sp in sub.choices.values():  # -v/-q also after the subcommand
+        _add_verbosity(sp)
     sub.add_parser("certs", help="make a dev CA, server/client certificates and tokens (fedtune certs --help)")
     return p
 
@@ -503,7 +634,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if not verbose:
+        _quiet_libraries()
+    if hasattr(args, "no_progress") and (quiet or not sys.stderr.isatty()):
+        args.no_progress = True  # bars only on a terminal: a log file gets the plain per-round lines
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -9,7 +9,6 @@ check), never its name. Unknown keys are errors (typos must not pass silently).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 import tomllib
@@ -124,6 +123,11 @@ class ServerSection:
 
     address: str = option("0.0.0.0:50051", "listen address")
     tokens_file: str = option("", "TOML of client_id = \"token\" lines (fedtune certs writes one); required")
+    revoked_file: str = option("", "TOML `revoked = [ids]` (fedtune init --revoke): these organisations' tokens are "
+                                   "refused; relative paths: against the config file's directory")
+    admin_token_file: str = option("", "TOML `[admin] token = \"…\"` (fedtune init writes one): the credential of "
+                                       "`fedtune status`; empty: no status calls")
+    metrics_port: int = option(0, "serve Prometheus metrics (fedtune status numbers) on this port; 0: off")
     clients: list[str] = option([], "the roster in order (client i holds partition i); empty: the tokens' ids, "
                                     "sorted")
     tls_cert: str = option("", "server certificate; empty: plaintext, refused unless insecure = true")
@@ -292,8 +296,12 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load TOML (or defaults when path is None), apply "section.key" overrides, validate."""
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None, *,
+         other_methods: bool = False) -> RunConfig:
+    """Load TOML (or defaults when path is None), apply "section.key" overrides, validate. A [<method>] section
+    for a method the run does not use is an error unless `other_methods` (a sweep file shared by several
+    methods). Relative file paths of [server]/[client] (PATH_KEYS) resolve against the config file's
+    directory, so a kit directory works wherever it is copied; command-line overrides stay as given."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -303,14 +311,31 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Ru
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
+        _resolve_paths(raw, p.resolve().parent)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
         raw.setdefault(section, {})[key] = value
     cfg = from_dict(raw)
-    validate(cfg)
+    validate(cfg, other_methods=other_methods)
     return cfg
+
+
+PATH_KEYS = {"server": ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "revoked_file", "admin_token_file"),
+             "client": ("token_file", "tls_ca", "tls_cert", "tls_key", "state_dir")}
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the relative file paths of PATH_KEYS absolute against `base` (the config file's directory)."""
+    for section, keys in PATH_KEYS.items():
+        sec = raw.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for k in keys:
+            v = sec.get(k)
+            if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+                sec[k] = str(base / v)
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -360,7 +385,7 @@ def check_secagg(cfg: RunConfig, algo, robust) -> None:
              "fraction)")
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, *, other_methods: bool = False) -> None:
     r, d, f, t = cfg.run, cfg.data, cfg.federation, cfg.train
     _require(r.rounds >= 1, f"run.rounds must be ≥ 1, got {r.rounds}")
     _require(r.generate_every >= 0 and r.generate_max_examples >= 0,
@@ -406,9 +431,9 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(getattr(cfg, s.section), s.name)
         _require(not isinstance(s.default, bool) or isinstance(v, bool), f"{s.key} must be true or false, got {v!r}")
     ac = cfg.algorithm_config()  # validates the algorithm name and its settings
-    if unused := sorted(set(cfg.algorithms) - {r.algorithm}):  # kept for switching methods, but say so
-        logging.getLogger("fedtune").warning("config sections %s are not used: this run's method is %s",
-                                             ", ".join(f"[{n}]" for n in unused), r.algorithm)
+    if (unused := sorted(set(cfg.algorithms) - {r.algorithm})) and not other_methods:
+        raise ConfigError(f"config section(s) {', '.join(f'[{n}]' for n in unused)} would be ignored: this run's "
+                          f"method is {r.algorithm}; remove them (or run --algorithm {unused[0]})")
     if problem := get_algorithm(cfg.run.algorithm, ac).holding_problem(cfg.model.quantization, cfg.model.dtype):
         raise ConfigError(problem)
     cfg.privacy_config()

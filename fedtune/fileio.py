@@ -65,3 +65,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     publish(tmp)
     os.replace(tmp, path)
     return path
+
+
+def write_dir_atomic(dest: str | Path, fill) -> bool:
+    """Create directory `dest` whole or not at all: `fill(tmp)` writes into a fresh sibling temp directory, which
+    is then renamed to `dest`. When another process got there first (`dest` exists, a lost race) the temp copy is
+    deleted and theirs kept; on any error it is deleted too, so no `.tmp` directory is ever left behind. Returns
+    True when this call's copy became `dest`."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        fill(tmp)
+        publish(tmp)
+        try:
+            os.rename(tmp, dest)  # atomic; fails when dest exists and is not empty (someone else won)
+            return True
+        except OSError:
+            if not dest.is_dir():
+                raise
+            return False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

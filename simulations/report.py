@@ -98,7 +98,7 @@ def run_entry(name: str, spec: dict[str, Any], base: Path, runs: Path, overrides
     ov = {**overrides, **spec["overrides"], f"{spec['method']}.lr": lr, "run.out": str(out), "run.name": name}
     for k, v in (spec.get("privacy") or {}).items():
         ov[f"privacy.{k}"] = v
-    cfg = config.load(base, ov)
+    cfg = config.load(base, ov, other_methods=True)  # one file for every method of the matrix
     if spec["kind"] in BASELINES:
         from fedtune.run.baselines import simulate_baseline
 

@@ -7,6 +7,12 @@ import pytest
 from fedtune.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path, monkeypatch):
+    """Never the clone's runs/: a run without --out lands in this test's own directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _run(capsys, *argv):
     code = main(["simulate", "--no-progress", *argv])
     err = capsys.readouterr().err
@@ -96,3 +102,45 @@ def test_a_process_that_attaches_lora_logs_no_dependency_notices():
                           check=False)
     assert proc.returncode == 1 and proc.stderr.strip().endswith("FutureWarning: still shown"), proc.stderr
     assert "is_gradient_checkpointing" not in proc.stderr and "kernels-community" not in proc.stderr, proc.stderr
+
+
+def test_overwrite_checks_the_data_before_deleting_anything(capsys, tmp_path):
+    out = tmp_path / "o"
+    # no --no-progress: stderr is not a terminal here, so no bars, only the plain per-round lines
+    assert main(["simulate", "--model", "tiny", "--rounds", "1", "--clients", "2", "--local-steps", "1",
+                 "--out", str(out)]) == 0
+    std = capsys.readouterr()
+    assert "\r" not in std.err and "rounds:" not in std.err and "it/s" not in std.err
+    assert "round   1 | clients 2/2" in std.out, std.out
+    before = sorted(p.name for p in out.iterdir())
+    assert "summary.json" in before
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, err = _run(capsys, "--model", "tiny", "--out", str(out), "--overwrite", "--data", str(empty))
+    assert code == 2 and "empty.jsonl" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # the old run is still there
+
+
+def test_one_client_warns_that_nothing_is_federated(capsys, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        code, err = _run(capsys, "--model", "tiny", "--clients", "1", "--overwrite", "--resume", "--out", str(tmp_path / "o"))
+    assert code == 2 and "use one of them" in err  # stops before any training, after the warning
+    assert "federation.num_clients = 1: nothing is federated" in caplog.text
+
+
+def test_version_and_verbosity_flags_anywhere(capsys):
+    from fedtune import __version__
+    from fedtune.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fedtune {__version__}"
+    p = build_parser()
+    for argv, want in ((["-v", "eval", "--base"], (True, False)), (["eval", "--base", "-v"], (True, False)),
+                       (["server", "--config", "x", "--quiet"], (False, True)), (["eval", "--base"], (False, False))):
+        args = p.parse_args(argv)
+        assert (getattr(args, "verbose", False), getattr(args, "quiet", False)) == want, argv
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "-v", "-q"])

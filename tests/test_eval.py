@@ -53,6 +53,15 @@ def test_eval_reproduces_the_run_and_beats_base_on_training_data(trained, tmp_pa
     assert tuned["examples"] == base["examples"] == 40
     assert tuned["loss"] < base["loss"] - 0.1
     assert "perplexity" in capsys.readouterr().out
+    # the run's own results (the default eval-adapter.json) are not replaced by a --data evaluation without --force
+    assert main(["eval", "--adapter", str(out / "adapter")]) == 0
+    default = out / "eval-adapter.json"
+    assert json.loads(default.read_text())["data"] == "run"
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", str(data)]) == 2
+    assert f"{default} holds the results on 'run', not {[str(data)]!r}: pass --json PATH" in capsys.readouterr().err
+    assert json.loads(default.read_text())["data"] == "run"
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", str(data), "--force"]) == 0
+    assert json.loads(default.read_text())["data"] == [str(data)]
 
 
 def test_eval_usage_errors_exit_2(tmp_path, capsys):

@@ -58,3 +58,13 @@ def test_export_base_and_readme_peft_snippet_on_tiny(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got, got_auto, base_gap = map(float, proc.stdout.split())
     assert got <= 1e-5 and got_auto <= 1e-5 and base_gap > 1e-4
+    # nothing silent: an earlier export, or an adapter already pointed elsewhere, is replaced only with --force
+    capsys.readouterr()
+    assert main(["export-base", str(base_dir), "--adapter", str(adapter)]) == 2
+    assert f"{base_dir} already holds an exported base model: pass --force" in capsys.readouterr().err
+    other = tmp_path / "runs/t1-base2"
+    assert main(["export-base", str(other), "--adapter", str(adapter)]) == 2
+    assert f"already names {base_dir.resolve()} as its base: pass --force" in capsys.readouterr().err
+    assert not other.exists()  # refused before anything was written
+    assert main(["export-base", str(other), "--adapter", str(adapter), "--force"]) == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(other.resolve())

@@ -568,14 +568,16 @@ def test_a_tls_mistake_fails_at_once_instead_of_retrying(tmp_path, mistake):
         make_dev_certs(tmp_path / "certs", clients=IDS, server_names=("server",), overwrite=True)
     srv = Server(cfg_path, **{"federation.round_timeout_s": 30.0})
     try:
-        a = agent(cfg_path, srv.port, 0, tls_dir=tmp_path / "certs")
-        a.c.server = f"localhost:{srv.port}"
-        a.c.max_retry_s = 600.0
-        if mistake == "unknown CA":
-            make_dev_certs(tmp_path / "other", clients=IDS)
-            a.c.tls_ca = str(tmp_path / "other" / "ca.pem")
         t0 = time.monotonic()
         with pytest.raises(Refused, match="TLS with localhost:.* failed: .*Check \\[client\\] tls_ca"):
+            # a name mismatch: refused by the constructor's preflight, before the model loads; an unknown CA
+            # (swapped in after it): by the run loop's first call
+            a = agent(cfg_path, srv.port, 0, tls_dir=tmp_path / "certs")
+            a.c.server = f"localhost:{srv.port}"
+            a.c.max_retry_s = 600.0
+            if mistake == "unknown CA":
+                make_dev_certs(tmp_path / "other", clients=IDS)
+                a.c.tls_ca = str(tmp_path / "other" / "ca.pem")
             a.run()
         assert time.monotonic() - t0 < 30
     finally:

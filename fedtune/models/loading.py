@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.fileio import publish
+from fedtune.fileio import write_dir_atomic, write_text_atomic
 from fedtune.models.fingerprints import checkpoint_fingerprint, fingerprint
 from fedtune.models.hardware import HardwareError, Placement, prepare_for_training, quantization_config
 from fedtune.models.settings import SETTINGS
@@ -111,9 +110,7 @@ def _dir_fingerprint(path: Path, config) -> str:
         fp = fingerprint(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
-        tmp.write_text(fp)
-        tmp.rename(cache)
+        write_text_atomic(cache, fp)
     except OSError:
         pass
     return fp
@@ -149,14 +146,11 @@ def _cached_gguf(path: Path, pl: Placement | None = None):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    publish(tmp)  # readable like any other file (safetensors writes 0600); it is the exported adapter's base
-    try:
-        tmp.rename(cache)
-    except OSError:  # another process won the race; use its copy
-        pass
+    def fill(tmp: Path) -> None:  # published: readable like any other file (it is the exported adapter's base)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    write_dir_atomic(cache, fill)  # whoever wins a race, one complete copy and no temp directory left
     log.info("cached %s as safetensors in %s", path.name, cache)
     if pl is not None and not (pl.plain):
         del model
@@ -175,13 +169,11 @@ def _tiny(spec: str, seed: int, pl: Placement):
     if pl.quantization != "none":  # bitsandbytes quantizes while loading: go through a model directory
         d = cache_root() / f"{spec}-seed{seed}"
         if not (d / "config.json").is_file():
-            tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            try:
-                tmp.rename(d)
-            except OSError:  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
+            def fill(tmp: Path) -> None:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+
+            write_dir_atomic(d, fill)
         model, _, fp = _load_dir(d, pl)
         return model, tok, fp
     fp = fingerprint(model)

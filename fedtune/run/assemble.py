@@ -279,6 +279,18 @@ def _finite_column(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
 
 
+def _client_counts(run: Run) -> dict[str, dict[str, Any]]:
+    """Each client's examples: over gRPC what it declared at Join (its own data: the coordinator's [data] split
+    is not what it trained on), else the split this process made."""
+    hw = run.engine.client_hardware or {}
+    out = {}
+    for cid, d in run.data.items():
+        declared = (hw.get(cid) or {}).get("declared_examples")
+        out[cid] = ({"train_examples": declared, "source": "declared by the client at Join"} if declared is not None
+                    else {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories})
+    return out
+
+
 def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
     """Export the adapter (and merged model), write CSV, plot and summary.json; return the summary."""
     cfg, gm, writer, state, out = run.cfg, run.gm, run.writer, run.state, run.cfg.out_dir
@@ -307,8 +319,7 @@ def finalize_run(run: Run, *, save_merged: bool = False) -> dict[str, Any]:
         "bytes_down_total": sum(r.get("bytes_down") or 0 for r in writer.rows),
         "run_id": run.rundir.record.get("run_id"), "config_hash": run.rundir.record.get("config_hash"),
         "base_model_fingerprint": run.base_fingerprint, "global_model_fingerprint": fingerprint(gm.model),
-        "clients": {cid: {"train_examples": len(d.train), "eval_examples": len(d.eval), "categories": d.categories}
-                    for cid, d in run.data.items()},
+        "clients": _client_counts(run),
         "hardware": hardware_metrics(gm.model, gm.holding), "client_hardware": run.engine.client_hardware,
         "data": run.data_report,
         "adapter": str(adapter_dir) if adapter_dir else None,

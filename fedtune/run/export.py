@@ -50,9 +50,12 @@ def export_adapter(gm, out_dir: Path, *, base_name: str, seed: int, base_fingerp
     return publish(path)
 
 
-def export_base(model, tokenizer, out_dir: Path, *, info: dict) -> Path:
-    """The base model as a Hugging Face directory (config, safetensors, tokenizer) + fedtune-base.json."""
+def export_base(model, tokenizer, out_dir: Path, *, info: dict, force: bool = False) -> Path:
+    """The base model as a Hugging Face directory (config, safetensors, tokenizer) + fedtune-base.json. An earlier
+    export in `out_dir` is replaced only with `force`."""
     out_dir = Path(out_dir)
+    if (out_dir / "fedtune-base.json").exists() and not force:
+        raise ModelError(f"{out_dir} already holds an exported base model; pass --force to replace it")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "fedtune-base.json").exists():
         raise ModelError(f"{out_dir} is not empty and holds no fedtune-base.json; choose a new directory")
     model.save_pretrained(str(out_dir), safe_serialization=True)

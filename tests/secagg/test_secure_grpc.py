@@ -71,11 +71,13 @@ finish_grace_s = 3.0
     return p
 
 
-def agent(cfg_path: Path, port: int, i: int) -> Agent:
+def agent(cfg_path: Path, port: int, i: int, *, insecure: bool = False) -> Agent:
     d = cfg_path.parent / "certs"
     c = ClientSection(server=f"localhost:{port}", client_id=IDS[i], partition=i, token=TOKENS[IDS[i]],
                       rpc_timeout_s=20, max_backoff_s=1.0, state_dir=str(cfg_path.parent / f"state-{i}"),
                       tls_ca=str(d / "ca.pem"), tls_cert=str(d / f"{IDS[i]}.pem"), tls_key=str(d / f"{IDS[i]}.key"))
+    if insecure:  # a plaintext coordinator (the client checks TLS at construction)
+        c.server, c.tls_ca, c.tls_cert, c.tls_key, c.insecure = f"127.0.0.1:{port}", "", "", "", True
     return Agent(config.load(cfg_path), c)
 
 
@@ -304,9 +306,7 @@ def test_one_secagg_poll_per_client(tmp_path):
 
     cfg_path = write_run(tmp_path, rounds=1, tls=False)
     srv = Server(cfg_path)
-    agents = [agent(cfg_path, srv.port, i) for i in range(3)]
-    for a in agents:
-        a.c.server, a.c.tls_ca, a.c.insecure = f"127.0.0.1:{srv.port}", "", True
+    agents = [agent(cfg_path, srv.port, i, insecure=True) for i in range(3)]
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=wire.channel_options())
     stub, md, cid = wire.CoordinatorStub(channel), auth_metadata(TOKENS["org-3"]), "org-3"
     base, _ = load_model("tiny", seed=0)

@@ -109,6 +109,28 @@ def local_data(cfg: RunConfig, c: ClientSection, tokenizer, context_len: int | N
     return next(iter(prepare_data(one, tokenizer, context_len=context_len).clients.values()))  # all its files form one client
 
 
+def preflight(c: ClientSection, timeout_s: float = 5.0) -> None:
+    """Before the model and data load: one health call, so a TLS mistake (a certificate that does not name the
+    dialled host, an unknown CA) ends the client in seconds. An unreachable coordinator is not an error here
+    (the run loop retries it)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = make_channel(c)
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+    except grpc.RpcError as e:
+        if tls_failure(e):
+            raise Refused(tls_refusal(c, e)) from None
+    finally:
+        channel.close()
+
+
+def tls_refusal(c: ClientSection, e: grpc.RpcError) -> str:
+    return (f"TLS with {c.server} failed: {_why(e)}. Check [client] tls_ca (the CA that signed the coordinator's "
+            "certificate), that the certificate names the host you dial (fedtune certs --server-names, fedtune init "
+            "--address), and, with mTLS, tls_cert/tls_key")
+
+
 class Agent:
     def __init__(self, cfg: RunConfig, c: ClientSection) -> None:
         if not c.client_id:
@@ -116,6 +138,7 @@ class Agent:
         self.cfg, self.c = cfg, c
         check_transport(c)
         self.token = resolve_token(c)
+        preflight(c)
         self.meta = auth_metadata(self.token)
         self.base = load_for(cfg, train=True)  # held as this organisation's [model] says
         log.info("%s: model %s on %s", c.client_id, cfg.model.name,
@@ -296,9 +319,7 @@ class Agent:
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                         raise Refused(f"{code.name}: {_why(e)}") from None
                     if tls_failure(e):  # a permanent configuration error: fail now, not after max_retry_s
-                        raise Refused(f"TLS with {self.c.server} failed: {_why(e)}. Check [client] tls_ca (the CA that "
-                                      "signed the coordinator's certificate), that the certificate names the host you "
-                                      "dial (fedtune certs --server-names), and, with mTLS, tls_cert/tls_key") from None
+                        raise Refused(tls_refusal(self.c, e)) from None
                     if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:  # no retry helps
                         raise Refused(f"the coordinator answered {code.name}: {_why(e)}") from None
                     now = time.monotonic()

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +48,8 @@ from fedtune.transports import wire
 from fedtune.transports.base import RoundPlan, RoundResult
 from fedtune.transports.grpc.security import TokenAuthInterceptor, peer_identities, server_credentials
 from fedtune.transports.wire import safe_str
+
+MAX_STATUS_BYTES = 1 << 20  # a Status reply (the CLI accepts no more)
 
 log = logging.getLogger("fedtune.server")
 SECAGG_POLL_S = 10.0  # longest a SecAgg poll is held before it answers WAIT
@@ -116,11 +118,17 @@ class GrpcTransport(wire.CoordinatorServicer):
 
     def __init__(self, *, roster: list[str], tokens: dict[str, str], fingerprint: str, model_name: str,
                  run_name: str, algorithm: str, cfg: ServerSection, stop: threading.Event | None = None,
-                 secagg: SecAggConfig | None = None) -> None:
+                 secagg: SecAggConfig | None = None, admin_token: str = "") -> None:
         self.secagg = secagg
+        self.started = time.time()
+        self.status_extra: Callable[[], dict] | None = None  # run-level numbers (rounds, ε, timing) from the engine
+        self.done: dict[str, int] = {}  # per client: accepted updates, rounds it failed, update bytes received
+        self.failures: dict[str, int] = {}
+        self.client_bytes: dict[str, int] = {}
+        self.current: tuple[int, int] | None = None  # (round, attempt) in progress
         self.roster, self.fingerprint, self.model_name = roster, fingerprint, model_name
         self.run_name, self.algorithm, self.cfg = run_name, algorithm, cfg
-        self.auth = TokenAuthInterceptor(tokens)
+        self.auth = TokenAuthInterceptor(tokens, admin_token=admin_token)
         self.mtls = bool(cfg.tls_cert and cfg.tls_client_ca)
         self.max_upload = int(cfg.max_upload_mb * (1 << 20))
         self.lock = threading.Condition()
@@ -143,6 +151,8 @@ class GrpcTransport(wire.CoordinatorServicer):
     # -- Transport ------------------------------------------------------------------------------
     def run_round(self, plan: RoundPlan, timeout_s: float) -> RoundResult:
         with self.lock:
+            attempt = self.current[1] + 1 if self.current and self.current[0] == plan.round else 1
+            self.current = (plan.round, attempt)
             self.book = _RoundBook(plan)
             for cid, ins in plan.instructions.items():
                 self.book.tasks[cid] = _Task(uuid.uuid4().hex, cid, ins)
@@ -167,6 +177,10 @@ class GrpcTransport(wire.CoordinatorServicer):
     def _result(self, book: _RoundBook) -> RoundResult:
         failed = sorted(book.sampled - set(book.updates))
         with self.lock:
+            for c in book.updates:
+                self.done[c] = self.done.get(c, 0) + 1
+            for c in failed:
+                self.failures[c] = self.failures.get(c, 0) + 1
             hardware = {c: {**self.client_hardware[c], **({"declared_examples": self.declared_examples[c]}
                                                         if c in self.declared_examples else {})}
                         for c in book.sampled if c in self.client_hardware}
@@ -536,6 +550,7 @@ class GrpcTransport(wire.CoordinatorServicer):
                 book.updates[cid] = update
                 book.payload_up += payload_nbytes(update.tensors)
             book.bytes_up += counter.bytes
+            self.client_bytes[cid] = self.client_bytes.get(cid, 0) + counter.bytes
             self.lock.notify_all()
         if refused is not None:
             log.warning("round %d: refused the update of %s (failed for this round): %s", book.plan.round, cid, refused)
@@ -552,6 +567,29 @@ class GrpcTransport(wire.CoordinatorServicer):
             return wire.max_update_blob_bytes(plan.expected_update(cid))
         except (UpdateRejected, TypeError):
             return None
+
+    def Status(self, request, context):
+        """The operator's view (admin token only, checked by the interceptor): JSON, at most MAX_STATUS_BYTES."""
+        st = self.status()
+        text = json.dumps(st, separators=(",", ":"), allow_nan=False, default=str)
+        if len(text) > MAX_STATUS_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"status is {len(text)} bytes (> {MAX_STATUS_BYTES})")
+        return wire.fedtune_pb2.StatusReply(json=text)
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        with self.lock:
+            book = self.book
+            clients = {c: {"connected": c in self.last_seen and now - self.last_seen[c] < self.cfg.lease_timeout_s,
+                           "last_seen_s_ago": round(now - self.last_seen[c], 1) if c in self.last_seen else None,
+                           "rounds_completed": self.done.get(c, 0), "failures": self.failures.get(c, 0),
+                           "bytes_up": self.client_bytes.get(c, 0),
+                           "declared_examples": self.declared_examples.get(c)} for c in self.roster}
+            current = {"round": self.current[0], "attempt": self.current[1]} if book and self.current else None
+            finished = self.finished
+        extra = self.status_extra() if self.status_extra is not None else {}
+        return {"run": self.run_name, "algorithm": self.algorithm, "finished": finished, "in_progress": current,
+                "uptime_s": round(time.time() - self.started, 1), **extra, "clients": clients}
 
     def Heartbeat(self, request, context):
         req = wire.from_proto(request)

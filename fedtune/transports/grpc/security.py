@@ -23,6 +23,9 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 PemSource = bytes | str | os.PathLike  # bytes: PEM contents; str / path: a PEM file
 
 
+STATUS_METHOD = "/fedtune.v1.Coordinator/Status"
+
+
 def token_ok(expected: str, presented: str) -> bool:
     """Constant-time token comparison (False for empty tokens)."""
     if not expected or not presented:
@@ -51,7 +54,11 @@ def _key(m: Any) -> str:
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a valid client token (UNAUTHENTICATED); health checks are exempt."""
 
-    def __init__(self, tokens: Mapping[str, str], exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+    def __init__(self, tokens: Mapping[str, str], exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,), *,
+                 admin_token: str = "") -> None:
+        if admin_token and admin_token in tokens.values():
+            raise ValueError("the admin token equals a client's token; make a fresh one")
+        self._admin = admin_token  # the only credential of STATUS_METHOD; "" = no admin calls
         if any(not t for t in tokens.values()):
             raise ValueError("empty token configured for " + ", ".join(c for c, t in tokens.items() if not t))
         if len(set(tokens.values())) != len(tokens):
@@ -83,6 +90,10 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler_call_details.method.startswith(self._exempt):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
+        if handler_call_details.method == STATUS_METHOD:  # the operator's call: the admin token, never a client's
+            presented = bearer_token(handler_call_details.invocation_metadata) or ""
+            return handler if handler is not None and token_ok(self._admin, presented) else (
+                _deny(handler) if handler is not None else None)
         if handler is None or self.client_for(handler_call_details.invocation_metadata) is not None:
             return handler
         return _deny(handler)

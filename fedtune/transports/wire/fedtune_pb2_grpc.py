@@ -60,6 +60,11 @@ class CoordinatorStub:
                 request_serializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggRequest.SerializeToString,
                 response_deserializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/fedtune.v1.Coordinator/Status',
+                request_serializer=fedtune_dot_v1_dot_fedtune__pb2.StatusRequest.SerializeToString,
+                response_deserializer=fedtune_dot_v1_dot_fedtune__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -103,6 +108,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """The operator's view of the live run (fedtune status), for the admin token only (not a client's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +142,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SecAgg,
                     request_deserializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggRequest.FromString,
                     response_serializer=fedtune_dot_v1_dot_fedtune__pb2.SecAggReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=fedtune_dot_v1_dot_fedtune__pb2.StatusRequest.FromString,
+                    response_serializer=fedtune_dot_v1_dot_fedtune__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +285,33 @@ class Coordinator:
             '/fedtune.v1.Coordinator/SecAgg',
             fedtune_dot_v1_dot_fedtune__pb2.SecAggRequest.SerializeToString,
             fedtune_dot_v1_dot_fedtune__pb2.SecAggReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Coordinator/Status',
+            fedtune_dot_v1_dot_fedtune__pb2.StatusRequest.SerializeToString,
+            fedtune_dot_v1_dot_fedtune__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,8 @@ def add_servicer(server: grpc.Server, servicer: CoordinatorServicer) -> None:
             unary(servicer.Heartbeat, pb2.HeartbeatRequest), response_serializer=pb2.HeartbeatReply.SerializeToString),
         "SecAgg": grpc.unary_unary_rpc_method_handler(
             unary(servicer.SecAgg, pb2.SecAggRequest), response_serializer=pb2.SecAggReply.SerializeToString),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.Status, pb2.StatusRequest), response_serializer=pb2.StatusReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
