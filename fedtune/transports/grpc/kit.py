@@ -188,7 +188,7 @@ def _set_roster(server_dir: Path, roster: Sequence[str]) -> None:
 
 
 def init_kit(out_dir: str | Path, orgs: Sequence[str], address: str, *, server_names: Sequence[str] = (),
-             model: str = "tiny", algorithm: str = "flora", rounds: int = 3, seed: int = 0, max_seq_len: int = 256,
+             model: str = "tiny", algorithm: str = "", rounds: int = 3, seed: int = 0, max_seq_len: int = 256,
              name: str = "federation", days: int = 365) -> dict[str, Path]:
     """Write a new kit in `out_dir` (which must not hold one). Returns {"ca", "server", <org>: directory}."""
     from fedtune.transports.grpc.certs import _issue
@@ -203,6 +203,10 @@ def init_kit(out_dir: str | Path, orgs: Sequence[str], address: str, *, server_n
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise KitError(f"{out} is not empty; use a new directory (or --add-org ORG to extend the kit there)")
+    if not algorithm:
+        from fedtune.algorithms.registry import default_method
+
+        algorithm = default_method()
     kit = {"name": name, "address": address, "server_names": names, "model": model, "algorithm": algorithm,
            "rounds": rounds, "seed": seed, "max_seq_len": max_seq_len, "days": days}
     issued = _issue(names, [HEALTH_CN], days)
@@ -285,7 +289,8 @@ def add_init_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--address", help="HOST:PORT the organisations dial (the server certificate names HOST)")
     p.add_argument("--server-names", default="", help="more DNS names / IPs for the server certificate")
     p.add_argument("--model", default="tiny", help='base model of the run ("tiny", "smollm2", an HF dir, a .gguf)')
-    p.add_argument("--algorithm", default="flora", help="the method (fedtune.algorithms.available())")
+    p.add_argument("--algorithm", default="", help="the method (fedtune.algorithms.available()); default: the "
+                                                   "default method of a run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--days", type=int, default=365, help="certificate validity")
     p.add_argument("--add-org", help="add one organisation to an existing kit (the others are not touched)")
@@ -310,7 +315,7 @@ def init_main(args: argparse.Namespace) -> int:
             raise KitError("a new kit needs --orgs ORG,ORG and --address HOST:PORT")
         from fedtune.algorithms import available
 
-        if args.algorithm not in available():
+        if args.algorithm and args.algorithm not in available():
             raise KitError(f"unknown --algorithm {args.algorithm!r}; one of {available()}")
         orgs = _split(args.orgs)
         init_kit(args.dir, orgs, args.address, server_names=_split(args.server_names), model=args.model,
