@@ -146,7 +146,7 @@ def test_two_organisations_from_a_kit_run_to_completion(tmp_path, capsys):
     ct.write_text(ct.read_text().replace(f'"127.0.0.1:{port}"', f'"localhost:{port}"'))
     srv = _fedtune("server", "--config", str(server_toml), "--out", str(tmp_path / "run1"), "--no-progress",
                    cwd=tmp_path, log=tmp_path / "server.log")
-    procs = {org: _client(h, org) for org, h in homes.items()}
+    procs = {org: _client(homes[org], org) for org in ("org-a", "org-b")}
     bad = None
     status = ["status", "--config", str(server_toml), "--address", f"127.0.0.1:{port}", "--json"]
     try:
@@ -156,8 +156,9 @@ def test_two_organisations_from_a_kit_run_to_completion(tmp_path, capsys):
                 t_bad = time.monotonic()
             capsys.readouterr()
             if not seen and main(status) == 0:  # the operator's view while the run is live: both organisations
-                if bad is None:  # the coordinator is up: now a kit that dials a name its certificate lacks
-                    t0, bad = time.monotonic(), _client(wrong, "org-a")
+                if bad is None:  # the coordinator is up: now a kit that dials a name its certificate lacks, and
+                    t0, bad = time.monotonic(), _client(wrong, "org-a")  # the revoked org (no backoff race)
+                    procs["org-c"] = _client(homes["org-c"], "org-c")
                 st = json.loads(capsys.readouterr().out)
                 seen = all(st["clients"][o]["declared_examples"] for o in ("org-a", "org-b"))
             time.sleep(0.5)
