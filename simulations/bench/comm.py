@@ -70,7 +70,8 @@ def run_method(algorithm: str, overrides: dict[str, Any], work: str, tag: str) -
     """One simulated run; returns the summary's key figures plus the per-round metrics rows."""
     out = Path(work) / tag
     shutil.rmtree(out, ignore_errors=True)
-    cfg = config.load(DEMO, dict(overrides, **{"run.algorithm": algorithm, "run.out": str(out), "run.name": tag}))
+    cfg = config.load(DEMO, dict(overrides, **{"run.algorithm": algorithm, "run.out": str(out), "run.name": tag}),
+                      other_methods=True)  # demo.toml's [flora] serves every method here
     t = time.perf_counter()
     summary = simulate(cfg, progress=False)
     wall = time.perf_counter() - t
