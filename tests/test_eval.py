@@ -222,3 +222,20 @@ def test_generate_every_logs_rouge_l_in_metrics(tmp_path):
     assert test["exact_match"] == pytest.approx(rows[-1]["test_exact_match"])
     with pytest.raises(config.ConfigError, match="generate_every"):
         config.load(None, {"model.name": "tiny", "run.generate_every": -1})
+
+
+def test_the_round_plot_shows_task_metrics_when_a_run_logs_them(tmp_path):
+    """plots/loss.png: losses per round, and Rouge-L / exact match on a second axis once [run] generate_every logs
+    them (rows without them: losses only)."""
+    from fedtune.run.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path / "a")
+    w.rows = [{"round": 0, "test_loss": 2.0, "test_rouge_l": 0.1, "test_exact_match": 0.0},
+              {"round": 1, "train_loss": 1.9, "test_loss": 1.8}, {"round": 2, "test_loss": 1.7, "test_rouge_l": 0.2,
+                                                                   "test_exact_match": 0.5}]
+    assert w.plot() == tmp_path / "a" / "plots" / "loss.png" and (tmp_path / "a" / "plots" / "loss.png").stat().st_size
+    assert w.plotted == ["train_loss", "test_loss", "test_rouge_l", "test_exact_match"]
+    w2 = MetricsWriter(tmp_path / "b")
+    w2.rows = [{"round": 0, "test_loss": 2.0}, {"round": 1, "test_loss": 1.8}]
+    w2.plot()
+    assert w2.plotted == ["test_loss"]

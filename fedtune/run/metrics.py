@@ -78,16 +78,30 @@ class MetricsWriter:
         path = self.out / "plots" / "loss.png"
         path.parent.mkdir(exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("train_loss", "eval_loss", "test_loss"):
-            pts = [(r["round"], r[key]) for r in self.rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=key)
+        self.plotted: list[str] = []
+
+        def series(axis, keys, **kw):
+            for key in keys:
+                pts = [(r["round"], r[key]) for r in self.rows if isinstance(r.get(key), int | float)]
+                if pts:
+                    axis.plot(*zip(*pts), marker="o", label=key, **kw)
+                    self.plotted.append(key)
+
+        series(ax, ("train_loss", "eval_loss", "test_loss"))
         ax.set_xlabel("round")
         ax.set_ylabel("loss")
         algo = self.rows[-1].get("algorithm", "") if self.rows else ""
         ax.set_title(f"fedtune {algo}: loss per round")
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles, labels = ax.get_legend_handles_labels()
+        if any(r.get("test_rouge_l") is not None for r in self.rows):  # [run] generate_every: the task metrics
+            task = ax.twinx()
+            series(task, ("test_rouge_l", "test_exact_match"), ls="--")
+            task.set_ylabel("Rouge-L / exact match (global test set)")
+            task.set_ylim(0, 1)
+            h2, l2 = task.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
