@@ -177,9 +177,6 @@ class DistributedDP(ClientLevelDP):
     def accountant(self, state: GlobalState) -> SkellamAccountant:  # type: ignore[override]
         return SkellamAccountant.from_state(state.meta.get(META_ACCOUNTANT))
 
-    def epsilon(self, state: GlobalState) -> float:
-        return self.accountant(state).epsilon(self.delta)
-
     def would_exceed_budget(self, state: GlobalState) -> bool:
         """True if one more round with the fewest survivors would push ε above target_epsilon."""
         if self.privacy.target_epsilon is None:
